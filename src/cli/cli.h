@@ -1,0 +1,17 @@
+/* Subcommands of the dsinfer binary. Each returns a process exit code
+ * (0 success, 1 runtime failure, 2 usage error) and prints its own errors. */
+#ifndef DSI_CLI_H
+#define DSI_CLI_H
+
+typedef struct dsi_command {
+    const char *name;
+    const char *summary;
+    int (*run)(int argc, char **argv); /* argv[0] is the subcommand name */
+} dsi_command;
+
+/* Returns the value of --name=value / --name value at argv[*i], advancing *i,
+ * or NULL when argv[*i] is not that flag. Sets *missing when the value is absent. */
+const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing);
+
+
+#endif

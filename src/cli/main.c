@@ -1,0 +1,62 @@
+/* dsinfer: one binary, many subcommands. */
+#include "cli/cli.h"
+#include "dsinfer/common.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static const dsi_command COMMANDS[] = {
+    /* keep sorted by area; each entry's implementation lives in src/cli/cmd_<name>.c */
+    {NULL, NULL, NULL},
+};
+static const int N_COMMANDS = sizeof COMMANDS / sizeof COMMANDS[0] - 1; /* last is the sentinel */
+
+static void usage(FILE *f) {
+    fprintf(f, "dsinfer %s - DeepSeek-V3/R1 inference\n\nusage: dsinfer <command> [options]\n\ncommands:\n",
+            DSI_VERSION);
+    for (int i = 0; i < N_COMMANDS; i++) fprintf(f, "  %-14s %s\n", COMMANDS[i].name, COMMANDS[i].summary);
+    fprintf(f, "\n'dsinfer <command> --help' describes a command's options.\n");
+}
+
+const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing) {
+    const char *a = argv[*i];
+    size_t n = strlen(name);
+    if (strncmp(a, name, n) != 0) return NULL;
+    if (a[n] == '=') return a + n + 1;
+    if (a[n] != '\0') return NULL;
+    if (*i + 1 >= argc) {
+        *missing = 1;
+        return NULL;
+    }
+    return argv[++*i];
+}
+
+static void print_version(void) {
+    printf("dsinfer %s\nbackends: cpu", DSI_VERSION);
+#ifdef DSI_HAVE_CUDA
+    printf(" cuda");
+#endif
+    printf("\nexpert parallelism: %s\n",
+#ifdef DSI_HAVE_MPI
+           "mpi"
+#else
+           "none (built without MPI)"
+#endif
+    );
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
+        print_version();
+        return 0;
+    }
+    for (int i = 0; i < N_COMMANDS; i++)
+        if (!strcmp(argv[1], COMMANDS[i].name)) return COMMANDS[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "dsinfer: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
+}
