@@ -14,4 +14,10 @@ typedef struct dsi_command {
 const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing);
 
 
+int dsi_cmd_demo(int argc, char **argv);
+int dsi_cmd_generate(int argc, char **argv);
+int dsi_cmd_logits(int argc, char **argv);
+int dsi_cmd_make_model(int argc, char **argv);
+int dsi_cmd_inspect(int argc, char **argv);
+
 #endif

@@ -7,6 +7,11 @@
 
 static const dsi_command COMMANDS[] = {
     /* keep sorted by area; each entry's implementation lives in src/cli/cmd_<name>.c */
+    {"demo", "run the built-in demo model end to end (no download needed)", dsi_cmd_demo},
+    {"generate", "greedy or sampled generation from token ids", dsi_cmd_generate},
+    {"logits", "float32 logits for every position of a token sequence", dsi_cmd_logits},
+    {"make-model", "write a random-weight checkpoint in the real format", dsi_cmd_make_model},
+    {"inspect", "validate a checkpoint and print its shape", dsi_cmd_inspect},
     {NULL, NULL, NULL},
 };
 static const int N_COMMANDS = sizeof COMMANDS / sizeof COMMANDS[0] - 1; /* last is the sentinel */

@@ -43,7 +43,14 @@ int dsi_error_prefix(int status, const char *fmt, ...) {
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, g_err, sizeof old);
-    snprintf(g_err, sizeof g_err, "%s: %s", prefix, old);
+    size_t pl = strnlen(prefix, sizeof prefix);
+    memcpy(g_err, prefix, pl);
+    g_err[pl] = ':';
+    g_err[pl + 1] = ' ';
+    size_t room = sizeof g_err - pl - 3;
+    size_t ol = strnlen(old, room);
+    memcpy(g_err + pl + 2, old, ol);
+    g_err[pl + 2 + ol] = 0;
     return status;
 }
 

@@ -1,0 +1,195 @@
+/* MLA: ATTN-0 (projections, latent KV written to the pool) and ATTN-1 (core
+ * attention in either form, o_proj, residual, FFN norm).
+ *
+ * Two forms give the same result:
+ *  - prefill (decompressed): K_nope/V of each context position are rebuilt
+ *    from the cached latent by kv_b, one 64-position block at a time, with an
+ *    online softmax over blocks;
+ *  - absorbed (decode): q_nope is pulled through W_UK into latent space,
+ *    attention runs directly over the cached latent + rope key, and the
+ *    latent-space output goes through W_UV. */
+#include "engine/engine_impl.h"
+
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+int dsi__stage_attn0(dsi_engine *e, int layer) {
+    const dsi_config *c = e->c;
+    const dsi_layer *L = &e->m->layers[layer];
+    dsi_scratch *s = &e->s;
+    int T = e->T, D = c->hidden, H = c->n_heads, qk = dsi_config_qk_head_dim(c), kvd = dsi_config_kv_dim(c);
+    int lora = c->kv_lora_rank, rope = c->qk_rope_dim, nope = c->qk_nope_dim;
+    float eps = (float)c->rms_norm_eps;
+    for (int t = 0; t < T; t++) dsi__rmsnorm(s->x + (size_t)t * D, L->attn_norm, D, eps, s->xn + (size_t)t * D);
+    if (c->q_lora_rank > 0) {
+        int ql = c->q_lora_rank;
+        dsi__matmul(e, &L->q_a, s->xn, T, D, s->qa, ql, 0);
+        for (int t = 0; t < T; t++) dsi__rmsnorm(s->qa + (size_t)t * ql, L->q_a_norm, ql, eps, s->qa + (size_t)t * ql);
+        dsi__matmul(e, &L->q_b, s->qa, T, ql, s->q, H * qk, 0);
+    } else {
+        dsi__matmul(e, &L->q_proj, s->xn, T, D, s->q, H * qk, 0);
+    }
+    dsi__matmul(e, &L->kv_a, s->xn, T, D, s->kva, kvd, 0);
+    int bt = dsi_kv_block_tokens(e->kv);
+    for (int si = 0; si < e->n_seqs; si++) {
+        const dsi_step_seq *ss = &e->seqs[si];
+        for (int i = 0; i < ss->n; i++) {
+            int t = ss->t0 + i, pos = ss->pos + i;
+            float *q = s->q + (size_t)t * H * qk;
+            for (int h = 0; h < H; h++) dsi__rope(e, q + (size_t)h * qk + nope, pos);
+            float *row = dsi_kv_token(e->kv, ss->blocks[pos / bt], layer, pos % bt);
+            const float *kv = s->kva + (size_t)t * kvd;
+            dsi__rmsnorm(kv, L->kv_a_norm, lora, eps, row);
+            memcpy(row + lora, kv + lora, sizeof(float) * rope);
+            dsi__rope(e, row + lora, pos);
+        }
+    }
+    return DSI_OK;
+}
+
+/* ---------------------------------------------------------------- absorbed */
+
+typedef struct absorbed_job {
+    dsi_engine *e;
+    const dsi_layer *L;
+    int layer;
+    const dsi_step_seq *ss;
+} absorbed_job;
+
+static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const absorbed_job *j = ctx;
+    dsi_engine *e = j->e;
+    const dsi_config *c = e->c;
+    const dsi_kernels *k = e->k;
+    int H = c->n_heads, qk = dsi_config_qk_head_dim(c), nope = c->qk_nope_dim, rope = c->qk_rope_dim;
+    int lora = c->kv_lora_rank, vd = c->v_head_dim, kvd = dsi_config_kv_dim(c), bt = dsi_kv_block_tokens(e->kv);
+    float *scores = e->s.th_scores[tid];
+    float *q_abs = e->s.th_vec[tid], *o_lat = q_abs + lora;
+    for (int64_t task = b; task < end; task++) {
+        int i = (int)(task / H), h = (int)(task % H);
+        int t = j->ss->t0 + i, P = j->ss->pos + i;
+        const float *q = e->s.q + ((size_t)t * H + h) * qk;
+        int r0 = h * (nope + vd);
+        k->matmul_t(&j->L->kv_b, r0, r0 + nope, q, 1, nope, q_abs, lora, 0, lora);
+        float mx = -FLT_MAX;
+        for (int p = 0; p <= P; p++) {
+            const float *row = dsi_kv_token(e->kv, j->ss->blocks[p / bt], j->layer, p % bt);
+            float sc = (k->dot(q_abs, row, lora) + k->dot(q + nope, row + lora, rope)) * e->softmax_scale;
+            scores[p] = sc;
+            if (sc > mx) mx = sc;
+        }
+        double sum = 0;
+        for (int p = 0; p <= P; p++) { scores[p] = expf(scores[p] - mx); sum += scores[p]; }
+        float inv = (float)(1.0 / sum);
+        memset(o_lat, 0, sizeof(float) * lora);
+        for (int p = 0; p <= P; p++) {
+            const float *row = dsi_kv_token(e->kv, j->ss->blocks[p / bt], j->layer, p % bt);
+            k->axpy(scores[p] * inv, row, o_lat, lora);
+        }
+        (void)kvd;
+        float *out = e->s.attn + ((size_t)t * H + h) * vd;
+        k->matmul(&j->L->kv_b, o_lat, 1, lora, out, vd, r0 + nope, r0 + nope, r0 + nope + vd, 0);
+    }
+}
+
+/* ---------------------------------------------------------------- prefill */
+
+typedef struct prefill_job {
+    dsi_engine *e;
+    int layer, c0, cl;
+    const dsi_step_seq *ss;
+} prefill_job;
+
+/* One (query, head) pair against one decompressed context block, updating
+ * its online-softmax state [m, l, acc[v]]. */
+static void prefill_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const prefill_job *j = ctx;
+    dsi_engine *e = j->e;
+    const dsi_config *c = e->c;
+    const dsi_kernels *k = e->k;
+    int H = c->n_heads, qk = dsi_config_qk_head_dim(c), nope = c->qk_nope_dim, rope = c->qk_rope_dim;
+    int vd = c->v_head_dim, lora = c->kv_lora_rank, bt = dsi_kv_block_tokens(e->kv);
+    int dec = nope + vd;
+    const float *blk = dsi_kv_block_layer(e->kv, j->ss->blocks[j->c0 / bt], j->layer);
+    int kvd = dsi_config_kv_dim(c);
+    float sc[64];
+    for (int64_t task = b; task < end; task++) {
+        int i = (int)(task / H), h = (int)(task % H);
+        int t = j->ss->t0 + i, P = j->ss->pos + i;
+        int jn = DSI_MIN(j->cl, P - j->c0 + 1);
+        if (jn <= 0) continue;
+        const float *q = e->s.q + ((size_t)t * H + h) * qk;
+        float mx = -FLT_MAX;
+        for (int p = 0; p < jn; p++) {
+            const float *kn = e->s.kvdec + ((size_t)p * H + h) * dec;
+            const float *kpe = blk + (size_t)p * kvd + lora;
+            sc[p] = (k->dot(q, kn, nope) + k->dot(q + nope, kpe, rope)) * e->softmax_scale;
+            if (sc[p] > mx) mx = sc[p];
+        }
+        float *st = e->s.ostate + ((size_t)t * H + h) * (vd + 2);
+        float m_old = st[0], l_old = st[1], *acc = st + 2;
+        float m_new = m_old > mx ? m_old : mx;
+        float corr = l_old > 0 ? expf(m_old - m_new) : 0.0f;
+        float l = l_old * corr;
+        if (corr != 1.0f)
+            for (int d = 0; d < vd; d++) acc[d] *= corr;
+        for (int p = 0; p < jn; p++) {
+            float pr = expf(sc[p] - m_new);
+            l += pr;
+            k->axpy(pr, e->s.kvdec + ((size_t)p * H + h) * dec + nope, acc, vd);
+        }
+        st[0] = m_new;
+        st[1] = l;
+    }
+}
+
+static void prefill_attention(dsi_engine *e, int layer, const dsi_layer *L, const dsi_step_seq *ss) {
+    const dsi_config *c = e->c;
+    int H = c->n_heads, vd = c->v_head_dim, bt = dsi_kv_block_tokens(e->kv), kvd = dsi_config_kv_dim(c);
+    int ctx = ss->pos + ss->n;
+    for (int i = 0; i < ss->n; i++)
+        for (int h = 0; h < H; h++) {
+            float *st = e->s.ostate + ((size_t)(ss->t0 + i) * H + h) * (vd + 2);
+            st[0] = -FLT_MAX;
+            st[1] = 0;
+            memset(st + 2, 0, sizeof(float) * vd);
+        }
+    for (int c0 = 0; c0 < ctx; c0 += bt) {
+        int cl = DSI_MIN(bt, ctx - c0);
+        const float *blk = dsi_kv_block_layer(e->kv, ss->blocks[c0 / bt], layer);
+        /* decompress K_nope and V for the block: [cl][H][nope+v] */
+        dsi__matmul(e, &L->kv_b, blk, cl, kvd, e->s.kvdec, H * (c->qk_nope_dim + vd), 0);
+        prefill_job j = {e, layer, c0, cl, ss};
+        dsi_pool_for(e->pool, (int64_t)ss->n * H, 1, prefill_task, &j);
+    }
+    for (int i = 0; i < ss->n; i++)
+        for (int h = 0; h < H; h++) {
+            size_t t = ss->t0 + i;
+            const float *st = e->s.ostate + (t * H + h) * (vd + 2);
+            float inv = st[1] > 0 ? 1.0f / st[1] : 0.0f;
+            float *o = e->s.attn + (t * H + h) * vd;
+            for (int d = 0; d < vd; d++) o[d] = st[2 + d] * inv;
+        }
+}
+
+int dsi__stage_attn1(dsi_engine *e, int layer) {
+    const dsi_config *c = e->c;
+    const dsi_layer *L = &e->m->layers[layer];
+    dsi_scratch *s = &e->s;
+    int T = e->T, D = c->hidden, H = c->n_heads;
+    for (int si = 0; si < e->n_seqs; si++) {
+        const dsi_step_seq *ss = &e->seqs[si];
+        if (ss->absorbed) {
+            absorbed_job j = {e, L, layer, ss};
+            dsi_pool_for(e->pool, (int64_t)ss->n * H, 1, absorbed_task, &j);
+        } else {
+            prefill_attention(e, layer, L, ss);
+        }
+    }
+    /* o_proj straight into the residual stream */
+    dsi__matmul(e, &L->o_proj, s->attn, T, H * c->v_head_dim, s->x, D, 1);
+    float eps = (float)c->rms_norm_eps;
+    for (int t = 0; t < T; t++) dsi__rmsnorm(s->x + (size_t)t * D, L->ffn_norm, D, eps, s->xn + (size_t)t * D);
+    return DSI_OK;
+}

@@ -1,0 +1,364 @@
+/* The step executor: embedding, the layers as stages, final norm, lm_head. */
+#include "engine/engine_impl.h"
+#include "kernels/dtype.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------ matmul glue */
+
+typedef struct mm_job {
+    const dsi_engine *e;
+    const dsi_mat *W;
+    const float *x;
+    int M, ldx, ldy, n_base, accumulate;
+    float *y;
+} mm_job;
+
+static void mm_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const mm_job *j = ctx;
+    j->e->k->matmul(j->W, j->x, j->M, j->ldx, j->y, j->ldy, j->n_base, j->n_base + (int)b, j->n_base + (int)end,
+                    j->accumulate);
+}
+
+/* Quantises rows of x to e4m3 per 1x128 tile (scale = amax/448) and back:
+ * the numerics of an FP8 GEMM with per-token-per-128-channel activation
+ * scales, as DeepSeek serves. */
+static const float *maybe_quantise(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, int *ldx_out) {
+    if (!e->opts.fp8_activations || W->dtype != DSI_F8_E4M3) return x;
+    int K = W->cols;
+    float *q = e->s.xq;
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * ldx;
+        float *qm = q + (size_t)m * K;
+        for (int k0 = 0; k0 < K; k0 += 128) {
+            int k1 = DSI_MIN(K, k0 + 128);
+            float amax = 0;
+            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xm[k]));
+            float s = amax > 0 ? amax / 448.0f : 1.0f;
+            for (int k = k0; k < k1; k++) qm[k] = dsi_e4m3_to_f32(dsi_f32_to_e4m3(xm[k] / s)) * s;
+        }
+    }
+    *ldx_out = K;
+    return q;
+}
+
+void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
+                      int ldy) {
+    if (M <= 0 || n1 <= n0) return;
+    x = maybe_quantise(e, W, x, M, ldx, &ldx);
+    mm_job j = {e, W, x, M, ldx, ldy, n0, 0, y};
+    /* grain: 16 rows keeps tiles 4-aligned; bigger when M is large so each
+     * task streams a useful share of the activations */
+    int64_t grain = M >= 64 ? 64 : 16;
+    /* small problems are not worth waking the pool */
+    if ((double)M * (n1 - n0) * W->cols < 65536.0) {
+        e->k->matmul(W, x, M, ldx, y, ldy, n0, n0, n1, 0);
+        return;
+    }
+    dsi_pool_for(e->pool, n1 - n0, grain, mm_task, &j);
+}
+
+void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate) {
+    if (M <= 0) return;
+    x = maybe_quantise(e, W, x, M, ldx, &ldx);
+    mm_job j = {e, W, x, M, ldx, ldy, 0, accumulate, y};
+    int64_t grain = M >= 64 ? 64 : 16;
+    if ((double)M * W->rows * W->cols < 65536.0) {
+        e->k->matmul(W, x, M, ldx, y, ldy, 0, 0, W->rows, accumulate);
+        return;
+    }
+    dsi_pool_for(e->pool, W->rows, grain, mm_task, &j);
+}
+
+/* ------------------------------------------------------------ small ops */
+
+void dsi__rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+/* Rotates v [rope] for position pos. Interleaved pairs (2i, 2i+1) as
+ * DeepSeek's reference (HF's rope_interleave permutes q and k alike, so dot
+ * products match); otherwise the rotate-half pairing (i, i+d/2). Angles are
+ * float32 products as in both references. */
+void dsi__rope(const dsi_engine *e, float *v, int pos) {
+    int half = e->c->qk_rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float ang = e->inv_freq[i] * (float)pos;
+        float cs = (float)cos((double)ang) * e->rope_mscale, sn = (float)sin((double)ang) * e->rope_mscale;
+        int a = e->c->rope_interleave ? 2 * i : i, b = e->c->rope_interleave ? 2 * i + 1 : i + half;
+        float x0 = v[a], x1 = v[b];
+        v[a] = x0 * cs - x1 * sn;
+        v[b] = x1 * cs + x0 * sn;
+    }
+}
+
+static double yarn_get_mscale(double scale, double mscale) {
+    return scale <= 1.0 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
+}
+
+static double yarn_correction_dim(double rot, int dim, double base, double max_pos) {
+    return (dim * log(max_pos / (rot * 2 * M_PI))) / (2 * log(base));
+}
+
+/* inv_freq, cos/sin factor and softmax scale, following HF's YaRN. */
+static void rope_init(dsi_engine *e) {
+    const dsi_config *c = e->c;
+    int dim = c->qk_rope_dim, half = dim / 2;
+    e->softmax_scale = (float)(1.0 / sqrt((double)dsi_config_qk_head_dim(c)));
+    e->rope_mscale = 1.0f;
+    for (int i = 0; i < half; i++) {
+        float pos_freq = (float)pow(c->rope_theta, (double)(float)(2 * i) / dim);
+        float extra = 1.0f / pos_freq;
+        e->inv_freq[i] = extra;
+        if (c->yarn) {
+            float inter = 1.0f / ((float)c->yarn_factor * pos_freq);
+            double low = floor(yarn_correction_dim(c->yarn_beta_fast, dim, c->rope_theta, c->yarn_orig_max_pos));
+            double high = ceil(yarn_correction_dim(c->yarn_beta_slow, dim, c->rope_theta, c->yarn_orig_max_pos));
+            if (low < 0) low = 0;
+            if (high > dim - 1) high = dim - 1;
+            if (low == high) high += 0.001;
+            float ramp = (float)(((float)i - low) / (high - low));
+            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+            float extra_factor = 1.0f - ramp;
+            e->inv_freq[i] = inter * (1.0f - extra_factor) + extra * extra_factor;
+        }
+    }
+    if (c->yarn) {
+        double f = c->yarn_factor;
+        if (c->yarn_mscale != 0 && c->yarn_mscale_all_dim != 0)
+            e->rope_mscale = (float)(yarn_get_mscale(f, c->yarn_mscale) / yarn_get_mscale(f, c->yarn_mscale_all_dim));
+        else
+            e->rope_mscale = (float)yarn_get_mscale(f, 1.0);
+        if (c->yarn_mscale_all_dim != 0) {
+            double ms = yarn_get_mscale(f, c->yarn_mscale_all_dim);
+            e->softmax_scale = (float)(e->softmax_scale * ms * ms);
+        }
+    }
+}
+
+/* ------------------------------------------------------------ lifecycle */
+
+static void scratch_free(dsi_engine *e) {
+    dsi_scratch *s = &e->s;
+    float **fs[] = {&s->x, &s->xn, &s->qa, &s->q, &s->kva, &s->attn, &s->y, &s->h1, &s->h2, &s->xq, &s->topk_w,
+                    &s->exp_wts, &s->ex, &s->eh1, &s->eh2, &s->kvdec, &s->ostate, &s->router};
+    for (size_t i = 0; i < sizeof fs / sizeof fs[0]; i++) { dsi_free(*fs[i]); *fs[i] = NULL; }
+    dsi_free(s->topk_ids); dsi_free(s->exp_count); dsi_free(s->exp_offset); dsi_free(s->exp_tokens);
+    dsi_free(s->tok_pos);
+    int nt = dsi_pool_size(e->pool);
+    for (int t = 0; s->th_scores && t < nt; t++) dsi_free(s->th_scores[t]);
+    for (int t = 0; s->th_vec && t < nt; t++) dsi_free(s->th_vec[t]);
+    free(s->th_scores); free(s->th_vec);
+    memset(s, 0, sizeof *s);
+}
+
+void dsi_engine_destroy(dsi_engine *e) {
+    if (!e) return;
+    scratch_free(e);
+    dsi_pool_destroy(e->pool);
+    free(e->inv_freq);
+    free(e->seqs);
+    free(e);
+}
+
+#define ATTN_CHUNK 64 /* context positions decompressed at a time (prefill form) */
+
+int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts *opts, dsi_engine **out) {
+    *out = NULL;
+    const dsi_config *c = dsi_model_config(m);
+    if (dsi_kv_dim(kv) != dsi_config_kv_dim(c) || dsi_kv_n_layers(kv) != c->n_layers)
+        return dsi_error(DSI_EINVAL, "engine: KV pool geometry (%d layers x %d) does not match the model (%d x %d)",
+                         dsi_kv_n_layers(kv), dsi_kv_dim(kv), c->n_layers, dsi_config_kv_dim(c));
+    dsi_engine *e = calloc(1, sizeof *e);
+    if (!e) return dsi_error(DSI_ENOMEM, "out of memory");
+    e->m = m;
+    e->c = c;
+    e->kv = kv;
+    if (opts) e->opts = *opts;
+    e->max_tokens = e->opts.max_tokens > 0 ? e->opts.max_tokens : 2048;
+    if (e->opts.absorb_max_tokens <= 0) e->opts.absorb_max_tokens = 32;
+    e->k = e->opts.kernels ? dsi_kernels_by_name(e->opts.kernels) : dsi_kernels_select();
+    if (!e->k) {
+        int rc = dsi_error(DSI_EUNSUPPORTED, "engine: kernels '%s' are not available on this CPU", e->opts.kernels);
+        free(e);
+        return rc;
+    }
+    e->pool = dsi_pool_create(e->opts.n_threads);
+    e->inv_freq = calloc(c->qk_rope_dim / 2, sizeof(float));
+    e->seqs = calloc(e->max_tokens, sizeof(dsi_step_seq));
+    if (!e->pool || !e->inv_freq || !e->seqs) { dsi_engine_destroy(e); return dsi_error(DSI_ENOMEM, "out of memory"); }
+    rope_init(e);
+    e->max_ctx = dsi_kv_n_blocks(kv) * dsi_kv_block_tokens(kv);
+
+    size_t T = e->max_tokens, D = c->hidden, H = c->n_heads, qk = dsi_config_qk_head_dim(c);
+    size_t kvd = dsi_config_kv_dim(c), topk = c->n_experts_per_tok > 0 ? c->n_experts_per_tok : 1;
+    size_t inter = DSI_MAX((size_t)c->dense_inter, (size_t)c->moe_inter * DSI_MAX(1, c->n_shared_experts));
+    size_t max_in = DSI_MAX(DSI_MAX(D, (size_t)c->q_lora_rank), DSI_MAX(inter, H * c->v_head_dim));
+    max_in = DSI_MAX(max_in, (size_t)c->kv_lora_rank);
+    size_t TE = T * topk, E = c->n_experts > 0 ? c->n_experts : 1;
+    dsi_scratch *s = &e->s;
+    s->x = dsi_alloc(T * D * 4);
+    s->xn = dsi_alloc(T * D * 4);
+    s->qa = dsi_alloc(T * DSI_MAX(1, c->q_lora_rank) * 4);
+    s->q = dsi_alloc(T * H * qk * 4);
+    s->kva = dsi_alloc(T * kvd * 4);
+    s->attn = dsi_alloc(T * H * c->v_head_dim * 4);
+    s->y = dsi_alloc(T * D * 4);
+    s->h1 = dsi_alloc(T * inter * 4);
+    s->h2 = dsi_alloc(T * inter * 4);
+    s->xq = dsi_alloc(DSI_MAX(T, (size_t)ATTN_CHUNK) * max_in * 4);
+    s->topk_ids = dsi_alloc(TE * sizeof(int));
+    s->topk_w = dsi_alloc(TE * 4);
+    s->exp_count = dsi_alloc(E * sizeof(int));
+    s->exp_offset = dsi_alloc((E + 1) * sizeof(int));
+    s->exp_tokens = dsi_alloc(TE * sizeof(int));
+    s->exp_wts = dsi_alloc(TE * 4);
+    s->ex = dsi_alloc(TE * D * 4);
+    s->eh1 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
+    s->eh2 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
+    s->tok_pos = dsi_alloc(T * sizeof(int));
+    s->kvdec = dsi_alloc((size_t)ATTN_CHUNK * H * (c->qk_nope_dim + c->v_head_dim) * 4);
+    s->ostate = dsi_alloc(T * H * (c->v_head_dim + 2) * 4);
+    s->router = dsi_alloc(T * E * 4);
+    int nt = dsi_pool_size(e->pool);
+    s->th_scores = calloc(nt, sizeof(float *));
+    s->th_vec = calloc(nt, sizeof(float *));
+    int ok = s->x && s->xn && s->qa && s->q && s->kva && s->attn && s->y && s->h1 && s->h2 && s->xq && s->topk_ids &&
+             s->topk_w && s->exp_count && s->exp_offset && s->exp_tokens && s->exp_wts && s->ex && s->eh1 && s->eh2 &&
+             s->tok_pos && s->kvdec && s->ostate && s->router && s->th_scores && s->th_vec;
+    for (int t = 0; ok && t < nt; t++) {
+        s->th_scores[t] = dsi_alloc((size_t)e->max_ctx * 4 + 64);
+        s->th_vec[t] = dsi_alloc(((size_t)c->kv_lora_rank * 2 + qk + c->v_head_dim + 64) * 4);
+        ok = s->th_scores[t] && s->th_vec[t];
+    }
+    if (!ok) {
+        dsi_engine_destroy(e);
+        return dsi_error(DSI_ENOMEM, "engine: cannot allocate scratch for %zu tokens per step", T);
+    }
+    *out = e;
+    return DSI_OK;
+}
+
+int dsi_engine_max_tokens(const dsi_engine *e) { return e->max_tokens; }
+const dsi_model *dsi_engine_model(const dsi_engine *e) { return e->m; }
+dsi_kv_pool *dsi_engine_kv(const dsi_engine *e) { return e->kv; }
+const char *dsi_engine_kernels_name(const dsi_engine *e) { return e->k->name; }
+int dsi_engine_n_threads(const dsi_engine *e) { return dsi_pool_size(e->pool); }
+
+void dsi_engine_capture_hidden(dsi_engine *e, float *buf, int max_tokens) {
+    e->capture = buf;
+    e->capture_tokens = max_tokens;
+}
+
+static void capture(dsi_engine *e, int slot, const float *x) {
+    if (!e->capture || e->T > e->capture_tokens) return;
+    memcpy(e->capture + (size_t)slot * e->capture_tokens * e->c->hidden, x, sizeof(float) * e->T * e->c->hidden);
+}
+
+/* ------------------------------------------------------------ the step */
+
+static void embed_rows(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
+    const dsi_mat *E = &e->m->embed;
+    int D = e->c->hidden;
+    for (int s = 0; s < n_seqs; s++)
+        for (int i = 0; i < seqs[s].n_tokens; i++) {
+            int t = e->seqs[s].t0 + i;
+            dsi_mat_row_f32(E, seqs[s].tokens[i], 0, D, e->s.x + (size_t)t * D);
+        }
+}
+
+int dsi_engine_step(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
+    const dsi_config *c = e->c;
+    int bt = dsi_kv_block_tokens(e->kv);
+    if (n_seqs <= 0) return dsi_error(DSI_EINVAL, "engine step: empty batch");
+    int T = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        const dsi_seq_step *q = &seqs[s];
+        if (q->n_tokens <= 0 || !q->tokens) return dsi_error(DSI_EINVAL, "engine step: sequence %d has no tokens", s);
+        if (q->pos < 0 || (int64_t)q->pos + q->n_tokens > (int64_t)q->n_blocks * bt)
+            return dsi_error(DSI_EINVAL, "engine step: sequence %d: positions [%d, %d) exceed its %d blocks", s, q->pos,
+                             q->pos + q->n_tokens, q->n_blocks);
+        if ((int64_t)q->pos + q->n_tokens > c->max_position_embeddings)
+            return dsi_error(DSI_ERANGE, "engine step: sequence %d reaches position %d beyond the model's %d", s,
+                             q->pos + q->n_tokens, c->max_position_embeddings);
+        for (int b = 0; b < DSI_CEIL_DIV(q->pos + q->n_tokens, bt); b++)
+            if (q->blocks[b] < 0 || q->blocks[b] >= dsi_kv_n_blocks(e->kv) || dsi_kv_refcount(e->kv, q->blocks[b]) <= 0)
+                return dsi_error(DSI_EINVAL, "engine step: sequence %d: block %d (%d) is not allocated", s, b, q->blocks[b]);
+        for (int i = 0; i < q->n_tokens; i++)
+            if (q->tokens[i] < 0 || q->tokens[i] >= c->vocab_size)
+                return dsi_error(DSI_EINVAL, "engine step: token id %d out of range [0, %d)", q->tokens[i], c->vocab_size);
+        if (q->logits != DSI_LOGITS_NONE && !q->out_logits)
+            return dsi_error(DSI_EINVAL, "engine step: sequence %d wants logits but has no buffer", s);
+        if (T + q->n_tokens > e->max_tokens)
+            return dsi_error(DSI_ERANGE, "engine step: %d tokens exceed the step budget %d", T + q->n_tokens, e->max_tokens);
+        dsi_step_seq *ss = &e->seqs[s];
+        ss->t0 = T;
+        ss->n = q->n_tokens;
+        ss->pos = q->pos;
+        ss->blocks = q->blocks;
+        ss->absorbed = e->opts.attn == DSI_ATTN_ABSORBED ||
+                       (e->opts.attn == DSI_ATTN_AUTO && q->n_tokens <= e->opts.absorb_max_tokens);
+        for (int i = 0; i < q->n_tokens; i++) e->s.tok_pos[T + i] = q->pos + i;
+        T += q->n_tokens;
+    }
+    e->n_seqs = n_seqs;
+    e->T = T;
+
+    embed_rows(e, seqs, n_seqs);
+    capture(e, 0, e->s.x);
+    for (int l = 0; l < c->n_layers; l++) {
+        int rc;
+        if ((rc = dsi__stage_attn0(e, l)) != DSI_OK) return rc;
+        if ((rc = dsi__stage_attn1(e, l)) != DSI_OK) return rc;
+        if ((rc = dsi__stage_ffn(e, l)) != DSI_OK) return rc;
+        if (l + 1 < c->n_layers) capture(e, l + 1, e->s.x);
+    }
+
+    /* final norm + lm_head for the rows that want logits */
+    int D = c->hidden, V = c->vocab_size;
+    for (int t = 0; t < T; t++) dsi__rmsnorm(e->s.x + (size_t)t * D, e->m->final_norm, D, (float)c->rms_norm_eps, e->s.xn + (size_t)t * D);
+    capture(e, c->n_layers, e->s.xn);
+    for (int s = 0; s < n_seqs; s++) {
+        const dsi_seq_step *q = &seqs[s];
+        const dsi_step_seq *ss = &e->seqs[s];
+        if (q->logits == DSI_LOGITS_ALL)
+            dsi__matmul(e, &e->m->lm_head, e->s.xn + (size_t)ss->t0 * D, ss->n, D, q->out_logits, V, 0);
+        else if (q->logits == DSI_LOGITS_LAST)
+            dsi__matmul(e, &e->m->lm_head, e->s.xn + (size_t)(ss->t0 + ss->n - 1) * D, 1, D, q->out_logits, V, 0);
+    }
+    return DSI_OK;
+}
+
+int dsi_engine_logits(dsi_engine *e, const int32_t *ids, int n, int chunk, int decode_from, float *out) {
+    int bt = dsi_kv_block_tokens(e->kv), nb = DSI_CEIL_DIV(n, bt), V = e->c->vocab_size;
+    if (n <= 0) return dsi_error(DSI_EINVAL, "no tokens");
+    int32_t *blocks = malloc(sizeof(int32_t) * nb);
+    if (!blocks) return dsi_error(DSI_ENOMEM, "out of memory");
+    int got = 0, rc = DSI_OK;
+    for (; got < nb; got++) {
+        int b = dsi_kv_alloc(e->kv);
+        if (b < 0) { rc = dsi_error(DSI_EBUSY, "KV pool full: %d tokens need %d blocks", n, nb); break; }
+        blocks[got] = b;
+    }
+    int prefill_end = decode_from >= 0 && decode_from < n ? decode_from : n;
+    if (decode_from == 0) prefill_end = 0;
+    int step = chunk > 0 ? chunk : e->max_tokens;
+    if (step > e->max_tokens) step = e->max_tokens;
+    for (int p = 0; rc == DSI_OK && p < prefill_end; p += step) {
+        int k = DSI_MIN(step, prefill_end - p);
+        dsi_seq_step s = {ids + p, k, p, blocks, nb, DSI_LOGITS_ALL, out + (size_t)p * V};
+        rc = dsi_engine_step(e, &s, 1);
+    }
+    for (int p = prefill_end; rc == DSI_OK && p < n; p++) {
+        dsi_seq_step s = {ids + p, 1, p, blocks, nb, DSI_LOGITS_ALL, out + (size_t)p * V};
+        rc = dsi_engine_step(e, &s, 1);
+    }
+    for (int i = 0; i < got; i++) dsi_kv_release(e->kv, blocks[i]);
+    free(blocks);
+    return rc;
+}

@@ -1,0 +1,81 @@
+/* Engine internals shared by the stage files (engine.c, attention.c, moe.c). */
+#ifndef DSI_ENGINE_IMPL_H
+#define DSI_ENGINE_IMPL_H
+
+#include "core/threadpool.h"
+#include "dsinfer/engine.h"
+#include "kernels/kernels.h"
+#include "model/model_impl.h"
+
+/* One sequence of the current step, as the stages see it. */
+typedef struct dsi_step_seq {
+    int t0, n;              /* its tokens are rows [t0, t0+n) of the step's matrices */
+    int pos;                /* position of its first new token */
+    const int32_t *blocks;
+    int absorbed;           /* attention form for this sequence */
+} dsi_step_seq;
+
+/* Per-step scratch, sized once for max_tokens (T). Shapes in comments. */
+typedef struct dsi_scratch {
+    float *x;        /* [T][hidden]   residual stream */
+    float *xn;       /* [T][hidden]   normalised input of the current block */
+    float *qa;       /* [T][q_lora] */
+    float *q;        /* [T][H][nope+rope] */
+    float *kva;      /* [T][kv_lora+rope] */
+    float *attn;     /* [T][H][v] */
+    float *y;        /* [T][hidden]   FFN output accumulator */
+    float *h1, *h2;  /* [T][max(inter, n_shared*moe_inter, moe_inter*topk)] */
+    float *xq;       /* [T][max_in]   FP8-quantised activation copy */
+    int *topk_ids;   /* [T][topk] */
+    float *topk_w;   /* [T][topk] */
+    int *exp_count, *exp_offset, *exp_tokens; /* [E], [E+1], [T*topk] */
+    float *exp_wts;  /* [T*topk] */
+    float *ex;       /* [T*topk][hidden] gathered expert inputs / outputs */
+    float *eh1, *eh2;/* [T*topk][moe_inter] */
+    int *tok_pos;    /* [T] position of each row */
+    /* attention, per thread */
+    float **th_scores; /* [threads][max_ctx_chunk...] */
+    float **th_vec;    /* [threads][kv_lora * 2 + ...] */
+    /* prefill-form attention */
+    float *kvdec;    /* [chunk][H][nope+v] */
+    float *ostate;   /* [T][H][v+2] online-softmax state */
+    float *router;   /* [T][E] router logits */
+} dsi_scratch;
+
+struct dsi_engine {
+    const dsi_model *m;
+    const dsi_config *c;
+    dsi_kv_pool *kv;
+    const dsi_kernels *k;
+    dsi_pool *pool;
+    dsi_engine_opts opts;
+    int max_tokens;
+    int max_ctx;            /* pool capacity in tokens */
+    dsi_scratch s;
+    float *inv_freq;        /* [rope/2] */
+    float rope_mscale;      /* multiplies cos and sin */
+    float softmax_scale;
+    dsi_step_seq *seqs;     /* [max seqs = max_tokens] */
+    int n_seqs, T;
+    float *capture;         /* optional hidden-state capture */
+    int capture_tokens;
+};
+
+/* y[M][N] = x[M][K] W^T, parallel over N (rows of W). `accumulate` adds. */
+void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate);
+/* Same restricted to rows [n0, n1) of W, written to y columns [0, n1-n0). */
+void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
+                      int ldy);
+
+void dsi__rmsnorm(const float *x, const float *w, int n, float eps, float *out);
+void dsi__rope(const dsi_engine *e, float *v, int pos); /* in place, [rope] */
+
+/* Stages (ARCHITECTURE-SKETCH): each works on the whole step's rows. */
+int dsi__stage_attn0(dsi_engine *e, int layer);
+int dsi__stage_attn1(dsi_engine *e, int layer);
+int dsi__stage_ffn(dsi_engine *e, int layer);
+
+/* MoE gate for one token: ids/weights [topk]. scores scratch [2*E]. */
+void dsi__moe_gate(const dsi_config *c, const float *logits, const float *bias, int *ids, float *w, float *scratch);
+
+#endif

@@ -1,0 +1,123 @@
+/* FFN stages: the dense MLP of the first layers, and the MoE layer as
+ * SHARED (shared experts) + DISPATCH (group rows by expert; a permutation in
+ * one process) + MLP (routed experts) + COMBINE (weighted sum back into the
+ * residual). */
+#include "engine/engine_impl.h"
+
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* h1 = silu(h1) * h2, [rows][n] */
+static void swiglu(float *h1, const float *h2, size_t n) {
+    for (size_t i = 0; i < n; i++) h1[i] = silu(h1[i]) * h2[i];
+}
+
+/* x += down(silu(gate(xn)) * up(xn)) over M rows */
+static void mlp_accumulate(dsi_engine *e, const dsi_mat *g, const dsi_mat *u, const dsi_mat *d, const float *xn, int M,
+                           int ldx, float *h1, float *h2, float *out, int ldo, int accumulate) {
+    int inter = g->rows;
+    dsi__matmul(e, g, xn, M, ldx, h1, inter, 0);
+    dsi__matmul(e, u, xn, M, ldx, h2, inter, 0);
+    swiglu(h1, h2, (size_t)M * inter);
+    dsi__matmul(e, d, h1, M, inter, out, ldo, accumulate);
+}
+
+void dsi__moe_gate(const dsi_config *c, const float *logits, const float *bias, int *ids, float *w, float *scratch) {
+    int E = c->n_experts, G = c->n_group, per = E / G, K = c->n_experts_per_tok;
+    float *score = scratch, *choice = scratch + E;
+    for (int i = 0; i < E; i++) {
+        score[i] = 1.0f / (1.0f + expf(-logits[i]));
+        choice[i] = score[i] + (bias ? bias[i] : 0.0f);
+    }
+    if (G > 1) {
+        /* group score: sum of its top-2 biased scores; keep topk_group groups */
+        float gs[4096];
+        int keep[4096];
+        for (int g = 0; g < G; g++) {
+            float a = -FLT_MAX, b = -FLT_MAX;
+            for (int i = g * per; i < (g + 1) * per; i++) {
+                float v = choice[i];
+                if (v > a) { b = a; a = v; }
+                else if (v > b) b = v;
+            }
+            gs[g] = per >= 2 ? a + b : a;
+            keep[g] = 0;
+        }
+        for (int r = 0; r < c->topk_group; r++) {
+            int best = -1;
+            for (int g = 0; g < G; g++)
+                if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+            keep[best] = 1;
+        }
+        for (int g = 0; g < G; g++)
+            if (!keep[g])
+                for (int i = g * per; i < (g + 1) * per; i++) choice[i] = -INFINITY;
+    }
+    /* top-K experts by biased score (ties: lower id first) */
+    for (int r = 0; r < K; r++) {
+        int best = -1;
+        for (int i = 0; i < E; i++) {
+            if (choice[i] == -INFINITY) continue;
+            int taken = 0;
+            for (int q = 0; q < r; q++) taken |= ids[q] == i;
+            if (!taken && (best < 0 || choice[i] > choice[best])) best = i;
+        }
+        ids[r] = best;
+    }
+    double sum = 0;
+    for (int r = 0; r < K; r++) { w[r] = score[ids[r]]; sum += w[r]; }
+    for (int r = 0; r < K; r++) {
+        if (c->norm_topk_prob) w[r] = (float)(w[r] / (sum + 1e-20));
+        w[r] *= c->routed_scaling_factor;
+    }
+}
+
+int dsi__stage_ffn(dsi_engine *e, int layer) {
+    const dsi_config *c = e->c;
+    const dsi_layer *L = &e->m->layers[layer];
+    dsi_scratch *s = &e->s;
+    int T = e->T, D = c->hidden;
+    if (!L->is_moe) {
+        mlp_accumulate(e, &L->gate, &L->up, &L->down, s->xn, T, D, s->h1, s->h2, s->x, D, 1);
+        return DSI_OK;
+    }
+    int E = c->n_experts, K = c->n_experts_per_tok;
+    /* gate (part of ATTN-1 in DeepSeek's naming) */
+    dsi__matmul(e, &L->router, s->xn, T, D, s->router, E, 0);
+    float gate_scratch[2 * 4096];
+    for (int t = 0; t < T; t++)
+        dsi__moe_gate(c, s->router + (size_t)t * E, L->router_bias, s->topk_ids + (size_t)t * K,
+                      s->topk_w + (size_t)t * K, gate_scratch);
+    /* SHARED */
+    if (c->n_shared_experts > 0)
+        mlp_accumulate(e, &L->sh_gate, &L->sh_up, &L->sh_down, s->xn, T, D, s->h1, s->h2, s->x, D, 1);
+    /* DISPATCH: rows grouped by expert */
+    memset(s->exp_count, 0, sizeof(int) * E);
+    for (int i = 0; i < T * K; i++) s->exp_count[s->topk_ids[i]]++;
+    s->exp_offset[0] = 0;
+    for (int x = 0; x < E; x++) s->exp_offset[x + 1] = s->exp_offset[x] + s->exp_count[x];
+    memset(s->exp_count, 0, sizeof(int) * E);
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < K; r++) {
+            int x = s->topk_ids[t * K + r], slot = s->exp_offset[x] + s->exp_count[x]++;
+            s->exp_tokens[slot] = t;
+            s->exp_wts[slot] = s->topk_w[t * K + r];
+            memcpy(s->ex + (size_t)slot * D, s->xn + (size_t)t * D, sizeof(float) * D);
+        }
+    /* MLP: each expert over its rows; outputs overwrite the gathered inputs */
+    for (int x = 0; x < E; x++) {
+        int n = s->exp_count[x];
+        if (!n) continue;
+        float *rows = s->ex + (size_t)s->exp_offset[x] * D;
+        mlp_accumulate(e, &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], rows, n, D, s->eh1, s->eh2, rows, D, 0);
+    }
+    /* COMBINE: weighted sum into the residual */
+    for (int i = 0; i < T * K; i++) {
+        float *xr = s->x + (size_t)s->exp_tokens[i] * D;
+        e->k->axpy(s->exp_wts[i], s->ex + (size_t)i * D, xr, D);
+    }
+    return DSI_OK;
+}

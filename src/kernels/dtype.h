@@ -1,0 +1,74 @@
+/* Scalar dtype conversions: the specification every SIMD path is tested
+ * against. e4m3 is OCP FP8 E4M3FN (bias 7, no infinities, 0x7f/0xff NaN,
+ * max 448). */
+#ifndef DSI_KERNELS_DTYPE_H
+#define DSI_KERNELS_DTYPE_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float dsi_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even; NaN stays NaN. */
+static inline uint16_t dsi_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float dsi_f16_to_f32(uint16_t h) {
+    uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0) {
+        if (m == 0) { u = s; }
+        else { /* subnormal */
+            float f = ldexpf((float)m, -24);
+            return s ? -f : f;
+        }
+    } else if (e == 31) {
+        u = s | 0x7f800000u | (m << 13);
+    } else {
+        u = s | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float dsi_e4m3_to_f32(uint8_t b) {
+    int s = b >> 7, e = (b >> 3) & 0xf, m = b & 7;
+    float v;
+    if (e == 0xf && m == 7) return NAN;
+    if (e == 0) v = ldexpf((float)m, -9);          /* subnormal: m/8 * 2^-6 */
+    else v = ldexpf((float)(8 + m), e - 10);       /* (1 + m/8) * 2^(e-7) */
+    return s ? -v : v;
+}
+
+/* Round to nearest even, saturating to +-448 (as DeepSeek's quantiser clamps). */
+static inline uint8_t dsi_f32_to_e4m3(float f) {
+    uint8_t s = signbit(f) ? 0x80 : 0;
+    float a = fabsf(f);
+    if (isnan(f)) return 0x7f;
+    if (a >= 448.0f) return s | 0x7e;
+    if (a < ldexpf(1.0f, -10)) return s; /* below half the smallest subnormal */
+    int e;
+    frexpf(a, &e);           /* a = fr * 2^e, fr in [0.5,1) -> unbiased exponent e-1 */
+    int ue = e - 1;
+    if (ue < -6) ue = -6;    /* subnormal range shares the 2^-6 exponent */
+    float q = ldexpf(a, 3 - ue); /* mantissa scaled to [8,16) or subnormal [0,8) */
+    float r = nearbyintf(q);     /* round half to even (default rounding mode) */
+    int mant = (int)r;
+    if (mant >= 16) { mant = 8; ue++; }
+    if (ue > 8 || (ue == 8 && mant > 14)) return s | 0x7e;
+    if (mant < 8) return s | (uint8_t)mant; /* subnormal */
+    return s | (uint8_t)(((ue + 7) << 3) | (mant - 8));
+}
+
+#endif

@@ -1,0 +1,46 @@
+/* CPU compute kernels behind a vtable, chosen once at start-up.
+ *
+ * The scalar versions (kernels_ref.c) are the specification; the AVX-512 and
+ * AVX2 versions are tested against them on random shapes (tests/test_kernels.c).
+ * Weights are read in their stored dtype and converted in registers. */
+#ifndef DSI_KERNELS_H
+#define DSI_KERNELS_H
+
+#include "model/model_impl.h"
+
+/* y[m*ldy + (n - y_col0)] = sum_k x[m*ldx + k] * W[n, k]
+ *   for m in [0, M), n in [n0, n1). x: float32 [M, W->cols] (input).
+ * When `accumulate` is set, the result is added to y instead of stored. */
+typedef void (*dsi_matmul_fn)(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0,
+                              int n0, int n1, int accumulate);
+
+/* Transposed product over a row range of W:
+ * y[m*ldy + (c - c0)] = sum_{r in [r0, r1)} x[m*ldx + (r - r0)] * W[r, c]
+ *   for m in [0, M), c in [c0, c1). */
+typedef void (*dsi_matmul_t_fn)(const dsi_mat *W, int r0, int r1, const float *x, int M, int ldx, float *y, int ldy,
+                                int c0, int c1);
+
+typedef struct dsi_kernels {
+    const char *name;
+    dsi_matmul_fn matmul;
+    dsi_matmul_t_fn matmul_t;
+    /* dot product and y += a*x over float32 vectors (attention inner loops) */
+    float (*dot)(const float *a, const float *b, int n);
+    void (*axpy)(float a, const float *x, float *y, int n);
+} dsi_kernels;
+
+extern const dsi_kernels dsi_kernels_ref;
+extern const dsi_kernels dsi_kernels_avx512;
+extern const dsi_kernels dsi_kernels_avx2;
+
+/* The best kernels this CPU supports; DSI_KERNELS=ref|avx2|avx512 overrides. */
+const dsi_kernels *dsi_kernels_select(void);
+/* Kernels by name ("ref", "avx2", "avx512"), or NULL if not usable here. */
+const dsi_kernels *dsi_kernels_by_name(const char *name);
+
+/* Element of a weight as float32 (scalar helper used by references). */
+float dsi_mat_get(const dsi_mat *W, int r, int c);
+/* Converts row r, columns [c0, c1) of W to float32 in out (scale applied). */
+void dsi_mat_row_f32(const dsi_mat *W, int r, int c0, int c1, float *out);
+
+#endif

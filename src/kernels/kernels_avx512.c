@@ -1,0 +1,251 @@
+/* AVX-512 kernels. Weights are converted to float32 in registers:
+ *   FP8 e4m3: sign-extend byte to int32, shift left 20, clear bits 27-30 ->
+ *             a float32 equal to the e4m3 value times 2^-120 (subnormals
+ *             included, exactly); the 2^120 is folded into the block scale,
+ *             which is applied to the activations (one scaled copy of an
+ *             M-tile per 128-row block of W, resident in L1).
+ *   BF16: zero-extend to int32, shift left 16.  F16: vcvtph2ps.  F32: load.
+ * NaN e4m3 codes (0x7f/0xff) decode as 480; checkpoints hold none. */
+#include "kernels/kernels.h"
+
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MR 4 /* activation rows per micro-tile */
+#define NR 4 /* weight rows per micro-tile */
+#define NB 64 /* weight rows per cache block (divides the 128-row scale block) */
+
+static const float TWO_POW_120 = 1.329227995784916e+36f;
+
+static inline __m512 cvt_e4m3(const uint8_t *p) {
+    __m512i d = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+    d = _mm512_slli_epi32(d, 20);
+    d = _mm512_and_si512(d, _mm512_set1_epi32((int)0x87ffffff));
+    return _mm512_castsi512_ps(d);
+}
+static inline __m512 cvt_e4m3_mask(const uint8_t *p, __mmask16 k) {
+    __m512i d = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p));
+    d = _mm512_slli_epi32(d, 20);
+    d = _mm512_and_si512(d, _mm512_set1_epi32((int)0x87ffffff));
+    return _mm512_castsi512_ps(d);
+}
+static inline __m512 cvt_bf16(const uint16_t *p) {
+    __m512i d = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+}
+static inline __m512 cvt_bf16_mask(const uint16_t *p, __mmask16 k) {
+    __m512i d = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+}
+static inline __m512 cvt_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline __m512 cvt_f16_mask(const uint16_t *p, __mmask16 k) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+}
+
+/* One micro-tile: rows [n, n+nr) of W against `mr` activation rows xs
+ * (stride ldx). Result (nr x mr dot products) stored to out[j][m]. The dtype
+ * is a compile-time constant after inlining. */
+#define MICRO(NAME, T, CVT, CVTM)                                                                            \
+    static inline __attribute__((always_inline)) void NAME(const T *w, size_t ldw, int nr, const float *xs, \
+                                                           int ldx, int mr, int K, float out[NR][MR]) {     \
+        __m512 acc[NR][MR];                                                                                   \
+        for (int j = 0; j < NR; j++)                                                                          \
+            for (int m = 0; m < MR; m++) acc[j][m] = _mm512_setzero_ps();                                     \
+        int k = 0;                                                                                            \
+        for (; k + 16 <= K; k += 16) {                                                                        \
+            __m512 xv[MR];                                                                                    \
+            for (int m = 0; m < MR; m++)                                                                      \
+                if (m < mr) xv[m] = _mm512_loadu_ps(xs + (size_t)m * ldx + k);                                \
+            for (int j = 0; j < NR; j++) {                                                                    \
+                if (j >= nr) break;                                                                           \
+                __m512 wv = CVT(w + j * ldw + k);                                                             \
+                for (int m = 0; m < MR; m++)                                                                  \
+                    if (m < mr) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);                            \
+            }                                                                                                 \
+        }                                                                                                     \
+        if (k < K) {                                                                                          \
+            __mmask16 km = (__mmask16)((1u << (K - k)) - 1);                                                  \
+            __m512 xv[MR];                                                                                    \
+            for (int m = 0; m < MR; m++)                                                                      \
+                if (m < mr) xv[m] = _mm512_maskz_loadu_ps(km, xs + (size_t)m * ldx + k);                      \
+            for (int j = 0; j < NR; j++) {                                                                    \
+                if (j >= nr) break;                                                                           \
+                __m512 wv = CVTM(w + j * ldw + k, km);                                                        \
+                for (int m = 0; m < MR; m++)                                                                  \
+                    if (m < mr) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);                            \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int j = 0; j < NR; j++)                                                                          \
+            for (int m = 0; m < MR; m++)                                                                      \
+                if (j < nr && m < mr) out[j][m] = _mm512_reduce_add_ps(acc[j][m]);                            \
+    }
+
+static inline __m512 cvt_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 cvt_f32_mask(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+
+MICRO(micro_e4m3, uint8_t, cvt_e4m3, cvt_e4m3_mask)
+MICRO(micro_bf16, uint16_t, cvt_bf16, cvt_bf16_mask)
+MICRO(micro_f16, uint16_t, cvt_f16, cvt_f16_mask)
+MICRO(micro_f32, float, cvt_f32, cvt_f32_mask)
+
+/* Per-thread scratch for the scaled activation tile (grown, never shrunk). */
+static _Thread_local float *tl_xs;
+static _Thread_local size_t tl_xs_cap;
+
+static float *xs_buffer(size_t n) {
+    if (n > tl_xs_cap) {
+        free(tl_xs);
+        tl_xs = aligned_alloc(64, ((n * sizeof(float)) + 63) & ~(size_t)63);
+        tl_xs_cap = tl_xs ? n : 0;
+    }
+    return tl_xs;
+}
+
+static inline void store_tile(float out[NR][MR], int nr, int mr, float *y, int ldy, int ycol, int acc) {
+    for (int m = 0; m < mr; m++)
+        for (int j = 0; j < nr; j++) {
+            float *d = &y[(size_t)m * ldy + ycol + j];
+            *d = acc ? *d + out[j][m] : out[j][m];
+        }
+}
+
+/* Scales MR rows of x by the FP8 block scales of row-block `rb` (x 2^120). */
+static void scale_rows(const dsi_mat *W, int rb, const float *x, int ldx, int mr, float *xs) {
+    int K = W->cols, bc = W->block_cols;
+    const float *s = W->scale_inv + (size_t)rb * W->scale_cols;
+    for (int m = 0; m < mr; m++) {
+        const float *xm = x + (size_t)m * ldx;
+        float *o = xs + (size_t)m * K;
+        for (int kb = 0; kb * bc < K; kb++) {
+            __m512 sv = _mm512_set1_ps(s[kb] * TWO_POW_120);
+            int k0 = kb * bc, k1 = DSI_MIN(K, k0 + bc), k = k0;
+            for (; k + 16 <= k1; k += 16) _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_loadu_ps(xm + k), sv));
+            for (; k < k1; k++) o[k] = xm[k] * s[kb] * TWO_POW_120;
+        }
+    }
+}
+
+static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
+                          int n1, int accumulate) {
+    int K = W->cols;
+    float out[NR][MR];
+    if (W->dtype == DSI_F8_E4M3) {
+        float *xs = xs_buffer((size_t)MR * K);
+        if (!xs) return;
+        for (int nb = n0; nb < n1; nb += NB) {
+            int nb_end = DSI_MIN(n1, nb + NB);
+            for (int m = 0; m < M; m += MR) {
+                int mr = DSI_MIN(MR, M - m);
+                int cur_rb = -1;
+                for (int n = nb; n < nb_end; n += NR) {
+                    int nr = DSI_MIN(NR, nb_end - n);
+                    /* a tile must not straddle a scale row-block */
+                    int rb = n / W->block_rows, rb_end = (n + nr - 1) / W->block_rows;
+                    if (rb_end != rb) nr = (rb + 1) * W->block_rows - n;
+                    if (rb != cur_rb) { scale_rows(W, rb, x + (size_t)m * ldx, ldx, mr, xs); cur_rb = rb; }
+                    const uint8_t *w = (const uint8_t *)W->data + (size_t)n * K;
+                    switch (mr) {
+                    case 4: micro_e4m3(w, K, nr, xs, K, 4, K, out); break;
+                    case 3: micro_e4m3(w, K, nr, xs, K, 3, K, out); break;
+                    case 2: micro_e4m3(w, K, nr, xs, K, 2, K, out); break;
+                    default: micro_e4m3(w, K, nr, xs, K, 1, K, out); break;
+                    }
+                    store_tile(out, nr, mr, y + (size_t)m * ldy, ldy, n - y_col0, accumulate);
+                    if (nr < NR && n + nr < nb_end) n -= NR - nr; /* resume right after a straddle split */
+                }
+            }
+        }
+        return;
+    }
+    for (int nb = n0; nb < n1; nb += NB) {
+        int nb_end = DSI_MIN(n1, nb + NB);
+        for (int m = 0; m < M; m += MR) {
+            int mr = DSI_MIN(MR, M - m);
+            const float *xm = x + (size_t)m * ldx;
+            for (int n = nb; n < nb_end; n += NR) {
+                int nr = DSI_MIN(NR, nb_end - n);
+#define DISPATCH(FN, T)                                                                        \
+    {                                                                                          \
+        const T *w = (const T *)W->data + (size_t)n * K;                                       \
+        switch (mr) {                                                                          \
+        case 4: FN(w, K, nr, xm, ldx, 4, K, out); break;                                       \
+        case 3: FN(w, K, nr, xm, ldx, 3, K, out); break;                                       \
+        case 2: FN(w, K, nr, xm, ldx, 2, K, out); break;                                       \
+        default: FN(w, K, nr, xm, ldx, 1, K, out); break;                                      \
+        }                                                                                      \
+    }
+                if (W->dtype == DSI_BF16) DISPATCH(micro_bf16, uint16_t)
+                else if (W->dtype == DSI_F16) DISPATCH(micro_f16, uint16_t)
+                else DISPATCH(micro_f32, float)
+#undef DISPATCH
+                store_tile(out, nr, mr, y + (size_t)m * ldy, ldy, n - y_col0, accumulate);
+            }
+        }
+    }
+}
+
+/* y[m][c] = sum_r x[m][r-r0] W[r][c]: row-by-row axpy over 128-column chunks. */
+static void avx512_matmul_t(const dsi_mat *W, int r0, int r1, const float *x, int M, int ldx, float *y, int ldy,
+                            int c0, int c1) {
+    int K = W->cols;
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * ldx;
+        float *ym = y + (size_t)m * ldy;
+        for (int cc = c0; cc < c1; cc += 128) {
+            int ce = DSI_MIN(c1, cc + 128), nv = (ce - cc + 15) / 16;
+            __m512 acc[8];
+            for (int v = 0; v < 8; v++) acc[v] = _mm512_setzero_ps();
+            for (int r = r0; r < r1; r++) {
+                float a = xm[r - r0];
+                for (int v = 0; v < nv; v++) {
+                    int c = cc + 16 * v, left = ce - c;
+                    __mmask16 km = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+                    __m512 wv;
+                    switch (W->dtype) {
+                    case DSI_F8_E4M3: {
+                        const uint8_t *p = (const uint8_t *)W->data + (size_t)r * K + c;
+                        float s = W->scale_inv[(size_t)(r / W->block_rows) * W->scale_cols + c / W->block_cols];
+                        wv = _mm512_mul_ps(cvt_e4m3_mask(p, km), _mm512_set1_ps(a * s * TWO_POW_120));
+                        acc[v] = _mm512_add_ps(acc[v], wv);
+                        continue;
+                    }
+                    case DSI_BF16: wv = cvt_bf16_mask((const uint16_t *)W->data + (size_t)r * K + c, km); break;
+                    case DSI_F16: wv = cvt_f16_mask((const uint16_t *)W->data + (size_t)r * K + c, km); break;
+                    default: wv = _mm512_maskz_loadu_ps(km, (const float *)W->data + (size_t)r * K + c); break;
+                    }
+                    acc[v] = _mm512_fmadd_ps(_mm512_set1_ps(a), wv, acc[v]);
+                }
+            }
+            for (int v = 0; v < nv; v++) {
+                int c = cc + 16 * v, left = ce - c;
+                __mmask16 km = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+                _mm512_mask_storeu_ps(ym + (c - c0), km, acc[v]);
+            }
+        }
+    }
+}
+
+static float avx512_dot(const float *a, const float *b, int n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+static void avx512_axpy(float a, const float *x, float *y, int n) {
+    __m512 av = _mm512_set1_ps(a);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i)));
+    }
+}
+
+const dsi_kernels dsi_kernels_avx512 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy};
