@@ -13,8 +13,13 @@
 #include <string.h>
 
 #define MR 4 /* activation rows per micro-tile */
+#ifndef NR
 #define NR 4 /* weight rows per micro-tile */
+#endif
 #define NB 64 /* weight rows per cache block (divides the 128-row scale block) */
+#ifndef PF_BYTES
+#define PF_BYTES 1024 /* software prefetch distance along a weight row */
+#endif
 
 static const float TWO_POW_120 = 1.329227995784916e+36f;
 
@@ -50,44 +55,94 @@ static inline __m512 cvt_f16_mask(const uint16_t *p, __mmask16 k) {
     static inline __attribute__((always_inline)) void NAME(const T *w, size_t ldw, int nr, const float *xs, \
                                                            int ldx, int mr, int K, float out[NR][MR]) {     \
         __m512 acc[NR][MR];                                                                                   \
-        for (int j = 0; j < NR; j++)                                                                          \
-            for (int m = 0; m < MR; m++) acc[j][m] = _mm512_setzero_ps();                                     \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)                                                                          \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++) acc[j][m] = _mm512_setzero_ps();                                     \
         int k = 0;                                                                                            \
+        for (; k + 64 <= K; k += 64) {                                                                        \
+            _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) if (j < nr)                                  \
+                _mm_prefetch((const char *)(w + j * ldw + k) + PF_BYTES, _MM_HINT_T0);                        \
+            _Pragma("GCC unroll 4") for (int kk = k; kk < k + 64; kk += 16) {                                 \
+                __m512 xv[MR];                                                                                \
+                _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                          \
+                    if (m < mr) xv[m] = _mm512_loadu_ps(xs + (size_t)m * ldx + kk);                           \
+                _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {                                        \
+                    if (j >= nr) break;                                                                       \
+                    __m512 wv = CVT(w + j * ldw + kk);                                                        \
+                    _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                      \
+                        if (m < mr) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);                        \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
         for (; k + 16 <= K; k += 16) {                                                                        \
             __m512 xv[MR];                                                                                    \
-            for (int m = 0; m < MR; m++)                                                                      \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                                                      \
                 if (m < mr) xv[m] = _mm512_loadu_ps(xs + (size_t)m * ldx + k);                                \
-            for (int j = 0; j < NR; j++) {                                                                    \
+            _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {                                                                    \
                 if (j >= nr) break;                                                                           \
                 __m512 wv = CVT(w + j * ldw + k);                                                             \
-                for (int m = 0; m < MR; m++)                                                                  \
+                _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                                                  \
                     if (m < mr) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);                            \
             }                                                                                                 \
         }                                                                                                     \
         if (k < K) {                                                                                          \
             __mmask16 km = (__mmask16)((1u << (K - k)) - 1);                                                  \
             __m512 xv[MR];                                                                                    \
-            for (int m = 0; m < MR; m++)                                                                      \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                                                      \
                 if (m < mr) xv[m] = _mm512_maskz_loadu_ps(km, xs + (size_t)m * ldx + k);                      \
-            for (int j = 0; j < NR; j++) {                                                                    \
+            _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {                                                                    \
                 if (j >= nr) break;                                                                           \
                 __m512 wv = CVTM(w + j * ldw + k, km);                                                        \
-                for (int m = 0; m < MR; m++)                                                                  \
+                _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                                                  \
                     if (m < mr) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);                            \
             }                                                                                                 \
         }                                                                                                     \
-        for (int j = 0; j < NR; j++)                                                                          \
-            for (int m = 0; m < MR; m++)                                                                      \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)                                                                          \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                                                      \
                 if (j < nr && m < mr) out[j][m] = _mm512_reduce_add_ps(acc[j][m]);                            \
     }
 
 static inline __m512 cvt_f32(const float *p) { return _mm512_loadu_ps(p); }
 static inline __m512 cvt_f32_mask(const float *p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
 
-MICRO(micro_e4m3, uint8_t, cvt_e4m3, cvt_e4m3_mask)
 MICRO(micro_bf16, uint16_t, cvt_bf16, cvt_bf16_mask)
 MICRO(micro_f16, uint16_t, cvt_f16, cvt_f16_mask)
 MICRO(micro_f32, float, cvt_f32, cvt_f32_mask)
+
+/* Matrix-vector FP8 tile (one activation row): the memory-bound decode case.
+ * Each of the four decoded sub-vectors of a 64-byte load gets its own
+ * accumulator, so no FMA waits on another and loads stay in flight. */
+static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, size_t ldw, int nr, const float *xs,
+                                                            int K, float out[NR][MR]) {
+    __m512 acc[NR][4];
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
+    int K64 = K & ~63, k = 0;
+    for (; k < K64; k += 64) {
+        __m512 xv[4];
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) xv[i] = _mm512_loadu_ps(xs + k + 16 * i);
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {
+            if (j >= nr) break;
+            _mm_prefetch((const char *)(w + j * ldw + k) + PF_BYTES, _MM_HINT_T0);
+            __m512i d = _mm512_loadu_si512((const void *)(w + j * ldw + k));
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+                __m512i t = i == 3 ? d : _mm512_slli_epi32(d, 24 - 8 * i);
+                __m512 wv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(t, 4), mask));
+                acc[j][i] = _mm512_fmadd_ps(xv[i], wv, acc[j][i]);
+            }
+        }
+    }
+    for (; k < K; k += 16) {
+        __mmask16 km = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(km, xs + k);
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
+            if (j < nr) acc[j][0] = _mm512_fmadd_ps(xv, cvt_e4m3_mask(w + j * ldw + k, km), acc[j][0]);
+    }
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
+        if (j < nr)
+            out[j][0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]),
+                                                           _mm512_add_ps(acc[j][2], acc[j][3])));
+}
 
 /* Per-thread scratch for the scaled activation tile (grown, never shrunk). */
 static _Thread_local float *tl_xs;
@@ -110,26 +165,93 @@ static inline void store_tile(float out[NR][MR], int nr, int mr, float *y, int l
         }
 }
 
-/* Scales MR rows of x by the FP8 block scales of row-block `rb` (x 2^120). */
+/* Scales MR rows of x by the FP8 block scales of row-block `rb` (x 2^120)
+ * and permutes each full 64-column group so that sub-vector i, lane l holds
+ * column 4l + i: the order in which micro_e4m3 decodes a 64-byte weight load
+ * (byte i of each dword). Columns past the last full group keep their order. */
 static void scale_rows(const dsi_mat *W, int rb, const float *x, int ldx, int mr, float *xs) {
-    int K = W->cols, bc = W->block_cols;
+    int K = W->cols, bc = W->block_cols, K64 = K & ~63;
     const float *s = W->scale_inv + (size_t)rb * W->scale_cols;
+    const __m512i perm = _mm512_set_epi32(60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
     for (int m = 0; m < mr; m++) {
         const float *xm = x + (size_t)m * ldx;
         float *o = xs + (size_t)m * K;
-        for (int kb = 0; kb * bc < K; kb++) {
-            __m512 sv = _mm512_set1_ps(s[kb] * TWO_POW_120);
-            int k0 = kb * bc, k1 = DSI_MIN(K, k0 + bc), k = k0;
-            for (; k + 16 <= k1; k += 16) _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_loadu_ps(xm + k), sv));
-            for (; k < k1; k++) o[k] = xm[k] * s[kb] * TWO_POW_120;
+        int k = 0;
+        if (bc % 64 == 0) {
+            for (; k < K64; k += 64) {
+                __m512 sv = _mm512_set1_ps(s[k / bc] * TWO_POW_120);
+                __m512 a = _mm512_loadu_ps(xm + k), b = _mm512_loadu_ps(xm + k + 16);
+                __m512 c = _mm512_loadu_ps(xm + k + 32), d = _mm512_loadu_ps(xm + k + 48);
+                for (int i = 0; i < 4; i++) {
+                    __m512i pi = _mm512_add_epi32(perm, _mm512_set1_epi32(i));
+                    /* gather lanes 4l+i from the 64 values a|b|c|d */
+                    __m512 lo = _mm512_permutex2var_ps(a, pi, b);               /* indices < 32 */
+                    __m512 hi = _mm512_permutex2var_ps(c, pi, d);               /* same indices into c|d */
+                    __m512 v = _mm512_mask_blend_ps(0xff00, lo, hi);            /* lanes 8-15 come from c|d */
+                    _mm512_storeu_ps(o + k + 16 * i, _mm512_mul_ps(v, sv));
+                }
+            }
+        } else {
+            for (; k < K64; k += 64)
+                for (int i = 0; i < 4; i++)
+                    for (int l = 0; l < 16; l++) o[k + 16 * i + l] = xm[k + 4 * l + i] * (s[(k + 4 * l + i) / bc] * TWO_POW_120);
+        }
+        for (; k < K; k++) o[k] = xm[k] * (s[k / bc] * TWO_POW_120);
+    }
+}
+
+/* FP8 micro-tile. A 64-byte load of a weight row holds 16 dwords; byte i of
+ * every dword is decoded with shifts inside the dword (no cross-lane
+ * shuffles): t = d << (24 - 8i) puts the byte on top, an arithmetic shift by
+ * 4 and a mask leave sign | exponent | mantissa where float32 wants them
+ * (value x 2^-120). The activations were permuted to match (scale_rows). */
+static inline __attribute__((always_inline)) void micro_e4m3(const uint8_t *w, size_t ldw, int nr, const float *xs,
+                                                             int ldx, int mr, int K, float out[NR][MR]) {
+    __m512 acc[NR][MR];
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
+        _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++) acc[j][m] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
+    int K64 = K & ~63, k = 0;
+    for (; k < K64; k += 64) {
+        __m512i d[NR];
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) if (j < nr) {
+            _mm_prefetch((const char *)(w + j * ldw + k) + PF_BYTES, _MM_HINT_T0);
+            d[j] = _mm512_loadu_si512((const void *)(w + j * ldw + k));
+        }
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+            __m512 xv[MR];
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)
+                if (m < mr) xv[m] = _mm512_loadu_ps(xs + (size_t)m * ldx + k + 16 * i);
+            _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {
+                if (j >= nr) break;
+                __m512i t = i == 3 ? d[j] : _mm512_slli_epi32(d[j], 24 - 8 * i);
+                __m512 wv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(t, 4), mask));
+                _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)
+                    if (m < mr) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);
+            }
         }
     }
+    for (; k < K; k += 16) {
+        __mmask16 km = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 xv[MR];
+        _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)
+            if (m < mr) xv[m] = _mm512_maskz_loadu_ps(km, xs + (size_t)m * ldx + k);
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {
+            if (j >= nr) break;
+            __m512 wv = cvt_e4m3_mask(w + j * ldw + k, km);
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)
+                if (m < mr) acc[j][m] = _mm512_fmadd_ps(xv[m], wv, acc[j][m]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
+        _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)
+            if (j < nr && m < mr) out[j][m] = _mm512_reduce_add_ps(acc[j][m]);
 }
 
 static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                           int n1, int accumulate) {
     int K = W->cols;
-    float out[NR][MR];
+    float out[NR][MR] = {{0}};
     if (W->dtype == DSI_F8_E4M3) {
         float *xs = xs_buffer((size_t)MR * K);
         if (!xs) return;
@@ -149,7 +271,7 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
                     case 4: micro_e4m3(w, K, nr, xs, K, 4, K, out); break;
                     case 3: micro_e4m3(w, K, nr, xs, K, 3, K, out); break;
                     case 2: micro_e4m3(w, K, nr, xs, K, 2, K, out); break;
-                    default: micro_e4m3(w, K, nr, xs, K, 1, K, out); break;
+                    default: gemv_e4m3(w, K, nr, xs, K, out); break;
                     }
                     store_tile(out, nr, mr, y + (size_t)m * ldy, ldy, n - y_col0, accumulate);
                     if (nr < NR && n + nr < nb_end) n -= NR - nr; /* resume right after a straddle split */
@@ -192,8 +314,11 @@ static void avx512_matmul_t(const dsi_mat *W, int r0, int r1, const float *x, in
     for (int m = 0; m < M; m++) {
         const float *xm = x + (size_t)m * ldx;
         float *ym = y + (size_t)m * ldy;
-        for (int cc = c0; cc < c1; cc += 128) {
-            int ce = DSI_MIN(c1, cc + 128), nv = (ce - cc + 15) / 16;
+        /* chunks end on 128-column boundaries so an FP8 vector never straddles two scale blocks */
+        for (int cc = c0, ce; cc < c1; cc = ce) {
+            int cb = W->dtype == DSI_F8_E4M3 ? W->block_cols : 128;
+            ce = DSI_MIN(DSI_MIN(c1, cc + 128), (cc / cb + 1) * cb);
+            int nv = (ce - cc + 15) / 16;
             __m512 acc[8];
             for (int v = 0; v < 8; v++) acc[v] = _mm512_setzero_ps();
             for (int r = r0; r < r1; r++) {
