@@ -7,6 +7,7 @@
 
 static const dsi_command COMMANDS[] = {
     /* keep sorted by area; each entry's implementation lives in src/cli/cmd_<name>.c */
+    {"eplb", "expert placement with redundant experts (EPLB)", dsi_cmd_eplb},
     {NULL, NULL, NULL},
 };
 static const int N_COMMANDS = sizeof COMMANDS / sizeof COMMANDS[0] - 1; /* last is the sentinel */

@@ -1,0 +1,549 @@
+/* Policy BEST: a placement never worse than DeepSeek's, with no expert twice
+ * on one GPU and, in hierarchical mode, every replica in its group's node.
+ *
+ * Per layer, in hierarchical mode (G % N == 0):
+ *   - every way of splitting the G groups into N nodes of G/N groups is
+ *     scored by solving each node on its own (memoised per set of groups),
+ *     with branch-and-bound on the busiest node; when the splits are too many
+ *     to enumerate, a swap search over groups starts from DeepSeek's split;
+ *   - a node's subproblem (n experts, S slots, Q GPUs of k slots) is solved
+ *     from several starts, each polished by local search: (1) DeepSeek's
+ *     replica counts packed largest-first onto the lightest GPU that has room
+ *     and lacks the expert, (2) DeepSeek's own node placement (the seed), with
+ *     any expert doubled on a GPU swapped out first.
+ *   Global mode is one subproblem over all experts, slots and GPUs.
+ * Local search works on the busiest GPU: it swaps one of its replicas with a
+ *   lighter replica elsewhere, or moves a replica slot from one expert to
+ *   another (changing both replica counts and so every GPU holding either),
+ *   accepting only moves that lower (busiest load, number of GPUs at it).
+ *   Starting from DeepSeek's placement it can only improve on it, which is
+ *   what makes "never worse" hold whenever that placement has no doubled
+ *   expert; the final check below keeps DeepSeek's layer in the rare case the
+ *   search ends above it.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dsinfer/common.h"
+#include "eplb/eplb_impl.h"
+
+/* ---- one node's subproblem ------------------------------------------------ */
+
+typedef struct {
+    int n, S, Q, k, cap;  /* experts, slots, gpus, slots per gpu, max replicas (Q) */
+    const double *L;      /* [n] loads, borrowed */
+    int32_t *cnt;         /* [n] replicas */
+    int32_t *slot;        /* [S] local expert in each slot; gpu = slot / k */
+    double *gl;           /* [Q] gpu loads */
+    double *tmp;          /* [Q] scratch for move evaluation */
+    int32_t *pos;         /* [n][Q] slots of each expert's replicas */
+    int32_t *npos;        /* [n] */
+    double lb;            /* lower bound on the busiest gpu */
+} sub;
+
+static void sub_free(sub *s) {
+    free(s->cnt), free(s->slot), free(s->gl), free(s->tmp), free(s->pos), free(s->npos);
+    memset(s, 0, sizeof *s);
+}
+
+static int sub_init(sub *s, const double *L, int n, int S, int Q) {
+    memset(s, 0, sizeof *s);
+    s->n = n, s->S = S, s->Q = Q, s->k = S / Q, s->cap = Q, s->L = L;
+    s->cnt = malloc(sizeof(int32_t) * n);
+    s->slot = malloc(sizeof(int32_t) * S);
+    s->gl = malloc(sizeof(double) * Q);
+    s->tmp = malloc(sizeof(double) * Q);
+    s->pos = malloc(sizeof(int32_t) * (size_t)n * Q);
+    s->npos = malloc(sizeof(int32_t) * n);
+    if (!s->cnt || !s->slot || !s->gl || !s->tmp || !s->pos || !s->npos) {
+        sub_free(s);
+        return dsi_error(DSI_ENOMEM, "eplb: out of memory");
+    }
+    double total = 0, top = 0;
+    for (int e = 0; e < n; e++) total += L[e], top = DSI_MAX(top, L[e]);
+    int most = DSI_MIN(Q, S - n + 1); /* replicas the hottest expert can get */
+    s->lb = DSI_MAX(total / Q, top / most);
+    return DSI_OK;
+}
+
+/* Recomputes counts, replica lists and gpu loads from slot[], summing in slot
+ * order so that equal placements always score identically. */
+static void sub_refresh(sub *s) {
+    memset(s->cnt, 0, sizeof(int32_t) * s->n);
+    memset(s->npos, 0, sizeof(int32_t) * s->n);
+    for (int i = 0; i < s->S; i++) s->cnt[s->slot[i]]++;
+    for (int i = 0; i < s->S; i++) {
+        int e = s->slot[i];
+        if (s->npos[e] < s->cap) s->pos[(size_t)e * s->cap + s->npos[e]++] = i;
+    }
+    for (int g = 0; g < s->Q; g++) {
+        double sum = 0;
+        for (int j = 0; j < s->k; j++) {
+            int e = s->slot[g * s->k + j];
+            sum += s->L[e] / s->cnt[e];
+        }
+        s->gl[g] = sum;
+    }
+}
+
+static int gpu_has(const sub *s, int g, int e) {
+    const int32_t *p = s->slot + g * s->k;
+    for (int j = 0; j < s->k; j++)
+        if (p[j] == e) return 1;
+    return 0;
+}
+
+static double sub_max(const sub *s, int *arg) {
+    int a = 0;
+    for (int g = 1; g < s->Q; g++)
+        if (s->gl[g] > s->gl[a]) a = g;
+    if (arg) *arg = a;
+    return s->gl[a];
+}
+
+/* DeepSeek's replica counts (largest load per replica first), capped at one
+ * replica per GPU so that no GPU must hold an expert twice. */
+static void greedy_counts(sub *s) {
+    for (int e = 0; e < s->n; e++) s->cnt[e] = 1;
+    for (int r = s->n; r < s->S; r++) {
+        int best = -1;
+        double bv = -1;
+        for (int e = 0; e < s->n; e++) {
+            if (s->cnt[e] >= s->cap) continue;
+            double v = s->L[e] / s->cnt[e];
+            if (v > bv) bv = v, best = e;
+        }
+        s->cnt[best]++; /* exists: S <= n * Q was checked by the caller */
+    }
+}
+
+typedef struct {
+    double w;
+    int e;
+} item;
+
+static int cmp_item(const void *a, const void *b) {
+    const item *x = a, *y = b;
+    if (x->w > y->w) return -1;
+    if (x->w < y->w) return 1;
+    return (x->e > y->e) - (x->e < y->e);
+}
+
+/* Packs the replicas given by cnt[] largest first onto the lightest GPU with a
+ * free slot that lacks the expert. When every GPU with room already holds the
+ * expert, a replica f from a full GPU g without it moves to the roomy GPU h
+ * (some f on g is missing from h, which has fewer than k experts) and the
+ * expert takes f's place on g. */
+static int lpt_pack(sub *s, item *items, int *fill) {
+    int m = 0;
+    for (int e = 0; e < s->n; e++)
+        for (int c = 0; c < s->cnt[e]; c++) items[m].w = s->L[e] / s->cnt[e], items[m++].e = e;
+    qsort(items, m, sizeof *items, cmp_item);
+    for (int g = 0; g < s->Q; g++) fill[g] = 0, s->gl[g] = 0;
+    for (int i = 0; i < m; i++) {
+        int e = items[i].e, best = -1;
+        for (int g = 0; g < s->Q; g++) {
+            if (fill[g] >= s->k) continue;
+            int dup = 0;
+            for (int j = 0; j < fill[g]; j++) dup |= s->slot[g * s->k + j] == e;
+            if (!dup && (best < 0 || s->gl[g] < s->gl[best])) best = g;
+        }
+        if (best < 0) {
+            int h = -1, g = -1, jf = -1;
+            for (int q = 0; q < s->Q && h < 0; q++)
+                if (fill[q] < s->k) h = q;
+            for (int q = 0; q < s->Q && jf < 0; q++) {
+                if (fill[q] < s->k) continue;
+                int hase = 0;
+                for (int j = 0; j < s->k; j++) hase |= s->slot[q * s->k + j] == e;
+                if (hase) continue;
+                for (int j = 0; j < s->k && jf < 0; j++) {
+                    int f = s->slot[q * s->k + j], onh = 0;
+                    for (int t = 0; t < fill[h]; t++) onh |= s->slot[h * s->k + t] == f;
+                    if (!onh) g = q, jf = j;
+                }
+            }
+            if (h < 0 || jf < 0) return dsi_error(DSI_EINTERNAL, "eplb: cannot pack replicas without doubling");
+            s->slot[h * s->k + fill[h]++] = s->slot[g * s->k + jf];
+            s->slot[g * s->k + jf] = e;
+            continue; /* loads are recomputed below; the rest of the order is a heuristic */
+        }
+        s->slot[best * s->k + fill[best]++] = e;
+        s->gl[best] += items[i].w;
+    }
+    sub_refresh(s);
+    return DSI_OK;
+}
+
+/* Swaps doubled experts out of their GPU, each time choosing the partner that
+ * keeps the two GPUs lightest. Returns 0, or -1 if some doubling has no legal
+ * partner. */
+static int repair_dups(sub *s) {
+    sub_refresh(s);
+    for (int g = 0; g < s->Q; g++)
+        for (int a = 0; a < s->k; a++)
+            for (int b = a + 1; b < s->k; b++) {
+                int e = s->slot[g * s->k + a];
+                if (s->slot[g * s->k + b] != e) continue;
+                double we = s->L[e] / s->cnt[e], best = INFINITY;
+                int by = -1;
+                for (int y = 0; y < s->S; y++) {
+                    int h = y / s->k, f = s->slot[y];
+                    if (h == g || f == e || gpu_has(s, g, f) || gpu_has(s, h, e)) continue;
+                    double wf = s->L[f] / s->cnt[f];
+                    double v = DSI_MAX(s->gl[g] - we + wf, s->gl[h] - wf + we);
+                    if (v < best) best = v, by = y;
+                }
+                if (by < 0) return -1;
+                s->slot[g * s->k + b] = s->slot[by];
+                s->slot[by] = e;
+                sub_refresh(s);
+            }
+    return 0;
+}
+
+static int count_at(const double *gl, int Q, double mx, double tol) {
+    int c = 0;
+    for (int g = 0; g < Q; g++) c += gl[g] >= mx - tol;
+    return c;
+}
+
+/* Loads after turning the replica of `a` in slot x into a replica of `b`;
+ * returns the new maximum, *nat the GPUs at it. */
+static double eval_count_move(sub *s, int a, int x, int b, double tol, int *nat) {
+    double wa0 = s->L[a] / s->cnt[a], wa1 = s->L[a] / (s->cnt[a] - 1);
+    double wb0 = s->L[b] / s->cnt[b], wb1 = s->L[b] / (s->cnt[b] + 1);
+    memcpy(s->tmp, s->gl, sizeof(double) * s->Q);
+    for (int i = 0; i < s->npos[a]; i++) {
+        int y = s->pos[(size_t)a * s->cap + i];
+        s->tmp[y / s->k] += y == x ? wb1 - wa0 : wa1 - wa0;
+    }
+    for (int i = 0; i < s->npos[b]; i++) s->tmp[s->pos[(size_t)b * s->cap + i] / s->k] += wb1 - wb0;
+    double mx = s->tmp[0];
+    for (int g = 1; g < s->Q; g++) mx = DSI_MAX(mx, s->tmp[g]);
+    *nat = count_at(s->tmp, s->Q, mx, tol);
+    return mx;
+}
+
+static void local_search(sub *s) {
+    const int k = s->k, max_iter = 64 * s->S + 256;
+    for (int it = 0; it < max_iter; it++) {
+        int g;
+        double M = sub_max(s, &g);
+        double tol = 1e-12 * (M > 0 ? M : 1);
+        if (M <= s->lb + tol) return;
+        int nat = count_at(s->gl, s->Q, M, tol);
+
+        /* Swap one replica of the busiest GPU with a lighter one elsewhere. */
+        double best = M - tol;
+        int bx = -1, by = -1;
+        for (int j = 0; j < k; j++) {
+            int x = g * k + j, ea = s->slot[x];
+            double wa = s->L[ea] / s->cnt[ea];
+            for (int h = 0; h < s->Q; h++) {
+                if (h == g || s->gl[h] >= M - tol || gpu_has(s, h, ea)) continue;
+                for (int t = 0; t < k; t++) {
+                    int y = h * k + t, eb = s->slot[y];
+                    double wb = s->L[eb] / s->cnt[eb];
+                    if (wb >= wa || gpu_has(s, g, eb)) continue;
+                    double v = DSI_MAX(M - wa + wb, s->gl[h] - wb + wa);
+                    if (v < best) best = v, bx = x, by = y;
+                }
+            }
+        }
+        if (bx >= 0) {
+            int t = s->slot[bx];
+            s->slot[bx] = s->slot[by], s->slot[by] = t;
+            sub_refresh(s);
+            continue;
+        }
+
+        /* Move a replica slot between experts so the busiest GPU gets lighter. */
+        double bmax = M;
+        int bnat = nat, ca = -1, cx = -1, cb = -1;
+        for (int j = 0; j < k; j++) {
+            int x = g * k + j, e = s->slot[x];
+            if (s->cnt[e] < s->cap) /* e gains a replica taken from some a */
+                for (int a = 0; a < s->n; a++) {
+                    if (a == e || s->cnt[a] < 2) continue;
+                    for (int i = 0; i < s->npos[a]; i++) {
+                        int y = s->pos[(size_t)a * s->cap + i];
+                        if (gpu_has(s, y / k, e)) continue;
+                        int na;
+                        double v = eval_count_move(s, a, y, e, tol, &na);
+                        if (v < bmax - tol || (v <= bmax && na < bnat)) bmax = v, bnat = na, ca = a, cx = y, cb = e;
+                    }
+                }
+            if (s->cnt[e] >= 2) /* e's replica here becomes one of some b */
+                for (int b = 0; b < s->n; b++) {
+                    if (b == e || s->cnt[b] >= s->cap || gpu_has(s, g, b)) continue;
+                    int na;
+                    double v = eval_count_move(s, e, x, b, tol, &na);
+                    if (v < bmax - tol || (v <= bmax && na < bnat)) bmax = v, bnat = na, ca = e, cx = x, cb = b;
+                }
+        }
+        if (ca < 0 || !(bmax < M - tol || (bmax <= M && bnat < nat))) return;
+        s->slot[cx] = cb;
+        sub_refresh(s);
+    }
+}
+
+/* Solves one node: n experts with loads L over S slots on Q GPUs. seed[S]
+ * (local expert ids, may be NULL) is DeepSeek's placement of the same node.
+ * Writes the best placement found to out[S] and returns its busiest GPU load
+ * (INFINITY with a status in *rc on failure). */
+static double solve_sub(const double *L, int n, int S, int Q, const int32_t *seed, int32_t *out, int *rc) {
+    sub s;
+    *rc = sub_init(&s, L, n, S, Q);
+    if (*rc != DSI_OK) return INFINITY;
+    item *items = malloc(sizeof(item) * S);
+    int *fill = malloc(sizeof(int) * Q);
+    double best = INFINITY;
+    if (!items || !fill) {
+        *rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+        goto done;
+    }
+    greedy_counts(&s);
+    *rc = lpt_pack(&s, items, fill);
+    if (*rc != DSI_OK) goto done;
+    local_search(&s);
+    best = sub_max(&s, NULL);
+    memcpy(out, s.slot, sizeof(int32_t) * S);
+    if (seed) {
+        memcpy(s.slot, seed, sizeof(int32_t) * S);
+        if (repair_dups(&s) == 0) {
+            local_search(&s);
+            double m = sub_max(&s, NULL);
+            if (m < best) best = m, memcpy(out, s.slot, sizeof(int32_t) * S);
+        }
+    }
+done:
+    free(items), free(fill);
+    sub_free(&s);
+    return best;
+}
+
+/* ---- hierarchical: groups to nodes ---------------------------------------- */
+
+typedef struct {
+    uint64_t mask;
+    double val;
+    int32_t *slots; /* [Sn] global expert ids */
+} memo_ent;
+
+typedef struct {
+    const double *load;
+    int E, G, N, gs, gpn, Sn, Pn;
+    memo_ent *m;
+    int nm, capm;
+    double *Lsub;   /* [En] */
+    int32_t *gid;   /* [En] local -> global expert */
+    int32_t *tmp;   /* [Sn] */
+    int rc;
+} hier;
+
+/* Node value for a set of groups, solving it the first time it is asked. */
+static memo_ent *node_value(hier *h, uint64_t mask, const int32_t *seed_global) {
+    for (int i = 0; i < h->nm; i++)
+        if (h->m[i].mask == mask) return &h->m[i];
+    if (h->nm == h->capm) {
+        int nc = h->capm ? 2 * h->capm : 64;
+        memo_ent *nm = realloc(h->m, sizeof *nm * nc);
+        if (!nm) {
+            h->rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+            return NULL;
+        }
+        h->m = nm, h->capm = nc;
+    }
+    int n = 0;
+    for (int g = 0; g < h->G; g++)
+        if (mask >> g & 1)
+            for (int j = 0; j < h->gs; j++) h->gid[n] = g * h->gs + j, h->Lsub[n++] = h->load[g * h->gs + j];
+    int32_t *seed = NULL;
+    if (seed_global) {
+        /* local id of global expert e: its rank among the mask's experts */
+        seed = malloc(sizeof(int32_t) * h->Sn);
+        if (!seed) {
+            h->rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+            return NULL;
+        }
+        for (int i = 0; i < h->Sn; i++) {
+            int e = seed_global[i], grp = e / h->gs, before = 0;
+            for (int g = 0; g < grp; g++) before += (int)(mask >> g & 1);
+            seed[i] = before * h->gs + e % h->gs;
+        }
+    }
+    memo_ent *ent = &h->m[h->nm];
+    ent->mask = mask;
+    ent->slots = malloc(sizeof(int32_t) * h->Sn);
+    if (!ent->slots) {
+        free(seed);
+        h->rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+        return NULL;
+    }
+    int rc;
+    ent->val = solve_sub(h->Lsub, n, h->Sn, h->Pn, seed, h->tmp, &rc);
+    free(seed);
+    if (rc != DSI_OK) {
+        free(ent->slots);
+        h->rc = rc;
+        return NULL;
+    }
+    for (int i = 0; i < h->Sn; i++) ent->slots[i] = h->gid[h->tmp[i]];
+    h->nm++;
+    return ent;
+}
+
+/* Branch and bound over splits of the groups into nodes of gpn groups. */
+typedef struct {
+    hier *h;
+    uint64_t cur[64], best[64];
+    double best_val, best_sum;
+} search;
+
+static void enumerate(search *q, uint64_t used, int node, double cur_max, double cur_sum) {
+    hier *h = q->h;
+    if (h->rc != DSI_OK) return;
+    if (node == h->N) {
+        if (cur_max < q->best_val || (cur_max == q->best_val && cur_sum < q->best_sum)) {
+            q->best_val = cur_max, q->best_sum = cur_sum;
+            memcpy(q->best, q->cur, sizeof(uint64_t) * h->N);
+        }
+        return;
+    }
+    int first = 0;
+    while (used >> first & 1) first++;
+    /* choose gpn-1 more groups above `first` */
+    int pick[64], np, need = h->gpn - 1;
+    uint64_t mask = 1ull << first;
+    int freeg[64], nf = 0;
+    for (int g = first + 1; g < h->G; g++)
+        if (!(used >> g & 1)) freeg[nf++] = g;
+    for (int i = 0; i < need; i++) pick[i] = i;
+    np = need;
+    for (;;) {
+        uint64_t m = mask;
+        for (int i = 0; i < np; i++) m |= 1ull << freeg[pick[i]];
+        memo_ent *e = node_value(h, m, NULL);
+        if (!e) return;
+        double v = e->val;
+        if (v <= q->best_val) { /* a node above the best split's busiest cannot help */
+            q->cur[node] = m;
+            enumerate(q, used | m, node + 1, DSI_MAX(cur_max, v), cur_sum + v);
+        }
+        int i = np - 1;
+        while (i >= 0 && pick[i] == nf - np + i) i--;
+        if (i < 0) break;
+        pick[i]++;
+        for (int j = i + 1; j < np; j++) pick[j] = pick[j - 1] + 1;
+    }
+}
+
+static double log_splits(int G, int gpn, int N) {
+    double v = lgamma(G + 1.0) - N * lgamma(gpn + 1.0) - lgamma(N + 1.0);
+    return v / log(10.0);
+}
+
+static int best_hier(const double *load, int E, int R, int G, int N, int P, const int32_t *seed,
+                     int32_t *phy2log) {
+    hier h = {0};
+    h.load = load, h.E = E, h.G = G, h.N = N, h.gs = E / G, h.gpn = G / N, h.Sn = R / N, h.Pn = P / N;
+    h.rc = DSI_OK;
+    int En = E / N;
+    h.Lsub = malloc(sizeof(double) * En);
+    h.gid = malloc(sizeof(int32_t) * En);
+    h.tmp = malloc(sizeof(int32_t) * h.Sn);
+    uint64_t *chosen = malloc(sizeof(uint64_t) * N);
+    if (!h.Lsub || !h.gid || !h.tmp || !chosen) {
+        h.rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+        goto done;
+    }
+    if (G > 64) {
+        h.rc = dsi_error(DSI_EUNSUPPORTED, "eplb: policy best supports at most 64 groups");
+        goto done;
+    }
+    /* DeepSeek's split, read off its placement, solved with its nodes as seeds. */
+    double ds_max = 0, ds_sum = 0;
+    for (int node = 0; node < N; node++) {
+        uint64_t m = 0;
+        for (int i = 0; i < h.Sn; i++) m |= 1ull << (seed[node * h.Sn + i] / h.gs);
+        chosen[node] = m;
+        memo_ent *e = node_value(&h, m, seed + node * h.Sn);
+        if (!e) goto done;
+        ds_max = DSI_MAX(ds_max, e->val), ds_sum += e->val;
+    }
+    if (N > 1 && h.gpn > 1) {
+        if (log_splits(G, h.gpn, N) <= 4.0) {
+            search q = {.h = &h, .best_val = ds_max, .best_sum = ds_sum};
+            memcpy(q.best, chosen, sizeof(uint64_t) * N);
+            enumerate(&q, 0, 0, 0, 0);
+            if (h.rc != DSI_OK) goto done;
+            memcpy(chosen, q.best, sizeof(uint64_t) * N);
+        } else {
+            /* Too many splits: swap groups between the busiest node and another. */
+            for (int improved = 1, it = 0; improved && it < 1000; it++) {
+                improved = 0;
+                int worst = 0;
+                double mx = -1;
+                for (int node = 0; node < N; node++) {
+                    memo_ent *e = node_value(&h, chosen[node], NULL);
+                    if (!e) goto done;
+                    if (e->val > mx) mx = e->val, worst = node;
+                }
+                for (int o = 0; o < N && !improved; o++) {
+                    if (o == worst) continue;
+                    for (int a = 0; a < G && !improved; a++) {
+                        if (!(chosen[worst] >> a & 1)) continue;
+                        for (int b = 0; b < G && !improved; b++) {
+                            if (!(chosen[o] >> b & 1)) continue;
+                            uint64_t mw = (chosen[worst] & ~(1ull << a)) | 1ull << b;
+                            uint64_t mo = (chosen[o] & ~(1ull << b)) | 1ull << a;
+                            memo_ent *ew = node_value(&h, mw, NULL);
+                            if (!ew) goto done;
+                            double vw = ew->val;
+                            memo_ent *eo = node_value(&h, mo, NULL);
+                            if (!eo) goto done;
+                            if (DSI_MAX(vw, eo->val) < mx * (1 - 1e-12)) {
+                                chosen[worst] = mw, chosen[o] = mo, improved = 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (int node = 0; node < N; node++) {
+        memo_ent *e = node_value(&h, chosen[node], NULL);
+        if (!e) goto done;
+        memcpy(phy2log + node * h.Sn, e->slots, sizeof(int32_t) * h.Sn);
+    }
+done:
+    for (int i = 0; i < h.nm; i++) free(h.m[i].slots);
+    free(h.m), free(h.Lsub), free(h.gid), free(h.tmp), free(chosen);
+    return h.rc;
+}
+
+static int has_dup(const int32_t *p2l, int R, int P) {
+    int k = R / P;
+    for (int g = 0; g < P; g++)
+        for (int a = 0; a < k; a++)
+            for (int b = a + 1; b < k; b++)
+                if (p2l[g * k + a] == p2l[g * k + b]) return 1;
+    return 0;
+}
+
+int dsi__eplb_best_layer(const double *load, int E, int R, int G, int N, int P, const int32_t *seed,
+                         int32_t *phy2log) {
+    int rc;
+    if (G % N == 0 && N > 1) {
+        rc = best_hier(load, E, R, G, N, P, seed, phy2log);
+    } else {
+        solve_sub(load, E, R, P, seed, phy2log, &rc);
+    }
+    if (rc != DSI_OK) return rc;
+    if (seed && !has_dup(seed, R, P) &&
+        dsi__eplb_layer_max_load(seed, load, E, R, P) < dsi__eplb_layer_max_load(phy2log, load, E, R, P))
+        memcpy(phy2log, seed, sizeof(int32_t) * R);
+    return DSI_OK;
+}
