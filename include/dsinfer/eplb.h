@@ -80,6 +80,14 @@ int dsi_eplb_rebalance(const double *load, int n_layers, int n_experts, int n_sl
 int dsi_eplb_layer_max_over_mean(const int32_t *phy2log, const double *load, int n_experts,
                                  int n_slots, int n_gpus, double *out_mom);
 
+/* A lower bound on the max_over_mean any placement obeying BEST's rules (no
+ * expert twice on a GPU; hierarchical: G/N whole groups per node) can reach
+ * for load[E]: per node, the larger of its mean GPU load and its smallest
+ * possible heaviest replica, minimised over the splits of groups into nodes
+ * (enumerated when there are few, relaxed otherwise). For reports. */
+int dsi_eplb_layer_lower_bound(const double *load, int n_experts, int n_slots, int n_groups, int n_nodes,
+                               int n_gpus, double *out_mom);
+
 /* max_over_mean for every layer of a placement: out[L]. */
 int dsi_eplb_max_over_mean(const dsi_eplb_placement *pl, const double *load, double *out);
 

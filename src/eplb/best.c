@@ -7,10 +7,12 @@
  *     with branch-and-bound on the busiest node; when the splits are too many
  *     to enumerate, a swap search over groups starts from DeepSeek's split;
  *   - a node's subproblem (n experts, S slots, Q GPUs of k slots) is solved
- *     from several starts, each polished by local search: (1) DeepSeek's
- *     replica counts packed largest-first onto the lightest GPU that has room
- *     and lacks the expert, (2) DeepSeek's own node placement (the seed), with
- *     any expert doubled on a GPU swapped out first.
+ *     from several starts, each polished by local search: (1) a family of
+ *     replica counts, from DeepSeek's (every extra replica to the largest load
+ *     per replica) to ones that keep fewer heavy replicas (family_counts),
+ *     each packed largest-first onto the lightest GPU that has room and lacks
+ *     the expert; (2) DeepSeek's own node placement (the seed), with any
+ *     expert doubled on a GPU swapped out first.
  *   Global mode is one subproblem over all experts, slots and GPUs.
  * Local search works on the busiest GPU: it swaps one of its replicas with a
  *   lighter replica elsewhere, or moves a replica slot from one expert to
@@ -26,6 +28,7 @@
 #include <string.h>
 
 #include "dsinfer/common.h"
+#include "dsinfer/eplb.h"
 #include "eplb/eplb_impl.h"
 
 /* ---- one node's subproblem ------------------------------------------------ */
@@ -102,19 +105,29 @@ static double sub_max(const sub *s, int *arg) {
     return s->gl[a];
 }
 
-/* DeepSeek's replica counts (largest load per replica first), capped at one
- * replica per GPU so that no GPU must hold an expert twice. */
-static void greedy_counts(sub *s) {
-    for (int e = 0; e < s->n; e++) s->cnt[e] = 1;
+/* Replica counts. The first `hot_extras` extra replicas go, as in DeepSeek's
+ * algorithm, to the expert with the largest load per replica; the rest are
+ * fillers: with fill 0 they go the same way but only to experts that got none
+ * of the first ones, with fill 1 to the experts whose replicas are lightest.
+ * All capped at one replica per GPU. hot_extras = all extras is DeepSeek's
+ * counts. Fewer hot replicas matter because replicas heavier than half a
+ * GPU's share cannot share a GPU: once there are more of them than GPUs the
+ * busiest GPU pays for two. */
+static void family_counts(sub *s, int hot_extras, int fill, char *hot) {
+    for (int e = 0; e < s->n; e++) s->cnt[e] = 1, hot[e] = 0;
     for (int r = s->n; r < s->S; r++) {
-        int best = -1;
-        double bv = -1;
-        for (int e = 0; e < s->n; e++) {
-            if (s->cnt[e] >= s->cap) continue;
-            double v = s->L[e] / s->cnt[e];
-            if (v > bv) bv = v, best = e;
-        }
-        s->cnt[best]++; /* exists: S <= n * Q was checked by the caller */
+        int phase_hot = r - s->n < hot_extras, best = -1;
+        double bv = 0;
+        for (int pass = 0; pass < 2 && best < 0; pass++)
+            for (int e = 0; e < s->n; e++) {
+                if (s->cnt[e] >= s->cap || (!phase_hot && pass == 0 && hot[e])) continue;
+                double v = s->L[e] / s->cnt[e];
+                if (!phase_hot && fill == 1) v = -v;
+                if (best < 0 || v > bv) bv = v, best = e;
+            }
+        /* best exists: S <= n * Q was checked by the caller */
+        s->cnt[best]++;
+        if (phase_hot) hot[best] = 1;
     }
 }
 
@@ -298,18 +311,32 @@ static double solve_sub(const double *L, int n, int S, int Q, const int32_t *see
     *rc = sub_init(&s, L, n, S, Q);
     if (*rc != DSI_OK) return INFINITY;
     item *items = malloc(sizeof(item) * S);
-    int *fill = malloc(sizeof(int) * Q);
+    int *fill_n = malloc(sizeof(int) * Q);
     double best = INFINITY;
-    if (!items || !fill) {
+    if (!items || !fill_n) {
         *rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
         goto done;
     }
-    greedy_counts(&s);
-    *rc = lpt_pack(&s, items, fill);
-    if (*rc != DSI_OK) goto done;
-    local_search(&s);
-    best = sub_max(&s, NULL);
-    memcpy(out, s.slot, sizeof(int32_t) * S);
+    char *hot = malloc(s.n);
+    if (!hot) {
+        *rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+        goto done;
+    }
+    /* Count vectors from DeepSeek's (all extras hot) down to none hot. */
+    for (int x = S - n; x >= 0; x--)
+        for (int fill = 0; fill < 2; fill++) {
+            if (x == S - n && fill == 1) continue; /* same counts as fill 0 */
+            family_counts(&s, x, fill, hot);
+            *rc = lpt_pack(&s, items, fill_n);
+            if (*rc != DSI_OK) {
+                free(hot);
+                goto done;
+            }
+            local_search(&s);
+            double m = sub_max(&s, NULL);
+            if (m < best) best = m, memcpy(out, s.slot, sizeof(int32_t) * S);
+        }
+    free(hot);
     if (seed) {
         memcpy(s.slot, seed, sizeof(int32_t) * S);
         if (repair_dups(&s) == 0) {
@@ -319,7 +346,7 @@ static double solve_sub(const double *L, int n, int S, int Q, const int32_t *see
         }
     }
 done:
-    free(items), free(fill);
+    free(items), free(fill_n);
     sub_free(&s);
     return best;
 }
@@ -545,5 +572,146 @@ int dsi__eplb_best_layer(const double *load, int E, int R, int G, int N, int P, 
     if (seed && !has_dup(seed, R, P) &&
         dsi__eplb_layer_max_load(seed, load, E, R, P) < dsi__eplb_layer_max_load(phy2log, load, E, R, P))
         memcpy(phy2log, seed, sizeof(int32_t) * R);
+    return DSI_OK;
+}
+
+/* ---- lower bound ------------------------------------------------------------ */
+
+/* A node holding experts L[n] on Q GPUs of k slots (S = Q*k) cannot beat
+ * its mean GPU load. Nor can it beat H + (k-1)*m, H its heaviest replica and
+ * m its lightest, as the GPU holding the heaviest holds k-1 others (pass
+ * k = 1 to drop that term). For a
+ * given H every expert needs base_e = ceil(L_e/H) replicas, leaving B = S -
+ * sum(base) spare slots, so the lightest replica is at least
+ * min_y L_y / min(Q, B + base_y). H is some L_e/c, c <= Q: try them all. */
+static double node_bound(const double *L, int n, int S, int Q, int k) {
+    double total = 0, best = INFINITY;
+    for (int e = 0; e < n; e++) total += L[e];
+    for (int e = 0; e < n; e++) {
+        if (L[e] <= 0) continue;
+        for (int c = 1; c <= Q; c++) {
+            double H = L[e] / c;
+            long B = S;
+            for (int f = 0; f < n && B >= 0; f++) {
+                double need = L[f] > 0 ? ceil(L[f] / H - 1e-9) : 1;
+                if (need > Q) B = -1;
+                else B -= need < 1 ? 1 : (long)need;
+            }
+            if (B < 0) continue;
+            double m = INFINITY;
+            for (int f = 0; f < n; f++) {
+                double need = L[f] > 0 ? ceil(L[f] / H - 1e-9) : 1;
+                long cy = B + (need < 1 ? 1 : (long)need);
+                m = DSI_MIN(m, L[f] / (cy < Q ? cy : Q));
+            }
+            best = DSI_MIN(best, H + (k - 1) * m);
+        }
+    }
+    if (best == INFINITY) best = 0; /* no load at all */
+    return DSI_MAX(total / Q, best);
+}
+
+typedef struct {
+    int G, N, gpn, nsub;
+    uint64_t *masks;
+    double *vals;
+    double best;
+} bound_search;
+
+static void bound_enum(bound_search *b, uint64_t used, int node, double cur) {
+    if (cur >= b->best) return;
+    if (node == b->N) {
+        b->best = cur;
+        return;
+    }
+    int first = 0;
+    while (used >> first & 1) first++;
+    for (int i = 0; i < b->nsub; i++) {
+        uint64_t m = b->masks[i];
+        if ((m & used) || !(m >> first & 1)) continue;
+        bound_enum(b, used | m, node + 1, DSI_MAX(cur, b->vals[i]));
+    }
+}
+
+int dsi_eplb_layer_lower_bound(const double *load, int E, int R, int G, int N, int P, double *out_mom) {
+    if (!load || !out_mom) return dsi_error(DSI_EINVAL, "eplb: bad lower_bound arguments");
+    /* shape errors are reported by the caller's check; guard the arithmetic */
+    if (E <= 0 || R < E || G <= 0 || N <= 0 || P <= 0 || E % G || P % N || R % P)
+        return dsi_error(DSI_EINVAL, "eplb: bad shape for lower_bound");
+    double total = 0;
+    for (int e = 0; e < E; e++) total += load[e];
+    if (total <= 0) {
+        *out_mom = 1.0;
+        return DSI_OK;
+    }
+    int hier = G % N == 0 && N > 1, rc = DSI_OK;
+    int32_t *cnt = malloc(sizeof(int32_t) * E);
+    double *L = malloc(sizeof(double) * E);
+    if (!cnt || !L) {
+        free(cnt), free(L);
+        return dsi_error(DSI_ENOMEM, "eplb: out of memory");
+    }
+    double lb;
+    if (!hier) {
+        lb = node_bound(load, E, R, P, R / P);
+    } else {
+        int gs = E / G, gpn = G / N, Sn = R / N, Q = P / N;
+        bound_search b = {.G = G, .N = N, .gpn = gpn, .best = INFINITY};
+        double nsub = exp(lgamma(G + 1.0) - lgamma(gpn + 1.0) - lgamma(G - gpn + 1.0));
+        if (G <= 64 && nsub <= 4096 && log_splits(G, gpn, N) <= 6.0) {
+            int ns = (int)(nsub + 0.5);
+            b.masks = malloc(sizeof(uint64_t) * ns);
+            b.vals = malloc(sizeof(double) * ns);
+            if (!b.masks || !b.vals) rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+            /* every subset of gpn groups, by Gosper's hack */
+            for (uint64_t m = (1ull << gpn) - 1; rc == DSI_OK && b.nsub < ns && !(m >> G);) {
+                int n = 0;
+                for (int g = 0; g < G; g++)
+                    if (m >> g & 1)
+                        for (int j = 0; j < gs; j++) L[n++] = load[g * gs + j];
+                b.masks[b.nsub] = m;
+                b.vals[b.nsub++] = node_bound(L, n, Sn, Q, Sn / Q);
+                uint64_t c = m & -m, r = m + c;
+                m = (((r ^ m) >> 2) / c) | r;
+            }
+            if (rc == DSI_OK) bound_enum(&b, 0, 0, 0);
+            lb = b.best;
+            free(b.masks), free(b.vals);
+        } else {
+            /* Relaxation: the node holding group g holds at least g and the
+             * lightest other groups, and g's experts get at most Sn - the
+             * other groups' experts slots. */
+            double *gl = malloc(sizeof(double) * G);
+            lb = total / P;
+            if (!gl) rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+            for (int g = 0; rc == DSI_OK && g < G; g++) {
+                gl[g] = 0;
+                for (int j = 0; j < gs; j++) gl[g] += load[g * gs + j];
+            }
+            for (int g = 0; rc == DSI_OK && g < G; g++) {
+                double node = gl[g];
+                /* add the gpn-1 lightest other groups */
+                char *used = calloc(G, 1);
+                if (!used) {
+                    rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+                    break;
+                }
+                used[g] = 1;
+                for (int t = 1; t < gpn; t++) {
+                    int m = -1;
+                    for (int h = 0; h < G; h++)
+                        if (!used[h] && (m < 0 || gl[h] < gl[m])) m = h;
+                    used[m] = 1, node += gl[m];
+                }
+                free(used);
+                double v = node_bound(load + g * gs, gs, Sn - (gpn - 1) * gs, Q, 1);
+                lb = DSI_MAX(lb, DSI_MAX(node / Q, v));
+            }
+            free(gl);
+        }
+    }
+    free(cnt), free(L);
+    if (rc != DSI_OK) return rc;
+    *out_mom = lb / (total / P);
     return DSI_OK;
 }

@@ -11,13 +11,17 @@
  *   then map node-local indices back to global slots (GPU-major).
  * Global policy (G % N != 0): the same with one group and one node.
  *
- * Tie-breaking. balanced_packing sorts with torch.sort(descending=True), which
- * is not declared stable. On CPU, up to 16 items std::sort reduces to an
- * insertion sort and is stable; beyond that the order of equal weights
- * depends on the PyTorch build (introsort or x86-simd-sort). We use the stable
- * order (equal weights: lower index first), which matches every case where
- * the original is deterministic. Inside packing, Python's min() returns the
- * first of equally light packs: the lowest pack index.
+ * Tie-breaking. balanced_packing sorts with torch.sort(descending=True),
+ * which is not stable: on CPU PyTorch runs libstdc++'s std::sort over (value,
+ * index) pairs, an introsort whose order of equal weights is deterministic but
+ * not the input order once more than 16 items are sorted. Equal weights are
+ * common: all replicas of one expert weigh the same. So sort_desc below is
+ * that introsort (median-of-three quicksort down to runs of 16, heapsort past
+ * the depth limit, then insertion sort), which gives DeepSeek's placement and
+ * replica order exactly, as checked against PyTorch 1.13 on random, Zipf and
+ * tie-heavy loads. (PyTorch builds that sort through x86-simd-sort may order
+ * ties differently; so may the original, from run to run, on GPU.) Inside
+ * packing, Python's min() returns the first of equally light packs.
  */
 #include "eplb/eplb_impl.h"
 
@@ -31,11 +35,118 @@ typedef struct {
     int i;
 } keyed;
 
-static int cmp_desc_stable(const void *a, const void *b) {
-    const keyed *x = a, *y = b;
-    if (x->w > y->w) return -1;
-    if (x->w < y->w) return 1;
-    return (x->i > y->i) - (x->i < y->i);
+/* torch's KeyValueCompDesc without NaNs (loads are checked finite). */
+static inline int before(const keyed *x, const keyed *y) { return x->w > y->w; }
+
+static inline void swap_k(keyed *a, keyed *b) {
+    keyed t = *a;
+    *a = *b, *b = t;
+}
+
+static void push_heap(keyed *v, long hole, long top, keyed val) {
+    long parent = (hole - 1) / 2;
+    while (hole > top && before(&v[parent], &val)) {
+        v[hole] = v[parent];
+        hole = parent;
+        parent = (hole - 1) / 2;
+    }
+    v[hole] = val;
+}
+
+static void adjust_heap(keyed *v, long hole, long len, keyed val) {
+    long top = hole, child = hole;
+    while (child < (len - 1) / 2) {
+        child = 2 * (child + 1);
+        if (before(&v[child], &v[child - 1])) child--;
+        v[hole] = v[child];
+        hole = child;
+    }
+    if ((len & 1) == 0 && child == (len - 2) / 2) {
+        child = 2 * (child + 1);
+        v[hole] = v[child - 1];
+        hole = child - 1;
+    }
+    push_heap(v, hole, top, val);
+}
+
+static void heap_sort(keyed *v, long len) {
+    for (long parent = (len - 2) / 2; len >= 2; parent--) {
+        adjust_heap(v, parent, len, v[parent]);
+        if (parent == 0) break;
+    }
+    for (long last = len - 1; last > 0; last--) {
+        keyed val = v[last];
+        v[last] = v[0];
+        adjust_heap(v, 0, last, val);
+    }
+}
+
+static void median_to_first(keyed *res, keyed *a, keyed *b, keyed *c) {
+    if (before(a, b)) {
+        if (before(b, c)) swap_k(res, b);
+        else if (before(a, c)) swap_k(res, c);
+        else swap_k(res, a);
+    } else if (before(a, c)) swap_k(res, a);
+    else if (before(b, c)) swap_k(res, c);
+    else swap_k(res, b);
+}
+
+static keyed *partition_pivot(keyed *first, keyed *last) {
+    median_to_first(first, first + 1, first + (last - first) / 2, last - 1);
+    keyed *lo = first + 1, *hi = last, *pivot = first;
+    for (;;) {
+        while (before(lo, pivot)) lo++;
+        hi--;
+        while (before(pivot, hi)) hi--;
+        if (!(lo < hi)) return lo;
+        swap_k(lo, hi);
+        lo++;
+    }
+}
+
+static void introsort_loop(keyed *first, keyed *last, int depth) {
+    while (last - first > 16) {
+        if (depth == 0) {
+            heap_sort(first, last - first);
+            return;
+        }
+        depth--;
+        keyed *cut = partition_pivot(first, last);
+        introsort_loop(cut, last, depth);
+        last = cut;
+    }
+}
+
+static void linear_insert(keyed *last) {
+    keyed val = *last, *next = last - 1;
+    while (before(&val, next)) *last = *next, last = next--;
+    *last = val;
+}
+
+static void insertion_sort(keyed *first, keyed *last) {
+    for (keyed *i = first + 1; i < last; i++) {
+        if (before(i, first)) {
+            keyed val = *i;
+            memmove(first + 1, first, sizeof *first * (size_t)(i - first));
+            *first = val;
+        } else {
+            linear_insert(i);
+        }
+    }
+}
+
+/* std::sort(v, v + n, KeyValueCompDesc), step for step. */
+static void sort_desc(keyed *v, long n) {
+    if (n < 2) return;
+    int lg = 0;
+    while ((2L << lg) <= n) lg++;
+    introsort_loop(v, v + n, 2 * lg);
+    if (n > 16) {
+        insertion_sort(v, v + 16);
+        for (keyed *i = v + 16; i < v + n; i++) linear_insert(i);
+    } else {
+        insertion_sort(v, v + n);
+    }
 }
 
 /* n items of weight w into m packs of exactly n/m items each. Writes the pack
@@ -48,7 +159,7 @@ static void balanced_packing(const float *w, int n, int m, int32_t *pack, int32_
         return;
     }
     for (int i = 0; i < n; i++) tmp[i].w = w[i], tmp[i].i = i;
-    qsort(tmp, n, sizeof *tmp, cmp_desc_stable);
+    sort_desc(tmp, n);
     for (int p = 0; p < m; p++) pack_w[p] = 0.0f, pack_n[p] = 0;
     for (int t = 0; t < n; t++) {
         int item = tmp[t].i, best = -1;
