@@ -84,7 +84,7 @@ int dsi_cmd_eplb(int argc, char **argv) {
     }
     if (dsi_eplb_rebalance(load, L, E, R, G, N, P, policy, &pl) != DSI_OK ||
         !(mom = malloc(sizeof(double) * L)) || dsi_eplb_max_over_mean(&pl, load, mom) != DSI_OK) {
-        fprintf(stderr, "dsinfer eplb: %s: %s\n", load_path, mom || !pl.phy2log ? dsi_last_error() : "out of memory");
+        fprintf(stderr, "dsinfer %s\n", mom || !pl.phy2log ? dsi_last_error() : "eplb: out of memory");
         goto done;
     }
     f = out_path ? fopen(out_path, "w") : stdout;

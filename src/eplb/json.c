@@ -39,7 +39,11 @@ static int parse_root(const char *json, size_t len, cJSON **root) {
     *root = cJSON_ParseWithLengthOpts(json, len, &end, 0);
     if (!*root) {
         size_t off = end && end >= json ? (size_t)(end - json) : 0;
-        return dsi_error(DSI_EFORMAT, "malformed JSON near byte %zu", off);
+        const char *at = json + (off < len ? off : len);
+        int nonnum = off < len && (!strncmp(at, "NaN", 3) || !strncmp(at, "nan", 3) || !strncmp(at, "Inf", 3) ||
+                                   !strncmp(at, "-Inf", 4) || !strncmp(at, "inf", 3));
+        return dsi_error(DSI_EFORMAT, "malformed JSON near byte %zu%s", off,
+                         nonnum ? " (NaN and Infinity are not JSON numbers)" : "");
     }
     if (!cJSON_IsObject(*root)) {
         cJSON_Delete(*root);
