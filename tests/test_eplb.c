@@ -360,6 +360,42 @@ static void test_pick_replica_spreads_evenly(void **state) {
     dsi_eplb_placement_free(&pl);
 }
 
+static void test_align_undoes_relabeling(void **state) {
+    /* Shuffle nodes, GPUs within nodes and slots within GPUs: align must find
+     * the original placement again, moving nothing. */
+    const int L = 3, E = 64, R = 96, G = 8, N = 4, P = 16, k = R / P, Sn = R / N, Pn = P / N;
+    double load[3 * 64];
+    for (int l = 0; l < L; l++) zipf_layer(load + l * E, E, 1.0);
+    dsi_eplb_placement cur = {0}, next = {0};
+    assert_int_equal(dsi_eplb_rebalance(load, L, E, R, G, N, P, DSI_EPLB_BEST, &cur), DSI_OK);
+    assert_int_equal(dsi_eplb_rebalance(load, L, E, R, G, N, P, DSI_EPLB_BEST, &next), DSI_OK);
+    int32_t tmp[96];
+    for (int l = 0; l < L; l++) {
+        int32_t *p = next.phy2log + l * R;
+        const int nperm[4] = {2, 0, 3, 1};
+        for (int n = 0; n < N; n++)
+            for (int g = 0; g < Pn; g++)
+                for (int j = 0; j < k; j++)
+                    tmp[nperm[n] * Sn + ((g + 1) % Pn) * k + (j + l + 1) % k] = p[n * Sn + g * k + j];
+        memcpy(p, tmp, sizeof tmp);
+    }
+    double m0[3], m1[3];
+    assert_int_equal(dsi_eplb_max_over_mean(&next, load, m0), DSI_OK);
+    assert_memory_not_equal(next.phy2log, cur.phy2log, sizeof(int32_t) * L * R);
+    int moved = -1;
+    assert_int_equal(dsi_eplb_align(&cur, &next, N, &moved), DSI_OK);
+    assert_int_equal(moved, 0);
+    assert_memory_equal(next.phy2log, cur.phy2log, sizeof(int32_t) * L * R);
+    assert_int_equal(dsi_eplb_placement_validate(&next, G, N, 1), DSI_OK);
+    assert_int_equal(dsi_eplb_max_over_mean(&next, load, m1), DSI_OK);
+    for (int l = 0; l < L; l++) assert_true(fabs(m0[l] - m1[l]) < 1e-12);
+    dsi_eplb_placement_free(&next);
+    assert_int_equal(dsi_eplb_rebalance(load, 1, E, 2 * E, G, N, P, DSI_EPLB_BEST, &next), DSI_OK);
+    assert_int_not_equal(dsi_eplb_align(&cur, &next, N, NULL), DSI_OK); /* shapes differ */
+    dsi_eplb_placement_free(&next);
+    dsi_eplb_placement_free(&cur);
+}
+
 static void test_stats_window(void **state) {
     assert_null(dsi_eplb_stats_create(0, 4, 2));
     assert_null(dsi_eplb_stats_create(2, 4, 0));
@@ -428,6 +464,7 @@ static void test_should_rebalance(void **state) {
     assert_int_equal(dsi_eplb_stats_should_rebalance(s, &cur, &cfg, 0.05, &dec, &prop), DSI_OK);
     assert_true(dec.rebalance);
     assert_true(dec.gain > 0.05 && dec.gain < 1);
+    assert_true(dec.moved_slots > 0 && dec.moved_slots < L * R);
     for (int l = 0; l < L; l++) assert_true(after[l] < before[l]);
     assert_int_equal(dsi_eplb_placement_validate(&prop, G, N, 1), DSI_OK);
     /* Once switched, the same load predicts no gain. */
@@ -456,6 +493,7 @@ int main(void) {
         cmocka_unit_test(test_load_json),
         cmocka_unit_test(test_placement_file_roundtrip),
         cmocka_unit_test(test_pick_replica_spreads_evenly),
+        cmocka_unit_test(test_align_undoes_relabeling),
         cmocka_unit_test(test_stats_window),
         cmocka_unit_test(test_should_rebalance),
     };

@@ -124,6 +124,16 @@ int dsi_eplb_placement_load(const char *path, int n_experts, int n_slots, int n_
  * fields must be set, logcnt/log2phy NULL). */
 int dsi_eplb_placement_index(dsi_eplb_placement *pl);
 
+/* Relabels `next` so that switching from `cur` moves few weights: renumbers
+ * whole nodes (n_nodes of them), GPUs within a node and slots within a GPU,
+ * none of which changes any GPU's load or which node holds a group. Greedy
+ * matching on replicas kept in place. *moved_slots (may be NULL) gets the
+ * number of slots, over all layers, whose expert changes: the weights the
+ * runtime must load beside the old ones before switching. Pass n_nodes = 1
+ * for a global placement (GPUs may then move across nodes). The index
+ * (log2phy, logcnt) is rebuilt in slot order. */
+int dsi_eplb_align(const dsi_eplb_placement *cur, dsi_eplb_placement *next, int n_nodes, int *moved_slots);
+
 /* The slot serving `token` for (layer, expert): replicas in turn, so equal
  * shares. No checking: the hot path of dispatch. */
 static inline int dsi_eplb_pick_replica(const dsi_eplb_placement *pl, int layer, int expert,
@@ -170,13 +180,15 @@ typedef struct dsi_eplb_decision {
     double gain;         /* predicted relative drop of sum over layers of the busiest GPU's load */
     double *mom_before;  /* [L] max_over_mean of the current placement, or NULL */
     double *mom_after;   /* [L] max_over_mean of the proposal, or NULL */
+    int moved_slots;     /* slots whose expert the (aligned) proposal changes */
 } dsi_eplb_decision;
 
 /* Predicts what rebalancing `load` (e.g. a summed snapshot, [L][E]) would gain
  * over the current placement `cur`. Layers run one after another, so the step
  * time follows the sum over layers of each layer's busiest GPU: gain =
- * 1 - sum(max_after) / sum(max_before) (0 when there is no load). When
- * `proposal` is non-NULL it receives the new placement (always computed; the
+ * 1 - sum(max_after) / sum(max_before) (0 when there is no load). The
+ * proposal is aligned with `cur` (dsi_eplb_align) so that it moves few
+ * weights. When `proposal` is non-NULL it receives it (always computed; the
  * caller frees it). */
 int dsi_eplb_should_rebalance(const double *load, const dsi_eplb_placement *cur,
                               const dsi_eplb_config *cfg, double threshold,

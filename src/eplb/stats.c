@@ -80,6 +80,11 @@ int dsi_eplb_should_rebalance(const double *load, const dsi_eplb_placement *cur,
     const int L = cur->n_layers, E = cur->n_experts, R = cur->n_slots, P = cur->n_gpus;
     dsi_eplb_placement next = {0};
     int rc = dsi_eplb_rebalance(load, L, E, R, cfg->n_groups, cfg->n_nodes, P, cfg->policy, &next);
+    if (rc == DSI_OK) {
+        int hier = cfg->n_groups % cfg->n_nodes == 0;
+        rc = dsi_eplb_align(cur, &next, hier ? cfg->n_nodes : 1, &dec->moved_slots);
+        if (rc != DSI_OK) dsi_eplb_placement_free(&next);
+    }
     if (rc != DSI_OK) return rc;
     double before = 0, after = 0;
     for (int l = 0; l < L && rc == DSI_OK; l++) {
