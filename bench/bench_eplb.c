@@ -1,7 +1,9 @@
 /* EPLB placement quality on Zipf-skewed loads, DeepSeek's two settings.
  *
- * Each layer's load: expert e gets T / rank(e)^s tokens (rounded), where rank
- * is a random permutation of 1..E per layer, T = 1e6 / H(E, s). For each
+ * Each layer's load: 16384 tokens x 8 routed experts = 131072 draws from a
+ * Zipf(s) distribution over the experts, P(e) proportional to 1/rank(e)^s,
+ * rank a random permutation of 1..E per layer (draws are independent: the
+ * distinct-experts-per-token rule is ignored, it changes little). For each
  * exponent s it prints max_over_mean (busiest GPU over mean GPU) of:
  *   none     no redundancy: E experts in order over the P GPUs (floor(e*P/E));
  *   deepseek DeepSeek's open algorithm;
@@ -32,9 +34,20 @@ static void zipf_layer(double *load, int E, double s) {
         int j = (int)(rng() % (uint64_t)(i + 1)), t = perm[i];
         perm[i] = perm[j], perm[j] = t;
     }
-    double h = 0;
-    for (int r = 1; r <= E; r++) h += pow(r, -s);
-    for (int e = 0; e < E; e++) load[e] = round(1e6 * pow(perm[e] + 1, -s) / h);
+    double *cdf = malloc(sizeof(double) * E), acc = 0;
+    for (int e = 0; e < E; e++) cdf[e] = acc += pow(perm[e] + 1, -s);
+    for (int e = 0; e < E; e++) load[e] = 0;
+    for (int t = 0; t < 16384 * 8; t++) {
+        double u = (double)(rng() >> 11) / 9007199254740992.0 * acc;
+        int lo = 0, hi = E - 1;
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (cdf[mid] > u) hi = mid;
+            else lo = mid + 1;
+        }
+        load[lo] += 1;
+    }
+    free(cdf);
     free(perm);
 }
 
