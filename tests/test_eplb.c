@@ -202,6 +202,16 @@ static void test_constraints_random_shapes(void **state) {
     }
 }
 
+static void test_many_groups_use_swap_search(void **state) {
+    /* 16 groups over 4 nodes: 2.6M splits, too many to enumerate, so BEST
+     * searches by swapping groups and the bound relaxes; both must hold. */
+    double load[4 * 64];
+    for (int l = 0; l < 4; l++) zipf_layer(load + l * 64, 64, 1.0);
+    double ratio = 0;
+    assert_int_equal(compare_policies(load, 4, 64, 80, 16, 4, 16, &ratio), 0);
+    assert_true(ratio / 4 <= 1.0);
+}
+
 static void test_global_policy_when_groups_do_not_divide(void **state) {
     /* 8 groups on 3 nodes: global policy; placement ignores groups. */
     double load[48];
@@ -481,6 +491,61 @@ static void test_should_rebalance(void **state) {
     dsi_eplb_stats_destroy(s);
 }
 
+/* The runtime's view: a skewed synthetic router feeds the stats, tokens are
+ * dispatched through dsi_eplb_pick_replica, and the busiest rank's expert
+ * tokens must drop after switching to the proposed placement. */
+static void test_live_rebalance_drops_busiest_rank(void **state) {
+    const int L = 2, E = 64, R = 80, G = 8, N = 2, P = 16, k = R / P;
+    dsi_eplb_config cfg = {.n_slots = R, .n_groups = G, .n_nodes = N, .n_gpus = P, .policy = DSI_EPLB_BEST};
+    double uniform[2 * 64];
+    for (int i = 0; i < L * E; i++) uniform[i] = 1;
+    dsi_eplb_placement cur = {0}, next = {0};
+    assert_int_equal(dsi_eplb_rebalance(uniform, L, E, R, G, N, P, DSI_EPLB_BEST, &cur), DSI_OK);
+    /* router: expert = Zipf(1.1) draw over a fixed per-layer permutation */
+    double w[2][64];
+    for (int l = 0; l < L; l++) zipf_layer(w[l], E, 1.1);
+    dsi_eplb_stats *s = dsi_eplb_stats_create(L, E, 8);
+    const int T = 2048;
+    static int32_t ids[2][8 * 2048];
+    for (int l = 0; l < L; l++) {
+        double tot = 0;
+        for (int e = 0; e < E; e++) tot += w[l][e];
+        for (int t = 0; t < 8 * T; t++) {
+            double u = (double)(rng() >> 11) / 9007199254740992.0 * tot, acc = 0;
+            int e = 0;
+            while (e < E - 1 && (acc += w[l][e]) <= u) e++;
+            ids[l][t] = e;
+        }
+    }
+    for (int step = 0; step < 4; step++) {
+        for (int l = 0; l < L; l++) assert_int_equal(dsi_eplb_stats_record(s, l, ids[l], 8 * T), DSI_OK);
+        dsi_eplb_stats_step(s);
+    }
+    double mom_before[2], mom_after[2];
+    dsi_eplb_decision dec = {.mom_before = mom_before, .mom_after = mom_after};
+    assert_int_equal(dsi_eplb_stats_should_rebalance(s, &cur, &cfg, 0.1, &dec, &next), DSI_OK);
+    assert_true(dec.rebalance);
+    for (int l = 0; l < L; l++) {
+        long before[16] = {0}, after[16] = {0}, mb = 0, ma = 0;
+        uint64_t seen[64] = {0}; /* per-expert running count: exact equal shares */
+        for (int t = 0; t < 8 * T; t++) {
+            int e = ids[l][t];
+            before[dsi_eplb_pick_replica(&cur, l, e, seen[e]) / k]++;
+            after[dsi_eplb_pick_replica(&next, l, e, seen[e]++) / k]++;
+        }
+        for (int g = 0; g < P; g++) mb = before[g] > mb ? before[g] : mb, ma = after[g] > ma ? after[g] : ma;
+        assert_true(ma < mb * 0.8);
+        /* the prediction holds to within the round-robin split's rounding
+         * (a replica gets at most one token more than its share) */
+        double mean = 8.0 * T / P;
+        assert_true(fabs(ma / mean - mom_after[l]) <= k / mean + 1e-9);
+        assert_true(fabs(mb / mean - mom_before[l]) <= k / mean + 1e-9);
+    }
+    dsi_eplb_placement_free(&cur);
+    dsi_eplb_placement_free(&next);
+    dsi_eplb_stats_destroy(s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_readme_example_exact),
@@ -488,6 +553,7 @@ int main(void) {
         cmocka_unit_test(test_max_over_mean_by_hand),
         cmocka_unit_test(test_best_beats_deepseek_zipf),
         cmocka_unit_test(test_constraints_random_shapes),
+        cmocka_unit_test(test_many_groups_use_swap_search),
         cmocka_unit_test(test_global_policy_when_groups_do_not_divide),
         cmocka_unit_test(test_bad_shapes_and_loads),
         cmocka_unit_test(test_load_json),
@@ -496,6 +562,7 @@ int main(void) {
         cmocka_unit_test(test_align_undoes_relabeling),
         cmocka_unit_test(test_stats_window),
         cmocka_unit_test(test_should_rebalance),
+        cmocka_unit_test(test_live_rebalance_drops_busiest_rank),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

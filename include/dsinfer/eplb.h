@@ -134,8 +134,10 @@ int dsi_eplb_placement_index(dsi_eplb_placement *pl);
  * (log2phy, logcnt) is rebuilt in slot order. */
 int dsi_eplb_align(const dsi_eplb_placement *cur, dsi_eplb_placement *next, int n_nodes, int *moved_slots);
 
-/* The slot serving `token` for (layer, expert): replicas in turn, so equal
- * shares. No checking: the hot path of dispatch. */
+/* The slot serving `token` for (layer, expert): replica token % replicas.
+ * Passing a running count of the tokens sent to this (layer, expert) gives
+ * the exact equal shares the balancer assumes; a token index gives them on
+ * average. No checking: the hot path of dispatch. */
 static inline int dsi_eplb_pick_replica(const dsi_eplb_placement *pl, int layer, int expert,
                                         uint64_t token) {
     size_t le = (size_t)layer * pl->n_experts + expert;
