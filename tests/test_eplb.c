@@ -210,6 +210,12 @@ static void test_many_groups_use_swap_search(void **state) {
     double ratio = 0;
     assert_int_equal(compare_policies(load, 4, 64, 80, 16, 4, 16, &ratio), 0);
     assert_true(ratio / 4 <= 1.0);
+    /* 128 groups of one expert: more than a mask holds, DeepSeek's split kept */
+    double big[2 * 128];
+    for (int l = 0; l < 2; l++) zipf_layer(big + l * 128, 128, 1.0);
+    ratio = 0;
+    assert_int_equal(compare_policies(big, 2, 128, 160, 128, 4, 32, &ratio), 0);
+    assert_true(ratio / 2 <= 1.0);
 }
 
 static void test_global_policy_when_groups_do_not_divide(void **state) {

@@ -361,7 +361,7 @@ typedef struct {
 
 typedef struct {
     const double *load;
-    int E, G, N, gs, gpn, Sn, Pn;
+    int G, N, gs, gpn, Sn, Pn;
     memo_ent *m;
     int nm, capm;
     double *Lsub;   /* [En] */
@@ -467,6 +467,37 @@ static void enumerate(search *q, uint64_t used, int node, double cur_max, double
     }
 }
 
+/* More groups than a mask holds: keep DeepSeek's split of groups into nodes
+ * and improve each node on its own (its placement is one of the starts). */
+static int fixed_split(const double *load, int E, int R, int G, int N, int P, const int32_t *seed,
+                       int32_t *phy2log) {
+    const int gs = E / G, En = E / N, Sn = R / N, Pn = P / N;
+    double *Ls = malloc(sizeof(double) * En);
+    int32_t *gid = malloc(sizeof(int32_t) * En), *lseed = malloc(sizeof(int32_t) * Sn);
+    int32_t *out = malloc(sizeof(int32_t) * Sn), *local = malloc(sizeof(int32_t) * E);
+    char *in = malloc(G);
+    int rc = DSI_OK;
+    if (!Ls || !gid || !lseed || !out || !local || !in) rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+    for (int node = 0; node < N && rc == DSI_OK; node++) {
+        const int32_t *sd = seed + node * Sn;
+        memset(in, 0, G);
+        for (int i = 0; i < Sn; i++) in[sd[i] / gs] = 1;
+        int n = 0;
+        for (int g = 0; g < G; g++)
+            if (in[g])
+                for (int j = 0; j < gs; j++) local[g * gs + j] = n, gid[n] = g * gs + j, Ls[n++] = load[g * gs + j];
+        if (n != En) {
+            rc = dsi_error(DSI_EINTERNAL, "eplb: node %d holds %d experts, not %d", node, n, En);
+            break;
+        }
+        for (int i = 0; i < Sn; i++) lseed[i] = local[sd[i]];
+        solve_sub(Ls, n, Sn, Pn, lseed, out, &rc);
+        for (int i = 0; i < Sn && rc == DSI_OK; i++) phy2log[node * Sn + i] = gid[out[i]];
+    }
+    free(Ls), free(gid), free(lseed), free(out), free(local), free(in);
+    return rc;
+}
+
 static double log_splits(int G, int gpn, int N) {
     double v = lgamma(G + 1.0) - N * lgamma(gpn + 1.0) - lgamma(N + 1.0);
     return v / log(10.0);
@@ -475,7 +506,7 @@ static double log_splits(int G, int gpn, int N) {
 static int best_hier(const double *load, int E, int R, int G, int N, int P, const int32_t *seed,
                      int32_t *phy2log) {
     hier h = {0};
-    h.load = load, h.E = E, h.G = G, h.N = N, h.gs = E / G, h.gpn = G / N, h.Sn = R / N, h.Pn = P / N;
+    h.load = load, h.G = G, h.N = N, h.gs = E / G, h.gpn = G / N, h.Sn = R / N, h.Pn = P / N;
     h.rc = DSI_OK;
     int En = E / N;
     h.Lsub = malloc(sizeof(double) * En);
@@ -487,7 +518,7 @@ static int best_hier(const double *load, int E, int R, int G, int N, int P, cons
         goto done;
     }
     if (G > 64) {
-        h.rc = dsi_error(DSI_EUNSUPPORTED, "eplb: policy best supports at most 64 groups");
+        h.rc = fixed_split(load, E, R, G, N, P, seed, phy2log);
         goto done;
     }
     /* DeepSeek's split, read off its placement, solved with its nodes as seeds. */
@@ -658,7 +689,7 @@ int dsi_eplb_layer_lower_bound(const double *load, int E, int R, int G, int N, i
         int gs = E / G, gpn = G / N, Sn = R / N, Q = P / N;
         bound_search b = {.G = G, .N = N, .gpn = gpn, .best = INFINITY};
         double nsub = exp(lgamma(G + 1.0) - lgamma(gpn + 1.0) - lgamma(G - gpn + 1.0));
-        if (G <= 64 && nsub <= 4096 && log_splits(G, gpn, N) <= 6.0) {
+        if (G < 64 && nsub <= 4096 && log_splits(G, gpn, N) <= 6.0) {
             int ns = (int)(nsub + 0.5);
             b.masks = malloc(sizeof(uint64_t) * ns);
             b.vals = malloc(sizeof(double) * ns);
