@@ -11,8 +11,10 @@
  *     replica counts, from DeepSeek's (every extra replica to the largest load
  *     per replica) to ones that keep fewer heavy replicas (family_counts),
  *     each packed largest-first onto the lightest GPU that has room and lacks
- *     the expert; (2) DeepSeek's own node placement (the seed), with any
- *     expert doubled on a GPU swapped out first.
+ *     the expert; (2) with two slots per GPU (decode), counts searched on
+ *     the exact value of pairing heaviest with lightest (pair_count_search);
+ *     (3) DeepSeek's own node placement (the seed), with any expert doubled
+ *     on a GPU swapped out first.
  *   Global mode is one subproblem over all experts, slots and GPUs.
  * Local search works on the busiest GPU: it swaps one of its replicas with a
  *   lighter replica elsewhere, or moves a replica slot from one expert to
@@ -302,6 +304,64 @@ static void local_search(sub *s) {
     }
 }
 
+/* With two slots per GPU, the best packing of given replica counts pairs the
+ * i-th heaviest replica with the i-th lightest (the doubling rule aside), so
+ * counts can be searched on that exact value: repeatedly move the one replica
+ * slot, from an expert with two or more to any other, that lowers the
+ * heaviest pair most. w/tag hold the replicas sorted heaviest first; nw/ntag
+ * are scratch of the same size. */
+static double pair_value(const double *w, int S) {
+    double m = 0;
+    for (int i = 0; i < S / 2; i++) m = DSI_MAX(m, w[i] + w[S - 1 - i]);
+    return m;
+}
+
+static void pair_sorted(const sub *s, double *w, int32_t *tag, item *items) {
+    int m = 0;
+    for (int e = 0; e < s->n; e++)
+        for (int c = 0; c < s->cnt[e]; c++) items[m].w = s->L[e] / s->cnt[e], items[m++].e = e;
+    qsort(items, m, sizeof *items, cmp_item);
+    for (int i = 0; i < m; i++) w[i] = items[i].w, tag[i] = items[i].e;
+}
+
+/* The sorted replicas after moving one slot from expert a to expert b. */
+static void pair_move(const sub *s, const double *w, const int32_t *tag, int a, int b, double *nw) {
+    double wa = s->L[a] / (s->cnt[a] - 1), wb = s->L[b] / (s->cnt[b] + 1);
+    int na = s->cnt[a] - 1, nb = s->cnt[b] + 1, j = 0;
+    double hi = DSI_MAX(wa, wb), lo = DSI_MIN(wa, wb);
+    int nhi = wa >= wb ? na : nb, nlo = wa >= wb ? nb : na;
+    for (int i = 0; i < s->S; i++) {
+        if (tag[i] == a || tag[i] == b) continue;
+        while (nhi && hi > w[i]) nw[j++] = hi, nhi--;
+        while (nlo && lo > w[i]) nw[j++] = lo, nlo--;
+        nw[j++] = w[i];
+    }
+    while (nhi) nw[j++] = hi, nhi--;
+    while (nlo) nw[j++] = lo, nlo--;
+}
+
+static void pair_count_search(sub *s, item *items, double *w, int32_t *tag, double *nw) {
+    pair_sorted(s, w, tag, items);
+    double cur = pair_value(w, s->S);
+    for (int it = 0; it < 4 * s->S; it++) {
+        double best = cur * (1 - 1e-12);
+        int ba = -1, bb = -1;
+        for (int a = 0; a < s->n; a++) {
+            if (s->cnt[a] < 2) continue;
+            for (int b = 0; b < s->n; b++) {
+                if (b == a || s->cnt[b] >= s->cap) continue;
+                pair_move(s, w, tag, a, b, nw);
+                double v = pair_value(nw, s->S);
+                if (v < best) best = v, ba = a, bb = b;
+            }
+        }
+        if (ba < 0) return;
+        s->cnt[ba]--, s->cnt[bb]++;
+        pair_sorted(s, w, tag, items);
+        cur = pair_value(w, s->S);
+    }
+}
+
 /* Solves one node: n experts with loads L over S slots on Q GPUs. seed[S]
  * (local expert ids, may be NULL) is DeepSeek's placement of the same node.
  * Writes the best placement found to out[S] and returns its busiest GPU load
@@ -336,6 +396,26 @@ static double solve_sub(const double *L, int n, int S, int Q, const int32_t *see
             double m = sub_max(&s, NULL);
             if (m < best) best = m, memcpy(out, s.slot, sizeof(int32_t) * S);
         }
+    if (s.k == 2) {
+        double *w = malloc(sizeof(double) * S), *nw = malloc(sizeof(double) * S);
+        int32_t *tag = malloc(sizeof(int32_t) * S);
+        if (!w || !nw || !tag) *rc = dsi_error(DSI_ENOMEM, "eplb: out of memory");
+        if (*rc == DSI_OK) {
+            /* start from the counts of the best placement so far */
+            for (int e = 0; e < n; e++) s.cnt[e] = 0;
+            for (int i = 0; i < S; i++) s.cnt[out[i]]++;
+            pair_count_search(&s, items, w, tag, nw);
+            *rc = lpt_pack(&s, items, fill_n);
+        }
+        free(w), free(nw), free(tag);
+        if (*rc != DSI_OK) {
+            free(hot);
+            goto done;
+        }
+        local_search(&s);
+        double m = sub_max(&s, NULL);
+        if (m < best) best = m, memcpy(out, s.slot, sizeof(int32_t) * S);
+    }
     free(hot);
     if (seed) {
         memcpy(s.slot, seed, sizeof(int32_t) * S);
