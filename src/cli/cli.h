@@ -12,6 +12,7 @@ typedef struct dsi_command {
 /* Returns the value of --name=value / --name value at argv[*i], advancing *i,
  * or NULL when argv[*i] is not that flag. Sets *missing when the value is absent. */
 const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing);
+int dsi_cmd_eplb(int argc, char **argv);
 
 
 int dsi_cmd_demo(int argc, char **argv);

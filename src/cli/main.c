@@ -12,6 +12,7 @@ static const dsi_command COMMANDS[] = {
     {"logits", "float32 logits for every position of a token sequence", dsi_cmd_logits},
     {"make-model", "write a random-weight checkpoint in the real format", dsi_cmd_make_model},
     {"inspect", "validate a checkpoint and print its shape", dsi_cmd_inspect},
+    {"eplb", "expert placement with redundant experts (EPLB)", dsi_cmd_eplb},
     {NULL, NULL, NULL},
 };
 static const int N_COMMANDS = sizeof COMMANDS / sizeof COMMANDS[0] - 1; /* last is the sentinel */
