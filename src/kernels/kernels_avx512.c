@@ -17,9 +17,9 @@
 #define NR 4 /* weight rows per micro-tile */
 #endif
 #define NB 64 /* weight rows per cache block (divides the 128-row scale block) */
-#ifndef PF_BYTES
-#define PF_BYTES 1024 /* software prefetch distance along a weight row */
-#endif
+/* Every tile prefetches the same columns of the next tile's rows: with
+ * several interleaved row streams the hardware prefetcher alone reaches about
+ * half of the memory bandwidth on this machine, with this 70-100%. */
 
 static const float TWO_POW_120 = 1.329227995784916e+36f;
 
@@ -60,7 +60,7 @@ static inline __m512 cvt_f16_mask(const uint16_t *p, __mmask16 k) {
         int k = 0;                                                                                            \
         for (; k + 64 <= K; k += 64) {                                                                        \
             _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) if (j < nr)                                  \
-                _mm_prefetch((const char *)(w + j * ldw + k) + PF_BYTES, _MM_HINT_T0);                        \
+                _Pragma("GCC unroll 4") for (size_t b = 0; b < 64 * sizeof(T); b += 64) _mm_prefetch((const char *)(w + (j + NR) * ldw + k) + b, _MM_HINT_T0);                        \
             _Pragma("GCC unroll 4") for (int kk = k; kk < k + 64; kk += 16) {                                 \
                 __m512 xv[MR];                                                                                \
                 _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                          \
@@ -123,7 +123,7 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) xv[i] = _mm512_loadu_ps(xs + k + 16 * i);
         _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {
             if (j >= nr) break;
-            _mm_prefetch((const char *)(w + j * ldw + k) + PF_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (j + NR) * ldw + k), _MM_HINT_T0);
             __m512i d = _mm512_loadu_si512((const void *)(w + j * ldw + k));
             _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
                 __m512i t = i == 3 ? d : _mm512_slli_epi32(d, 24 - 8 * i);
@@ -215,7 +215,7 @@ static inline __attribute__((always_inline)) void micro_e4m3(const uint8_t *w, s
     for (; k < K64; k += 64) {
         __m512i d[NR];
         _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) if (j < nr) {
-            _mm_prefetch((const char *)(w + j * ldw + k) + PF_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (j + NR) * ldw + k), _MM_HINT_T0);
             d[j] = _mm512_loadu_si512((const void *)(w + j * ldw + k));
         }
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
@@ -307,49 +307,63 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
     }
 }
 
-/* y[m][c] = sum_r x[m][r-r0] W[r][c]: row-by-row axpy over 128-column chunks. */
+/* y[m][c] = sum_r x[m][r-r0] W[r][c]: row-by-row axpy into up to 8 vector
+ * accumulators per column chunk. Chunks end on scale-block boundaries so the
+ * FP8 scale is one scalar per row per chunk; dtype and scale lookups are
+ * hoisted out of the vector loop. */
+#define MT_ROWS(LOADW, SCALE_EXPR)                                                            \
+    for (int r = r0; r < r1; r++) {                                                           \
+        __m512 av = _mm512_set1_ps(xm[r - r0] * (SCALE_EXPR));                                \
+        _Pragma("GCC unroll 8") for (int v = 0; v < 8; v++) {                                 \
+            if (v >= nv) break;                                                               \
+            __mmask16 km = v == nv - 1 ? last : 0xffff;                                       \
+            acc[v] = _mm512_fmadd_ps(av, LOADW, acc[v]);                                      \
+        }                                                                                     \
+    }
+
 static void avx512_matmul_t(const dsi_mat *W, int r0, int r1, const float *x, int M, int ldx, float *y, int ldy,
                             int c0, int c1) {
-    int K = W->cols;
+    size_t K = W->cols;
+    int cb = W->dtype == DSI_F8_E4M3 ? W->block_cols : 128;
     for (int m = 0; m < M; m++) {
         const float *xm = x + (size_t)m * ldx;
         float *ym = y + (size_t)m * ldy;
-        /* chunks end on 128-column boundaries so an FP8 vector never straddles two scale blocks */
         for (int cc = c0, ce; cc < c1; cc = ce) {
-            int cb = W->dtype == DSI_F8_E4M3 ? W->block_cols : 128;
             ce = DSI_MIN(DSI_MIN(c1, cc + 128), (cc / cb + 1) * cb);
-            int nv = (ce - cc + 15) / 16;
+            int nv = (ce - cc + 15) / 16, rem = (ce - cc) - 16 * (nv - 1);
+            __mmask16 last = rem >= 16 ? 0xffff : (__mmask16)((1u << rem) - 1);
             __m512 acc[8];
             for (int v = 0; v < 8; v++) acc[v] = _mm512_setzero_ps();
-            for (int r = r0; r < r1; r++) {
-                float a = xm[r - r0];
-                for (int v = 0; v < nv; v++) {
-                    int c = cc + 16 * v, left = ce - c;
-                    __mmask16 km = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-                    __m512 wv;
-                    switch (W->dtype) {
-                    case DSI_F8_E4M3: {
-                        const uint8_t *p = (const uint8_t *)W->data + (size_t)r * K + c;
-                        float s = W->scale_inv[(size_t)(r / W->block_rows) * W->scale_cols + c / W->block_cols];
-                        wv = _mm512_mul_ps(cvt_e4m3_mask(p, km), _mm512_set1_ps(a * s * TWO_POW_120));
-                        acc[v] = _mm512_add_ps(acc[v], wv);
-                        continue;
-                    }
-                    case DSI_BF16: wv = cvt_bf16_mask((const uint16_t *)W->data + (size_t)r * K + c, km); break;
-                    case DSI_F16: wv = cvt_f16_mask((const uint16_t *)W->data + (size_t)r * K + c, km); break;
-                    default: wv = _mm512_maskz_loadu_ps(km, (const float *)W->data + (size_t)r * K + c); break;
-                    }
-                    acc[v] = _mm512_fmadd_ps(_mm512_set1_ps(a), wv, acc[v]);
-                }
+            switch (W->dtype) {
+            case DSI_F8_E4M3: {
+                const uint8_t *base = (const uint8_t *)W->data + cc;
+                const float *sc = W->scale_inv + cc / W->block_cols;
+                int br = W->block_rows, scols = W->scale_cols;
+                MT_ROWS(cvt_e4m3_mask(base + r * K + 16 * v, km), sc[(size_t)(r / br) * scols] * TWO_POW_120)
+                break;
             }
-            for (int v = 0; v < nv; v++) {
-                int c = cc + 16 * v, left = ce - c;
-                __mmask16 km = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-                _mm512_mask_storeu_ps(ym + (c - c0), km, acc[v]);
+            case DSI_BF16: {
+                const uint16_t *base = (const uint16_t *)W->data + cc;
+                MT_ROWS(cvt_bf16_mask(base + r * K + 16 * v, km), 1.0f)
+                break;
             }
+            case DSI_F16: {
+                const uint16_t *base = (const uint16_t *)W->data + cc;
+                MT_ROWS(cvt_f16_mask(base + r * K + 16 * v, km), 1.0f)
+                break;
+            }
+            default: {
+                const float *base = (const float *)W->data + cc;
+                MT_ROWS(_mm512_maskz_loadu_ps(km, base + r * K + 16 * v), 1.0f)
+                break;
+            }
+            }
+            for (int v = 0; v < nv; v++)
+                _mm512_mask_storeu_ps(ym + (cc - c0) + 16 * v, v == nv - 1 ? last : 0xffff, acc[v]);
         }
     }
 }
+#undef MT_ROWS
 
 static float avx512_dot(const float *a, const float *b, int n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
