@@ -248,8 +248,117 @@ static inline __attribute__((always_inline)) void micro_e4m3(const uint8_t *w, s
             if (j < nr && m < mr) out[j][m] = _mm512_reduce_add_ps(acc[j][m]);
 }
 
+/* ---- many activation rows (prefill): a packed-panel GEMM ----
+ * A panel of PN = 32 weight rows x KC columns is converted once into a
+ * float32 block P[k][32] (16 KB, L1-resident; FP8 scales applied while
+ * packing), then every group of PM activation rows runs an outer-product
+ * micro-kernel over it: two weight vectors per k, one broadcast per row,
+ * 2 x PM accumulators in registers. The conversion cost is paid once per
+ * panel and spread over all M rows. */
+#define PN 32
+#define PANEL_MIN_ROWS 8 /* from this many activation rows on, packing pays */
+#define PM 12
+#define KC 128
+
+static _Thread_local float *tl_panel;
+
+static void pack_panel(const dsi_mat *W, int n, int nr, int k0, int kc, float *P) {
+    size_t K = W->cols;
+    for (int j = 0; j < PN; j++) {
+        if (j >= nr) {
+            for (int k = 0; k < kc; k++) P[k * PN + j] = 0.0f;
+            continue;
+        }
+        int r = n + j;
+        switch (W->dtype) {
+        case DSI_F8_E4M3: {
+            const uint8_t *src = (const uint8_t *)W->data + r * K + k0;
+            const float *srow = W->scale_inv + (size_t)(r / W->block_rows) * W->scale_cols;
+            int k = 0;
+            for (; k + 16 <= kc && (k0 + k) / W->block_cols == (k0 + k + 15) / W->block_cols; k += 16) {
+                __m512 v = _mm512_mul_ps(cvt_e4m3(src + k), _mm512_set1_ps(srow[(k0 + k) / W->block_cols] * TWO_POW_120));
+                float tmp[16];
+                _mm512_storeu_ps(tmp, v);
+                for (int l = 0; l < 16; l++) P[(k + l) * PN + j] = tmp[l];
+            }
+            for (; k < kc; k++) P[k * PN + j] = dsi_mat_get(W, r, k0 + k);
+            break;
+        }
+        case DSI_BF16: {
+            const uint16_t *src = (const uint16_t *)W->data + r * K + k0;
+            int k = 0;
+            for (; k + 16 <= kc; k += 16) {
+                float tmp[16];
+                _mm512_storeu_ps(tmp, cvt_bf16(src + k));
+                for (int l = 0; l < 16; l++) P[(k + l) * PN + j] = tmp[l];
+            }
+            for (; k < kc; k++) P[k * PN + j] = dsi_mat_get(W, r, k0 + k);
+            break;
+        }
+        default:
+            for (int k = 0; k < kc; k++) P[k * PN + j] = dsi_mat_get(W, r, k0 + k);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void panel_kernel(const float *P, int kc, const float *x, int ldx, int mr,
+                                                               float *y, int ldy, __mmask16 m0, __mmask16 m1,
+                                                               int load_y) {
+    __m512 acc[PM][2];
+    _Pragma("GCC unroll 12") for (int i = 0; i < PM; i++) {
+        if (i < mr && load_y) {
+            acc[i][0] = _mm512_maskz_loadu_ps(m0, y + (size_t)i * ldy);
+            acc[i][1] = _mm512_maskz_loadu_ps(m1, y + (size_t)i * ldy + 16);
+        } else {
+            acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        }
+    }
+    for (int k = 0; k < kc; k++) {
+        __m512 p0 = _mm512_load_ps(P + k * PN), p1 = _mm512_load_ps(P + k * PN + 16);
+        _Pragma("GCC unroll 12") for (int i = 0; i < PM; i++) {
+            if (i >= mr) break;
+            __m512 xb = _mm512_set1_ps(x[(size_t)i * ldx + k]);
+            acc[i][0] = _mm512_fmadd_ps(xb, p0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(xb, p1, acc[i][1]);
+        }
+    }
+    _Pragma("GCC unroll 12") for (int i = 0; i < PM; i++) {
+        if (i >= mr) break;
+        _mm512_mask_storeu_ps(y + (size_t)i * ldy, m0, acc[i][0]);
+        _mm512_mask_storeu_ps(y + (size_t)i * ldy + 16, m1, acc[i][1]);
+    }
+}
+
+static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
+                         int n1, int accumulate) {
+    int K = W->cols;
+    if (!tl_panel && !(tl_panel = aligned_alloc(64, sizeof(float) * KC * PN))) return;
+    float *P = tl_panel;
+    for (int n = n0; n < n1; n += PN) {
+        int nr = DSI_MIN(PN, n1 - n);
+        __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+        __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            int kc = DSI_MIN(KC, K - k0);
+            pack_panel(W, n, nr, k0, kc, P);
+            int load_y = k0 > 0 || accumulate;
+            for (int m = 0; m < M; m += PM) {
+                int mr = DSI_MIN(PM, M - m);
+                const float *xm = x + (size_t)m * ldx + k0;
+                float *ym = y + (size_t)m * ldy + (n - y_col0);
+                if (mr == PM) panel_kernel(P, kc, xm, ldx, PM, ym, ldy, m0, m1, load_y);
+                else panel_kernel(P, kc, xm, ldx, mr, ym, ldy, m0, m1, load_y);
+            }
+        }
+    }
+}
+
 static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                           int n1, int accumulate) {
+    if (M >= PANEL_MIN_ROWS) {
+        panel_matmul(W, x, M, ldx, y, ldy, y_col0, n0, n1, accumulate);
+        return;
+    }
     int K = W->cols;
     float out[NR][MR] = {{0}};
     if (W->dtype == DSI_F8_E4M3) {
