@@ -262,42 +262,75 @@ static inline __attribute__((always_inline)) void micro_e4m3(const uint8_t *w, s
 
 static _Thread_local float *tl_panel;
 
-static void pack_panel(const dsi_mat *W, int n, int nr, int k0, int kc, float *P) {
+/* In-register 16x16 transpose: r[i] lane j  ->  r[j] lane i. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    /* r[4q + c] now holds, in each 128-bit lane L, rows 4L'..: finish with lane shuffles */
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+
+/* 16 weight rows x 16 columns starting at (r, k) as float32 vectors (one per
+ * row), FP8 scales applied; NULL-safe only for full blocks. */
+static inline void load_block16(const dsi_mat *W, int r, int k, __m512 v[16]) {
     size_t K = W->cols;
-    for (int j = 0; j < PN; j++) {
-        if (j >= nr) {
-            for (int k = 0; k < kc; k++) P[k * PN + j] = 0.0f;
-            continue;
+    switch (W->dtype) {
+    case DSI_F8_E4M3: {
+        int kb = k / W->block_cols;
+        for (int i = 0; i < 16; i++) {
+            float s = W->scale_inv[(size_t)((r + i) / W->block_rows) * W->scale_cols + kb] * TWO_POW_120;
+            v[i] = _mm512_mul_ps(cvt_e4m3((const uint8_t *)W->data + (r + i) * K + k), _mm512_set1_ps(s));
         }
-        int r = n + j;
-        switch (W->dtype) {
-        case DSI_F8_E4M3: {
-            const uint8_t *src = (const uint8_t *)W->data + r * K + k0;
-            const float *srow = W->scale_inv + (size_t)(r / W->block_rows) * W->scale_cols;
-            int k = 0;
-            for (; k + 16 <= kc && (k0 + k) / W->block_cols == (k0 + k + 15) / W->block_cols; k += 16) {
-                __m512 v = _mm512_mul_ps(cvt_e4m3(src + k), _mm512_set1_ps(srow[(k0 + k) / W->block_cols] * TWO_POW_120));
-                float tmp[16];
-                _mm512_storeu_ps(tmp, v);
-                for (int l = 0; l < 16; l++) P[(k + l) * PN + j] = tmp[l];
-            }
-            for (; k < kc; k++) P[k * PN + j] = dsi_mat_get(W, r, k0 + k);
-            break;
-        }
-        case DSI_BF16: {
-            const uint16_t *src = (const uint16_t *)W->data + r * K + k0;
-            int k = 0;
+        break;
+    }
+    case DSI_BF16:
+        for (int i = 0; i < 16; i++) v[i] = cvt_bf16((const uint16_t *)W->data + (r + i) * K + k);
+        break;
+    case DSI_F16:
+        for (int i = 0; i < 16; i++) v[i] = cvt_f16((const uint16_t *)W->data + (r + i) * K + k);
+        break;
+    default:
+        for (int i = 0; i < 16; i++) v[i] = _mm512_loadu_ps((const float *)W->data + (r + i) * K + k);
+    }
+}
+
+/* P[k][j] = W[n+j][k0+k] (scaled), zero for j >= nr. Full 16x16 blocks go
+ * through an in-register transpose; edges element by element. */
+static void pack_panel(const dsi_mat *W, int n, int nr, int k0, int kc, float *P) {
+    for (int jb = 0; jb < PN; jb += 16) {
+        int k = 0;
+        /* an FP8 16-column group must not straddle a scale block */
+        int aligned = W->dtype != DSI_F8_E4M3 || W->block_cols % 16 == 0;
+        if (jb + 16 <= nr && aligned && k0 % 16 == 0) {
             for (; k + 16 <= kc; k += 16) {
-                float tmp[16];
-                _mm512_storeu_ps(tmp, cvt_bf16(src + k));
-                for (int l = 0; l < 16; l++) P[(k + l) * PN + j] = tmp[l];
+                __m512 v[16];
+                load_block16(W, n + jb, k0 + k, v);
+                transpose16(v);
+                for (int i = 0; i < 16; i++) _mm512_store_ps(P + (size_t)(k + i) * PN + jb, v[i]);
             }
-            for (; k < kc; k++) P[k * PN + j] = dsi_mat_get(W, r, k0 + k);
-            break;
         }
-        default:
-            for (int k = 0; k < kc; k++) P[k * PN + j] = dsi_mat_get(W, r, k0 + k);
-        }
+        for (int j = jb; j < jb + 16; j++)
+            for (int kk = k; kk < kc; kk++) P[(size_t)kk * PN + j] = j < nr ? dsi_mat_get(W, n + j, k0 + kk) : 0.0f;
     }
 }
 
