@@ -7,6 +7,8 @@
 
 static const dsi_command COMMANDS[] = {
     /* keep sorted by area; each entry's implementation lives in src/cli/cmd_<name>.c */
+    {"sim", "cost/revenue calculator and cluster simulator (DeepSeek's day)", dsi_cmd_sim},
+    {"report", "cost, revenue and margin for a period from an account journal", dsi_cmd_report},
     {NULL, NULL, NULL},
 };
 static const int N_COMMANDS = sizeof COMMANDS / sizeof COMMANDS[0] - 1; /* last is the sentinel */
