@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#include <cjson/cJSON.h>
 
 #include "dsinfer/sim.h"
 
@@ -115,11 +116,37 @@ static void test_whatif_directions(void **state) {
     dsi_sim_result_destroy(b);
 }
 
+/* Issue 11: flat vs night discount vs load-based pricing with elastic demand. */
+static void test_pricing_schemes(void **state) {
+    FILE *f = popen(DSI_BINARY " sim pricing --bundle 512 --steps-per-event 4 --json", "r");
+    assert_non_null(f);
+    static char buf[16384];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = 0;
+    assert_int_equal(pclose(f), 0);
+    cJSON *o = cJSON_Parse(buf);
+    assert_non_null(o);
+    assert_true(cJSON_GetObjectItem(cJSON_GetObjectItem(o, "elasticities"), "batch")->valuedouble < 0);
+    cJSON *sc = cJSON_GetObjectItem(o, "schemes");
+    assert_int_equal(cJSON_GetArraySize(sc), 3);
+#define F(i, k) cJSON_GetObjectItem(cJSON_GetArrayItem(sc, i), k)->valuedouble
+    /* a 75% night discount earns less per day and pulls batch traffic into the night */
+    assert_true(F(1, "revenue_usd") < F(0, "revenue_usd"));
+    assert_true(F(1, "offpeak_share") > F(0, "offpeak_share") + 0.02);
+    /* load-based prices charge the busy day more and the idle night less */
+    assert_true(F(2, "revenue_usd") > F(0, "revenue_usd"));
+    assert_true(F(2, "offpeak_share") > F(0, "offpeak_share"));
+    assert_true(F(2, "peak_nodes") <= F(0, "peak_nodes"));
+#undef F
+    cJSON_Delete(o);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_perf_model),
         cmocka_unit_test(test_calibration_within_10_percent),
         cmocka_unit_test(test_whatif_directions),
+        cmocka_unit_test(test_pricing_schemes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

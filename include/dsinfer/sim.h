@@ -154,6 +154,9 @@ typedef struct dsi_sim_result {
     int64_t events;
 } dsi_sim_result;
 
+/* Relative arrival rate at Unix time t (the diurnal curve, mean 1 over a day). */
+double dsi_sim_rate_shape(const dsi_sim_config *c, double t);
+
 /* Share of the day's traffic arriving between local times [start, end)
  * (minutes of day in the config's zone; end < start wraps midnight). */
 double dsi_sim_window_share(const dsi_sim_config *c, int start_min, int end_min);

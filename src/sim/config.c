@@ -103,3 +103,5 @@ double dsi_sim_window_share(const dsi_sim_config *c, int start_min, int end_min)
     }
     return all > 0 ? in / all : 0;
 }
+
+double dsi_sim_rate_shape(const dsi_sim_config *c, double t) { return dsi__sim_shape(c, t); }
