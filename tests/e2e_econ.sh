@@ -7,8 +7,8 @@ trap 'rm -rf "$TMP"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 
 out=$("$BIN" sim calc) || fail "sim calc exit $?"
-echo "$out" | grep -q '\$87072/day' || fail "cost not 87072: $out"
-echo "$out" | grep -q '\$562100/day' || fail "revenue not 562100"
+echo "$out" | grep -q '\$87,072/day' || fail "cost not 87072: $out"
+echo "$out" | grep -q '\$562,100/day' || fail "revenue not 562100"
 echo "$out" | grep -q '545.6%' || fail "margin not 545.6%"
 
 echo '{"models":{"m":{"input_cache_hit":-1,"input_cache_miss":1,"output":1}}}' > "$TMP/neg.json"

@@ -129,6 +129,11 @@ static void test_night_window_across_zones(void **state) {
     assert_true(fabs(q.usd_per_mtok[DSI_TOK_INPUT_HIT] - 0.035) < 1e-12);
     assert_true(fabs(q.usd_per_mtok[DSI_TOK_INPUT_MISS] - 0.1375) < 1e-12);
     assert_true(fabs(q.effective_from - T("2025-02-27T16:30:00Z")) < 1e-6);
+    char js[512];
+    assert_true(dsi_price_quote_write_json(&q, js, sizeof js) > 0);
+    assert_string_equal(js, "{\"model\":\"deepseek-r1\",\"unit\":\"per 1M tokens\",\"prices\":{\"input_cache_hit\":0.035,"
+                            "\"input_cache_miss\":0.1375,\"output\":0.5475},\"multiplier\":0.25,\"window\":\"night\","
+                            "\"band\":null,\"quoted_at\":\"2025-02-27T16:30:00Z\"}");
     assert_true(fabs(q.next_change - T("2025-02-28T08:30:00+08:00")) < 1e-6);
     assert_int_equal(dsi_pricing_current(p, "deepseek-chat", T("2025-02-28T08:29:59+08:00"), -1, &q), DSI_OK);
     assert_true(fabs(q.usd_per_mtok[DSI_TOK_OUTPUT] - 0.55) < 1e-12);

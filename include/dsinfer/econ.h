@@ -110,6 +110,12 @@ void dsi_pricing_reset_state(dsi_pricing *p);
  * status (DSI_ERANGE when `cap` is too small). */
 int dsi_pricing_write_json(dsi_pricing *p, double now, double utilisation, char *buf, size_t cap);
 
+/* The price applied to one request, for its response's usage when asked:
+ * {"model":..,"unit":"per 1M tokens","prices":{class: usd},"multiplier":..,
+ *  "window":name|null,"band":name|null,"quoted_at":"ISO time"}.
+ * Returns the length written or a negative status. */
+int dsi_price_quote_write_json(const dsi_price_quote *q, char *buf, size_t cap);
+
 /* Time helpers: "UTC", "UTC+8", "UTC+08:00", "UTC-05:30", "Z" -> offset in
  * minutes east of UTC. Named zones are rejected (their offsets move). */
 int dsi_econ_parse_tz(const char *s, int *offset_min);

@@ -27,6 +27,20 @@ int dsi__sim_load_pricing(const char *path, dsi_pricing **out) {
     return rc;
 }
 
+/* "87,072" into buf (>= 32 bytes); rounds to the dollar. */
+static const char *usd(double v, char *buf) {
+    char tmp[32];
+    snprintf(tmp, sizeof tmp, "%.0f", fabs(v));
+    int n = (int)strlen(tmp), o = 0;
+    if (v < -0.5) buf[o++] = '-';
+    for (int i = 0; i < n; i++) {
+        if (i > 0 && (n - i) % 3 == 0) buf[o++] = ',';
+        buf[o++] = tmp[i];
+    }
+    buf[o] = 0;
+    return buf;
+}
+
 static double parse_num(const char *s, const char *flag, int *bad) {
     char *e;
     double v = strtod(s, &e);
@@ -153,19 +167,20 @@ static int cmd_calc(int argc, char **argv) {
     } else {
         printf("DeepSeek's day (SYSTEM.md): %.2f nodes x %d GPUs x $%.2f/GPU-h x %.0f h\n", in.nodes, in.gpus_per_node,
                in.gpu_cost_per_hour, in.hours);
-        printf("  cost            $%.0f/day   (published $87,072)\n", out.cost_usd);
-        printf("  revenue         $%.0f/day   (published $562,027; the rounded token counts give $562,100)\n",
-               out.revenue_usd);
+        char b1[32], b2[32];
+        printf("  cost            $%s/day    (published $87,072)\n", usd(out.cost_usd, b1));
+        printf("  revenue         $%s/day   (published $562,027; the rounded token counts give $562,100)\n",
+               usd(out.revenue_usd, b1));
         for (int c = 0; c < DSI_TOK_N; c++)
-            printf("    %-16s %5.0fB tokens x $%.2f/M = $%.0f\n", dsi_token_class_name(c), in.tokens[c] / 1e9,
-                   in.usd_per_mtok[c], out.revenue_by_class[c]);
+            printf("    %-16s %5.0fB tokens x $%.2f/M = $%s\n", dsi_token_class_name(c), in.tokens[c] / 1e9,
+                   in.usd_per_mtok[c], usd(out.revenue_by_class[c], b1));
         printf("  margin          %.1f%%        (published 545%%; (revenue - cost) / cost)\n\n", out.margin * 100);
         printf("Realistic variants (night share %.1f%% of traffic in 00:30-08:30 UTC+8, from the planner's curve;\n"
                "V3 share %.0f%%, paying share %.0f%%, redundancy %.2f:1):\n",
                night * 100, v3_share * 100, paying * 100, redundancy);
         printf("  %-44s %12s %12s %9s\n", "variant", "cost", "revenue", "margin");
         for (int i = 0; i < 6; i++)
-            printf("  %-44s %12.0f %12.0f %8.1f%%\n", rows[i].name, rows[i].cost, rows[i].revenue,
+            printf("  %-44s %12s %12s %8.1f%%\n", rows[i].name, usd(rows[i].cost, b1), usd(rows[i].revenue, b2),
                    rows[i].margin * 100);
     }
     dsi_pricing_destroy(p);

@@ -648,3 +648,23 @@ int dsi_pricing_write_json(dsi_pricing *p, double now, double utilisation, char 
     if (s.overflow) return dsi_error(DSI_ERANGE, "pricing: output buffer of %zu bytes too small", cap);
     return (int)s.len;
 }
+
+int dsi_price_quote_write_json(const dsi_price_quote *q, char *buf, size_t cap) {
+    if (!q || !buf || cap == 0) return dsi_error(DSI_EINVAL, "quote: NULL argument");
+    sbuf s = {buf, cap, 0, 0};
+    char t[40];
+    sb_printf(&s, "{\"model\":");
+    sb_str(&s, q->model_name);
+    sb_printf(&s, ",\"unit\":\"per 1M tokens\",\"prices\":");
+    sb_prices(&s, q->usd_per_mtok);
+    sb_printf(&s, ",\"multiplier\":%.10g,\"window\":", q->multiplier);
+    if (q->window >= 0) sb_str(&s, q->window_name);
+    else sb_printf(&s, "null");
+    sb_printf(&s, ",\"band\":");
+    if (q->band >= 0) sb_str(&s, q->band_name);
+    else sb_printf(&s, "null");
+    dsi_econ_format_time(q->quoted_at, t, sizeof t);
+    sb_printf(&s, ",\"quoted_at\":\"%s\"}", t);
+    if (s.overflow) return dsi_error(DSI_ERANGE, "quote: output buffer of %zu bytes too small", cap);
+    return (int)s.len;
+}
