@@ -299,9 +299,10 @@ static void test_admission_time_billing_and_report(void **state) {
     /* a torn or foreign line is skipped and counted, not fatal */
     FILE *f = fopen(journal, "a");
     fputs("{\"ev\":\"bill\",\"t\":1,\"tok\n", f);
+    fputs("{\"ev\":\"bill\",\"t\":2,\"tokens\":[1e300,0,0],\"usd\":1}\n", f);
     fclose(f);
     assert_int_equal(dsi_econ_report_journal(journal, -INFINITY, INFINITY, &r), DSI_OK);
-    assert_true(r.bad_lines == 1);
+    assert_true(r.bad_lines == 2);
     assert_int_equal(dsi_econ_report_journal("/nonexistent/j", -INFINITY, INFINITY, &r), DSI_EIO);
     assert_int_equal(dsi_econ_report_journal(journal, 10, 5, &r), DSI_EINVAL);
 
@@ -372,6 +373,42 @@ static void test_time_parsing(void **state) {
     assert_string_equal(buf, "2025-02-27T04:00:00Z");
 }
 
+/* Mutated pricing files never crash the parser: each parse returns a status. */
+static void test_pricing_parser_mutations(void **state) {
+    FILE *f = fopen(EXAMPLE_FILE, "rb");
+    assert_non_null(f);
+    static char orig[8192], buf[8192];
+    size_t n = fread(orig, 1, sizeof orig - 1, f);
+    fclose(f);
+    orig[n] = 0;
+    uint64_t x = 42;
+    int ok = 0;
+    const char alphabet[] = "{}[]\":,-.0123456789eE \\aZ";
+    for (int it = 0; it < 3000; it++) {
+        memcpy(buf, orig, n + 1);
+        int edits = 1 + it % 4;
+        for (int e = 0; e < edits; e++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            size_t pos = (x >> 33) % n;
+            buf[pos] = alphabet[(x >> 20) % (sizeof alphabet - 1)];
+        }
+        dsi_pricing *p = NULL;
+        int rc = dsi_pricing_parse(buf, "fuzz", &p);
+        if (rc == DSI_OK) {
+            ok++;
+            dsi_price_quote q;
+            dsi_pricing_current(p, dsi_pricing_model_name(p, 0), 1740628800.0, 0.9, &q);
+            char out[4096];
+            dsi_pricing_write_json(p, 1740628800.0, 0.3, out, sizeof out);
+            dsi_pricing_destroy(p);
+        } else {
+            assert_null(p);
+            assert_true(strlen(dsi_last_error()) > 0);
+        }
+    }
+    assert_true(ok < 3000); /* most mutations must be rejected */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_calculator_exact),
@@ -382,6 +419,7 @@ int main(void) {
         cmocka_unit_test(test_admission_time_billing_and_report),
         cmocka_unit_test(test_account_threads),
         cmocka_unit_test(test_time_parsing),
+        cmocka_unit_test(test_pricing_parser_mutations),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

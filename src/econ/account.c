@@ -304,13 +304,17 @@ int dsi_econ_report_journal(const char *path, double from, double to, dsi_econ_r
         if (!strcmp(evn->valuestring, "bill")) {
             const cJSON *tok = cJSON_GetObjectItemCaseSensitive(o, "tokens");
             double usd = num(o, "usd", NAN);
-            if (!cJSON_IsArray(tok) || cJSON_GetArraySize(tok) != DSI_TOK_N || isnan(usd) || usd < 0) {
+            int ok_tok = cJSON_IsArray(tok) && cJSON_GetArraySize(tok) == DSI_TOK_N;
+            for (int c = 0; ok_tok && c < DSI_TOK_N; c++) {
+                const cJSON *x = cJSON_GetArrayItem(tok, c);
+                ok_tok = cJSON_IsNumber(x) && x->valuedouble >= 0 && x->valuedouble < 1e15;
+            }
+            if (!ok_tok || isnan(usd) || usd < 0 || usd > 1e12) {
                 r->bad_lines++;
             } else if (t >= from && t < to) {
                 int paying = num(o, "paying", 1) != 0;
                 for (int c = 0; c < DSI_TOK_N; c++) {
-                    const cJSON *x = cJSON_GetArrayItem(tok, c);
-                    double v = cJSON_IsNumber(x) && x->valuedouble >= 0 ? x->valuedouble : 0;
+                    double v = cJSON_GetArrayItem(tok, c)->valuedouble;
                     r->tokens[c] += (uint64_t)v;
                     if (paying) r->paid_tokens[c] += (uint64_t)v;
                 }
@@ -319,7 +323,7 @@ int dsi_econ_report_journal(const char *path, double from, double to, dsi_econ_r
             }
         } else if (!strcmp(evn->valuestring, "gpus") || !strcmp(evn->valuestring, "tick")) {
             double g = num(o, "gpus", -1), price = num(o, "usd_per_gpu_hour", -1);
-            if (g < 0 || price < 0) {
+            if (g < 0 || g > 1e7 || price < 0 || price > 1e4) {
                 r->bad_lines++;
             } else {
                 if (n_ev == cap_ev) {
