@@ -244,15 +244,16 @@ int dsi_account_write_metrics(dsi_account *a, double now, char *buf, size_t cap)
     mb_printf(&s,
               "# HELP dsinfer_gpus GPUs currently provisioned (all instances).\n# TYPE dsinfer_gpus gauge\n"
               "dsinfer_gpus %d\n"
-              "# HELP dsinfer_gpu_hours_total GPU hours provisioned.\n# TYPE dsinfer_gpu_hours_total counter\n"
-              "dsinfer_gpu_hours_total %.6f\n"
+              "# HELP dsinfer_gpu_seconds_total GPU time provisioned (GPU-seconds).\n"
+              "# TYPE dsinfer_gpu_seconds_total counter\n"
+              "dsinfer_gpu_seconds_total %.3f\n"
               "# HELP dsinfer_gpu_cost_usd_total GPU cost at the pricing file's hourly rate.\n"
               "# TYPE dsinfer_gpu_cost_usd_total counter\n"
               "dsinfer_gpu_cost_usd_total %.6f\n"
               "# HELP dsinfer_cost_profit_margin (revenue - cost) / cost since start.\n"
               "# TYPE dsinfer_cost_profit_margin gauge\n"
               "dsinfer_cost_profit_margin %.6f\n",
-              a->gpus, secs / 3600.0, cost, cost > 0 ? (rev - cost) / cost : 0.0);
+              a->gpus, secs, cost, cost > 0 ? (rev - cost) / cost : 0.0);
     pthread_mutex_unlock(&a->mu);
     if (s.overflow) return dsi_error(DSI_ERANGE, "metrics: output buffer of %zu bytes too small", cap);
     return (int)s.len;
