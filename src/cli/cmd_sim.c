@@ -76,7 +76,7 @@ static double revenue_for(const dsi_pricing *p, int model, double night_share, c
 static int cmd_calc(int argc, char **argv) {
     const char *pricing_path = NULL;
     int json = 0, bad = 0;
-    double paying = 0.5, v3_share = 0.5, redundancy = 3;
+    double paying = -1, v3_share = 0.5, redundancy = 3; /* paying -1: file's, else 0.5 */
     for (int i = 1; i < argc; i++) {
         int missing = 0;
         const char *v;
@@ -86,8 +86,8 @@ static int cmd_calc(int argc, char **argv) {
                    "DeepSeek's published day (226.75 nodes x 8 H800 x $2 x 24 h; 342B cache-hit, 266B miss\n"
                    "input and 168B output tokens at R1 prices), then realistic variants: V3 prices, the night\n"
                    "discount (share of traffic in the window from the planner's diurnal curve), a V3/R1 mix\n"
-                   "(--v3-share, default 0.5), a paying share (--paying-share, default 0.5: web and app are\n"
-                   "free) and provisioned/serving GPU redundancy (--redundancy, default 3 for '3:1').\n"
+                   "(--v3-share, default 0.5), a paying share (--paying-share, default the file's with --pricing,\n"
+                   "else 0.5: web and app are free) and provisioned/serving GPU redundancy (--redundancy, default 3 for '3:1').\n"
                    "--pricing takes models 'deepseek-r1' and 'deepseek-v3' and the GPU cost from a pricing file.\n"
                    "--json prints {cost_usd, revenue_usd, margin, ...}; margin is (revenue-cost)/cost.\n");
             return 0;
@@ -112,7 +112,7 @@ static int cmd_calc(int argc, char **argv) {
         }
     }
     if (bad) return 2;
-    if (!(paying >= 0 && paying <= 1) || !(v3_share >= 0 && v3_share <= 1) || !(redundancy >= 1)) {
+    if (!(paying == -1 || (paying >= 0 && paying <= 1)) || !(v3_share >= 0 && v3_share <= 1) || !(redundancy >= 1)) {
         fprintf(stderr, "dsinfer sim calc: shares must be in [0, 1] and redundancy >= 1\n");
         return 2;
     }
@@ -127,6 +127,7 @@ static int cmd_calc(int argc, char **argv) {
     dsi_econ_calc_in in;
     dsi_econ_calc_out out;
     dsi_econ_calc_deepseek(&in);
+    if (paying < 0) paying = pricing_path ? dsi_pricing_paying_share(p) : 0.5;
     if (pricing_path) {
         in.gpu_cost_per_hour = dsi_pricing_gpu_cost_per_hour(p);
         in.gpus_per_node = dsi_pricing_gpus_per_node(p);

@@ -285,7 +285,6 @@ static int on_arrival(sim *s, double t) {
     }
     int rc = q_push(&s->pq, i);
     if (rc) return rc;
-    s->pq_tokens += b->w * b->remaining;
     return schedule_arrival(s, t);
 }
 
@@ -312,7 +311,6 @@ static int prefill_try_start(sim *s, int ui, double t) {
         ctx += b->w * (k * (b->hit + done) + k * (k + 1) / 2);
         b->remaining -= k;
         b->inflight++;
-        s->pq_tokens -= b->w * k;
         if (u->n_chunks == u->cap_chunks) {
             int nc = u->cap_chunks ? 2 * u->cap_chunks : 16;
             int *nv = realloc(u->chunks, nc * sizeof *nv);
@@ -329,9 +327,13 @@ static int prefill_try_start(sim *s, int ui, double t) {
     return push_event(s, t + dt, EV_PREFILL_DONE, ui);
 }
 
-static void prefill_kick(sim *s, double t) {
+static int prefill_kick(sim *s, double t) {
     for (int i = 0; i < s->n_pu && s->pq.n > 0; i++)
-        if (s->pu[i].state == UNIT_ACTIVE && !s->pu[i].busy) prefill_try_start(s, i, t);
+        if (s->pu[i].state == UNIT_ACTIVE && !s->pu[i].busy) {
+            int rc = prefill_try_start(s, i, t);
+            if (rc) return rc;
+        }
+    return DSI_OK;
 }
 
 static void ttft_record(sim *s, double v) {
@@ -508,8 +510,10 @@ static int add_unit(sim *s, int decode, double t, double delay) {
     if (decode) {
         s->du[slot].state = delay > 0 ? UNIT_STARTING : UNIT_ACTIVE;
         s->du[slot].g = s->du[slot].W = s->du[slot].S1 = 0;
+        s->du[slot].ready_at = t + delay;
     } else {
         s->pu[slot].state = delay > 0 ? UNIT_STARTING : UNIT_ACTIVE;
+        s->pu[slot].ready_at = t + delay;
     }
     if (delay > 0) return push_event(s, t + delay, decode ? EV_DECODE_READY : EV_PREFILL_READY, slot);
     return DSI_OK;
@@ -620,15 +624,12 @@ static int on_autoscale(sim *s, double t) {
     s->win_prefill_busy = 0;
     memset(s->win_ttft, 0, sizeof s->win_ttft);
     s->win_ttft_n = 0;
-    s->win_decode_peak = 0;
     s->win_dec_tok = 0;
     if (t + c->scale_interval_s < s->day1) return push_event(s, t + c->scale_interval_s, EV_AUTOSCALE, 0);
     return DSI_OK;
 }
 
 static int on_sample(sim *s, double t) {
-    double d = decode_demand(s);
-    if (d > s->win_decode_peak) s->win_decode_peak = d;
     if (in_day(s, t)) {
         int m = (int)((t - s->day0) / 60.0 + 0.5);
         if (m >= 0 && m < DSI_SIM_MINUTES) {
@@ -698,9 +699,11 @@ static int sim_init(sim *s, const dsi_sim_config *c) {
     double step = dsi_perf_prefill_step(&c->perf, n_gpus, n, ctx, n * hit / (1 - hit + 1e-9), NULL);
     double unit_tok_s = n * n_gpus / step;
     int np = (int)ceil(r0 * miss_tok / (unit_tok_s * c->prefill_util_target));
-    for (int i = 0; i < (np > 1 ? np : 1); i++) add_unit(s, 0, s->t_begin, 0);
-    for (int i = 0; i < (nd > 1 ? nd : 1); i++) add_unit(s, 1, s->t_begin, 0);
     int rc;
+    for (int i = 0; i < (np > 1 ? np : 1); i++)
+        if ((rc = add_unit(s, 0, s->t_begin, 0))) return rc;
+    for (int i = 0; i < (nd > 1 ? nd : 1); i++)
+        if ((rc = add_unit(s, 1, s->t_begin, 0))) return rc;
     if ((rc = schedule_arrival(s, s->t_begin))) return rc;
     if ((rc = push_event(s, s->t_begin + c->scale_interval_s, EV_AUTOSCALE, 0))) return rc;
     return push_event(s, s->t_begin + 60 - fmod(c->warmup_s, 60.0), EV_SAMPLE, 0);
@@ -752,17 +755,20 @@ int dsi_sim_run(const dsi_sim_config *c, dsi_sim_result **out) {
         if (e.t >= s->day1) break;
         r->events++;
         switch (e.type) {
-        case EV_ARRIVAL: rc = on_arrival(s, e.t); prefill_kick(s, e.t); break;
+        case EV_ARRIVAL:
+            rc = on_arrival(s, e.t);
+            if (!rc) rc = prefill_kick(s, e.t);
+            break;
         case EV_PREFILL_DONE: rc = on_prefill_done(s, e.idx, e.t); break;
         case EV_DECODE_DONE: rc = on_decode_done(s, e.idx, e.t); break;
         case EV_PREFILL_READY:
-            if (s->pu[e.idx].state == UNIT_STARTING) {
+            if (s->pu[e.idx].state == UNIT_STARTING && s->pu[e.idx].ready_at == e.t) {
                 s->pu[e.idx].state = UNIT_ACTIVE;
                 rc = prefill_try_start(s, e.idx, e.t);
             }
             break;
         case EV_DECODE_READY:
-            if (s->du[e.idx].state == UNIT_STARTING) {
+            if (s->du[e.idx].state == UNIT_STARTING && s->du[e.idx].ready_at == e.t) {
                 s->du[e.idx].state = UNIT_ACTIVE;
                 rc = decode_drain_queue(s, e.t);
             }

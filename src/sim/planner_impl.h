@@ -45,6 +45,7 @@ typedef struct sim_queue {
 
 typedef struct sim_punit {
     int state, busy;
+    double ready_at; /* when a starting unit serves; stale ready events are ignored */
     int *chunks; /* bundles in the running step */
     int n_chunks, cap_chunks;
 } sim_punit;
@@ -56,6 +57,7 @@ typedef struct sim_dentry {
 
 typedef struct sim_dunit {
     int state, stepping;
+    double ready_at;
     double W;  /* requests */
     double S1; /* sum w * (lin - g0): KV total = S1 + g * W */
     double g;  /* tokens produced per request since the unit started */
@@ -78,14 +80,14 @@ typedef struct sim {
     sim_bundle *b;
     int cap_b, free_head;
     sim_queue pq, dq; /* prefill queue, decode wait queue */
-    double pq_tokens, dq_w;
+    double dq_w; /* requests waiting for a decode unit */
     sim_punit *pu;
     sim_dunit *du;
     int n_pu, n_du;
     double dec_cap, dec_mem_cap; /* requests per decode unit: at the speed target, in memory */
     double dec_cap_tok;          /* output tokens/s of a unit holding dec_cap */
     /* autoscaler window */
-    double win_prefill_busy, win_decode_peak, win_dec_tok;
+    double win_prefill_busy, win_dec_tok;
     int64_t win_ttft[SIM_TTFT_BINS], win_ttft_n;
     /* day statistics */
     double ttft_sum, ttft_n, ttft_hist[SIM_TTFT_BINS];
