@@ -108,7 +108,8 @@ int dsi__sim_cmd_pricing(int argc, char **argv) {
                    "with price-elastic demand: interactive traffic (elasticity -0.2) changes volume, batch\n"
                    "traffic (share 0.3, elasticity -1.0) keeps its volume and moves to cheaper hours.\n"
                    "Prints revenue, cost, margin, peak and average nodes and the traffic shifted off-peak,\n"
-                   "as ratios to flat. Default granularity: --bundle 256 --steps-per-event 2.\n");
+                   "as ratios to flat. Default granularity: --bundle 256 --steps-per-event 2.\n"
+                   "--svg-dir DIR writes nodes_{flat,night,load}.svg and cost_revenue_{...}.svg.\n");
             return 0;
         }
         if ((v = dsi_cli_flag(argc, argv, &i, "--elasticity-interactive", &missing))) e_i = atof(v);
@@ -189,7 +190,9 @@ int dsi__sim_cmd_pricing(int argc, char **argv) {
         printf("  (* margin ratio = (revenue/cost) / (revenue/cost)_flat; off-peak = the 12 lowest-demand hours\n"
                "   of the flat day; shifted = change in their share of tokens, percentage points)\n");
     }
+    static const char *tags[3] = {"_flat", "_night", "_load"};
     rc = 0;
+    for (int k = 0; k < 3 && !rc; k++) rc = dsi__sim_write_svgs(&c, rs[k], svg, tags[k]);
 done:
     dsi_sim_result_destroy(flat);
     dsi_sim_result_destroy(rn);
