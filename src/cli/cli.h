@@ -14,6 +14,8 @@ typedef struct dsi_command {
 const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing);
 int dsi_cmd_eplb(int argc, char **argv);
 
+int dsi_cmd_sim(int argc, char **argv);
+int dsi_cmd_report(int argc, char **argv);
 
 int dsi_cmd_demo(int argc, char **argv);
 int dsi_cmd_generate(int argc, char **argv);
