@@ -145,6 +145,21 @@ static void check_impl(const dsi_kernels *k) {
         k->axpy(0.37f, a, c, n);
         dsi_kernels_ref.axpy(0.37f, a, d, n);
         assert_true(max_rel(c, d, n) < 1e-6);
+        /* dots / wsum over strided rows */
+        int nk = rint_(1, 70), dd = rint_(1, 600), ld = dd + rint_(0, 9);
+        float *kk = malloc(sizeof(float) * nk * ld), *q = malloc(sizeof(float) * dd), *o1 = malloc(sizeof(float) * nk),
+              *o2 = malloc(sizeof(float) * nk), *w1 = malloc(sizeof(float) * dd), *w2 = malloc(sizeof(float) * dd);
+        for (int i = 0; i < nk * ld; i++) kk[i] = unif();
+        for (int i = 0; i < dd; i++) { q[i] = unif(); w1[i] = w2[i] = unif(); }
+        for (int i = 0; i < nk; i++) o1[i] = o2[i] = unif();
+        int accum = iter & 1;
+        k->dots(q, kk, nk, ld, dd, o1, accum);
+        dsi_kernels_ref.dots(q, kk, nk, ld, dd, o2, accum);
+        assert_true(max_rel(o1, o2, nk) < 1e-5 * sqrt(dd));
+        k->wsum(o2, kk, nk, ld, dd, w1);
+        dsi_kernels_ref.wsum(o2, kk, nk, ld, dd, w2);
+        assert_true(max_rel(w1, w2, dd) < 1e-5 * sqrt(nk));
+        free(kk); free(q); free(o1); free(o2); free(w1); free(w2);
         free(a); free(b); free(c); free(d);
         free(x); free(y); free(r); free(data); free(scale);
     }

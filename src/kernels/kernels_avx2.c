@@ -183,4 +183,15 @@ static void avx2_axpy(float a, const float *x, float *y, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy};
+static void avx2_dots(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate) {
+    for (int j = 0; j < n; j++) {
+        float v = avx2_dot(q, k + j * ldk, d);
+        out[j] = accumulate ? out[j] + v : v;
+    }
+}
+
+static void avx2_wsum(const float *p, const float *v, int n, size_t ldv, int d, float *out) {
+    for (int j = 0; j < n; j++) avx2_axpy(p[j], v + j * ldv, out, d);
+}
+
+const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy, avx2_dots, avx2_wsum};

@@ -12,6 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The micro-tiles guard every read and write of their register arrays with the
+ * same (j < nr, m < mr) conditions; GCC cannot see that and warns. */
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #define MR 4 /* activation rows per micro-tile */
 #ifndef NR
 #define NR 4 /* weight rows per micro-tile */
@@ -529,4 +533,48 @@ static void avx512_axpy(float a, const float *x, float *y, int n) {
     }
 }
 
-const dsi_kernels dsi_kernels_avx512 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy};
+/* Four keys at a time: q is loaded once per 16 columns and reused. */
+static void avx512_dots(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate) {
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < d; c += 16) {
+            __mmask16 km = d - c >= 16 ? 0xffff : (__mmask16)((1u << (d - c)) - 1);
+            __m512 qv = _mm512_maskz_loadu_ps(km, q + c);
+            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(km, k0 + c), a0);
+            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(km, k1 + c), a1);
+            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(km, k2 + c), a2);
+            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(km, k3 + c), a3);
+        }
+        float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                      _mm512_reduce_add_ps(a3)};
+        for (int i = 0; i < 4; i++) out[j + i] = accumulate ? out[j + i] + r[i] : r[i];
+    }
+    for (; j < n; j++) {
+        float v = avx512_dot(q, k + j * ldk, d);
+        out[j] = accumulate ? out[j] + v : v;
+    }
+}
+
+/* out += sum_j p_j v_j, the output row held in registers across keys (d <= 512). */
+static void avx512_wsum(const float *p, const float *v, int n, size_t ldv, int d, float *out) {
+    for (int c0 = 0; c0 < d; c0 += 256) {
+        int w = DSI_MIN(256, d - c0), nv = (w + 15) / 16;
+        __mmask16 last = (w & 15) ? (__mmask16)((1u << (w & 15)) - 1) : 0xffff;
+        __m512 acc[16];
+        for (int i = 0; i < nv; i++) acc[i] = _mm512_maskz_loadu_ps(i == nv - 1 ? last : 0xffff, out + c0 + 16 * i);
+        for (int j = 0; j < n; j++) {
+            __m512 pj = _mm512_set1_ps(p[j]);
+            const float *vj = v + j * ldv + c0;
+            _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {
+                if (i >= nv) break;
+                acc[i] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(i == nv - 1 ? last : 0xffff, vj + 16 * i), acc[i]);
+            }
+        }
+        for (int i = 0; i < nv; i++) _mm512_mask_storeu_ps(out + c0 + 16 * i, i == nv - 1 ? last : 0xffff, acc[i]);
+    }
+}
+
+const dsi_kernels dsi_kernels_avx512 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy,
+                                        avx512_dots, avx512_wsum};
