@@ -178,6 +178,9 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     if (dsi_kv_dim(kv) != dsi_config_kv_dim(c) || dsi_kv_n_layers(kv) != c->n_layers)
         return dsi_error(DSI_EINVAL, "engine: KV pool geometry (%d layers x %d) does not match the model (%d x %d)",
                          dsi_kv_n_layers(kv), dsi_kv_dim(kv), c->n_layers, dsi_config_kv_dim(c));
+    if (dsi_kv_block_tokens(kv) > ATTN_CHUNK)
+        return dsi_error(DSI_EINVAL, "engine: KV blocks of %d tokens exceed the attention chunk of %d",
+                         dsi_kv_block_tokens(kv), ATTN_CHUNK);
     dsi_engine *e = calloc(1, sizeof *e);
     if (!e) return dsi_error(DSI_ENOMEM, "out of memory");
     e->m = m;
