@@ -75,8 +75,9 @@ static inline int dsi_config_is_moe_layer(const dsi_config *c, int l) {
 typedef struct dsi_model dsi_model;
 
 typedef struct dsi_load_opts {
-    int progress;        /* print load progress on stderr (default: when > 1 GiB) */
+    int progress;        /* print load progress on stderr: 1 yes, 0 no, -1 when > 1 GiB (NULL opts: -1) */
     int prefault;        /* touch every page at load (default 0) */
+    int no_mmap;         /* copy weights into anonymous memory (faster decode; no page-cache sharing) */
 } dsi_load_opts;
 
 /* Loads config.json and the weights from a checkpoint directory. */

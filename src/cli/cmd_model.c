@@ -20,6 +20,7 @@ typedef struct engine_flags {
     int fp8_act;
     int max_tokens;
     int kv_tokens;
+    int no_mmap;
 } engine_flags;
 
 /* Parses one engine flag at argv[*i]; returns 1 if consumed, -1 on error. */
@@ -39,6 +40,7 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
         return 1;
     }
     if (!strcmp(argv[*i], "--fp8-act")) { f->fp8_act = 1; return 1; }
+    if (!strcmp(argv[*i], "--no-mmap")) { f->no_mmap = 1; return 1; }
     if (missing) { fprintf(stderr, "dsinfer: %s needs a value\n", argv[*i]); return -1; }
     return 0;
 }
@@ -50,13 +52,15 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
     "  --attn MODE            auto | prefill | absorbed attention form (default auto)\n"           \
     "  --fp8-act              quantise activations to FP8 per 1x128 tile (as DeepSeek serves)\n"   \
     "  --max-batch-tokens N   tokens per forward step (default 2048)\n"                            \
-    "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"
+    "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"   \
+    "  --no-mmap              copy weights into resident memory (faster decode than page-cache maps)\n"
 
 /* Opens the model (or builds the demo) and an engine with a KV pool. */
 static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, dsi_kv_pool **kv, dsi_engine **e) {
     int rc;
     if (f->model) {
-        rc = dsi_model_load(f->model, NULL, m);
+        dsi_load_opts lo = {.progress = -1, .no_mmap = f->no_mmap};
+        rc = dsi_model_load(f->model, f->no_mmap ? &lo : NULL, m);
     } else {
         dsi_config c;
         dsi_config_preset(DSI_PRESET_TINY, 0, 1, &c);

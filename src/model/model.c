@@ -226,11 +226,16 @@ int dsi_model_load(const char *dir, const dsi_load_opts *opts, dsi_model **out) 
     rc = dsi_st_open_dir(dir, &set);
     if (rc) return rc;
     size_t total = dsi_st_total_bytes(set);
-    int progress = opts ? opts->progress : total > (1ull << 30);
+    int progress = opts && opts->progress >= 0 ? opts->progress : total > (1ull << 30); /* -1: automatic */
     if (progress)
         fprintf(stderr, "dsinfer: %s: %d tensors, %.2f GB in %s\n", dir, dsi_st_count(set), total / 1e9,
                 cfg.fp8 ? "FP8 e4m3 (128x128 block scales)" : "BF16");
-    if (opts && opts->prefault) {
+    if (opts && opts->no_mmap) {
+        if (progress) fprintf(stderr, "dsinfer: copying weights into resident memory\n");
+        rc = dsi_st_make_resident(set, 1);
+        if (rc) { dsi_st_close(set); return rc; }
+    }
+    if (opts && opts->prefault && !opts->no_mmap) {
         /* Touch every page so the first forward pass does not pay the page faults. */
         volatile uint8_t sink = 0;
         size_t done = 0, next = 0;

@@ -498,3 +498,30 @@ int dsi_st_writer_save(const dsi_st_writer *w, const char *path) {
     }
     return DSI_OK;
 }
+
+/* ------------------------------------------------------- resident copies */
+
+int dsi_st_make_resident(dsi_st_set *set, int huge_pages) {
+    for (int f = 0; f < set->n_files; f++) {
+        st_file *sf = &set->files[f];
+        if (!sf->mapped || sf->len == 0) continue;
+        void *mem = mmap(NULL, sf->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED)
+            return dsi_error(DSI_ENOMEM, "%s: cannot allocate %zu bytes for a resident copy", sf->path, sf->len);
+        if (huge_pages) madvise(mem, sf->len, MADV_HUGEPAGE);
+        memcpy(mem, sf->base, sf->len);
+        mprotect(mem, sf->len, PROT_READ);
+        ptrdiff_t delta = (const uint8_t *)mem - sf->base;
+        for (int i = 0; i < set->n_tensors; i++)
+            if (set->tensors[i].file == sf->path) set->tensors[i].data = (const uint8_t *)set->tensors[i].data + delta;
+        /* the page-cache copy is no longer needed: let the kernel drop it */
+        int fd = open(sf->path, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+            close(fd);
+        }
+        munmap((void *)sf->base, sf->len);
+        sf->base = mem;
+    }
+    return DSI_OK;
+}
