@@ -45,9 +45,54 @@ static const float *maybe_quantise(dsi_engine *e, const dsi_mat *W, const float 
     return q;
 }
 
+typedef struct q8_job {
+    const dsi_engine *e;
+    const dsi_mat *W;
+    const uint16_t *xq;
+    const float *xs;
+    int ldq, lds, M, ldy, n_base, accumulate;
+    float *y;
+} q8_job;
+
+static void q8_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const q8_job *j = ctx;
+    j->e->k->matmul_q8(j->W, j->xq, j->ldq, j->xs, j->lds, j->M, j->y, j->ldy, j->n_base, j->n_base + (int)b,
+                       j->n_base + (int)end, j->accumulate);
+}
+
+/* FP8 activations through the FP8 x FP8 kernel: quantise the rows to e4m3
+ * (bf16-encoded) with one scale per 128 columns, then run the exact-product
+ * GEMM. Returns 0 when that path does not apply. */
+static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y, int ldy,
+                  int y_col0, int accumulate) {
+    if (!e->opts.fp8_activations || W->dtype != DSI_F8_E4M3 || W->block_cols != 128 || !e->k->matmul_q8 || M < 8)
+        return 0;
+    int K = W->cols, ldq = DSI_CEIL_DIV(K, 128) * 128, lds = ldq / 128;
+    uint16_t *xq = (uint16_t *)e->s.xq;
+    float *xs = (float *)(xq + (size_t)M * ldq);
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * ldx;
+        uint16_t *qm = xq + (size_t)m * ldq;
+        for (int t = 0; t < lds; t++) {
+            int k0 = t * 128, k1 = DSI_MIN(K, k0 + 128);
+            float amax = 0;
+            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xm[k]));
+            float s = amax > 0 ? amax / 448.0f : 1.0f;
+            for (int k = k0; k < k1; k++) qm[k] = dsi_f32_to_bf16(dsi_e4m3_to_f32(dsi_f32_to_e4m3(xm[k] / s)));
+            for (int k = k1; k < k0 + 128; k++) qm[k] = 0;
+            xs[(size_t)m * lds + t] = s;
+        }
+    }
+    q8_job j = {e, W, xq, xs, ldq, lds, M, ldy, n0, accumulate, y - (n0 - y_col0)};
+    (void)y_col0;
+    dsi_pool_for(e->pool, n1 - n0, 32, q8_task, &j);
+    return 1;
+}
+
 void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
                       int ldy) {
     if (M <= 0 || n1 <= n0) return;
+    if (try_q8(e, W, n0, n1, x, M, ldx, y, ldy, n0, 0)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
     mm_job j = {e, W, x, M, ldx, ldy, n0, 0, y};
     /* grain: 16 rows keeps tiles 4-aligned; bigger when M is large so each
@@ -63,6 +108,7 @@ void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const flo
 
 void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate) {
     if (M <= 0) return;
+    if (try_q8(e, W, 0, W->rows, x, M, ldx, y, ldy, 0, accumulate)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
     mm_job j = {e, W, x, M, ldx, ldy, 0, accumulate, y};
     int64_t grain = M >= 64 ? 64 : 16;
@@ -219,7 +265,8 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     s->y = dsi_alloc(T * D * 4);
     s->h1 = dsi_alloc(T * inter * 4);
     s->h2 = dsi_alloc(T * inter * 4);
-    s->xq = dsi_alloc(DSI_MAX(T, (size_t)ATTN_CHUNK) * max_in * 4);
+    /* float copies, or bf16 codes + per-128 scales (try_q8), of up to max(T, chunk) rows */
+    s->xq = dsi_alloc(DSI_MAX(T, (size_t)ATTN_CHUNK) * (max_in + 256) * 4);
     s->topk_ids = dsi_alloc(TE * sizeof(int));
     s->topk_w = dsi_alloc(TE * 4);
     s->exp_count = dsi_alloc(E * sizeof(int));

@@ -194,4 +194,5 @@ static void avx2_wsum(const float *p, const float *v, int n, size_t ldv, int d, 
     for (int j = 0; j < n; j++) avx2_axpy(p[j], v + j * ldv, out, d);
 }
 
-const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy, avx2_dots, avx2_wsum};
+const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy, avx2_dots, avx2_wsum,
+                                      NULL};

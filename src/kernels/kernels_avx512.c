@@ -390,6 +390,91 @@ static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
     }
 }
 
+/* ---- FP8 x FP8 (quantised activations) with AVX512_BF16 ----
+ * e4m3 values are exact in bf16 and a bf16 x bf16 product is exact in
+ * float32, so vdpbf16ps computes the 128-column tile sums of an FP8 GEMM
+ * exactly up to float32 summation, 32 multiply-adds per instruction (twice
+ * the float32 FMA rate). Panels: 32 weight rows x 64 column pairs of bf16,
+ * packed through a 16x16 transpose of 32-bit pairs; the micro-kernel
+ * broadcasts one activation pair per row. Scales are applied per tile. */
+#define Q8_PM 12
+
+static _Thread_local uint32_t *tl_q8panel; /* [64 pairs][32 rows] */
+
+static void pack_q8_panel(const dsi_mat *W, int n, int nr, int k0, uint32_t *P) {
+    size_t K = W->cols;
+    int kc = DSI_MIN(128, (int)K - k0);
+    for (int jb = 0; jb < 32; jb += 16) {
+        for (int pb = 0; pb < 64; pb += 16) { /* 16 rows x 16 pairs (32 columns) */
+            __m512 v[16];
+            for (int i = 0; i < 16; i++) {
+                int r = n + jb + i, c = k0 + 2 * pb;
+                if (jb + i >= nr || c >= k0 + kc) { v[i] = _mm512_setzero_ps(); continue; }
+                int left = k0 + kc - c; /* columns of this row still in the tile */
+                const uint8_t *src = (const uint8_t *)W->data + r * K + c;
+                __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+                __mmask16 m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                __m512 lo = _mm512_mul_ps(cvt_e4m3_mask(src, m0), _mm512_set1_ps(TWO_POW_120));
+                __m512 hi = _mm512_mul_ps(cvt_e4m3_mask(src + 16, m1), _mm512_set1_ps(TWO_POW_120));
+                v[i] = _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            transpose16(v);
+            for (int p = 0; p < 16; p++) _mm512_store_ps((float *)(P + (size_t)(pb + p) * 32 + jb), v[p]);
+        }
+    }
+}
+
+static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M, float *y,
+                             int ldy, int y_col0, int n0, int n1, int accumulate) {
+    int K = W->cols, nt = DSI_CEIL_DIV(K, 128);
+    if (!tl_q8panel && !(tl_q8panel = aligned_alloc(64, sizeof(uint32_t) * 64 * 32))) return;
+    uint32_t *P = tl_q8panel;
+    for (int n = n0; n < n1; n += 32) {
+        int nr = DSI_MIN(32, n1 - n);
+        __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+        __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+        for (int t = 0; t < nt; t++) {
+            pack_q8_panel(W, n, nr, t * 128, P);
+            float wsc[32];
+            for (int j = 0; j < 32; j++)
+                wsc[j] = j < nr ? W->scale_inv[(size_t)((n + j) / W->block_rows) * W->scale_cols + t] : 0.0f;
+            __m512 ws0 = _mm512_loadu_ps(wsc), ws1 = _mm512_loadu_ps(wsc + 16);
+            int first = t == 0 && !accumulate;
+            for (int m = 0; m < M; m += Q8_PM) {
+                int mr = DSI_MIN(Q8_PM, M - m);
+                __m512 acc[Q8_PM][2];
+                _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+                const uint16_t *xt = xq + (size_t)m * ldq + t * 128;
+                for (int p = 0; p < 64; p++) {
+                    __m512bh w0 = (__m512bh)_mm512_load_si512((const void *)(P + p * 32));
+                    __m512bh w1 = (__m512bh)_mm512_load_si512((const void *)(P + p * 32 + 16));
+                    _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) {
+                        if (i >= mr) break;
+                        uint32_t pair;
+                        memcpy(&pair, xt + (size_t)i * ldq + 2 * p, 4);
+                        __m512bh xb = (__m512bh)_mm512_set1_epi32((int)pair);
+                        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xb, w0);
+                        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xb, w1);
+                    }
+                }
+                _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) {
+                    if (i >= mr) break;
+                    __m512 sx = _mm512_set1_ps(xs[(size_t)(m + i) * lds + t]);
+                    float *yr = y + (size_t)(m + i) * ldy + (n - y_col0);
+                    __m512 o0 = _mm512_mul_ps(acc[i][0], _mm512_mul_ps(sx, ws0));
+                    __m512 o1 = _mm512_mul_ps(acc[i][1], _mm512_mul_ps(sx, ws1));
+                    if (!first) {
+                        o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(m0, yr));
+                        o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(m1, yr + 16));
+                    }
+                    _mm512_mask_storeu_ps(yr, m0, o0);
+                    _mm512_mask_storeu_ps(yr + 16, m1, o1);
+                }
+            }
+        }
+    }
+}
+
 static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                           int n1, int accumulate) {
     if (M >= PANEL_MIN_ROWS) {
@@ -577,4 +662,7 @@ static void avx512_wsum(const float *p, const float *v, int n, size_t ldv, int d
 }
 
 const dsi_kernels dsi_kernels_avx512 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy,
-                                        avx512_dots, avx512_wsum};
+                                        avx512_dots, avx512_wsum, avx512_matmul_q8};
+/* The same kernels without the BF16 dot-product form, for CPUs lacking AVX512_BF16. */
+const dsi_kernels dsi_kernels_avx512_nobf16 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy,
+                                               avx512_dots, avx512_wsum, NULL};
