@@ -126,7 +126,7 @@ int dsi_cmd_logits(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out_path = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--chunk", &missing))) chunk = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--decode-from", &missing))) decode_from = atoi(v);
-        else { fprintf(stderr, "dsinfer logits: unknown option '%s' (see --help)\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer logits: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer logits: %s needs a value\n", argv[i]); return 2; }
     }
     if (!ids_s || !out_path) { fprintf(stderr, "dsinfer logits: --ids and --out are required (see --help)\n"); return 2; }
@@ -217,7 +217,7 @@ int dsi_cmd_generate(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--top-p", &missing))) sp.top_p = (float)atof(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing))) sp.top_k = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) sp.seed = strtoull(v, NULL, 10);
-        else { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer generate: %s needs a value\n", argv[i]); return 2; }
     }
     if (!ids_s) { fprintf(stderr, "dsinfer generate: --ids is required (see --help)\n"); return 2; }
@@ -264,7 +264,7 @@ int dsi_cmd_make_model(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) seed = strtoull(v, NULL, 10);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--shard-mb", &missing))) shard_mb = atol(v);
-        else { fprintf(stderr, "dsinfer make-model: unknown option '%s'\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer make-model: unknown option '%s'\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer make-model: %s needs a value\n", argv[i]); return 2; }
     }
     if (!out) { fprintf(stderr, "dsinfer make-model: --out DIR is required\n"); return 2; }
@@ -287,9 +287,14 @@ int dsi_cmd_make_model(int argc, char **argv) {
 }
 
 int dsi_cmd_inspect(int argc, char **argv) {
-    if (argc < 2 || !strcmp(argv[1], "--help")) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         printf("usage: dsinfer inspect DIR\nValidates a checkpoint and prints its shape and size.\n");
         return argc < 2 ? 2 : 0;
+    }
+    /* an option here is a typo, not a folder named "--x" */
+    if (argc > 2 || argv[1][0] == '-') {
+        fprintf(stderr, "dsinfer inspect: unexpected argument '%s' (see --help)\n", argc > 2 ? argv[2] : argv[1]);
+        return 2;
     }
     dsi_model *m;
     if (dsi_model_load(argv[1], NULL, &m)) { fprintf(stderr, "dsinfer inspect: %s\n", dsi_last_error()); return 1; }
@@ -312,6 +317,10 @@ int dsi_cmd_demo(int argc, char **argv) {
         printf("usage: dsinfer demo\nBuilds the built-in demo model (tiny DeepSeek-V3 shape, random FP8 weights)\n"
                "in memory and generates from a fixed prompt through both attention forms.\n");
         return 0;
+    }
+    if (argc > 1) { /* demo takes no options: do not silently ignore a typo */
+        fprintf(stderr, "dsinfer demo: unknown option '%s' (see --help)\n", argv[1]);
+        return 2;
     }
     engine_flags f = {0};
     dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;
