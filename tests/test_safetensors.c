@@ -561,11 +561,19 @@ static void mutate(fz_buf *b, uint64_t *rng) {
                                           "-0", "1e-5", "99999999999999999999", "2147483648", "null", "\"F8_E4M3\""};
     size_t pos = rng_below(rng, b->len + 1);
     switch (rng_below(rng, 9)) {
+    /* one rng call per statement: argument/operand order is unspecified in C,
+     * and the loop must mutate identically under every compiler */
     case 0:
-        if (b->len) b->p[rng_below(rng, b->len)] ^= (uint8_t)(1u << rng_below(rng, 8));
+        if (b->len) {
+            size_t at = rng_below(rng, b->len);
+            b->p[at] ^= (uint8_t)(1u << rng_below(rng, 8));
+        }
         break;
     case 1:
-        if (b->len) b->p[rng_below(rng, b->len)] = interesting[rng_below(rng, sizeof interesting)];
+        if (b->len) {
+            size_t at = rng_below(rng, b->len);
+            b->p[at] = interesting[rng_below(rng, sizeof interesting)];
+        }
         break;
     case 2: {
         uint8_t c = rng_below(rng, 2) ? interesting[rng_below(rng, sizeof interesting)] : (uint8_t)rng_next(rng);
@@ -588,7 +596,7 @@ static void mutate(fz_buf *b, uint64_t *rng) {
             case 0: h += (uint64_t)(int64_t)((int)rng_below(rng, 33) - 16); break;
             case 1: h = rng_next(rng); break;
             case 2: h = b->len - 8 - rng_below(rng, 4); break;
-            default: h = rng_next(rng) >> rng_below(rng, 64); break;
+            default: h = rng_next(rng); h >>= rng_below(rng, 64); break;
             }
             for (int i = 0; i < 8; i++) b->p[i] = (uint8_t)(h >> (8 * i));
         }
