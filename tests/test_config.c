@@ -167,9 +167,9 @@ static void test_fields_read(void **state) {
     assert_int_equal(c.fp8, 0);
     OK("quantization_config", "null");
     assert_int_equal(c.fp8, 0);
-    OK("quantization_config.weight_block_size", "[64, 32]");
+    OK("quantization_config.weight_block_size", "[128, 128.0]");
     assert_int_equal(c.fp8, 1);
-    assert_true(c.weight_block[0] == 64 && c.weight_block[1] == 32);
+    assert_true(c.weight_block[0] == 128 && c.weight_block[1] == 128);
     OK("quantization_config.weight_block_size", NULL);
     assert_true(c.weight_block[0] == 128 && c.weight_block[1] == 128);
     OK("quantization_config.fmt", NULL);
@@ -214,6 +214,9 @@ static void test_unsupported(void **state) {
         {"quantization_config.quant_method", NULL, DSI_EUNSUPPORTED, "quant_method"},
         {"quantization_config.fmt", "\"e5m2\"", DSI_EUNSUPPORTED, "fmt"},
         {"attention_bias", "true", DSI_EUNSUPPORTED, "attention_bias"},
+        /* the AVX-512 FP8 kernel only handles DeepSeek's 128x128 scale blocks */
+        {"quantization_config.weight_block_size", "[64, 32]", DSI_EUNSUPPORTED, "[64, 32]"},
+        {"quantization_config.weight_block_size", "[128, 256]", DSI_EUNSUPPORTED, "weight_block_size"},
     };
     run_bad(cases, sizeof cases / sizeof cases[0]);
 }
@@ -373,8 +376,6 @@ static void test_to_json_roundtrip(void **state) {
     c.routed_scaling_factor = 1.0f / 3.0f; /* not exact in decimal: printed to full precision */
     c.rms_norm_eps = 1e-5;
     c.rope_theta = 123456.789;
-    c.weight_block[0] = 64;
-    c.weight_block[1] = 32;
     c.yarn_factor = 4.25;
     c.yarn_mscale = 0.7071067811865476;
     c.yarn_mscale_all_dim = 0;

@@ -248,6 +248,38 @@ static void test_memory_equals_disk(void **state) {
     assert_null(mem);
 }
 
+/* Proportions unlike any preset (small vocab, one head): make-model's
+ * scratch buffers once assumed the embedding was the largest matrix and
+ * overflowed on q_a_proj / kv_a_proj. Both paths build and run it. */
+static void test_odd_proportions(void **state) {
+    dsi_config c;
+    assert_int_equal(dsi_config_preset(DSI_PRESET_TINY, 0, 1, &c), DSI_OK);
+    c.vocab_size = 64;
+    c.n_heads = 1;
+    c.dense_inter = 16;
+    c.moe_inter = 16;
+    c.n_shared_experts = 2;
+    dsi_model *mem, *disk;
+    int rc = dsi_make_model_memory(&c, SEED, &mem);
+    if (rc) fprintf(stderr, "  %s\n", dsi_last_error());
+    assert_int_equal(rc, DSI_OK);
+    char dir[512];
+    assert_int_equal(dsi_make_model(&c, tmp_path(dir, sizeof dir, "odd"), SEED, 64 << 10, 0), DSI_OK);
+    assert_int_equal(dsi_model_load(dir, NULL, &disk), DSI_OK);
+    float *a = run_logits(mem, 5), *b = run_logits(disk, 5);
+    for (int i = 0; i < 5 * c.vocab_size; i++) assert_true(isfinite(a[i]));
+    assert_memory_equal(a, b, sizeof(float) * 5 * c.vocab_size);
+    free(a);
+    free(b);
+    dsi_model_destroy(mem);
+    dsi_model_destroy(disk);
+    tu_rmtree(dir);
+    /* FP8 scale blocks other than 128x128 are refused, not computed wrongly */
+    c.weight_block[0] = 64;
+    assert_int_equal(dsi_make_model_memory(&c, SEED, &mem), DSI_EUNSUPPORTED);
+    assert_true(tu_msg_has("weight_block_size", NULL, NULL));
+}
+
 /* ------------------------------------------------- damaged golden copies */
 
 /* Copies golden `model`'s checkpoint (not its oracle outputs) to tmp/leaf. */
@@ -460,6 +492,7 @@ int main(void) {
         cmocka_unit_test(test_make_load_run),
         cmocka_unit_test(test_deterministic),
         cmocka_unit_test(test_memory_equals_disk),
+        cmocka_unit_test(test_odd_proportions),
         cmocka_unit_test(test_golden_copies_load),
         cmocka_unit_test(test_missing_tensor),
         cmocka_unit_test(test_wrong_shape),
