@@ -64,9 +64,15 @@ static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, ds
     }
     if (rc) { fprintf(stderr, "dsinfer: %s\n", dsi_last_error()); return rc; }
     const dsi_config *c = dsi_model_config(*m);
-    int tokens = f->kv_tokens > 0 ? f->kv_tokens : need_tokens;
-    int blocks = DSI_CEIL_DIV(tokens, DSI_KV_BLOCK_TOKENS) + 1;
-    rc = dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, blocks, kv);
+    /* 64-bit: --kv-tokens near INT_MAX must not overflow the rounding */
+    int64_t tokens = f->kv_tokens > 0 ? f->kv_tokens : need_tokens;
+    int64_t blocks = DSI_CEIL_DIV(tokens, (int64_t)DSI_KV_BLOCK_TOKENS) + 1;
+    if (blocks > (1 << 24)) {
+        fprintf(stderr, "dsinfer: a KV pool for %lld tokens is too large\n", (long long)tokens);
+        dsi_model_destroy(*m);
+        return DSI_ERANGE;
+    }
+    rc = dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, (int)blocks, kv);
     if (!rc) {
         dsi_engine_opts o = {.n_threads = f->threads, .max_tokens = f->max_tokens, .attn = f->attn,
                              .fp8_activations = f->fp8_act, .kernels = f->kernels};
@@ -225,6 +231,11 @@ int dsi_cmd_generate(int argc, char **argv) {
     int32_t *ids;
     int n = parse_ids(ids_s, &ids);
     if (n <= 0) { fprintf(stderr, "dsinfer generate: --ids must be a comma-separated list of token ids\n"); return 2; }
+    if (n_new > (1 << 30) - n) { /* n + n_new must not overflow */
+        fprintf(stderr, "dsinfer generate: -n %d is too large\n", n_new);
+        free(ids);
+        return 2;
+    }
     dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;
     if (open_engine(&f, n + n_new, &m, &kv, &e)) { free(ids); return 1; }
     int32_t *out = malloc(sizeof(int32_t) * n_new);
