@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* Reads an integer field; `def` when absent or null. Errors on wrong type. */
 static int get_int(const cJSON *root, const char *key, int def, int *out, int required) {
@@ -202,6 +203,9 @@ int dsi_config_validate(const dsi_config *c) {
 }
 
 int dsi_config_load(const char *path, dsi_config *out) {
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) /* a FIFO would block fopen */
+        return dsi_error(DSI_EIO, "%s: not a regular file", path);
     FILE *f = fopen(path, "rb");
     if (!f) return dsi_error(errno == ENOENT ? DSI_ENOTFOUND : DSI_EIO, "%s: %s", path, strerror(errno));
     char *buf = malloc(1 << 20);

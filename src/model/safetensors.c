@@ -269,7 +269,9 @@ int dsi_st_open_memory(const void *buf, size_t len, const char *name, dsi_st_set
 }
 
 static int map_file(dsi_st_set *set, const char *path) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO named *.safetensors would otherwise wait
+     * forever for a writer; the regular-file check below then rejects it */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return dsi_error(errno == ENOENT ? DSI_ENOTFOUND : DSI_EIO, "%s: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -326,6 +328,11 @@ int dsi_st_open_dir(const char *dir, dsi_st_set **out) {
     int rc = DSI_OK;
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     size_t ilen = 0;
+    struct stat ist;
+    if (stat(path, &ist) == 0 && !S_ISREG(ist.st_mode)) { /* a FIFO would block fopen */
+        dsi_st_close(set);
+        return dsi_error(DSI_EIO, "%s: not a regular file", path);
+    }
     char *index = read_small_file(path, 64u << 20, &ilen);
     cJSON *iroot = NULL;
     if (index) {
