@@ -71,6 +71,8 @@ expect_rc 2 "make-model with a bad dtype" "dtype" -- "$BIN" make-model --dtype f
 expect_rc 2 "inspect without a folder" "usage" -- "$BIN" inspect
 expect_rc 1 "logits on a missing folder" "config.json" -- "$BIN" logits --model "$TMP/none" --ids 1 --out "$TMP/x"
 expect_rc 1 "logits with an out-of-vocabulary id" "out of range" -- "$BIN" logits --model "$G8" --ids 1,4096 --out "$TMP/x"
+expect_rc 2 "generate -n past INT_MAX tokens" "too large" -- "$BIN" generate --model "$G8" --ids 1,2 -n 2147483647
+expect_rc 1 "logits --kv-tokens 2147483647" "too large" -- "$BIN" logits --model "$G8" --ids 1 --out "$TMP/x" --kv-tokens 2147483647
 
 # --- greedy generation equals the oracle's greedy0 continuation --------------
 for g in "$G8" "$G16"; do

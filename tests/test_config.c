@@ -405,8 +405,15 @@ static void test_load_file(void **state) {
     assert_int_equal(tu_write_file(path, bad, strlen(bad)), 0);
     assert_int_equal(dsi_config_load(path, &c), DSI_EUNSUPPORTED);
     assert_true(tu_msg_has(path, "model_type", "llama"));
-    assert_int_equal(dsi_config_load(dir, &c), DSI_EFORMAT); /* a folder reads as nothing */
-    assert_true(tu_msg_has(dir, NULL, NULL));
+    assert_int_equal(dsi_config_load(dir, &c), DSI_EIO);
+    assert_true(tu_msg_has(dir, "not a regular file", NULL));
+    /* a FIFO must not block the load (alarm: a hang fails the test) */
+    snprintf(path, sizeof path, "%s/fifo.json", dir);
+    assert_int_equal(mkfifo(path, 0600), 0);
+    alarm(20);
+    assert_int_equal(dsi_config_load(path, &c), DSI_EIO);
+    alarm(0);
+    assert_true(tu_msg_has(path, "not a regular file", NULL));
     tu_rmtree(dir);
     free(dir);
 }

@@ -381,6 +381,19 @@ static void test_dir_missing(void **state) {
     assert_null(s);
     assert_true(tu_msg_has(sub, NULL, NULL));
     assert_int_equal(dsi_st_open_file(dir, &s), DSI_EIO); /* a folder is not a file */
+    /* FIFOs must not block (alarm: a hang fails the test) */
+    snprintf(sub, sizeof sub, "%s/pipe.safetensors", dir);
+    assert_int_equal(mkfifo(sub, 0600), 0);
+    alarm(20);
+    assert_int_equal(dsi_st_open_file(sub, &s), DSI_EIO);
+    assert_true(tu_msg_has(sub, "not a regular file", NULL));
+    expect_dir_error(dir, DSI_EIO, "pipe.safetensors", NULL, NULL); /* found by the *.safetensors scan */
+    unlink(sub);
+    snprintf(sub, sizeof sub, "%s/model.safetensors.index.json", dir);
+    assert_int_equal(mkfifo(sub, 0600), 0);
+    expect_dir_error(dir, DSI_EIO, "model.safetensors.index.json", NULL, NULL);
+    alarm(0);
+    unlink(sub);
     snprintf(sub, sizeof sub, "%s/empty.safetensors", dir);
     assert_int_equal(tu_write_file(sub, "", 0), 0);
     assert_int_equal(dsi_st_open_file(sub, &s), DSI_EFORMAT);
