@@ -53,11 +53,13 @@ typedef struct dsi_config {
     int weight_block[2];        /* [rows, cols] of a scale block, 128x128 */
 } dsi_config;
 
-/* Parses a Hugging Face config.json (model_type deepseek_v3; deepseek_v2 is
+/* Parses a Hugging Face config.json (model_type deepseek_v3; kimi_k2 is
  * accepted with the same fields). Unsupported values (another model_type,
- * scoring_func other than sigmoid/softmax, activation other than silu, a
- * quantization method other than fp8 e4m3 with 128x128 blocks...) give
- * DSI_EUNSUPPORTED naming the field. */
+ * scoring_func other than sigmoid, topk_method other than noaux_tc,
+ * hidden_act other than silu, rope_scaling other than yarn, attention_bias,
+ * a quantization method other than fp8 e4m3 with 128x128 blocks) give
+ * DSI_EUNSUPPORTED naming the field; a field of the wrong type gives
+ * DSI_EFORMAT naming it. */
 int dsi_config_parse(const char *json, size_t len, dsi_config *out);
 int dsi_config_load(const char *path, dsi_config *out);
 /* Writes config.json text (malloc'ed, caller frees) for `c`. */

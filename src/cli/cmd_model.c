@@ -68,9 +68,15 @@ static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, ds
     }
     if (rc) { fprintf(stderr, "dsinfer: %s\n", dsi_last_error()); return rc; }
     const dsi_config *c = dsi_model_config(*m);
-    int tokens = f->kv_tokens > 0 ? f->kv_tokens : need_tokens;
-    int blocks = DSI_CEIL_DIV(tokens, DSI_KV_BLOCK_TOKENS) + 1;
-    rc = dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, blocks, kv);
+    /* 64-bit: --kv-tokens near INT_MAX must not overflow the rounding */
+    int64_t tokens = f->kv_tokens > 0 ? f->kv_tokens : need_tokens;
+    int64_t blocks = DSI_CEIL_DIV(tokens, (int64_t)DSI_KV_BLOCK_TOKENS) + 1;
+    if (blocks > (1 << 24)) {
+        fprintf(stderr, "dsinfer: a KV pool for %lld tokens is too large\n", (long long)tokens);
+        dsi_model_destroy(*m);
+        return DSI_ERANGE;
+    }
+    rc = dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, (int)blocks, kv);
     if (!rc) {
         dsi_engine_opts o = {.n_threads = f->threads, .max_tokens = f->max_tokens, .attn = f->attn,
                              .fp8_activations = f->fp8_act, .kernels = f->kernels};
@@ -130,7 +136,7 @@ int dsi_cmd_logits(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out_path = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--chunk", &missing))) chunk = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--decode-from", &missing))) decode_from = atoi(v);
-        else { fprintf(stderr, "dsinfer logits: unknown option '%s' (see --help)\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer logits: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer logits: %s needs a value\n", argv[i]); return 2; }
     }
     if (!ids_s || !out_path) { fprintf(stderr, "dsinfer logits: --ids and --out are required (see --help)\n"); return 2; }
@@ -221,7 +227,7 @@ int dsi_cmd_generate(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--top-p", &missing))) sp.top_p = (float)atof(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing))) sp.top_k = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) sp.seed = strtoull(v, NULL, 10);
-        else { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer generate: %s needs a value\n", argv[i]); return 2; }
     }
     if (!ids_s) { fprintf(stderr, "dsinfer generate: --ids is required (see --help)\n"); return 2; }
@@ -229,6 +235,11 @@ int dsi_cmd_generate(int argc, char **argv) {
     int32_t *ids;
     int n = parse_ids(ids_s, &ids);
     if (n <= 0) { fprintf(stderr, "dsinfer generate: --ids must be a comma-separated list of token ids\n"); return 2; }
+    if (n_new > (1 << 30) - n) { /* n + n_new must not overflow */
+        fprintf(stderr, "dsinfer generate: -n %d is too large\n", n_new);
+        free(ids);
+        return 2;
+    }
     dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;
     if (open_engine(&f, n + n_new, &m, &kv, &e)) { free(ids); return 1; }
     int32_t *out = malloc(sizeof(int32_t) * n_new);
@@ -268,7 +279,7 @@ int dsi_cmd_make_model(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) seed = strtoull(v, NULL, 10);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--shard-mb", &missing))) shard_mb = atol(v);
-        else { fprintf(stderr, "dsinfer make-model: unknown option '%s'\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer make-model: unknown option '%s'\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer make-model: %s needs a value\n", argv[i]); return 2; }
     }
     if (!out) { fprintf(stderr, "dsinfer make-model: --out DIR is required\n"); return 2; }
@@ -291,9 +302,14 @@ int dsi_cmd_make_model(int argc, char **argv) {
 }
 
 int dsi_cmd_inspect(int argc, char **argv) {
-    if (argc < 2 || !strcmp(argv[1], "--help")) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         printf("usage: dsinfer inspect DIR\nValidates a checkpoint and prints its shape and size.\n");
         return argc < 2 ? 2 : 0;
+    }
+    /* an option here is a typo, not a folder named "--x" */
+    if (argc > 2 || argv[1][0] == '-') {
+        fprintf(stderr, "dsinfer inspect: unexpected argument '%s' (see --help)\n", argc > 2 ? argv[2] : argv[1]);
+        return 2;
     }
     dsi_model *m;
     if (dsi_model_load(argv[1], NULL, &m)) { fprintf(stderr, "dsinfer inspect: %s\n", dsi_last_error()); return 1; }
@@ -316,6 +332,10 @@ int dsi_cmd_demo(int argc, char **argv) {
         printf("usage: dsinfer demo\nBuilds the built-in demo model (tiny DeepSeek-V3 shape, random FP8 weights)\n"
                "in memory and generates from a fixed prompt through both attention forms.\n");
         return 0;
+    }
+    if (argc > 1) { /* demo takes no options: do not silently ignore a typo */
+        fprintf(stderr, "dsinfer demo: unknown option '%s' (see --help)\n", argv[1]);
+        return 2;
     }
     engine_flags f = {0};
     dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;
