@@ -7,6 +7,9 @@
 
 static const dsi_command COMMANDS[] = {
     /* keep sorted by area; each entry's implementation lives in src/cli/cmd_<name>.c */
+    {"tokenize", "text on stdin -> token ids", dsi_cmd_tokenize},
+    {"detokenize", "token ids on stdin -> text", dsi_cmd_detokenize},
+    {"chat-render", "messages JSON on stdin -> chat prompt", dsi_cmd_chat_render},
     {NULL, NULL, NULL},
 };
 static const int N_COMMANDS = sizeof COMMANDS / sizeof COMMANDS[0] - 1; /* last is the sentinel */
