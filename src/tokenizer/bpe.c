@@ -95,6 +95,7 @@ int32_t dsi__merge_find(const dsi_tokenizer *tok, int32_t a, int32_t b, int32_t 
 }
 
 int dsi__ids_push(dsi__ids *a, const int32_t *ids, size_t n) {
+    if (n == 0) return DSI_OK;
     if (a->n + n > a->cap) {
         size_t cap = a->cap ? a->cap : 64;
         while (cap < a->n + n) cap *= 2;
@@ -377,7 +378,7 @@ int dsi__bpe_word(const dsi_tokenizer *tok, dsi__tls *t, const char *w, size_t n
     for (int32_t i = 0; i < k && i >= 0; i = t->sym_next[i])
         if ((rc = dsi__ids_push(out, &t->sym_id[i], 1))) return rc;
     size_t n_ids = out->n - start;
-    if (slot && n_ids <= CACHE_WORD) {
+    if (slot && n_ids > 0 && n_ids <= CACHE_WORD) {
         slot->hash = h;
         slot->len = (uint8_t)n;
         slot->n_ids = (uint8_t)n_ids;

@@ -251,7 +251,7 @@ static int add_split(dsi_tokenizer *tok, const char *pattern, size_t plen, int l
     if (dsi__utf8_invalid_at(pattern, plen) != plen) return fmt_err("Split pattern is not valid UTF-8");
     int err;
     PCRE2_SIZE off;
-    uint32_t opts = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
+    uint32_t opts = PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP); /* LITERAL rejects UCP */
     pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, plen, opts, &err, &off, NULL);
     if (!re) {
         PCRE2_UCHAR msg[160];
