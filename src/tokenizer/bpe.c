@@ -80,15 +80,16 @@ int32_t dsi__vocab_find(const dsi_tokenizer *tok, const char *s, size_t n) {
 }
 
 int32_t dsi__merge_find(const dsi_tokenizer *tok, int32_t a, int32_t b, int32_t *merged) {
-    if (!tok->mkeys) return -1;
+    if (!tok->merges) return -1;
     uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
     uint32_t i = (uint32_t)dsi__mix64(key) & tok->mmask;
     for (;;) {
-        uint64_t k = tok->mkeys[i];
-        if (k == key) {
-            *merged = tok->mnew[i];
-            return tok->mrank[i];
+        const dsi__merge *e = &tok->merges[i];
+        if (e->key == key) {
+            *merged = e->merged;
+            return e->rank;
         }
+        uint64_t k = e->key;
         if (k == UINT64_MAX) return -1;
         i = (i + 1) & tok->mmask;
     }

@@ -190,10 +190,11 @@ static int add_merge(dsi_tokenizer *tok, const char *a, size_t na, const char *b
      * collected from the list */
     uint64_t x = dsi__mix64(key);
     for (uint32_t i = (uint32_t)x & tok->mmask;; i = (i + 1) & tok->mmask) {
-        if (tok->mkeys[i] == UINT64_MAX || tok->mkeys[i] == key) {
-            tok->mkeys[i] = key;
-            tok->mrank[i] = rank;
-            tok->mnew[i] = merged;
+        dsi__merge *e = &tok->merges[i];
+        if (e->key == UINT64_MAX || e->key == key) {
+            e->key = key;
+            e->rank = rank;
+            e->merged = merged;
             return DSI_OK;
         }
     }
@@ -203,13 +204,11 @@ static int build_merges(dsi_tokenizer *tok, const cJSON *merges) {
     if (!merges) return DSI_OK;
     if (!cJSON_IsArray(merges)) return fmt_err("model.merges must be an array");
     int n = cJSON_GetArraySize(merges);
-    tok->mmask = pow2_at_least(2 * (size_t)n + 1) - 1;
+    tok->mmask = pow2_at_least((size_t)n + (size_t)n / 2 + 1) - 1; /* load factor <= 2/3 */
     size_t slots = (size_t)tok->mmask + 1;
-    tok->mkeys = malloc(slots * sizeof *tok->mkeys);
-    tok->mrank = malloc(slots * sizeof *tok->mrank);
-    tok->mnew = malloc(slots * sizeof *tok->mnew);
-    if (!tok->mkeys || !tok->mrank || !tok->mnew) return dsi_error(DSI_ENOMEM, "tokenizer: out of memory for merges");
-    memset(tok->mkeys, 0xff, slots * sizeof *tok->mkeys);
+    tok->merges = malloc(slots * sizeof *tok->merges);
+    if (!tok->merges) return dsi_error(DSI_ENOMEM, "tokenizer: out of memory for merges");
+    memset(tok->merges, 0xff, slots * sizeof *tok->merges);
     char *buf = NULL;
     size_t cap = 0;
     int32_t rank = 0;
@@ -622,9 +621,7 @@ void dsi_tokenizer_destroy(dsi_tokenizer *tok) {
     free(tok->dec_off);
     free(tok->id_flags);
     free(tok->vmap);
-    free(tok->mkeys);
-    free(tok->mrank);
-    free(tok->mnew);
+    free(tok->merges);
 #ifdef DSI_HAVE_PCRE2
     for (int i = 0; i < tok->n_splits; i++) pcre2_code_free(tok->splits[i].re);
 #endif

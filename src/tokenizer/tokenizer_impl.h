@@ -40,6 +40,11 @@ typedef struct dsi__trie_node {
     uint8_t byte;
 } dsi__trie_node;
 
+typedef struct dsi__merge {
+    uint64_t key;
+    int32_t rank, merged;
+} dsi__merge;
+
 enum { DSI__CHAT_NONE = 0, DSI__CHAT_UNKNOWN = 1, DSI__CHAT_DEEPSEEK_R1 = 2 };
 
 struct dsi_tokenizer {
@@ -58,9 +63,9 @@ struct dsi_tokenizer {
     int32_t *vmap;
     uint32_t vmap_mask;
 
-    /* (left id << 32 | right id) -> rank, merged id: open addressing, key UINT64_MAX empty */
-    uint64_t *mkeys;
-    int32_t *mrank, *mnew;
+    /* (left id << 32 | right id) -> rank, merged id: open addressing, key UINT64_MAX
+     * empty; one 16-byte slot so a lookup touches one cache line */
+    dsi__merge *merges;
     uint32_t mmask;
     size_t n_merges;
 
