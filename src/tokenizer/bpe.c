@@ -112,15 +112,16 @@ int dsi__ids_push(dsi__ids *a, const int32_t *ids, size_t n) {
 
 /* ---- per-thread state ------------------------------------------------------------------ */
 
-enum { CACHE_SLOTS = 8192, CACHE_WORD = 24 };
+enum { CACHE_SLOTS = 16384, CACHE_WORD = 24, CACHE_IDS = 8 };
 
-/* Direct-mapped cache of recent words; len 0 marks an empty slot. */
+/* Direct-mapped cache of recent words (up to 24 bytes and 8 ids: one 64-byte line per
+ * slot); len 0 marks an empty slot. */
 typedef struct cache_slot {
     uint32_t hash;
     uint8_t len, n_ids;
     char bytes[CACHE_WORD];
-    int32_t ids[CACHE_WORD];
-} cache_slot;
+    int32_t ids[CACHE_IDS];
+} __attribute__((aligned(64))) cache_slot;
 
 struct dsi__tls {
     uint64_t serial; /* tokenizer the contents belong to; 0 = none */
@@ -174,7 +175,8 @@ dsi__tls *dsi__tls_get(const dsi_tokenizer *tok) {
     if (!t) {
         t = calloc(1, sizeof *t);
         if (!t) return NULL;
-        t->cache = calloc(CACHE_SLOTS, sizeof *t->cache);
+        t->cache = aligned_alloc(64, CACHE_SLOTS * sizeof *t->cache);
+        if (t->cache) memset(t->cache, 0, CACHE_SLOTS * sizeof *t->cache);
         if (!t->cache || pthread_setspecific(g_tls_key, t) != 0) {
             tls_free(t);
             return NULL;
@@ -278,8 +280,9 @@ static void bpe_heap(const dsi_tokenizer *tok, dsi__tls *t, int32_t n) {
         uint64_t e = heap_pop(heap, &hn);
         int32_t pos = (int32_t)(uint32_t)e, rank = (int32_t)(e >> 32);
         if (id[pos] < 0 || next[pos] < 0) continue;
-        if (dsi__merge_find(tok, id[pos], id[next[pos]], &m) != rank) continue;
-        merge_at(id, prev, next, pos, m);
+        const dsi__rank *rk = &tok->ranks[rank];
+        if (id[pos] != rk->left || id[next[pos]] != rk->right) continue; /* stale */
+        merge_at(id, prev, next, pos, rk->merged);
         /* each merge adds at most 2 entries and removes one: the heap stays under 2n */
         if (prev[pos] >= 0) {
             int32_t r = dsi__merge_find(tok, id[prev[pos]], id[pos], &m);
@@ -379,7 +382,7 @@ int dsi__bpe_word(const dsi_tokenizer *tok, dsi__tls *t, const char *w, size_t n
     for (int32_t i = 0; i < k && i >= 0; i = t->sym_next[i])
         if ((rc = dsi__ids_push(out, &t->sym_id[i], 1))) return rc;
     size_t n_ids = out->n - start;
-    if (slot && n_ids > 0 && n_ids <= CACHE_WORD) {
+    if (slot && n_ids > 0 && n_ids <= CACHE_IDS) {
         slot->hash = h;
         slot->len = (uint8_t)n;
         slot->n_ids = (uint8_t)n_ids;

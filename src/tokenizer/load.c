@@ -234,7 +234,16 @@ static int build_merges(dsi_tokenizer *tok, const cJSON *merges) {
     }
     free(buf);
     tok->n_merges = (size_t)rank;
-    return rc;
+    if (rc) return rc;
+    tok->ranks = malloc((tok->n_merges + 1) * sizeof *tok->ranks);
+    if (!tok->ranks) return dsi_error(DSI_ENOMEM, "tokenizer: out of memory for merges");
+    memset(tok->ranks, 0xff, (tok->n_merges + 1) * sizeof *tok->ranks);
+    for (size_t i = 0; i < slots; i++) {
+        const dsi__merge *e = &tok->merges[i];
+        if (e->key == UINT64_MAX) continue;
+        tok->ranks[e->rank] = (dsi__rank){(int32_t)(e->key >> 32), (int32_t)(uint32_t)e->key, e->merged};
+    }
+    return DSI_OK;
 }
 
 /* ---- pre-tokenizer ------------------------------------------------------------------------ */
@@ -622,6 +631,7 @@ void dsi_tokenizer_destroy(dsi_tokenizer *tok) {
     free(tok->id_flags);
     free(tok->vmap);
     free(tok->merges);
+    free(tok->ranks);
 #ifdef DSI_HAVE_PCRE2
     for (int i = 0; i < tok->n_splits; i++) pcre2_code_free(tok->splits[i].re);
 #endif

@@ -45,6 +45,10 @@ typedef struct dsi__merge {
     int32_t rank, merged;
 } dsi__merge;
 
+typedef struct dsi__rank {
+    int32_t left, right, merged;
+} dsi__rank;
+
 enum { DSI__CHAT_NONE = 0, DSI__CHAT_UNKNOWN = 1, DSI__CHAT_DEEPSEEK_R1 = 2 };
 
 struct dsi_tokenizer {
@@ -68,6 +72,9 @@ struct dsi_tokenizer {
     dsi__merge *merges;
     uint32_t mmask;
     size_t n_merges;
+    /* by rank: the pair and its result ({-1,-1,-1} for a rank shadowed by a later
+     * duplicate), so a popped heap entry is validated without a hash probe */
+    dsi__rank *ranks;
 
     int byte_level;      /* pieces are mapped byte-wise to the GPT-2 alphabet before BPE */
     int32_t byte_id[256];/* byte-level: id of the single-byte token, -1 if absent */
