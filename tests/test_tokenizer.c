@@ -96,6 +96,72 @@ static void test_golden_chat(void **state) {
     free(js);
 }
 
+/* The string field `key` of o (malloc'd copy), from `key`_hex when present (texts with
+ * NUL, which cJSON strings cannot hold). */
+static char *json_text(const cJSON *o, const char *key, size_t *len) {
+    char hk[64];
+    snprintf(hk, sizeof hk, "%s_hex", key);
+    const cJSON *h = cJSON_GetObjectItem(o, hk);
+    if (cJSON_IsString(h)) {
+        size_t n = strlen(h->valuestring) / 2;
+        char *b = malloc(n + 1);
+        for (size_t i = 0; i < n; i++) {
+            unsigned v;
+            sscanf(h->valuestring + 2 * i, "%2x", &v);
+            b[i] = (char)v;
+        }
+        b[n] = '\0';
+        *len = n;
+        return b;
+    }
+    const char *s = cJSON_GetObjectItem(o, key)->valuestring;
+    *len = strlen(s);
+    return strdup(s);
+}
+
+/* 431 random and adversarial strings (all whitespace kinds, digits of other scripts,
+ * CJK edges, controls, special-token fragments) and 150 random id sequences, with the
+ * outputs of Hugging Face `tokenizers` 0.23.2 (tests/data/tokenizer/gen_random_hf.js). */
+static void test_hf_random_cases(void **state) {
+    char *js = slurp(DSI_TEST_DATA "/tokenizer/random_hf.json", NULL);
+    cJSON *root = cJSON_Parse(js), *c;
+    assert_non_null(root);
+    int cases = 0;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "encode")) {
+        size_t len;
+        char *text = json_text(c, "text", &len);
+        int32_t *ids;
+        size_t n;
+        assert_int_equal(dsi_tokenizer_encode(g_tok, text, len, 0, &ids, &n), DSI_OK);
+        assert_ids(ids, n, cJSON_GetObjectItem(c, "ids"));
+        free(ids);
+        assert_int_equal(dsi_tokenizer_encode(g_tok, text, len, DSI_TOK_ADD_BOS, &ids, &n), DSI_OK);
+        assert_ids(ids, n, cJSON_GetObjectItem(c, "ids_with_bos"));
+        free(ids);
+        free(text);
+        cases++;
+    }
+    assert_true(cases >= 400);
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "decode")) {
+        const cJSON *list = cJSON_GetObjectItem(c, "ids"), *e;
+        int32_t ids[64];
+        size_t n = 0;
+        cJSON_ArrayForEach(e, list) ids[n++] = e->valueint;
+        for (int skip = 0; skip < 2; skip++) {
+            char *text, *want;
+            size_t len, want_len;
+            want = json_text(c, skip ? "skip_special" : "text", &want_len);
+            assert_int_equal(dsi_tokenizer_decode(g_tok, ids, n, skip ? DSI_TOK_SKIP_SPECIAL : 0, &text, &len), DSI_OK);
+            assert_int_equal(len, want_len);
+            assert_memory_equal(text, want, len);
+            free(text);
+            free(want);
+        }
+    }
+    cJSON_Delete(root);
+    free(js);
+}
+
 /* Tool calls, tool outputs and the template's quirks, rendered by Jinja2 (see
  * tests/data/tokenizer/gen_chat_extra.py). */
 static void test_chat_extra_jinja(void **state) {
@@ -707,6 +773,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_golden_encode_decode),
         cmocka_unit_test(test_golden_chat),
+        cmocka_unit_test(test_hf_random_cases),
         cmocka_unit_test(test_chat_extra_jinja),
         cmocka_unit_test(test_chat_struct_api_and_errors),
         cmocka_unit_test(test_accessors),
