@@ -14,7 +14,8 @@
  * trained vocabulary. The pre-tokenizer and special tokens are copied from the golden
  * tokenizer.json.
  *
- * usage: bench_tokenizer [corpus_MB (default 4; training uses twice that)] [merges (default 128000)] */
+ * usage: bench_tokenizer [corpus_MB (default 4; training uses twice that)] [merges (default 128000)]
+ *                        [--dump DIR: also write DIR/tokenizer.json and DIR/corpus.txt] */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -485,8 +486,14 @@ typedef struct run {
 } run;
 
 int main(int argc, char **argv) {
-    double mb = argc > 1 ? atof(argv[1]) : 4;
-    int max_merges = argc > 2 ? atoi(argv[2]) : 128000;
+    double mb = 4;
+    int max_merges = 128000, pos = 0;
+    const char *dump = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--dump") && i + 1 < argc) dump = argv[++i];
+        else if (pos++ == 0) mb = atof(argv[i]);
+        else max_merges = atoi(argv[i]);
+    }
     make_words();
     /* train on one corpus, measure on another drawn from the same distribution */
     buf train = {0}, text = {0};
@@ -506,6 +513,19 @@ int main(int argc, char **argv) {
     double t0 = cpu_now();
     char *json = make_tokenizer_json(train.p, train.n, max_merges);
     free(train.p);
+    if (dump) { /* for checking against another implementation (bench/bench_tokenizer_hf.sh) */
+        char p[1024];
+        snprintf(p, sizeof p, "%s/tokenizer.json", dump);
+        FILE *f = fopen(p, "wb");
+        snprintf(p, sizeof p, "%s/corpus.txt", dump);
+        FILE *g = fopen(p, "wb");
+        if (!f || !g || fwrite(json, 1, strlen(json), f) != strlen(json) || fwrite(text.p, 1, text.n, g) != text.n) {
+            fprintf(stderr, "cannot write to %s\n", dump);
+            return 1;
+        }
+        fclose(f);
+        fclose(g);
+    }
     dsi_tokenizer *tok;
     double t1 = cpu_now();
     if (dsi_tokenizer_load_json(json, strlen(json), NULL, 0, &tok) != DSI_OK) {
