@@ -162,25 +162,92 @@ static void test_hf_random_cases(void **state) {
     free(js);
 }
 
-/* Tool calls, tool outputs and the template's quirks, rendered by Jinja2 (see
- * tests/data/tokenizer/gen_chat_extra.py). */
+/* Tool calls, tool outputs and each template's quirks, for the golden template and the
+ * other DeepSeek-V3/R1 templates, rendered by Jinja2 (tests/data/tokenizer/gen_chat_extra.py);
+ * a conversation Jinja2 rejects must be rejected too. */
 static void test_chat_extra_jinja(void **state) {
     char *js = slurp(DSI_TEST_DATA "/tokenizer/chat_extra.json", NULL);
-    cJSON *root = cJSON_Parse(js), *c;
-    int cases = 0;
-    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
-        char *text;
-        size_t len;
-        int gen = cJSON_IsTrue(cJSON_GetObjectItem(c, "add_generation_prompt"));
-        int rc = dsi_chat_render_cjson(g_tok, cJSON_GetObjectItem(c, "messages"), gen, &text, &len);
-        if (rc) fail_msg("%s: %s", cJSON_GetObjectItem(c, "name")->valuestring, dsi_last_error());
-        assert_string_equal(text, cJSON_GetObjectItem(c, "rendered")->valuestring);
-        free(text);
-        cases++;
+    size_t tl;
+    char *tj = slurp(GOLDEN "/tokenizer.json", &tl), *golden_cfg = slurp(GOLDEN "/tokenizer_config.json", NULL);
+    cJSON *root = cJSON_Parse(js), *tmpl, *c;
+    int n_templates = 0;
+    cJSON_ArrayForEach(tmpl, cJSON_GetObjectItem(root, "templates")) {
+        const char *name = tmpl->string, *where = tmpl->valuestring;
+        char *cfg;
+        if (!strcmp(where, "golden")) {
+            cfg = strdup(golden_cfg);
+        } else { /* the golden config with this template swapped in */
+            char path[512];
+            snprintf(path, sizeof path, "%s/tokenizer/%s", DSI_TEST_DATA, where);
+            char *text = slurp(path, NULL);
+            cJSON *conf = cJSON_Parse(golden_cfg);
+            cJSON_ReplaceItemInObject(conf, "chat_template", cJSON_CreateString(text));
+            cfg = cJSON_PrintUnformatted(conf);
+            cJSON_Delete(conf);
+            free(text);
+        }
+        dsi_tokenizer *t;
+        assert_int_equal(dsi_tokenizer_load_json(tj, tl, cfg, strlen(cfg), &t), DSI_OK);
+        assert_non_null(dsi_chat_template_name(t));
+        assert_string_equal(dsi_chat_template_name(t), name);
+        { /* the first case ends with a generation prompt: does it open <think>? */
+            const char *r0 = cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(root, "cases"), 0), "rendered"), name)->valuestring;
+            size_t l0 = strlen(r0);
+            assert_int_equal(dsi_chat_prompt_opens_reasoning(t), l0 >= 8 && !strcmp(r0 + l0 - 8, "<think>\n"));
+        }
+        int cases = 0;
+        cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
+            char *text;
+            size_t len;
+            int gen = cJSON_IsTrue(cJSON_GetObjectItem(c, "add_generation_prompt"));
+            const cJSON *want = cJSON_GetObjectItem(cJSON_GetObjectItem(c, "rendered"), name);
+            int rc = dsi_chat_render_cjson(t, cJSON_GetObjectItem(c, "messages"), gen, &text, &len);
+            const char *cname = cJSON_GetObjectItem(c, "name")->valuestring;
+            if (cJSON_IsNull(want)) {
+                if (rc == DSI_OK) fail_msg("%s / %s: Jinja2 rejects it, we rendered '%s'", name, cname, text);
+                assert_int_equal(rc, DSI_EINVAL);
+                continue;
+            }
+            if (rc) fail_msg("%s / %s: %s", name, cname, dsi_last_error());
+            if (strcmp(text, want->valuestring))
+                fail_msg("%s / %s (gen %d):\n got  '%s'\n want '%s'", name, cname, gen, text, want->valuestring);
+            free(text);
+            cases++;
+        }
+        assert_true(cases >= 20);
+        dsi_tokenizer_destroy(t);
+        free(cfg);
+        n_templates++;
     }
-    assert_true(cases >= 10);
+    assert_int_equal(n_templates, 5);
     cJSON_Delete(root);
     free(js);
+    free(tj);
+    free(golden_cfg);
+}
+
+/* Copies of a template that differ only in layout (indentation, trim markers, a raw
+ * newline instead of the \n escape in a literal) are the same template; a changed
+ * literal is not. */
+static void test_chat_fingerprint(void **state) {
+    char *t = slurp(DSI_TEST_DATA "/tokenizer/templates/deepseek-v3-0324.jinja", NULL);
+    uint64_t base = dsi__chat_fingerprint(t);
+    size_t n = strlen(t);
+    char *v = malloc(4 * n + 16), *o = v;
+    for (const char *p = t; *p; p++) { /* raw newlines for "\n", spaces after tags, trim markers */
+        if (p[0] == '\\' && p[1] == 'n') *o++ = '\n', p++;
+        else if (p[0] == '%' && p[1] == '}' && p > t && p[-1] != '-') memcpy(o, "-%}\n  ", 6), o += 6, p++;
+        else *o++ = *p;
+    }
+    *o = '\0';
+    assert_true(dsi__chat_fingerprint(v) == base);
+    char *w = strdup(t), *q = strstr(w, "'\\n\\n'");
+    assert_non_null(q);
+    q[3] = ' '; /* '\n\n' -> '\n n' */
+    assert_true(dsi__chat_fingerprint(w) != base);
+    free(t);
+    free(v);
+    free(w);
 }
 
 static void test_chat_struct_api_and_errors(void **state) {
@@ -775,6 +842,7 @@ int main(void) {
         cmocka_unit_test(test_golden_chat),
         cmocka_unit_test(test_hf_random_cases),
         cmocka_unit_test(test_chat_extra_jinja),
+        cmocka_unit_test(test_chat_fingerprint),
         cmocka_unit_test(test_chat_struct_api_and_errors),
         cmocka_unit_test(test_accessors),
         cmocka_unit_test(test_encode_decode_errors),

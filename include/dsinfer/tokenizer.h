@@ -98,10 +98,11 @@ void dsi_detok_reset(dsi_detok *d);
 void dsi_detok_destroy(dsi_detok *d);
 
 /* ---- chat format ---------------------------------------------------------------------
- * Renders a conversation exactly as the DeepSeek-R1 template of the golden
- * tokenizer_config.json does (see ARCHITECTURE.md: the template is recognised by a
- * fingerprint and rendered in C, not interpreted). A tokenizer without a chat template
- * or with one that is not recognised fails with DSI_EUNSUPPORTED. The rendered text
+ * Renders a conversation exactly as the tokenizer's chat_template would (with
+ * transformers' Jinja settings), for the DeepSeek-V3/R1 templates listed in
+ * ARCHITECTURE.md, the golden R1 one included: the template is recognised by a
+ * fingerprint and rendered in C, not interpreted. A tokenizer without a chat template,
+ * or with one that is not recognised, fails with DSI_EUNSUPPORTED. The rendered text
  * starts with the BOS token's text: encode it WITHOUT DSI_TOK_ADD_BOS. */
 typedef struct dsi_chat_tool_call {
     const char *type;      /* "function" */
@@ -112,9 +113,18 @@ typedef struct dsi_chat_tool_call {
 typedef struct dsi_chat_message {
     const char *role;    /* "system", "user", "assistant", "tool"; others are ignored */
     const char *content; /* NULL means JSON null (allowed for assistant messages with tool calls) */
-    const dsi_chat_tool_call *tool_calls; /* assistant only; may be NULL */
+    /* assistant only. NULL: no tool_calls (or JSON null); non-NULL with n_tool_calls 0:
+     * an empty list (some templates tell the two apart) */
+    const dsi_chat_tool_call *tool_calls;
     size_t n_tool_calls;
 } dsi_chat_message;
+
+/* Name of the recognised template ("deepseek-r1-distill", "deepseek-v3-0324", ...), or
+ * NULL when there is none or it is not recognised. */
+const char *dsi_chat_template_name(const dsi_tokenizer *tok);
+/* 1 when the generation prompt ends inside a <think> block (R1 templates): start the
+ * reasoning splitter with starts_in_reasoning = 1. */
+int dsi_chat_prompt_opens_reasoning(const dsi_tokenizer *tok);
 
 /* All inputs borrowed. *text is malloc'd, NUL-terminated, owned by the caller. */
 int dsi_chat_render(const dsi_tokenizer *tok, const dsi_chat_message *msgs, size_t n_msgs,

@@ -1,15 +1,24 @@
-/* DeepSeek-R1 chat format.
+/* DeepSeek-V3/R1 chat formats.
  *
- * We do not interpret Jinja. The template of tokenizer_config.json is recognised by a
- * fingerprint (FNV-1a of the template with whitespace and Jinja trim markers removed,
- * so re-indenting it does not matter) and rendered by render_r1(), a line-by-line
- * transcription of that template, including its quirks:
- *  - only the LAST system message is used, and it is placed right after BOS;
- *  - ns.is_first is never reset, so only the first tool call of the whole
- *    conversation opens with "<｜Assistant｜><｜tool▁calls▁begin｜>";
- *  - ns.is_output_first is never reset either (later tool outputs start with "\n");
- *  - an assistant message after tool outputs closes them and is not "</think>"-cut;
- *  - the generation prompt is suppressed when the conversation ends in tool outputs.
+ * We do not interpret Jinja. The chat_template of tokenizer_config.json is recognised
+ * by a fingerprint and rendered by C code that transcribes it, quirks included. The
+ * fingerprint is FNV-1a over a canonical form of the template: whitespace dropped
+ * except inside string literals, Jinja trim markers dropped, and a raw newline inside
+ * a literal written as the escape \n (tokenizer_config.json and GGUF copies differ in
+ * exactly these ways). Known templates, each checked against Jinja2 renderings in
+ * tests/data/tokenizer/:
+ *  - deepseek-r1-distill (the golden template): last system message only; tool calls
+ *    when tool_calls is non-empty; ns.is_first / ns.is_output_first never reset, so
+ *    only the first tool call of the conversation opens with "<｜Assistant｜>" and later
+ *    tool outputs start with "\n"; "</think>" cut from assistant turns not following
+ *    tool output; no generation prompt after tool outputs; prompt ends "<think>\n".
+ *  - deepseek-v3-r1-old (DeepSeek-V3 / R1 at release): tool calls only when content is
+ *    null, and "<｜tool▁calls▁end｜>" written after each non-first call instead of once;
+ *    prompt ends "<｜Assistant｜>". deepseek-r1-distill-llama: the same, with "<think>\n".
+ *  - deepseek-r1 (is_first_sp): all system messages joined by "\n\n"; a tool_calls key
+ *    (even empty) selects the tool-call branch, whose first call is prefixed by the
+ *    content; no "\n" between tool outputs.
+ *  - deepseek-v3-0324 (is_last_user): see render_v3_0324().
  * Any other template fails with DSI_EUNSUPPORTED and its fingerprint in the message. */
 #include <cjson/cJSON.h>
 #include <stdlib.h>
@@ -19,32 +28,75 @@
 
 static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
+static uint64_t fnv(uint64_t h, char c) { return (h ^ (unsigned char)c) * 0x100000001b3ull; }
+
 uint64_t dsi__chat_fingerprint(const char *t) {
-    size_t n = strlen(t), m = 0;
-    char *s = malloc(n + 1);
-    if (!s) return 0;
-    for (size_t i = 0; i < n; i++)
-        if (!is_ws(t[i])) s[m++] = t[i];
     uint64_t h = 0xcbf29ce484222325ull;
-    for (size_t i = 0; i < m; i++) {
-        /* "{%-" "{{-" "-%}" "-}}": trim markers only change whitespace handling */
-        if (s[i] == '-' && ((i >= 2 && s[i - 2] == '{' && (s[i - 1] == '%' || s[i - 1] == '{')) ||
-                            (i + 2 < m && s[i + 2] == '}' && (s[i + 1] == '%' || s[i + 1] == '}'))))
-            continue;
-        h = (h ^ (unsigned char)s[i]) * 0x100000001b3ull;
+    size_t n = strlen(t);
+    char closer = 0, quote = 0; /* inside a tag: its closing char ('}', '%', '#'); inside a literal: its quote */
+    for (size_t i = 0; i < n; i++) {
+        char c = t[i];
+        if (!closer) {
+            if (c == '{' && i + 1 < n && (t[i + 1] == '{' || t[i + 1] == '%' || t[i + 1] == '#')) {
+                closer = t[i + 1] == '{' ? '}' : t[i + 1];
+                h = fnv(fnv(h, c), t[i + 1]);
+                i++;
+                if (i + 1 < n && (t[i + 1] == '-' || t[i + 1] == '+')) i++; /* trim marker */
+            } else if (!is_ws(c)) {
+                h = fnv(h, c);
+            }
+        } else if (quote) {
+            if (c == '\n') h = fnv(fnv(h, '\\'), 'n');
+            else h = fnv(h, c);
+            if (c == '\\' && i + 1 < n) h = fnv(h, t[++i]);
+            else if (c == quote) quote = 0;
+        } else if (c == '\'' || c == '"') {
+            quote = c;
+            h = fnv(h, c);
+        } else if ((c == '-' || c == '+') && i + 2 < n && t[i + 1] == closer && t[i + 2] == '}') {
+            continue; /* trim marker before the closer */
+        } else if (c == closer && i + 1 < n && t[i + 1] == '}') {
+            h = fnv(fnv(h, c), '}');
+            i++;
+            closer = 0;
+        } else if (!is_ws(c)) {
+            h = fnv(h, c);
+        }
     }
-    free(s);
     return h;
 }
 
-/* Fingerprint of the DeepSeek-R1 template in tests/data/golden/tokenizer (its text is
- * repeated in ARCHITECTURE.md's tokenizer section). */
-#define DSI__R1_FINGERPRINT 0x7d5e2b27d3ce82b8ull
+enum { CALLS_NONEMPTY, CALLS_CONTENT_NULL, CALLS_KEY };
+enum { TEXT_CONTENT_NOT_NULL, TEXT_NO_CALLS_KEY };
+
+/* What tells the R1-family templates apart (see the list above). */
+typedef struct flavor {
+    const char *name;
+    uint64_t fingerprint;
+    int join_systems;        /* all system messages joined by "\n\n", else the last one */
+    int calls_when;          /* CALLS_*: when an assistant message takes the tool-call branch */
+    int content_before_call; /* the first call is written as "<｜Assistant｜>" + content + ... */
+    int calls_end_each;      /* "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>" after each non-first call */
+    int text_when;           /* TEXT_*: when an assistant message takes the text branch */
+    int outputs_newline;     /* "\n" before each tool output but the first */
+    const char *gen_prompt;
+    int v3_0324; /* rendered by render_v3_0324() */
+} flavor;
+
+static const flavor FLAVORS[] = {
+    {"deepseek-r1-distill", 0x7d5e2b27d3ce82b8ull, 0, CALLS_NONEMPTY, 0, 0, TEXT_CONTENT_NOT_NULL, 1, "<｜Assistant｜><think>\n", 0},
+    {"deepseek-v3-r1-old", 0x567ba96ab8a02041ull, 0, CALLS_CONTENT_NULL, 0, 1, TEXT_CONTENT_NOT_NULL, 1, "<｜Assistant｜>", 0},
+    {"deepseek-r1-distill-llama", 0x96a70bc14ff9c5a9ull, 0, CALLS_CONTENT_NULL, 0, 1, TEXT_CONTENT_NOT_NULL, 1, "<｜Assistant｜><think>\n", 0},
+    {"deepseek-r1", 0x90d11a66a1279f3cull, 1, CALLS_KEY, 1, 0, TEXT_NO_CALLS_KEY, 0, "<｜Assistant｜><think>\n", 0},
+    {"deepseek-v3-0324", 0x30a2375f521d544bull, 1, 0, 0, 0, 0, 1, "<｜Assistant｜>", 1},
+};
+enum { N_FLAVORS = sizeof FLAVORS / sizeof FLAVORS[0] };
 
 int dsi__chat_style_of(const char *tmpl, uint64_t *fingerprint) {
     uint64_t f = dsi__chat_fingerprint(tmpl);
     *fingerprint = f;
-    if (f == DSI__R1_FINGERPRINT) return DSI__CHAT_DEEPSEEK_R1;
+    for (int i = 0; i < N_FLAVORS; i++)
+        if (FLAVORS[i].fingerprint == f) return DSI__CHAT_FLAVOR0 + i;
     return DSI__CHAT_UNKNOWN;
 }
 
@@ -79,58 +131,155 @@ static int need_str(const char *s, size_t i, const char *what) {
     return dsi_error(DSI_EINVAL, "chat: message %zu: %s must be a string", i, what);
 }
 
-static int render_r1(const dsi_tokenizer *tok, const dsi_chat_message *msgs, size_t n, int add_gen, sbuf *b) {
-    int is_first = 0, is_tool = 0, is_output_first = 1, rc;
-    const char *system = "";
-    for (size_t i = 0; i < n; i++)
-        if (msgs[i].role && !strcmp(msgs[i].role, "system")) {
-            if ((rc = need_str(msgs[i].content, i, "system content"))) return rc;
-            system = msgs[i].content;
+static int role_is(const dsi_chat_message *m, const char *r) { return m->role && !strcmp(m->role, r); }
+
+/* System prompt: the last system message, or all joined by "\n\n". */
+static int put_system(const dsi_chat_message *msgs, size_t n, int join, sbuf *b) {
+    const char *last = "";
+    int first = 1, rc;
+    for (size_t i = 0; i < n; i++) {
+        if (!role_is(&msgs[i], "system")) continue;
+        if ((rc = need_str(msgs[i].content, i, "system content"))) return rc;
+        if (join) {
+            if (!first) put(b, "\n\n");
+            put(b, msgs[i].content);
         }
+        last = msgs[i].content;
+        first = 0;
+    }
+    if (!join) put(b, last);
+    return DSI_OK;
+}
+
+/* type<｜tool▁sep｜>name\n```json\narguments\n```<｜tool▁call▁end｜> */
+static int put_call_body(const dsi_chat_tool_call *tc, size_t i, size_t k, sbuf *b) {
+    if (!tc->type || !tc->name || !tc->arguments)
+        return dsi_error(DSI_EINVAL, "chat: message %zu: tool call %zu needs string type, function.name and function.arguments", i, k);
+    put(b, tc->type);
+    put(b, "<｜tool▁sep｜>");
+    put(b, tc->name);
+    put(b, "\n```json\n");
+    put(b, tc->arguments);
+    put(b, "\n```<｜tool▁call▁end｜>");
+    return DSI_OK;
+}
+
+static const char *after_think(const char *content) {
+    const char *p;
+    while ((p = strstr(content, "</think>"))) content = p + strlen("</think>");
+    return content;
+}
+
+static int render_r1(const dsi_tokenizer *tok, const flavor *f, const dsi_chat_message *msgs, size_t n, int add_gen,
+                     sbuf *b) {
+    int is_first = 0, is_tool = 0, is_output_first = 1, rc;
     put(b, tok->bos_text);
-    put(b, system);
+    if ((rc = put_system(msgs, n, f->join_systems, b))) return rc;
     for (size_t i = 0; i < n; i++) {
         const dsi_chat_message *m = &msgs[i];
-        const char *role = m->role ? m->role : "";
-        if (!strcmp(role, "user")) {
+        if (role_is(m, "user")) {
             if ((rc = need_str(m->content, i, "user content"))) return rc;
             is_tool = 0;
             put(b, "<｜User｜>");
             put(b, m->content);
         }
-        if (!strcmp(role, "assistant") && m->n_tool_calls > 0) {
+        int calls = f->calls_when == CALLS_NONEMPTY       ? m->n_tool_calls > 0
+                    : f->calls_when == CALLS_CONTENT_NULL ? m->content == NULL
+                                                          : m->tool_calls != NULL;
+        if (role_is(m, "assistant") && calls) {
             is_tool = 0;
             for (size_t k = 0; k < m->n_tool_calls; k++) {
-                const dsi_chat_tool_call *tc = &m->tool_calls[k];
-                if (!tc->type || !tc->name || !tc->arguments)
-                    return dsi_error(DSI_EINVAL, "chat: message %zu: tool call %zu needs string type, function.name and function.arguments", i, k);
-                put(b, is_first ? "\n<｜tool▁call▁begin｜>" : "<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>");
-                put(b, tc->type);
-                put(b, "<｜tool▁sep｜>");
-                put(b, tc->name);
-                put(b, "\n```json\n");
-                put(b, tc->arguments);
-                put(b, "\n```<｜tool▁call▁end｜>");
-                is_first = 1;
+                int was_first = is_first;
+                if (!is_first) {
+                    put(b, "<｜Assistant｜>");
+                    if (f->content_before_call && m->content) put(b, m->content);
+                    put(b, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>");
+                    is_first = 1;
+                } else {
+                    put(b, "\n<｜tool▁call▁begin｜>");
+                }
+                if ((rc = put_call_body(&m->tool_calls[k], i, k, b))) return rc;
+                /* the old template closes inside its else branch: after every call but
+                 * the conversation's first */
+                if (f->calls_end_each && was_first) put(b, "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>");
             }
-            put(b, "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>");
+            if (!f->calls_end_each) put(b, "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>");
         }
-        if (!strcmp(role, "assistant") && m->content) {
+        int text = f->text_when == TEXT_CONTENT_NOT_NULL ? m->content != NULL : m->tool_calls == NULL;
+        if (role_is(m, "assistant") && text) {
+            if ((rc = need_str(m->content, i, "assistant content"))) return rc;
             if (is_tool) {
                 put(b, "<｜tool▁outputs▁end｜>");
                 put(b, m->content);
                 put(b, "<｜end▁of▁sentence｜>");
                 is_tool = 0;
             } else {
-                const char *content = m->content, *p;
-                while ((p = strstr(content, "</think>"))) content = p + strlen("</think>");
                 put(b, "<｜Assistant｜>");
-                put(b, content);
+                put(b, after_think(m->content));
                 put(b, "<｜end▁of▁sentence｜>");
             }
         }
-        if (!strcmp(role, "tool")) {
+        if (role_is(m, "tool")) {
             if ((rc = need_str(m->content, i, "tool content"))) return rc;
+            is_tool = 1;
+            put(b, is_output_first ? "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>"
+                   : f->outputs_newline ? "\n<｜tool▁output▁begin｜>" : "<｜tool▁output▁begin｜>");
+            put(b, m->content);
+            put(b, "<｜tool▁output▁end｜>");
+            is_output_first = 0;
+        }
+    }
+    if (is_tool) put(b, "<｜tool▁outputs▁end｜>");
+    if (add_gen && !is_tool) put(b, f->gen_prompt);
+    return DSI_OK;
+}
+
+/* DeepSeek-V3-0324: the user turn itself opens the assistant turn ("<｜User｜>...<｜Assistant｜>"),
+ * assistant text is written bare (no "</think>" cut), the tool-call state is reset per user
+ * turn and per tool-call message, and the generation prompt is added only when the last
+ * message is not from the user (whose turn already opened it) nor a tool output. */
+static int render_v3_0324(const dsi_tokenizer *tok, const dsi_chat_message *msgs, size_t n, int add_gen, sbuf *b) {
+    int is_first = 0, is_tool = 0, is_output_first = 1, is_last_user = 0, rc;
+    put(b, tok->bos_text);
+    if ((rc = put_system(msgs, n, 1, b))) return rc;
+    for (size_t i = 0; i < n; i++) {
+        const dsi_chat_message *m = &msgs[i];
+        if (role_is(m, "user")) {
+            if ((rc = need_str(m->content, i, "user content"))) return rc;
+            is_tool = is_first = 0;
+            is_last_user = 1;
+            put(b, "<｜User｜>");
+            put(b, m->content);
+            put(b, "<｜Assistant｜>");
+        }
+        if (role_is(m, "assistant") && m->tool_calls) {
+            is_last_user = 0;
+            if (is_tool) put(b, "<｜tool▁outputs▁end｜>");
+            is_first = is_tool = 0;
+            is_output_first = 1;
+            for (size_t k = 0; k < m->n_tool_calls; k++) {
+                if (!is_first) {
+                    if (m->content) put(b, m->content);
+                    put(b, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>");
+                    is_first = 1;
+                } else {
+                    put(b, "\n<｜tool▁call▁begin｜>");
+                }
+                if ((rc = put_call_body(&m->tool_calls[k], i, k, b))) return rc;
+            }
+            put(b, "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>");
+        }
+        if (role_is(m, "assistant") && !m->tool_calls) {
+            if ((rc = need_str(m->content, i, "assistant content"))) return rc;
+            is_last_user = 0;
+            if (is_tool) put(b, "<｜tool▁outputs▁end｜>");
+            put(b, m->content);
+            put(b, "<｜end▁of▁sentence｜>");
+            is_tool = 0;
+        }
+        if (role_is(m, "tool")) {
+            if ((rc = need_str(m->content, i, "tool content"))) return rc;
+            is_last_user = 0;
             is_tool = 1;
             put(b, is_output_first ? "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>" : "\n<｜tool▁output▁begin｜>");
             put(b, m->content);
@@ -139,19 +288,34 @@ static int render_r1(const dsi_tokenizer *tok, const dsi_chat_message *msgs, siz
         }
     }
     if (is_tool) put(b, "<｜tool▁outputs▁end｜>");
-    if (add_gen && !is_tool) put(b, "<｜Assistant｜><think>\n");
+    if (add_gen && !is_last_user && !is_tool) put(b, "<｜Assistant｜>");
     return DSI_OK;
+}
+
+static const flavor *flavor_of(const dsi_tokenizer *tok) {
+    int k = tok ? tok->chat_style - DSI__CHAT_FLAVOR0 : -1;
+    return k >= 0 && k < N_FLAVORS ? &FLAVORS[k] : NULL;
 }
 
 static int check_style(const dsi_tokenizer *tok) {
     if (!tok) return dsi_error(DSI_EINVAL, "chat: NULL tokenizer");
     if (tok->chat_style == DSI__CHAT_NONE)
         return dsi_error(DSI_EUNSUPPORTED, "chat: the tokenizer has no chat_template (tokenizer_config.json missing or without one)");
-    if (tok->chat_style != DSI__CHAT_DEEPSEEK_R1)
-        return dsi_error(DSI_EUNSUPPORTED, "chat: unrecognised chat_template (fingerprint %016llx); only the DeepSeek-R1 template is rendered (see ARCHITECTURE.md)",
+    if (!flavor_of(tok))
+        return dsi_error(DSI_EUNSUPPORTED, "chat: unrecognised chat_template (fingerprint %016llx); only the DeepSeek-V3/R1 templates listed in ARCHITECTURE.md are rendered",
                          (unsigned long long)tok->chat_fingerprint);
     if (!tok->bos_text) return dsi_error(DSI_EUNSUPPORTED, "chat: the template needs bos_token, which tokenizer_config.json lacks");
     return DSI_OK;
+}
+
+const char *dsi_chat_template_name(const dsi_tokenizer *tok) {
+    const flavor *f = flavor_of(tok);
+    return f ? f->name : NULL;
+}
+
+int dsi_chat_prompt_opens_reasoning(const dsi_tokenizer *tok) {
+    const flavor *f = flavor_of(tok);
+    return f && strstr(f->gen_prompt, "<think>") != NULL;
 }
 
 int dsi_chat_render(const dsi_tokenizer *tok, const dsi_chat_message *msgs, size_t n_msgs, int add_generation_prompt,
@@ -161,9 +325,11 @@ int dsi_chat_render(const dsi_tokenizer *tok, const dsi_chat_message *msgs, size
     if (!text || (!msgs && n_msgs)) return dsi_error(DSI_EINVAL, "dsi_chat_render: NULL argument");
     int rc = check_style(tok);
     if (rc) return rc;
+    const flavor *f = flavor_of(tok);
     sbuf b = {0};
     put(&b, "");
-    rc = render_r1(tok, msgs, n_msgs, add_generation_prompt, &b);
+    rc = f->v3_0324 ? render_v3_0324(tok, msgs, n_msgs, add_generation_prompt, &b)
+                    : render_r1(tok, f, msgs, n_msgs, add_generation_prompt, &b);
     if (!rc && b.err) rc = dsi_error(DSI_ENOMEM, "chat: out of memory");
     if (rc) {
         free(b.p);

@@ -49,7 +49,8 @@ typedef struct dsi__rank {
     int32_t left, right, merged;
 } dsi__rank;
 
-enum { DSI__CHAT_NONE = 0, DSI__CHAT_UNKNOWN = 1, DSI__CHAT_DEEPSEEK_R1 = 2 };
+/* chat_style: none, unknown, or DSI__CHAT_FLAVOR0 + index into chat.c's FLAVORS */
+enum { DSI__CHAT_NONE = 0, DSI__CHAT_UNKNOWN = 1, DSI__CHAT_FLAVOR0 = 2 };
 
 struct dsi_tokenizer {
     uint64_t serial; /* unique per load; keys the per-thread caches */
