@@ -112,10 +112,12 @@ int dsi__ids_push(dsi__ids *a, const int32_t *ids, size_t n) {
 
 /* ---- per-thread state ------------------------------------------------------------------ */
 
-enum { CACHE_SLOTS = 16384, CACHE_WORD = 24, CACHE_IDS = 8 };
+enum { CACHE_SLOTS = 65536, CACHE_WORD = 24, CACHE_IDS = 8 };
 
-/* Direct-mapped cache of recent words (up to 24 bytes and 8 ids: one 64-byte line per
- * slot); len 0 marks an empty slot. */
+/* 2-way set-associative cache of recent words (up to 24 bytes and 8 ids: one 64-byte
+ * line per slot, 4 MB per thread, committed only as slots are used); len 0 marks an
+ * empty slot. Sized on bench_tokenizer: 16k direct-mapped slots hit 83% of English
+ * words, 64k 2-way ones about 91%, worth about 1.5x English throughput. */
 typedef struct cache_slot {
     uint32_t hash;
     uint8_t len, n_ids;
@@ -125,7 +127,8 @@ typedef struct cache_slot {
 
 struct dsi__tls {
     uint64_t serial; /* tokenizer the contents belong to; 0 = none */
-    cache_slot *cache;
+    cache_slot *cache; /* 64-byte aligned inside cache_mem */
+    void *cache_mem;
     int32_t *sym_id, *sym_prev, *sym_next;
     size_t sym_cap;
     uint64_t *heap;
@@ -158,7 +161,7 @@ static void tls_free(void *p) {
     pcre2_match_context_free(t->mctx);
     pcre2_jit_stack_free(t->jstack);
 #endif
-    free(t->cache);
+    free(t->cache_mem);
     free(t->sym_id);
     free(t->sym_prev);
     free(t->sym_next);
@@ -175,16 +178,20 @@ dsi__tls *dsi__tls_get(const dsi_tokenizer *tok) {
     if (!t) {
         t = calloc(1, sizeof *t);
         if (!t) return NULL;
-        t->cache = aligned_alloc(64, CACHE_SLOTS * sizeof *t->cache);
-        if (t->cache) memset(t->cache, 0, CACHE_SLOTS * sizeof *t->cache);
+        /* calloc of this size maps fresh zero pages: untouched slots cost no memory */
+        t->cache_mem = calloc(CACHE_SLOTS + 1, sizeof *t->cache);
+        if (t->cache_mem) t->cache = (cache_slot *)(((uintptr_t)t->cache_mem + 63) & ~(uintptr_t)63);
         if (!t->cache || pthread_setspecific(g_tls_key, t) != 0) {
             tls_free(t);
             return NULL;
         }
     }
     if (t->serial != tok->serial) {
-        /* another tokenizer used this thread last: its cached words mean nothing here */
-        for (int i = 0; i < CACHE_SLOTS; i++) t->cache[i].len = 0;
+        /* another tokenizer used this thread last: its cached words mean nothing here.
+         * Untag first, so that a failure below leaves the block invalid, not stale. */
+        if (t->serial != 0)
+            for (int i = 0; i < CACHE_SLOTS; i++) t->cache[i].len = 0;
+        t->serial = 0;
         tls_clear_regex(t);
 #ifdef DSI_HAVE_PCRE2
         if (tok->n_splits > 0) {
@@ -358,13 +365,14 @@ int dsi__bpe_word(const dsi_tokenizer *tok, dsi__tls *t, const char *w, size_t n
         return dsi__ids_push(out, &tok->byte_id[(unsigned char)w[0]], 1);
     if (n > INT32_MAX / 4) return dsi_error(DSI_ERANGE, "tokenizer: word of %zu bytes is too long", n);
 
-    cache_slot *slot = NULL;
+    cache_slot *set = NULL;
     uint32_t h = 0;
     if (use_cache && n <= CACHE_WORD) {
         h = (uint32_t)dsi__hash_bytes(w, n);
-        slot = &t->cache[h & (CACHE_SLOTS - 1)];
-        if (slot->len == n && slot->hash == h && memcmp(slot->bytes, w, n) == 0)
-            return dsi__ids_push(out, slot->ids, slot->n_ids);
+        set = &t->cache[(h & (CACHE_SLOTS / 2 - 1)) * 2];
+        for (int way = 0; way < 2; way++)
+            if (set[way].len == n && set[way].hash == h && memcmp(set[way].bytes, w, n) == 0)
+                return dsi__ids_push(out, set[way].ids, set[way].n_ids);
     }
     int rc = tls_reserve(t, n + 1);
     if (rc) return rc;
@@ -382,7 +390,9 @@ int dsi__bpe_word(const dsi_tokenizer *tok, dsi__tls *t, const char *w, size_t n
     for (int32_t i = 0; i < k && i >= 0; i = t->sym_next[i])
         if ((rc = dsi__ids_push(out, &t->sym_id[i], 1))) return rc;
     size_t n_ids = out->n - start;
-    if (slot && n_ids > 0 && n_ids <= CACHE_IDS) {
+    if (set && n_ids > 0 && n_ids <= CACHE_IDS) { /* way 0 holds the newer entry */
+        set[1] = set[0];
+        cache_slot *slot = &set[0];
         slot->hash = h;
         slot->len = (uint8_t)n;
         slot->n_ids = (uint8_t)n_ids;
