@@ -383,6 +383,7 @@ static void test_loader_errors(void **state) {
         {"{\"model\":{\"vocab\":{\"a\":0}},\"pre_tokenizer\":{\"type\":\"Split\",\"pattern\":{\"Regex\":\"a\"},\"behavior\":\"Sideways\"}}", DSI_EFORMAT},
         {"{\"model\":{\"vocab\":{\"a\":0}},\"pre_tokenizer\":{\"type\":\"Whitespace\"}}", DSI_EUNSUPPORTED},
         {"{\"model\":{\"vocab\":{\"a\":0}},\"normalizer\":{\"type\":\"NFC\"}}", DSI_EUNSUPPORTED},
+        {"{\"model\":{\"vocab\":{\"a\":0}},\"normalizer\":{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"NFC\"}]}}", DSI_EUNSUPPORTED},
         {"{\"model\":{\"vocab\":{\"a\":0}},\"decoder\":{\"type\":\"WordPiece\"}}", DSI_EUNSUPPORTED},
         {"{\"model\":{\"vocab\":{\"a\":0}},\"added_tokens\":[{\"id\":\"x\",\"content\":\"q\"}]}", DSI_EFORMAT},
         {"{\"model\":{\"vocab\":{\"a\":0},\"unk_token\":\"zz\"}}", DSI_EFORMAT},
@@ -420,6 +421,25 @@ static void test_split_behaviors(void **state) {
             strcat(got, spell[ids[i]]);
         }
         if (strcmp(got, expect[k])) fail_msg("%s: got %s want %s", names[k], got, expect[k]);
+        free(ids);
+        dsi_tokenizer_destroy(t);
+    }
+    /* Digits pre-tokenizer and an empty normalizer Sequence (as DeepSeek-V3 ships) */
+    for (int individual = 0; individual < 2; individual++) {
+        char js[1024];
+        snprintf(js, sizeof js,
+                 "{\"normalizer\":{\"type\":\"Sequence\",\"normalizers\":[]},\"model\":{\"type\":\"BPE\","
+                 "\"vocab\":{\"1\":0,\"2\":1,\"12\":2,\"x\":3,\"x1\":4},\"merges\":[\"1 2\",\"x 1\"]},"
+                 "\"pre_tokenizer\":{\"type\":\"Digits\",\"individual_digits\":%s}}", individual ? "true" : "false");
+        dsi_tokenizer *t;
+        if (load_mem(js, NULL, &t)) fail_msg("%s", dsi_last_error());
+        int32_t *ids;
+        size_t n;
+        assert_int_equal(dsi_tokenizer_encode(t, "x12", 3, 0, &ids, &n), DSI_OK);
+        /* x|12 -> [x, 12]; individual: x|1|2 -> [x, 1, 2]; never the cross-piece x1 */
+        assert_int_equal(n, individual ? 3 : 2);
+        assert_int_equal(ids[0], 3);
+        assert_int_equal(ids[1], individual ? 0 : 2);
         free(ids);
         dsi_tokenizer_destroy(t);
     }

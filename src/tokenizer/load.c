@@ -304,6 +304,10 @@ static int parse_pretok(dsi_tokenizer *tok, const cJSON *p, int depth) {
         const char *pattern = re ? re : lit;
         return add_split(tok, pattern, strlen(pattern), re == NULL, b, jtrue(p, "invert"));
     }
+    if (!strcmp(type, "Digits")) { /* numeric characters (Unicode N) alone, or in runs */
+        const char *re = jtrue(p, "individual_digits") ? "\\p{N}" : "\\p{N}+";
+        return add_split(tok, re, strlen(re), 0, DSI__SPLIT_ISOLATED, 0);
+    }
     if (!strcmp(type, "ByteLevel")) {
         if (jtrue(p, "add_prefix_space"))
             return dsi_error(DSI_EUNSUPPORTED, "tokenizer.json: ByteLevel add_prefix_space=true is not supported");
@@ -496,6 +500,16 @@ done:
     return rc;
 }
 
+/* null, or a Sequence of nothing but such (DeepSeek-V3 ships an empty Sequence). */
+static int normalizer_is_noop(const cJSON *n, int depth) {
+    if (!n || cJSON_IsNull(n)) return 1;
+    const char *type = jstr(n, "type");
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(n, "normalizers"), *it;
+    if (!type || strcmp(type, "Sequence") || !cJSON_IsArray(list) || depth > 8) return 0;
+    cJSON_ArrayForEach(it, list) if (!normalizer_is_noop(it, depth + 1)) return 0;
+    return 1;
+}
+
 /* ---- entry points ------------------------------------------------------------------------- */
 
 static int load_tokenizer_json(dsi_tokenizer *tok, const char *json, size_t len) {
@@ -515,8 +529,8 @@ static int load_tokenizer_json(dsi_tokenizer *tok, const char *json, size_t len)
     if (!cJSON_IsObject(model)) rc = fmt_err("no model object");
     else if (mtype && strcmp(mtype, "BPE"))
         rc = dsi_error(DSI_EUNSUPPORTED, "tokenizer.json: model type \"%.40s\" is not supported (BPE only)", mtype);
-    else if (norm && !cJSON_IsNull(norm))
-        rc = dsi_error(DSI_EUNSUPPORTED, "tokenizer.json: normalizers are not supported");
+    else if (!normalizer_is_noop(norm, 0))
+        rc = dsi_error(DSI_EUNSUPPORTED, "tokenizer.json: normalizers are not supported (only null or an empty Sequence)");
     else if ((cJSON_IsNumber(drop) && drop->valuedouble > 0) || (csp && *csp) || (eow && *eow) ||
              jtrue(model, "byte_fallback"))
         rc = dsi_error(DSI_EUNSUPPORTED, "tokenizer.json: BPE dropout, subword affixes and byte_fallback are not supported");
