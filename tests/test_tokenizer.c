@@ -459,6 +459,41 @@ static void test_split_behaviors(void **state) {
     dsi_tokenizer_destroy(t);
 }
 
+/* Every Split behaviour with and without invert, String and Regex patterns, and
+ * lstrip/rstrip/non-special added tokens, against Hugging Face `tokenizers`
+ * (tests/data/tokenizer/gen_behaviors_hf.js). */
+static void test_hf_behaviors(void **state) {
+    char *js = slurp(DSI_TEST_DATA "/tokenizer/behaviors_hf.json", NULL);
+    cJSON *root = cJSON_Parse(js), *c;
+    assert_non_null(root);
+    cJSON *model = cJSON_GetObjectItem(root, "model"), *configs = cJSON_GetObjectItem(root, "configs");
+    int n_cfg = cJSON_GetArraySize(configs), cases = 0;
+    dsi_tokenizer **toks = calloc(n_cfg, sizeof *toks);
+    for (int k = 0; k < n_cfg; k++) {
+        cJSON *cfg = cJSON_Duplicate(cJSON_GetArrayItem(configs, k), 1);
+        cJSON_AddItemToObject(cfg, "model", cJSON_Duplicate(model, 1));
+        char *text = cJSON_PrintUnformatted(cfg);
+        if (load_mem(text, NULL, &toks[k])) fail_msg("config %d: %s", k, dsi_last_error());
+        free(text);
+        cJSON_Delete(cfg);
+    }
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
+        int k = cJSON_GetObjectItem(c, "config")->valueint;
+        const char *text = cJSON_GetObjectItem(c, "text")->valuestring;
+        int32_t *ids;
+        size_t n;
+        assert_int_equal(dsi_tokenizer_encode(toks[k], text, strlen(text), 0, &ids, &n), DSI_OK);
+        assert_ids(ids, n, cJSON_GetObjectItem(c, "ids"));
+        free(ids);
+        cases++;
+    }
+    assert_true(cases >= 300);
+    for (int k = 0; k < n_cfg; k++) dsi_tokenizer_destroy(toks[k]);
+    free(toks);
+    cJSON_Delete(root);
+    free(js);
+}
+
 /* ---- random text properties ------------------------------------------------------------------ */
 
 static uint64_t g_rng = 0x243F6A8885A308D3ull;
@@ -869,6 +904,7 @@ int main(void) {
         cmocka_unit_test(test_chat_template_required),
         cmocka_unit_test(test_loader_errors),
         cmocka_unit_test(test_split_behaviors),
+        cmocka_unit_test(test_hf_behaviors),
         cmocka_unit_test(test_roundtrip_and_naive_reference),
         cmocka_unit_test(test_detok_streaming),
         cmocka_unit_test(test_reasoning_split),

@@ -20,11 +20,15 @@ typedef struct walk {
 
 static int walk_step(walk *w, size_t s, size_t e, int step);
 
-/* Combines the match / non-match ranges of one Split step into pieces. */
+/* Combines the match / non-match ranges of one Split step into pieces, with the rules
+ * of `tokenizers` (flags are the original ones, after `invert`):
+ *  MergedWithPrevious: a match joins the piece before it if that one is a non-match;
+ *  MergedWithNext: a match joins the piece after it if that one is a non-match;
+ *  Contiguous: adjacent pieces with the same flag form one piece. */
 typedef struct combiner {
     walk *w;
     int step, behavior;
-    int has_pending, pending_match;
+    int has_pending, pending_match, last_match;
     size_t ps, pe;
 } combiner;
 
@@ -34,43 +38,44 @@ static int comb_flush(combiner *c) {
     return walk_step(c->w, c->ps, c->pe, c->step + 1);
 }
 
-static int comb_set(combiner *c, size_t s, size_t e, int is_match) {
+static int comb_hold(combiner *c, size_t s, size_t e, int is_match) {
+    int rc = comb_flush(c);
     c->has_pending = 1;
     c->pending_match = is_match;
     c->ps = s;
     c->pe = e;
-    return DSI_OK;
+    return rc;
 }
 
 static int comb_add(combiner *c, size_t s, size_t e, int is_match) {
     if (s >= e) return DSI_OK;
-    int rc;
+    int rc = DSI_OK, last = c->last_match;
+    c->last_match = is_match;
     switch (c->behavior) {
     case DSI__SPLIT_REMOVED:
         return is_match ? DSI_OK : walk_step(c->w, s, e, c->step + 1);
     case DSI__SPLIT_ISOLATED:
         return walk_step(c->w, s, e, c->step + 1);
-    case DSI__SPLIT_MERGED_PREV: /* a match joins the piece before it */
-        if (is_match && c->has_pending) {
+    case DSI__SPLIT_MERGED_PREV:
+        if (is_match && c->has_pending && !last) {
             c->pe = e;
             return DSI_OK;
         }
+        return comb_hold(c, s, e, is_match);
+    case DSI__SPLIT_MERGED_NEXT: /* only a match waits for the piece after it */
+        if (c->has_pending && !is_match) {
+            c->pe = e;
+            return comb_flush(c);
+        }
         if ((rc = comb_flush(c))) return rc;
-        return comb_set(c, s, e, is_match);
-    case DSI__SPLIT_MERGED_NEXT: /* a match starts a piece that runs to the next match */
-        if (!is_match && c->has_pending) {
+        if (is_match) return comb_hold(c, s, e, 1);
+        return walk_step(c->w, s, e, c->step + 1);
+    default: /* CONTIGUOUS */
+        if (c->has_pending && c->pending_match == is_match) {
             c->pe = e;
             return DSI_OK;
         }
-        if ((rc = comb_flush(c))) return rc;
-        return comb_set(c, s, e, is_match);
-    default: /* CONTIGUOUS: adjacent matches form one piece */
-        if (is_match && c->has_pending && c->pending_match) {
-            c->pe = e;
-            return DSI_OK;
-        }
-        if ((rc = comb_flush(c))) return rc;
-        return comb_set(c, s, e, is_match);
+        return comb_hold(c, s, e, is_match);
     }
 }
 
