@@ -494,6 +494,45 @@ static void test_hf_behaviors(void **state) {
     free(js);
 }
 
+/* ByteLevel's GPT-2 regex, ignore_merges, a BOS+EOS template and a char-level model
+ * with unk_token, against Hugging Face `tokenizers` (gen_variants_hf.js): each variant
+ * patches the golden tokenizer.json or is a whole small one. */
+static void test_hf_variants(void **state) {
+    char *js = slurp(DSI_TEST_DATA "/tokenizer/variants_hf.json", NULL), *golden = slurp(GOLDEN "/tokenizer.json", NULL);
+    cJSON *root = cJSON_Parse(js), *v, *c, *it;
+    dsi_tokenizer *toks[8] = {0};
+    int k = 0, add_special[8] = {0}, cases = 0;
+    cJSON_ArrayForEach(v, cJSON_GetObjectItem(root, "variants")) {
+        cJSON *json = cJSON_IsObject(cJSON_GetObjectItem(v, "whole")) ? cJSON_Duplicate(cJSON_GetObjectItem(v, "whole"), 1)
+                                                                      : cJSON_Parse(golden);
+        cJSON_ArrayForEach(it, cJSON_GetObjectItem(v, "patch")) cJSON_ReplaceItemInObject(json, it->string, cJSON_Duplicate(it, 1));
+        cJSON_ArrayForEach(it, cJSON_GetObjectItem(v, "model_patch"))
+            cJSON_ReplaceItemInObject(cJSON_GetObjectItem(json, "model"), it->string, cJSON_Duplicate(it, 1));
+        char *text = cJSON_PrintUnformatted(json);
+        if (load_mem(text, NULL, &toks[k])) fail_msg("%s: %s", cJSON_GetObjectItem(v, "name")->valuestring, dsi_last_error());
+        add_special[k] = cJSON_IsTrue(cJSON_GetObjectItem(v, "add_special"));
+        free(text);
+        cJSON_Delete(json);
+        k++;
+    }
+    assert_int_equal(k, 4);
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases")) {
+        int vi = cJSON_GetObjectItem(c, "variant")->valueint;
+        const char *text = cJSON_GetObjectItem(c, "text")->valuestring;
+        int32_t *ids;
+        size_t n;
+        assert_int_equal(dsi_tokenizer_encode(toks[vi], text, strlen(text), add_special[vi] ? DSI_TOK_ADD_BOS : 0, &ids, &n), DSI_OK);
+        assert_ids(ids, n, cJSON_GetObjectItem(c, "ids"));
+        free(ids);
+        cases++;
+    }
+    assert_true(cases >= 200);
+    for (int i = 0; i < k; i++) dsi_tokenizer_destroy(toks[i]);
+    cJSON_Delete(root);
+    free(js);
+    free(golden);
+}
+
 /* ---- random text properties ------------------------------------------------------------------ */
 
 static uint64_t g_rng = 0x243F6A8885A308D3ull;
@@ -905,6 +944,7 @@ int main(void) {
         cmocka_unit_test(test_loader_errors),
         cmocka_unit_test(test_split_behaviors),
         cmocka_unit_test(test_hf_behaviors),
+        cmocka_unit_test(test_hf_variants),
         cmocka_unit_test(test_roundtrip_and_naive_reference),
         cmocka_unit_test(test_detok_streaming),
         cmocka_unit_test(test_reasoning_split),
