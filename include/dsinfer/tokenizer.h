@@ -133,7 +133,8 @@ int dsi_chat_render(const dsi_tokenizer *tok, const dsi_chat_message *msgs, size
  * content may also be an array of {"type":"text","text":...} parts (concatenated). */
 int dsi_chat_render_cjson(const dsi_tokenizer *tok, const struct cJSON *messages, int add_generation_prompt,
                           char **text, size_t *len);
-/* Same from JSON text (`len` bytes). */
+/* Same from JSON text (`json_len` bytes): a messages array, or a request object with a
+ * "messages" member. */
 int dsi_chat_render_json(const dsi_tokenizer *tok, const char *messages_json, size_t json_len,
                          int add_generation_prompt, char **text, size_t *len);
 
