@@ -396,6 +396,9 @@ static void test_loader_errors(void **state) {
         assert_null(t);
         assert_true(strlen(dsi_last_error()) > 0);
     }
+    /* null where a list may be: nothing there */
+    assert_int_equal(load_mem("{\"model\":{\"vocab\":{\"a\":0},\"merges\":null},\"added_tokens\":null}", NULL, &t), DSI_OK);
+    dsi_tokenizer_destroy(t);
 }
 
 /* Split behaviours, String patterns, lstrip/rstrip: pieces show through merges that

@@ -55,6 +55,7 @@ static int build_vocab(dsi_tokenizer *tok, const cJSON *vocab, const cJSON *adde
         if (id < 0) return dsi_error(DSI_EFORMAT, "tokenizer.json: model.vocab[\"%.60s\"] is not an id in [0, %d)", it->string, MAX_VOCAB);
         if (id > max_id) max_id = id;
     }
+    if (cJSON_IsNull(added)) added = NULL;
     if (added && !cJSON_IsArray(added)) return fmt_err("added_tokens must be an array");
     int n_added = added ? cJSON_GetArraySize(added) : 0;
     cJSON_ArrayForEach(it, added) {
@@ -201,7 +202,7 @@ static int add_merge(dsi_tokenizer *tok, const char *a, size_t na, const char *b
 }
 
 static int build_merges(dsi_tokenizer *tok, const cJSON *merges) {
-    if (!merges) return DSI_OK;
+    if (!merges || cJSON_IsNull(merges)) return DSI_OK;
     if (!cJSON_IsArray(merges)) return fmt_err("model.merges must be an array");
     int n = cJSON_GetArraySize(merges);
     tok->mmask = pow2_at_least((size_t)n + (size_t)n / 2 + 1) - 1; /* load factor <= 2/3 */
