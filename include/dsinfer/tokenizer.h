@@ -144,7 +144,10 @@ int dsi_chat_render_json(const dsi_tokenizer *tok, const char *messages_json, si
  * generation prompt does) text is reasoning until "</think>"; otherwise the output is
  * content unless it begins with "<think>". A "<think>" at the very start is dropped in
  * both modes; tags split across pushes are recognised; text after "</think>" is content
- * verbatim. Without any "</think>", everything after the start is reasoning. */
+ * verbatim. Without any "</think>", everything after the start is reasoning.
+ * Feed it the detokenizer's output WITHOUT DSI_TOK_SKIP_SPECIAL: "<think>"/"</think>"
+ * are special tokens in some tokenizers (the golden one); stop on EOS instead of
+ * passing it on. */
 typedef struct dsi_reasoning dsi_reasoning;
 
 typedef struct dsi_reasoning_delta {
