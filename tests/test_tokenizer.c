@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "dsinfer/tokenizer.h"
 #include "tokenizer/tokenizer_impl.h"
@@ -359,6 +360,37 @@ static void test_chat_template_required(void **state) {
     assert_non_null(strstr(dsi_last_error(), "<s>"));
     assert_null(t);
     assert_int_equal(dsi_tokenizer_load("/nonexistent-dir", &t), DSI_ENOTFOUND);
+
+    /* bos_token as an AddedToken object, and the template in chat_template.jinja */
+    char dir[] = "/tmp/dsi_tok_XXXXXX", path[256];
+    assert_non_null(mkdtemp(dir));
+    const char *cfg = "{\"bos_token\":{\"__type\":\"AddedToken\",\"content\":\"<｜begin▁of▁sentence｜>\"},"
+                      "\"eos_token\":\"<｜end▁of▁sentence｜>\"}";
+    char *golden_cfg = slurp(GOLDEN "/tokenizer_config.json", NULL);
+    cJSON *gc = cJSON_Parse(golden_cfg);
+    const char *files[3][2] = {{"tokenizer.json", tj}, {"tokenizer_config.json", cfg},
+                               {"chat_template.jinja", cJSON_GetObjectItem(gc, "chat_template")->valuestring}};
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i][0]);
+        FILE *f = fopen(path, "wb");
+        assert_non_null(f);
+        fputs(files[i][1], f);
+        fclose(f);
+    }
+    assert_int_equal(dsi_tokenizer_load(dir, &t), DSI_OK);
+    assert_int_equal(dsi_tokenizer_bos_id(t), 0);
+    assert_string_equal(dsi_chat_template_name(t), "deepseek-r1-distill");
+    assert_int_equal(dsi_chat_render(t, &m, 1, 1, &text, &len), DSI_OK);
+    assert_string_equal(text, "<｜begin▁of▁sentence｜><｜User｜>x<｜Assistant｜><think>\n");
+    free(text);
+    dsi_tokenizer_destroy(t);
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i][0]);
+        remove(path);
+    }
+    rmdir(dir);
+    cJSON_Delete(gc);
+    free(golden_cfg);
     free(tj);
 }
 

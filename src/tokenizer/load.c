@@ -607,6 +607,7 @@ static int read_file(const char *path, char **buf, size_t *len) {
         free(b);
         return dsi_error(DSI_EIO, "%s: read error", path);
     }
+    b[n] = '\0'; /* the loop stops with n < cap */
     *buf = b;
     *len = n;
     return DSI_OK;
@@ -630,6 +631,25 @@ int dsi_tokenizer_load(const char *dir, dsi_tokenizer **out) {
     if (!rc) {
         rc = dsi_tokenizer_load_json(tj, tl, cj, cl, out);
         if (rc) dsi_error_prefix(rc, "%s", dir);
+    }
+    if (!rc && !(*out)->chat_template) { /* newer checkpoints ship the template on its own */
+        char *jt = NULL;
+        size_t jl = 0;
+        snprintf(path, dl + 32, "%s/chat_template.jinja", dir);
+        rc = read_file(path, &jt, &jl);
+        if (rc == DSI_ENOTFOUND) rc = DSI_OK;
+        else if (!rc && (dsi__utf8_invalid_at(jt, jl) != jl || memchr(jt, 0, jl)))
+            rc = dsi_error(DSI_EFORMAT, "%s: not UTF-8 text", path);
+        else if (!rc) {
+            (*out)->chat_template = jt;
+            (*out)->chat_style = dsi__chat_style_of(jt, &(*out)->chat_fingerprint);
+            jt = NULL;
+        }
+        free(jt);
+        if (rc) {
+            dsi_tokenizer_destroy(*out);
+            *out = NULL;
+        }
     }
     free(tj);
     free(cj);
