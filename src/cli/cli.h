@@ -22,5 +22,9 @@ int dsi_cmd_generate(int argc, char **argv);
 int dsi_cmd_logits(int argc, char **argv);
 int dsi_cmd_make_model(int argc, char **argv);
 int dsi_cmd_inspect(int argc, char **argv);
+int dsi_cmd_tokenize(int argc, char **argv);
+int dsi_cmd_detokenize(int argc, char **argv);
+int dsi_cmd_chat_render(int argc, char **argv);
+
 
 #endif
