@@ -58,6 +58,11 @@ const dsi_kernels *dsi_kernels_by_name(const char *name);
 void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M, float *y,
                        int ldy, int y_col0, int n0, int n1, int accumulate);
 
+/* A per-thread scratch buffer of at least `bytes` (64-byte aligned), one per
+ * slot (0-3), reused across calls and freed at thread exit. NULL on OOM. */
+void *dsi__tls_buffer(int slot, size_t bytes);
+enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2 };
+
 /* Element of a weight as float32 (scalar helper used by references). */
 float dsi_mat_get(const dsi_mat *W, int r, int c);
 /* Converts row r, columns [c0, c1) of W to float32 in out (scale applied). */

@@ -149,17 +149,7 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
 }
 
 /* Per-thread scratch for the scaled activation tile (grown, never shrunk). */
-static _Thread_local float *tl_xs;
-static _Thread_local size_t tl_xs_cap;
-
-static float *xs_buffer(size_t n) {
-    if (n > tl_xs_cap) {
-        free(tl_xs);
-        tl_xs = aligned_alloc(64, ((n * sizeof(float)) + 63) & ~(size_t)63);
-        tl_xs_cap = tl_xs ? n : 0;
-    }
-    return tl_xs;
-}
+static float *xs_buffer(size_t n) { return dsi__tls_buffer(DSI_TLS_XS, n * sizeof(float)); }
 
 static inline void store_tile(float out[NR][MR], int nr, int mr, float *y, int ldy, int ycol, int acc) {
     for (int m = 0; m < mr; m++)
@@ -264,7 +254,6 @@ static inline __attribute__((always_inline)) void micro_e4m3(const uint8_t *w, s
 #define PM 12
 #define KC 128
 
-static _Thread_local float *tl_panel;
 
 /* In-register 16x16 transpose: r[i] lane j  ->  r[j] lane i. */
 static inline void transpose16(__m512 r[16]) {
@@ -369,8 +358,8 @@ static inline __attribute__((always_inline)) void panel_kernel(const float *P, i
 static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                          int n1, int accumulate) {
     int K = W->cols;
-    if (!tl_panel && !(tl_panel = aligned_alloc(64, sizeof(float) * KC * PN))) return;
-    float *P = tl_panel;
+    float *P = dsi__tls_buffer(DSI_TLS_PANEL, sizeof(float) * KC * PN);
+    if (!P) return;
     for (int n = n0; n < n1; n += PN) {
         int nr = DSI_MIN(PN, n1 - n);
         __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
@@ -399,7 +388,6 @@ static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
  * broadcasts one activation pair per row. Scales are applied per tile. */
 #define Q8_PM 12
 
-static _Thread_local uint32_t *tl_q8panel; /* [64 pairs][32 rows] */
 
 static void pack_q8_panel(const dsi_mat *W, int n, int nr, int k0, uint32_t *P) {
     size_t K = W->cols;
@@ -427,8 +415,8 @@ static void pack_q8_panel(const dsi_mat *W, int n, int nr, int k0, uint32_t *P) 
 static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M, float *y,
                              int ldy, int y_col0, int n0, int n1, int accumulate) {
     int K = W->cols, nt = DSI_CEIL_DIV(K, 128);
-    if (!tl_q8panel && !(tl_q8panel = aligned_alloc(64, sizeof(uint32_t) * 64 * 32))) return;
-    uint32_t *P = tl_q8panel;
+    uint32_t *P = dsi__tls_buffer(DSI_TLS_Q8PANEL, sizeof(uint32_t) * 64 * 32); /* [64 pairs][32 rows] */
+    if (!P) return;
     for (int n = n0; n < n1; n += 32) {
         int nr = DSI_MIN(32, n1 - n);
         __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);

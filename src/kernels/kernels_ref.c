@@ -100,8 +100,7 @@ const dsi_kernels *dsi_kernels_by_name(const char *name) {
     if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
         return __builtin_cpu_supports("avx512bf16") ? &dsi_kernels_avx512 : &dsi_kernels_avx512_nobf16;
-    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return &dsi_kernels_avx2;
     return NULL;
 }

@@ -179,12 +179,6 @@ int dsi_config_validate(const dsi_config *c) {
     CHECK(c->rope_theta > 0, "rope_theta must be > 0");
     CHECK(c->n_nextn_layers >= 0, "num_nextn_predict_layers must be >= 0");
     CHECK(c->max_position_embeddings > 0, "max_position_embeddings must be > 0");
-    /* The AVX-512 FP8 matmul computes wrong results for scale blocks other
-     * than 128x128 (the reference kernel is right): refuse instead. DeepSeek
-     * ships 128x128; lift this when every kernel honours dsi_mat's block. */
-    if (c->fp8 && (c->weight_block[0] != 128 || c->weight_block[1] != 128))
-        return dsi_error(DSI_EUNSUPPORTED, "config: weight_block_size [%d, %d] is not supported (128x128 only)",
-                         c->weight_block[0], c->weight_block[1]);
     if (c->n_experts > 0) {
         CHECK(c->n_experts <= 4096, "n_routed_experts out of range");
         CHECK(c->moe_inter > 0 && c->moe_inter <= (1 << 20), "moe_intermediate_size out of range");
