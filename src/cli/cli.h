@@ -23,5 +23,6 @@ int dsi_cmd_generate(int argc, char **argv);
 int dsi_cmd_logits(int argc, char **argv);
 int dsi_cmd_make_model(int argc, char **argv);
 int dsi_cmd_inspect(int argc, char **argv);
+int dsi_cmd_serve(int argc, char **argv);
 
 #endif
