@@ -41,6 +41,7 @@ struct dsi_sched {
     cancel_node *cancels;
     uint64_t next_id;
     int accepting, stop_now, n_active, thread_running;
+    int shared_waiting;        /* waiting list length at the last step (inbox excluded) */
     dsi_sched_stats stats;
     pthread_t thread;
 
@@ -143,6 +144,7 @@ static void publish_stats(dsi_sched *s) {
     pthread_mutex_lock(&s->mu);
     dsi_sched_stats *t = &s->stats;
     t->n_waiting = s->n_waiting + s->n_inbox;
+    s->shared_waiting = s->n_waiting;
     t->n_running = s->n_running;
     t->kv_blocks_free = dsi_kv_n_free(s->kv);
     t->kv_blocks_cached = pcs.n_cached;
@@ -237,7 +239,7 @@ int dsi_sched_submit(dsi_sched *s, const dsi_request_params *p, dsi_sched_callba
     pthread_mutex_lock(&s->mu);
     int rc = DSI_OK;
     if (!s->accepting) rc = dsi_error(DSI_ECANCELED, "the server is shutting down");
-    else if (s->n_inbox + s->stats.n_waiting >= s->o.max_queue)
+    else if (s->n_inbox + s->shared_waiting >= s->o.max_queue)
         rc = dsi_error(DSI_EBUSY, "the queue is full (%d waiting requests)", s->o.max_queue);
     if (rc == DSI_OK) {
         r->id = s->next_id++;
@@ -245,7 +247,7 @@ int dsi_sched_submit(dsi_sched *s, const dsi_request_params *p, dsi_sched_callba
         if (s->inbox_tail) s->inbox_tail->next = r; else s->inbox_head = r;
         s->inbox_tail = r;
         s->n_inbox++;
-        s->stats.n_waiting++;
+        s->stats.n_waiting++; /* visible at once in the stats */
         pthread_cond_signal(&s->wake);
     }
     pthread_mutex_unlock(&s->mu);
