@@ -14,6 +14,7 @@
 #include <microhttpd.h>
 #include <netdb.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -339,6 +340,16 @@ static void completed(void *cls, struct MHD_Connection *mc, void **con_cls, enum
 
 /* ---------------------------------------------------------------- start / stop */
 
+/* MHD's messages (a client that went away mid-stream, ...) are routine for a
+ * server: debug level. Failures that matter reach the caller as statuses. */
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && msg[n - 1] == '\n') msg[--n] = 0;
+    DSI_LOG_DEBUG("http: %s", msg);
+}
+
 static int open_model(dsi_server *s) {
     const dsi_server_opts *o = &s->o;
     int rc;
@@ -446,7 +457,8 @@ int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
     s->mhd = MHD_start_daemon(flags, 0, NULL, NULL, handler, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                               MHD_OPTION_THREAD_POOL_SIZE, (unsigned)o->http_threads,
                               MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_CONNECTION_TIMEOUT, 300u,
-                              MHD_OPTION_CONNECTION_LIMIT, 4096u, MHD_OPTION_END);
+                              MHD_OPTION_CONNECTION_LIMIT, 4096u,
+                              MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_END);
     if (!s->mhd) {
         rc = dsi_error(DSI_EIO, "cannot listen on %s:%d (%s)", o->host, o->port, errno ? strerror(errno) : "libmicrohttpd");
         server_free(s);
