@@ -143,6 +143,7 @@ idle_check() { # name: waits for the batch and the KV to be idle again
     [ "$used" = 0 ] && [ "$run" = 0 ] && pass "$1: blocks freed, batch idle" || fail "$1: kv used $used, running $run"
 }
 before=$(metric 'dsinfer_requests_total{outcome="cancelled"}')
+: >"$WORK/killed"
 curl -s -N "$URL/v1/completions" -d "{\"prompt\":[$(ids_of 100 11)],\"max_tokens\":900,\"stream\":true,\"ignore_eos\":true}" >"$WORK/killed" &
 CURL=$!
 for _ in $(seq 1 50); do [ "$(grep -c '^data:' "$WORK/killed")" -ge 3 ] && break; sleep 0.05; done
@@ -162,11 +163,13 @@ for m in dsinfer_time_to_first_token_seconds_bucket dsinfer_inter_token_latency_
 done
 awk '/^#/ { next } NF != 2 { bad = 1 } END { exit bad }' "$WORK/metrics" && pass "metrics lines are 'name value'" \
     || fail "malformed metrics line"
-if command -v promtool >/dev/null; then
-    promtool check metrics <"$WORK/metrics" && pass promtool || fail promtool
+PROMTOOL=${PROMTOOL:-$(command -v promtool)}   # optional: Debian's prometheus .deb has it
+if [ -n "$PROMTOOL" ] && [ -x "$PROMTOOL" ]; then
+    "$PROMTOOL" check metrics <"$WORK/metrics" && pass "promtool check metrics" || fail "promtool check metrics"
 fi
 
 # ---------------------------------------------------------------- SIGTERM drains
+: >"$WORK/drain"
 curl -s -N "$URL/v1/completions" -d "{\"prompt\":[1,2,3],\"max_tokens\":400,\"stream\":true,\"ignore_eos\":true,\"temperature\":0}" >"$WORK/drain" &
 CURL=$!
 for _ in $(seq 1 50); do [ "$(grep -c '^data:' "$WORK/drain")" -ge 3 ] && break; sleep 0.05; done

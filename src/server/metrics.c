@@ -94,7 +94,7 @@ void dsi__metrics_render(dsi_server_metrics *m, const dsi_sched_stats *st, const
     gauge(o, "dsinfer_requests_running", "Requests in the running batch.", st->n_running);
     gauge(o, "dsinfer_requests_in_flight", "HTTP requests accepted and not yet finished.",
           atomic_load(&m->in_flight));
-    gauge(o, "dsinfer_kv_blocks_total", "KV pool size in 64-token blocks.", st->kv_blocks_total);
+    gauge(o, "dsinfer_kv_blocks_capacity", "KV pool size in 64-token blocks.", st->kv_blocks_total);
     gauge(o, "dsinfer_kv_blocks_used", "KV blocks held by requests.", st->kv_blocks_used);
     gauge(o, "dsinfer_kv_blocks_free", "KV blocks on the free list.", st->kv_blocks_free);
     gauge(o, "dsinfer_kv_blocks_cached", "KV blocks in the prefix cache (in use or idle).", st->kv_blocks_cached);
