@@ -45,6 +45,16 @@ typedef struct dsi_server_opts {
  * the given function; called on an HTTP thread while rendering /metrics. */
 typedef void (*dsi_metrics_hook)(void *ctx, void (*write)(void *w, const char *text, size_t len), void *w);
 
+/* Called once per finished generation request (on the scheduler thread; must
+ * not block), e.g. to bill it: token counts as reported in its usage. */
+typedef struct dsi_request_record {
+    const char *model;
+    int prompt_tokens, cached_tokens, completion_tokens;
+    const char *outcome;   /* "stop", "length", "cancelled", "server_error" */
+    double ttft_s, duration_s;
+} dsi_request_record;
+typedef void (*dsi_request_hook)(void *ctx, const dsi_request_record *r);
+
 typedef struct dsi_server dsi_server;
 
 dsi_server_opts dsi_server_default_opts(void);
@@ -54,6 +64,8 @@ int dsi_server_port(const dsi_server *s);
 const char *dsi_server_model_name(const dsi_server *s);
 /* Adds a /metrics hook (at most 8). Call before requests arrive. */
 int dsi_server_add_metrics_hook(dsi_server *s, dsi_metrics_hook fn, void *ctx);
+/* Adds a per-request hook (at most 8). Call before requests arrive. */
+int dsi_server_add_request_hook(dsi_server *s, dsi_request_hook fn, void *ctx);
 /* Stops accepting connections and new requests, lets in-flight requests
  * finish for up to drain_timeout_s (0: cancel them at once), then frees
  * everything. NULL is a no-op. */

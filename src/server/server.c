@@ -481,6 +481,14 @@ int dsi_server_add_metrics_hook(dsi_server *s, dsi_metrics_hook fn, void *ctx) {
     return DSI_OK;
 }
 
+int dsi_server_add_request_hook(dsi_server *s, dsi_request_hook fn, void *ctx) {
+    dsi_server_metrics *m = &s->metrics;
+    if (m->n_req_hooks >= 8) return dsi_error(DSI_ERANGE, "too many request hooks");
+    m->req_hook_ctx[m->n_req_hooks] = ctx;
+    m->req_hooks[m->n_req_hooks++] = fn;
+    return DSI_OK;
+}
+
 void dsi_server_stop(dsi_server *s, double drain_timeout_s) {
     if (!s) return;
     atomic_store(&s->draining, 1);

@@ -61,6 +61,9 @@ typedef struct dsi_server_metrics {
     dsi_metrics_hook hooks[8];
     void *hook_ctx[8];
     int n_hooks;
+    dsi_request_hook req_hooks[8];
+    void *req_hook_ctx[8];
+    int n_req_hooks;
 } dsi_server_metrics;
 
 void dsi__metrics_init(dsi_server_metrics *m);
@@ -141,7 +144,7 @@ typedef struct dsi_conn {
     dsi_sbuf ids;              /* generated ids (JSON, comma-separated) */
     size_t text_offset;
     int stopped_by_string, n_seen;
-    double t_start, t_last;
+    double t_start, t_first, t_last;
     char id[48];
     long created;
     struct dsi_conn *next, *prev; /* registry of submitted requests */

@@ -253,7 +253,10 @@ void dsi__conn_pipeline_free(dsi_conn *c) {
 static int on_token(dsi_conn *c, const dsi_sched_event *ev) {
     dsi_server_metrics *m = &c->srv->metrics;
     double now = dsi_now();
-    if (c->n_seen++ == 0) dsi__histo_observe(&m->ttft, now - c->t_start);
+    if (c->n_seen++ == 0) {
+        c->t_first = now;
+        dsi__histo_observe(&m->ttft, now - c->t_start);
+    }
     else dsi__histo_observe(&m->itl, now - c->t_last);
     c->t_last = now;
     if (c->rq.stream) { /* this token's deltas only */
@@ -314,6 +317,13 @@ static void on_finish(dsi_conn *c, const dsi_sched_event *ev) {
     atomic_fetch_add(&m->completion_tokens, ev->completion_tokens);
     atomic_fetch_add(&m->cache_hit_tokens, ev->cached_tokens);
     if (c->n_seen > 0) dsi__histo_observe(&m->e2e, c->t_last - c->t_start);
+    if (m->n_req_hooks) {
+        static const char *NAMES[] = {"stop", "length", "cancelled", "client_error", "rejected", "server_error"};
+        dsi_request_record rec = {srv->model_name, ev->prompt_tokens, ev->cached_tokens, ev->completion_tokens,
+                                  NAMES[outcome], c->t_first - c->t_start, dsi_now() - c->t_start};
+        if (c->n_seen == 0) rec.ttft_s = -1;
+        for (int i = 0; i < m->n_req_hooks; i++) m->req_hooks[i](m->req_hook_ctx[i], &rec);
+    }
 
     pthread_mutex_lock(&c->mu);
     if (c->rq.stream) {
