@@ -12,11 +12,14 @@ typedef struct dsi_command {
 /* Returns the value of --name=value / --name value at argv[*i], advancing *i,
  * or NULL when argv[*i] is not that flag. Sets *missing when the value is absent. */
 const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing);
+int dsi_cmd_eplb(int argc, char **argv);
 
 int dsi_cmd_tokenize(int argc, char **argv);
 int dsi_cmd_detokenize(int argc, char **argv);
 int dsi_cmd_chat_render(int argc, char **argv);
 
+int dsi_cmd_sim(int argc, char **argv);
+int dsi_cmd_report(int argc, char **argv);
 
 int dsi_cmd_demo(int argc, char **argv);
 int dsi_cmd_generate(int argc, char **argv);

@@ -2,6 +2,7 @@
 #include "dsinfer/common.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -119,5 +120,9 @@ void dsi_pool_for(dsi_pool *p, int64_t n, int64_t grain, dsi_pool_fn fn, void *c
     int64_t b, e;
     chunk_of(p, 0, &b, &e);
     if (b < e) fn(ctx, b, e, 0);
-    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) __builtin_ia32_pause();
+    /* spin (the usual wait is microseconds); yield if a worker was descheduled */
+    for (int spins = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; spins++) {
+        if (spins < 20000) __builtin_ia32_pause();
+        else sched_yield();
+    }
 }

@@ -3,6 +3,7 @@
 #include "kernels/dtype.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -159,6 +160,9 @@ static void scratch_free(dsi_engine *e) {
 
 void dsi_engine_destroy(dsi_engine *e) {
     if (!e) return;
+    if (e->profile)
+        fprintf(stderr, "dsinfer profile: attn0 %.3f s, attn1 %.3f s, dense ffn %.3f s, moe %.3f s, lm_head %.3f s\n",
+                e->prof[0], e->prof[1], e->prof[2], e->prof[3], e->prof[4]);
     scratch_free(e);
     dsi_pool_destroy(e->pool);
     free(e->inv_freq);
@@ -174,6 +178,9 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     if (dsi_kv_dim(kv) != dsi_config_kv_dim(c) || dsi_kv_n_layers(kv) != c->n_layers)
         return dsi_error(DSI_EINVAL, "engine: KV pool geometry (%d layers x %d) does not match the model (%d x %d)",
                          dsi_kv_n_layers(kv), dsi_kv_dim(kv), c->n_layers, dsi_config_kv_dim(c));
+    if (dsi_kv_block_tokens(kv) > ATTN_CHUNK)
+        return dsi_error(DSI_EINVAL, "engine: KV blocks of %d tokens exceed the attention chunk of %d",
+                         dsi_kv_block_tokens(kv), ATTN_CHUNK);
     dsi_engine *e = calloc(1, sizeof *e);
     if (!e) return dsi_error(DSI_ENOMEM, "out of memory");
     e->m = m;
@@ -181,6 +188,7 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     e->kv = kv;
     if (opts) e->opts = *opts;
     e->max_tokens = e->opts.max_tokens > 0 ? e->opts.max_tokens : 2048;
+    e->profile = getenv("DSI_PROFILE") != NULL;
     if (e->opts.absorb_max_tokens <= 0) e->opts.absorb_max_tokens = 32;
     e->k = e->opts.kernels ? dsi_kernels_by_name(e->opts.kernels) : dsi_kernels_select();
     if (!e->k) {
@@ -313,12 +321,22 @@ int dsi_engine_step(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
     capture(e, 0, e->s.x);
     for (int l = 0; l < c->n_layers; l++) {
         int rc;
+        double t0 = e->profile ? dsi_now() : 0;
         if ((rc = dsi__stage_attn0(e, l)) != DSI_OK) return rc;
+        double t1 = e->profile ? dsi_now() : 0;
         if ((rc = dsi__stage_attn1(e, l)) != DSI_OK) return rc;
+        double t2 = e->profile ? dsi_now() : 0;
         if ((rc = dsi__stage_ffn(e, l)) != DSI_OK) return rc;
+        if (e->profile) {
+            double t3 = dsi_now();
+            e->prof[0] += t1 - t0;
+            e->prof[1] += t2 - t1;
+            e->prof[e->m->layers[l].is_moe ? 3 : 2] += t3 - t2;
+        }
         if (l + 1 < c->n_layers) capture(e, l + 1, e->s.x);
     }
 
+    double tl = e->profile ? dsi_now() : 0;
     /* final norm + lm_head for the rows that want logits */
     int D = c->hidden, V = c->vocab_size;
     for (int t = 0; t < T; t++) dsi__rmsnorm(e->s.x + (size_t)t * D, e->m->final_norm, D, (float)c->rms_norm_eps, e->s.xn + (size_t)t * D);
@@ -331,6 +349,7 @@ int dsi_engine_step(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
         else if (q->logits == DSI_LOGITS_LAST)
             dsi__matmul(e, &e->m->lm_head, e->s.xn + (size_t)(ss->t0 + ss->n - 1) * D, 1, D, q->out_logits, V, 0);
     }
+    if (e->profile) e->prof[4] += dsi_now() - tl;
     return DSI_OK;
 }
 

@@ -24,9 +24,14 @@ typedef struct dsi_kernels {
     const char *name;
     dsi_matmul_fn matmul;
     dsi_matmul_t_fn matmul_t;
-    /* dot product and y += a*x over float32 vectors (attention inner loops) */
+    /* dot product and y += a*x over float32 vectors */
     float (*dot)(const float *a, const float *b, int n);
     void (*axpy)(float a, const float *x, float *y, int n);
+    /* attention inner loops over n rows of a strided matrix:
+     * dots: out[j] (+)= q . k[j*ldk .. +d]   (accumulate selects +=)
+     * wsum: out[0..d) += sum_j p[j] * v[j*ldv .. +d] */
+    void (*dots)(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate);
+    void (*wsum)(const float *p, const float *v, int n, size_t ldv, int d, float *out);
 } dsi_kernels;
 
 extern const dsi_kernels dsi_kernels_ref;

@@ -43,22 +43,22 @@ static inline float w_f32(const float *p) { return *p; }
     static inline __attribute__((always_inline)) void NAME(const T *w, size_t ldw, int nr, const float *xs, \
                                                            int ldx, int mr, int K, float out[NR][MR]) {     \
         __m256 acc[NR][MR];                                                                                   \
-        for (int j = 0; j < NR; j++)                                                                          \
-            for (int m = 0; m < MR; m++) acc[j][m] = _mm256_setzero_ps();                                     \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)                                                                          \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++) acc[j][m] = _mm256_setzero_ps();                                     \
         int k = 0;                                                                                            \
         for (; k + 8 <= K; k += 8) {                                                                          \
             __m256 xv[MR];                                                                                    \
-            for (int m = 0; m < MR; m++)                                                                      \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                                                      \
                 if (m < mr) xv[m] = _mm256_loadu_ps(xs + (size_t)m * ldx + k);                                \
-            for (int j = 0; j < NR; j++) {                                                                    \
+            _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {                                                                    \
                 if (j >= nr) break;                                                                           \
                 __m256 wv = CVT(w + j * ldw + k);                                                             \
-                for (int m = 0; m < MR; m++)                                                                  \
+                _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                                                  \
                     if (m < mr) acc[j][m] = _mm256_fmadd_ps(xv[m], wv, acc[j][m]);                            \
             }                                                                                                 \
         }                                                                                                     \
-        for (int j = 0; j < NR; j++)                                                                          \
-            for (int m = 0; m < MR; m++)                                                                      \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)                                                                          \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                                                      \
                 if (j < nr && m < mr) {                                                                       \
                     float s = hsum(acc[j][m]);                                                                \
                     for (int kk = k; kk < K; kk++) s += xs[(size_t)m * ldx + kk] * SCAL(w + j * ldw + kk);    \
@@ -101,7 +101,7 @@ static inline void store_tile(float out[NR][MR], int nr, int mr, float *y, int l
 static void avx2_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                         int n1, int accumulate) {
     int K = W->cols;
-    float out[NR][MR];
+    float out[NR][MR] = {{0}};
     int fp8 = W->dtype == DSI_F8_E4M3;
     float *xs = fp8 ? xs_buffer((size_t)MR * K) : NULL;
     if (fp8 && !xs) return;
@@ -183,4 +183,15 @@ static void avx2_axpy(float a, const float *x, float *y, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy};
+static void avx2_dots(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate) {
+    for (int j = 0; j < n; j++) {
+        float v = avx2_dot(q, k + j * ldk, d);
+        out[j] = accumulate ? out[j] + v : v;
+    }
+}
+
+static void avx2_wsum(const float *p, const float *v, int n, size_t ldv, int d, float *out) {
+    for (int j = 0; j < n; j++) avx2_axpy(p[j], v + j * ldv, out, d);
+}
+
+const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy, avx2_dots, avx2_wsum};

@@ -61,7 +61,18 @@ static void ref_axpy(float a, const float *x, float *y, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-const dsi_kernels dsi_kernels_ref = {"ref", ref_matmul, ref_matmul_t, ref_dot, ref_axpy};
+static void ref_dots(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate) {
+    for (int j = 0; j < n; j++) {
+        float v = ref_dot(q, k + j * ldk, d);
+        out[j] = accumulate ? out[j] + v : v;
+    }
+}
+
+static void ref_wsum(const float *p, const float *v, int n, size_t ldv, int d, float *out) {
+    for (int j = 0; j < n; j++) ref_axpy(p[j], v + j * ldv, out, d);
+}
+
+const dsi_kernels dsi_kernels_ref = {"ref", ref_matmul, ref_matmul_t, ref_dot, ref_axpy, ref_dots, ref_wsum};
 
 const dsi_kernels *dsi_kernels_by_name(const char *name) {
     if (!strcmp(name, "ref")) return &dsi_kernels_ref;

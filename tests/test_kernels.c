@@ -1,0 +1,187 @@
+/* Every kernel against the scalar reference on random shapes and inputs
+ * (never zeros; outputs poisoned first), for each dtype and each SIMD path
+ * this CPU supports. Also the dtype conversions on every e4m3 code. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/dtype.h"
+#include "kernels/kernels.h"
+
+static uint64_t rng = 88172645463325252ull;
+static uint64_t next(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
+static float unif(void) { return (float)((next() >> 40) * (1.0 / 16777216.0)) * 2 - 1; }
+static int rint_(int lo, int hi) { return lo + (int)(next() % (uint64_t)(hi - lo + 1)); }
+
+/* Encodes v in [-1, 1] as an IEEE half (normals only, round to nearest). */
+static uint16_t half_of(float v) {
+    float a = fabsf(v);
+    if (a < ldexpf(1, -14)) return 0;
+    int ex;
+    float fr = frexpf(a, &ex); /* a = fr * 2^ex, fr in [0.5, 1) */
+    int mant = (int)nearbyintf((fr * 2 - 1) * 1024), bexp = ex - 1 + 15;
+    if (mant == 1024) { mant = 0; bexp++; }
+    return (uint16_t)((v < 0 ? 0x8000 : 0) | (bexp << 10) | mant);
+}
+
+/* A random weight of the given dtype; the caller frees *data and *scale. */
+static dsi_mat random_mat(dsi_dtype dt, int rows, int cols, void **data, float **scale) {
+    dsi_mat m = {.dtype = dt, .rows = rows, .cols = cols, .block_rows = 128, .block_cols = 128};
+    size_t n = (size_t)rows * cols;
+    *scale = NULL;
+    *data = malloc(n * 4 + 64);
+    for (size_t i = 0; i < n; i++) {
+        float v = unif();
+        switch (dt) {
+        case DSI_F32: ((float *)*data)[i] = v; break;
+        case DSI_BF16: ((uint16_t *)*data)[i] = dsi_f32_to_bf16(v); break;
+        case DSI_F16: ((uint16_t *)*data)[i] = half_of(v); break;
+        case DSI_F8_E4M3: {
+            /* cover every code, subnormals included, except NaN */
+            uint8_t b = (uint8_t)(next() & 0xff);
+            if ((b & 0x7f) == 0x7f) b ^= 1;
+            ((uint8_t *)*data)[i] = b;
+            break;
+        }
+        default: break;
+        }
+    }
+    if (dt == DSI_F8_E4M3) {
+        int sr = (rows + 127) / 128, sc = (cols + 127) / 128;
+        *scale = malloc(sizeof(float) * sr * sc);
+        for (int i = 0; i < sr * sc; i++) (*scale)[i] = ldexpf(1.0f + 0.5f * unif(), rint_(-12, -4));
+        m.scale_inv = *scale;
+        m.scale_cols = sc;
+    }
+    m.data = *data;
+    return m;
+}
+
+static void test_e4m3_codes(void **state) {
+    for (int b = 0; b < 256; b++) {
+        float f = dsi_e4m3_to_f32((uint8_t)b);
+        if ((b & 0x7f) == 0x7f) { assert_true(isnan(f)); continue; }
+        if (f != 0) assert_int_equal(dsi_f32_to_e4m3(f), b);
+    }
+    assert_true(dsi_e4m3_to_f32(0x7e) == 448.0f);
+    assert_true(dsi_e4m3_to_f32(0x01) == ldexpf(1, -9));
+    assert_int_equal(dsi_f32_to_e4m3(1e6f), 0x7e);   /* saturates */
+    assert_int_equal(dsi_f32_to_e4m3(-1e6f), 0xfe);
+    assert_true(dsi_bf16_to_f32(dsi_f32_to_bf16(1.0f)) == 1.0f);
+    assert_true(dsi_f16_to_f32(0x3c00) == 1.0f);
+    assert_true(dsi_f16_to_f32(0x0001) == ldexpf(1, -24));
+}
+
+static double max_rel(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d <= num)) num = d; /* NaN propagates */
+        den = fmax(den, fabs(b[i]));
+    }
+    return num / (den > 0 ? den : 1);
+}
+
+static void check_impl(const dsi_kernels *k) {
+    dsi_dtype dts[] = {DSI_F8_E4M3, DSI_BF16, DSI_F16, DSI_F32};
+    for (int iter = 0; iter < 120; iter++) {
+        dsi_dtype dt = dts[iter % 4];
+        int rows = rint_(1, 300), cols = rint_(1, 700), M = iter % 3 == 2 ? rint_(10, 40) : rint_(1, 9);
+        if (iter % 5 == 0) { rows = 256 + rint_(0, 3); cols = 512; } /* aligned */
+        void *data;
+        float *scale;
+        dsi_mat W = random_mat(dt, rows, cols, &data, &scale);
+        int ldx = cols + rint_(0, 5), ldy = rows + rint_(0, 5);
+        float *x = malloc(sizeof(float) * M * ldx), *y = malloc(sizeof(float) * M * ldy), *r = malloc(sizeof(float) * M * ldy);
+        for (int i = 0; i < M * ldx; i++) x[i] = unif();
+        for (int i = 0; i < M * ldy; i++) y[i] = r[i] = NAN;
+        /* a random row range, possibly unaligned */
+        int n0 = rint_(0, rows - 1), n1 = rint_(n0 + 1, rows);
+        dsi_kernels_ref.matmul(&W, x, M, ldx, r, ldy, 0, n0, n1, 0);
+        k->matmul(&W, x, M, ldx, y, ldy, 0, n0, n1, 0);
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < ldy; n++) {
+                float a = y[m * ldy + n], b = r[m * ldy + n];
+                if (n < n0 || n >= n1) assert_true(isnan(a)); /* untouched outside the range */
+                else if (fabs(a - b) > 1e-4 * (1 + fabs(b)) * sqrt(cols)) {
+                    fprintf(stderr, "%s dtype %d rows %d cols %d M %d n0 %d n1 %d: y[%d][%d]=%g ref %g\n", k->name, dt,
+                            rows, cols, M, n0, n1, m, n, a, b);
+                    fail();
+                }
+            }
+        /* accumulate mode adds */
+        for (int i = 0; i < M * ldy; i++) y[i] = r[i] = 1.0f;
+        dsi_kernels_ref.matmul(&W, x, M, ldx, r, ldy, 0, 0, rows, 1);
+        k->matmul(&W, x, M, ldx, y, ldy, 0, 0, rows, 1);
+        assert_true(max_rel(y, r, (size_t)M * ldy) < 1e-5 * sqrt(cols));
+        /* transposed product over a row range */
+        int r0 = rint_(0, rows - 1), r1 = rint_(r0 + 1, rows), c0 = rint_(0, cols - 1), c1 = rint_(c0 + 1, cols);
+        int ldt = (c1 - c0) + 3;
+        float *yt = malloc(sizeof(float) * M * ldt), *rt = malloc(sizeof(float) * M * ldt);
+        float *xt = malloc(sizeof(float) * M * rows);
+        for (int i = 0; i < M * rows; i++) xt[i] = unif();
+        for (int i = 0; i < M * ldt; i++) yt[i] = rt[i] = NAN;
+        dsi_kernels_ref.matmul_t(&W, r0, r1, xt, M, rows, rt, ldt, c0, c1);
+        k->matmul_t(&W, r0, r1, xt, M, rows, yt, ldt, c0, c1);
+        for (int m = 0; m < M; m++)
+            for (int c = 0; c < c1 - c0; c++) {
+                float a = yt[m * ldt + c], b = rt[m * ldt + c];
+                if (!(fabs(a - b) <= 1e-4 * (1 + fabs(b)) * sqrt(rows))) {
+                    fprintf(stderr, "%s matmul_t dtype %d: [%d][%d] %g vs %g\n", k->name, dt, m, c, a, b);
+                    fail();
+                }
+            }
+        free(yt); free(rt); free(xt);
+        /* dot / axpy */
+        int n = rint_(1, 300);
+        float *a = malloc(sizeof(float) * n), *b = malloc(sizeof(float) * n), *c = malloc(sizeof(float) * n), *d = malloc(sizeof(float) * n);
+        for (int i = 0; i < n; i++) { a[i] = unif(); b[i] = c[i] = d[i] = unif(); }
+        assert_true(fabsf(k->dot(a, b, n) - dsi_kernels_ref.dot(a, b, n)) < 1e-4f * sqrtf((float)n));
+        k->axpy(0.37f, a, c, n);
+        dsi_kernels_ref.axpy(0.37f, a, d, n);
+        assert_true(max_rel(c, d, n) < 1e-6);
+        /* dots / wsum over strided rows */
+        int nk = rint_(1, 70), dd = rint_(1, 600), ld = dd + rint_(0, 9);
+        float *kk = malloc(sizeof(float) * nk * ld), *q = malloc(sizeof(float) * dd), *o1 = malloc(sizeof(float) * nk),
+              *o2 = malloc(sizeof(float) * nk), *w1 = malloc(sizeof(float) * dd), *w2 = malloc(sizeof(float) * dd);
+        for (int i = 0; i < nk * ld; i++) kk[i] = unif();
+        for (int i = 0; i < dd; i++) { q[i] = unif(); w1[i] = w2[i] = unif(); }
+        for (int i = 0; i < nk; i++) o1[i] = o2[i] = unif();
+        int accum = iter & 1;
+        k->dots(q, kk, nk, ld, dd, o1, accum);
+        dsi_kernels_ref.dots(q, kk, nk, ld, dd, o2, accum);
+        assert_true(max_rel(o1, o2, nk) < 1e-5 * sqrt(dd));
+        k->wsum(o2, kk, nk, ld, dd, w1);
+        dsi_kernels_ref.wsum(o2, kk, nk, ld, dd, w2);
+        assert_true(max_rel(w1, w2, dd) < 1e-5 * sqrt(nk));
+        free(kk); free(q); free(o1); free(o2); free(w1); free(w2);
+        free(a); free(b); free(c); free(d);
+        free(x); free(y); free(r); free(data); free(scale);
+    }
+}
+
+static void test_avx512(void **state) {
+    const dsi_kernels *k = dsi_kernels_by_name("avx512");
+    if (!k) { printf("  avx512 not supported on this CPU: skipped\n"); skip(); }
+    check_impl(k);
+}
+
+static void test_avx2(void **state) {
+    const dsi_kernels *k = dsi_kernels_by_name("avx2");
+    if (!k) { printf("  avx2 not supported on this CPU: skipped\n"); skip(); }
+    check_impl(k);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_e4m3_codes),
+        cmocka_unit_test(test_avx512),
+        cmocka_unit_test(test_avx2),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
