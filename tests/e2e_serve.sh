@@ -132,7 +132,7 @@ check_err "unknown endpoint" 404 "$URL/v1/nothing"
 check_err "wrong method" 405 -X GET "$C"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/health")" = 200 ] && pass "alive after bad input" || fail "server died"
 
-# ---------------------------------------------------------------- disconnects free blocks
+# ---------------------------------------------------------------- stalled clients block no one
 idle_check() { # name: waits for the batch and the KV to be idle again
     local used run i
     for i in $(seq 1 50); do
@@ -142,6 +142,18 @@ idle_check() { # name: waits for the batch and the KV to be idle again
     done
     [ "$used" = 0 ] && [ "$run" = 0 ] && pass "$1: blocks freed, batch idle" || fail "$1: kv used $used, running $run"
 }
+# one client sends half a request and stalls; another asks for a long stream and never reads
+exec 3<>"/dev/tcp/127.0.0.1/$PORT"
+printf 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt":' >&3
+exec 4<>"/dev/tcp/127.0.0.1/$PORT"
+body='{"prompt":[5,6,7],"max_tokens":900,"stream":true,"ignore_eos":true}'
+printf 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s' "${#body}" "$body" >&4
+code=$(curl -s -m 10 -o "$WORK/other" -w '%{http_code}' "$URL/v1/completions" -d '{"prompt":[1,2],"max_tokens":3}')
+[ "$code" = 200 ] && pass "stalled clients do not block others" || fail "request beside stalled clients: $code"
+exec 3>&- 4>&-
+idle_check "stalled clients closed"
+
+# ---------------------------------------------------------------- disconnects free blocks
 before=$(metric 'dsinfer_requests_total{outcome="cancelled"}')
 : >"$WORK/killed"
 curl -s -N "$URL/v1/completions" -d "{\"prompt\":[$(ids_of 100 11)],\"max_tokens\":900,\"stream\":true,\"ignore_eos\":true}" >"$WORK/killed" &

@@ -26,6 +26,7 @@ static void usage(FILE *f) {
             "  --max-queue N                waiting requests before answering 429 (default 1024)\n"
             "  --max-tokens-default N       completion cap when a request gives none (default 4096)\n"
             "  --threads N                  compute threads (default: all cores)\n"
+            "  --http-threads N             HTTP event-loop threads (default 2)\n"
             "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/*\n"
             "  --no-prefix-cache            never share KV blocks between requests\n"
             "  --drain-timeout S            on SIGTERM, seconds to let requests finish (default 30)\n");
@@ -50,6 +51,7 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--max-queue", &missing))) o.max_queue = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--max-tokens-default", &missing))) o.default_max_tokens = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--threads", &missing))) o.threads = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--http-threads", &missing))) o.http_threads = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing))) drain = atof(v);
         else if (!strcmp(argv[i], "--no-prefix-cache")) o.no_prefix_cache = 1;
@@ -57,7 +59,7 @@ int dsi_cmd_serve(int argc, char **argv) {
         if (missing) { fprintf(stderr, "dsinfer serve: %s needs a value\n", argv[i]); return 2; }
     }
     if (o.port < 0 || o.port > 65535 || o.max_model_len < 0 || o.kv_blocks < 0 || o.kv_cache_gb < 0 ||
-        o.max_num_seqs < 0 || o.max_num_batched_tokens < 0 || o.max_queue < 0 || o.threads < 0 || drain < 0) {
+        o.max_num_seqs < 0 || o.max_num_batched_tokens < 0 || o.max_queue < 0 || o.threads < 0 || o.http_threads < 0 || drain < 0) {
         fprintf(stderr, "dsinfer serve: numeric options must be non-negative (and the port below 65536)\n");
         return 2;
     }
