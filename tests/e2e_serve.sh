@@ -209,5 +209,19 @@ n429=$(cat "$WORK"/qc* | grep -c 429); n200=$(cat "$WORK"/qc* | grep -c 200)
     || fail "queue limit: $(cat "$WORK"/qc* | tr '\n' ' ')"
 kill -TERM "$SRV_PID"; wait "$SRV_PID"; SRV_PID=
 
+# ---------------------------------------------------------------- a KV pool too small for the load
+# 8 blocks (512 tokens) for 6 requests of 100 + 150 tokens: admission waits and
+# decode preempts, but every request completes with all its tokens
+start_server --kv-blocks 8 --max-model-len 512
+for k in 1 2 3 4 5 6; do
+    curl -s "$URL/v1/completions" -d "{\"prompt\":[$(ids_of 100 $((30 + k)))],\"max_tokens\":150,\"ignore_eos\":true}" >"$WORK/p$k" &
+done
+wait_jobs
+n_ok=$(grep -l '"completion_tokens":150' "$WORK"/p? | wc -l)
+pre=$(metric dsinfer_preemptions_total)
+[ "$n_ok" = 6 ] && pass "small KV pool: 6/6 completed ($pre preemptions)" || fail "small KV pool: $n_ok/6 completed"
+idle_check "small KV pool"
+kill -TERM "$SRV_PID"; wait "$SRV_PID"; SRV_PID=
+
 if [ "$FAILS" -ne 0 ]; then echo "e2e_serve: $FAILS failure(s)"; exit 1; fi
 echo "e2e_serve: all passed"
