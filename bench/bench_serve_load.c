@@ -259,6 +259,8 @@ int main(int argc, char **argv) {
     double solo_tps = (atomic_load(&g_tokens) - solo_tok0) / (dsi_now() - ts);
     atomic_store(&g_tokens, 0);
 
+    double computed0 = metric("dsinfer_computed_tokens_total"), hits0 = metric("dsinfer_prompt_cache_hit_tokens_total");
+    double prompt0 = metric("dsinfer_prompt_tokens_total");
     printf("load: %d streaming clients for %.0f s on 127.0.0.1:%d (demo model)\n", n_clients, seconds, g_port);
     fflush(stdout);
     client *cs = calloc(n_clients + 1, sizeof *cs);
@@ -284,6 +286,8 @@ int main(int argc, char **argv) {
         usleep(50000);
     }
     double cancelled = metric("dsinfer_requests_total{outcome=\"cancelled\"}");
+    double computed = metric("dsinfer_computed_tokens_total"), hits = metric("dsinfer_prompt_cache_hit_tokens_total");
+    double prompt_tok = metric("dsinfer_prompt_tokens_total");
 
     samples ttft = {0}, itl = {0};
     for (int i = 0; i < n_clients; i++) {
@@ -300,6 +304,8 @@ int main(int argc, char **argv) {
            ok, failed, atomic_load(&g_killed), cancelled);
     printf("throughput: %.2f requests/s, %.0f generated tok/s aggregate = %.1fx one client alone (%.0f tok/s)\n",
            ok / wall, tps, tps / solo_tps, solo_tps);
+    printf("engine: %.0f tokens/s computed (prefill + decode; %.0f prompt tokens, %.0f%% served from the prefix cache)\n",
+           (computed - computed0) / wall, prompt_tok - prompt0, prompt_tok > prompt0 ? 100.0 * (hits - hits0) / (prompt_tok - prompt0) : 0.0);
     printf("TTFT: p50 %.1f ms, p99 %.1f ms (%zu samples)\n", pct(&ttft, 0.5) * 1e3, pct(&ttft, 0.99) * 1e3, ttft.n);
     printf("inter-token latency: p50 %.1f ms, p99 %.1f ms (%zu samples)\n", pct(&itl, 0.5) * 1e3,
            pct(&itl, 0.99) * 1e3, itl.n);
