@@ -17,6 +17,7 @@
 #define DSINFER_SERVER_H
 
 #include "dsinfer/common.h"
+#include "dsinfer/kvdisk.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -39,6 +40,7 @@ typedef struct dsi_server_opts {
     size_t max_body_bytes;         /* 0: 8 MiB */
     int default_max_tokens;        /* cap when max_tokens is absent; 0: 4096 */
     int no_prefix_cache;
+    dsi_kvdisk_opts kv_disk;       /* .dir NULL: no disk KV tier */
 } dsi_server_opts;
 
 /* Extra lines for /metrics (econ counters, ...): write Prometheus text with
