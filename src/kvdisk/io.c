@@ -241,8 +241,8 @@ static void run_save(dsi_kvdisk *d, kd_job *j) {
     unsigned long k = d->tmp_counter++;
     pthread_mutex_unlock(&d->mu);
     const char *slash = strrchr(path, '/');
-    snprintf(tmp, sizeof tmp, "%.*s/" KD_TMP_PREFIX "%016llx.%ld.%lu", (int)(slash - path), path,
-             (unsigned long long)j->hash, (long)getpid(), k);
+    snprintf(tmp, sizeof tmp, "%.*s/" KD_TMP_PREFIX "%016llx.%016llx.%lu", (int)(slash - path), path,
+             (unsigned long long)j->hash, (unsigned long long)d->nonce, k);
     int st = DSI_OK;
     j->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (j->fd < 0 && errno == ENOENT) { /* the fan-out folder was removed under us: make it again */

@@ -80,6 +80,7 @@ struct dsi_kvdisk {
     int io_stopping;          /* the I/O threads end once the queues are empty */
     dsi_kvdisk_stats st;
     unsigned long tmp_counter;
+    uint64_t nonce;           /* in temporary names: unique across processes, hosts (NFS) and stores */
 
     int use_uring;
     void *uring;              /* struct io_uring * */

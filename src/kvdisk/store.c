@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 dsi_kvdisk_opts dsi_kvdisk_default_opts(void) {
     dsi_kvdisk_opts o = {0};
@@ -261,12 +262,7 @@ int dsi_kvdisk_rescan(dsi_kvdisk *d) {
         nx.head = nx.tail = nx.free_head = -1;
         for (size_t i = 0; i < n; i++) dsi__kd_index_touch(&nx, items[i].hash, items[i].bytes, items[i].mtime);
         pthread_mutex_lock(&d->mu);
-        /* our own recent hits may be newer than a file's mtime (the touch is best effort): keep them */
-        for (int e = d->idx.head; e >= 0; e = d->idx.e[e].next) {
-            int f = dsi__kd_index_find(&nx, d->idx.e[e].hash);
-            if (f >= 0 && nx.e[f].last_use < d->idx.e[e].last_use)
-                dsi__kd_index_touch(&nx, nx.e[f].hash, nx.e[f].bytes, d->idx.e[e].last_use);
-        }
+        /* the files' mtimes are the LRU clock shared by every process (a hit refreshes it): they win */
         index_free(&d->idx);
         d->idx = nx;
         d->st.scans++;
@@ -322,6 +318,10 @@ int dsi_kvdisk_open(const dsi_kvdisk_opts *o, uint64_t fp, int n_layers, int kv_
     d->payload_bytes = (size_t)n_layers * bt * kv_dim * sizeof(float);
     d->header_bytes = KD_HDR_FIXED + sizeof(int32_t) * (size_t)bt;
     d->efd = -1;
+    struct { struct timespec ts; pid_t pid; void *self; char host[64]; } seed = {.pid = getpid(), .self = d};
+    clock_gettime(CLOCK_REALTIME, &seed.ts);
+    gethostname(seed.host, sizeof seed.host);
+    d->nonce = XXH3_64bits(&seed, sizeof seed);
     d->idx.head = d->idx.tail = d->idx.free_head = -1;
     pthread_mutex_init(&d->mu, NULL);
     pthread_cond_init(&d->cv_work, NULL);
