@@ -209,23 +209,27 @@ int main(int argc, char **argv) {
     snprintf(seq, sizeof seq, "%s/seq.bin", dir);
     snprintf(cmd, sizeof cmd, "dd if=/dev/zero of='%.4000s' bs=4M count=256 oflag=direct status=none", seq);
     int have_seq = system(cmd) == 0;
-    double r_uring = 0, r_threads = 0, r_hot = 0, r_dd = 0;
+    double r_uring = 0, r_threads = 0, r_hot = 0, r_dd = 0, each[4][3] = {{0}};
     for (int rep = 0; rep < 3; rep++) {
         drop_cache(dir, NULL);
-        r_uring = DSI_MAX(r_uring, read_throughput(d, prompt, n_blocks, fp, bufs));
+        r_uring = DSI_MAX(r_uring, each[0][rep] = read_throughput(d, prompt, n_blocks, fp, bufs));
         drop_cache(dir, NULL);
-        r_threads = DSI_MAX(r_threads, read_throughput(dt, prompt, n_blocks, fp, bufs));
-        r_hot = DSI_MAX(r_hot, read_throughput(dt, prompt, n_blocks, fp, bufs)); /* now in the page cache */
+        r_threads = DSI_MAX(r_threads, each[1][rep] = read_throughput(dt, prompt, n_blocks, fp, bufs));
+        /* now in the page cache */
+        r_hot = DSI_MAX(r_hot, each[2][rep] = read_throughput(dt, prompt, n_blocks, fp, bufs));
         if (have_seq) {
             drop_cache(dir, seq);
-            r_dd = DSI_MAX(r_dd, dd_read(seq));
+            r_dd = DSI_MAX(r_dd, each[3][rep] = dd_read(seq));
         }
     }
     dsi_kvdisk_close(d);
     dsi_kvdisk_close(dt);
     unlink(seq);
     double mb = 1e6;
-    printf("best of 3, page cache dropped before each cold read:\n");
+    printf("best of 3 (each run: uring / threads / hot / dd MB/s), page cache dropped before each cold read:\n");
+    for (int rep = 0; rep < 3; rep++)
+        printf("  run %d: %6.0f / %6.0f / %6.0f / %6.0f\n", rep + 1, each[0][rep] / 1e6, each[1][rep] / 1e6,
+               each[2][rep] / 1e6, each[3][rep] / 1e6);
     printf("disk tier read (%d blocks, %.0f MiB, %s): %8.0f MB/s\n", n_blocks, bb * n_blocks / 1048576.0, backend,
            r_uring / mb);
     printf("disk tier read (thread pool):                 %8.0f MB/s\n", r_threads / mb);

@@ -446,6 +446,38 @@ static void test_sched_from_disk(void **state) {
     dsi_kvdisk_get_stats(d, &ds);
     assert_int_equal(ds.corrupt, 1);
     assert_int_equal(ds.written_blocks, 5);
+    /* cancelled while its loads are in flight: finished once they land, every block freed */
+    {
+        const dsi_config *c = dsi_model_config(m);
+        dsi_kv_pool *kv;
+        dsi_engine *e;
+        dsi_sched *s;
+        assert_int_equal(dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, 32, &kv), DSI_OK);
+        dsi_engine_opts eo = {.n_threads = 1, .max_tokens = 128};
+        assert_int_equal(dsi_engine_create(m, kv, &eo, &e), DSI_OK);
+        dsi_sched_opts so = {.disk = d};
+        assert_int_equal(dsi_sched_create(e, &so, &s), DSI_OK);
+        dsi_request_params p = {.prompt = prompt, .n_prompt = 300, .max_tokens = 8};
+        result r = {0};
+        uint64_t id;
+        assert_int_equal(dsi_sched_submit(s, &p, on_event, &r, &id), DSI_OK);
+        assert_true(dsi_sched_step(s) > 0); /* admitted: loading */
+        dsi_sched_get_stats(s, &st);
+        assert_int_equal(st.n_loading, 1);
+        assert_int_equal(st.n_running, 0);
+        dsi_sched_cancel(s, id);
+        for (int i = 0; i < 10000 && dsi_sched_step(s) > 0; i++) {}
+        assert_int_equal(r.finished, 1);
+        assert_int_equal(r.n, 0);
+        dsi_sched_get_stats(s, &st);
+        assert_int_equal(st.finished[DSI_FINISH_CANCELLED], 1);
+        assert_int_equal(st.n_loading, 0);
+        assert_int_equal(st.kv_blocks_used, 0);
+        dsi_sched_destroy(s);
+        assert_int_equal(dsi_kv_n_free(kv), 32);
+        dsi_engine_destroy(e);
+        dsi_kv_pool_destroy(kv);
+    }
     dsi_kvdisk_close(d);
     dsi_model_destroy(m);
 }
