@@ -18,6 +18,7 @@ pass() { echo "ok: $*"; }
 start_server() { # name dir extra-flags... ; sets URL_<name>, PID_<name>
     local name=$1 dir=$2
     shift 2
+    rm -f "$WORK/$name.log" # the child truncates it only once forked: never read the last run's port
     "$BIN" serve --port 0 --threads 1 --kv-disk "$dir" "$@" 2>"$WORK/$name.log" &
     local pid=$! port=
     PIDS+=("$pid")
