@@ -24,9 +24,10 @@
  *
  * Not thread-safe: like the pool, it belongs to the scheduler's thread.
  *
- * Seam for a disk tier (issue 5): match() is the one lookup entry point; a
- * second tier continues the chain where the memory tier stops (the caller has
- * the hashes) and loads blocks into fresh ones from dsi_prefix_cache_alloc. */
+ * The disk tier (dsinfer/kvdisk.h, driven by the scheduler) continues the
+ * chain where match() stops, loads blocks into fresh ones from
+ * dsi_prefix_cache_alloc and publishes them with insert(); it retains
+ * published blocks (dsi_prefix_cache_retain) while writing them out. */
 #ifndef DSINFER_PREFIX_CACHE_H
 #define DSINFER_PREFIX_CACHE_H
 
