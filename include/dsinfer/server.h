@@ -39,6 +39,13 @@ typedef struct dsi_server_opts {
     size_t max_body_bytes;         /* 0: 8 MiB */
     int default_max_tokens;        /* cap when max_tokens is absent; 0: 4096 */
     int no_prefix_cache;
+    /* economics (include/dsinfer/econ.h): with a pricing file, every request
+     * is billed at the price in force at its admission, /metrics carries
+     * revenue and GPU cost, GET /v1/pricing answers */
+    const char *pricing_path;      /* NULL: no billing */
+    const char *pricing_model;     /* entry of the pricing file to bill at; NULL: the served name, else the first */
+    const char *account_journal;   /* append-only JSON lines for `dsinfer report`; NULL: none */
+    int account_gpus;              /* GPUs this instance accounts for; 0: the file's gpus_per_node */
 } dsi_server_opts;
 
 /* Extra lines for /metrics (econ counters, ...): write Prometheus text with

@@ -29,7 +29,13 @@ static void usage(FILE *f) {
             "  --http-threads N             HTTP event-loop threads (default 2)\n"
             "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/*\n"
             "  --no-prefix-cache            never share KV blocks between requests\n"
-            "  --drain-timeout S            on SIGTERM, seconds to let requests finish (default 30)\n");
+            "  --drain-timeout S            on SIGTERM, seconds to let requests finish (default 30)\n"
+            "economics (see docs/pricing.example.json):\n"
+            "  --pricing FILE               bill requests at the prices in force at admission; revenue\n"
+            "                               and GPU cost in /metrics; GET /v1/pricing\n"
+            "  --pricing-model NAME         pricing entry to bill at (default: the served name, else the first)\n"
+            "  --account-journal FILE       append bills and scale events (read by 'dsinfer report')\n"
+            "  --account-gpus N             GPUs this instance costs (default: the file's gpus_per_node)\n");
 }
 
 int dsi_cmd_serve(int argc, char **argv) {
@@ -55,6 +61,10 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing))) drain = atof(v);
         else if (!strcmp(argv[i], "--no-prefix-cache")) o.no_prefix_cache = 1;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing", &missing))) o.pricing_path = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing-model", &missing))) o.pricing_model = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--account-journal", &missing))) o.account_journal = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--account-gpus", &missing))) o.account_gpus = atoi(v);
         else { fprintf(stderr, "dsinfer serve: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer serve: %s needs a value\n", argv[i]); return 2; }
     }

@@ -192,6 +192,7 @@ static enum MHD_Result handle_generate(dsi_server *s, dsi_conn *c, int chat) {
     if (!r->ignore_eos)
         for (int i = 0; i < s->api.n_eos; i++) p.stop_ids[p.n_stop_ids++] = s->api.eos_ids[i];
     c->t_start = dsi_now();
+    dsi__billing_quote(s, c);
     atomic_fetch_add(&c->refs, 1); /* the scheduler's */
     conn_register(c);
     atomic_fetch_add(&s->metrics.in_flight, 1);
@@ -250,6 +251,9 @@ static enum MHD_Result handle_get(dsi_server *s, dsi_conn *c, const char *url) {
         int d = atomic_load(&s->draining);
         dsi__sbuf_puts(&b, d ? "{\"status\":\"draining\"}" : "{\"status\":\"ok\"}");
         ok = send_buf(c->mc, d ? 503 : 200, "application/json", b.p, b.len, 0);
+    } else if (!strcmp(url, "/v1/pricing")) {
+        int st = dsi__billing_pricing_json(s, &b);
+        ok = send_buf(c->mc, st, "application/json", b.p, b.len, 0);
     } else if (!strcmp(url, "/v1/models")) {
         dsi__api_models_json(&b, s->model_name, dsi_sched_max_model_len(s->sched), s->created);
         ok = send_buf(c->mc, 200, "application/json", b.p, b.len, 0);
@@ -308,7 +312,8 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
 
     int is_get = !strcmp(method, "GET") || !strcmp(method, "HEAD"), is_post = !strcmp(method, "POST");
     int chat = !strcmp(url, "/v1/chat/completions"), compl = !strcmp(url, "/v1/completions");
-    int get_route = !strcmp(url, "/health") || !strcmp(url, "/v1/models") || !strcmp(url, "/metrics");
+    int get_route = !strcmp(url, "/health") || !strcmp(url, "/v1/models") || !strcmp(url, "/metrics") ||
+                    !strcmp(url, "/v1/pricing");
     if (!strncmp(url, "/v1/", 4) && !authorised(s, mc))
         return send_error(s, mc, 401, "missing or wrong API key (Authorization: Bearer ...)", NULL);
     if (chat || compl) {
@@ -421,6 +426,7 @@ static void server_free(dsi_server *s) {
     dsi_kv_pool_destroy(s->kv);
     dsi_model_destroy(s->model);
     dsi_tokenizer_destroy(s->tok);
+    dsi__billing_stop(s);
     dsi__metrics_destroy(&s->metrics);
     pthread_mutex_destroy(&s->reg_mu);
     free(s);
@@ -447,6 +453,7 @@ int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
     pthread_mutex_init(&s->reg_mu, NULL);
     dsi__metrics_init(&s->metrics);
     int rc = open_model(s);
+    if (!rc) rc = dsi__billing_start(s);
     struct sockaddr_storage ss;
     int v6 = 0;
     if (!rc) rc = bind_addr(o->host, o->port, &ss, &v6);
