@@ -9,6 +9,9 @@
 #include <string.h>
 #include <sys/time.h>
 
+/* docs/pricing.deepseek.json, embedded at build time (--pricing deepseek) */
+extern const unsigned char dsi_default_pricing_json[];
+
 static double wall_now(void) {
     struct timeval tv;
     gettimeofday(&tv, NULL);
@@ -31,7 +34,9 @@ static void metrics_hook(void *ctx, void (*write)(void *w, const char *text, siz
 
 int dsi__billing_start(dsi_server *s) {
     if (!s->o.pricing_path) return DSI_OK;
-    int rc = dsi_pricing_load(s->o.pricing_path, &s->pricing);
+    int rc = !strcmp(s->o.pricing_path, "deepseek")
+                 ? dsi_pricing_parse((const char *)dsi_default_pricing_json, "built-in DeepSeek pricing", &s->pricing)
+                 : dsi_pricing_load(s->o.pricing_path, &s->pricing);
     if (rc) return rc;
     const char *want = s->o.pricing_model ? s->o.pricing_model : s->model_name;
     int idx = dsi_pricing_find_model(s->pricing, want);
