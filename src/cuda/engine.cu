@@ -291,6 +291,9 @@ extern "C" int dsi_cuda_engine_create(const dsi_model *m, const dsi_cuda_opts *o
     /* KV */
     size_t bb = dsi__cuda_kv_block_bytes(g);
     rc = dalloc(&e->cache, bb * o->kv_blocks);
+    /* zeros, not garbage: a position read before it is written (a caller's
+     * bug, or a benchmark that skips prefill) must not turn into NaN routing */
+    if (!rc) rc = dsi__cuda_memset(e->cache, 0, bb * o->kv_blocks);
     e->free_stack = (int *)malloc(sizeof(int) * o->kv_blocks);
     e->allocated = (unsigned char *)calloc(o->kv_blocks, 1);
     if (!rc && (!e->free_stack || !e->allocated)) rc = dsi_error(DSI_ENOMEM, "out of memory");
