@@ -225,6 +225,63 @@ static void test_gemm_grouped(void **state) {
     }
 }
 
+/* FP8 x FP8 tensor-core GEMM (grouped and plain) against the CPU reference fed
+ * the same quantised activations. */
+static void test_gemm_fp8_mma(void **state) {
+    NEED_GPU();
+    for (int it = 0; it < 4; it++) {
+        int grouped = it >= 2, E = grouped ? rint_(2, 6) : 1;
+        int N = rint_(1, 300), K = 16 * rint_(1, 40), KB = (K + 127) / 128, maxg = rint_(1, 150);
+        void **wd = calloc(E, sizeof(void *));
+        float **ws = calloc(E, sizeof(float *));
+        dsi_mat *Ws = calloc(E, sizeof(dsi_mat));
+        int *off = calloc(E + 1, sizeof(int));
+        for (int e = 0; e < E; e++) {
+            Ws[e] = host_mat(DSI_F8_E4M3, N, K, &wd[e], &ws[e]);
+            off[e + 1] = off[e] + (grouped && e % 3 == 1 ? 0 : rint_(1, maxg));
+        }
+        int rows = off[E];
+        dsi_dmat dW = {.dtype = DSI_F8_E4M3, .rows = N, .cols = K, .batch = E, .block_rows = 128, .block_cols = 128,
+                       .scale_rows = (N + 127) / 128, .scale_cols = KB};
+        size_t per = (size_t)N * K, sp = sizeof(float) * dW.scale_rows * KB;
+        assert_int_equal(dsi__cuda_malloc(&dW.data, per * E), DSI_OK);
+        assert_int_equal(dsi__cuda_malloc((void **)&dW.scale, sp * E), DSI_OK);
+        for (int e = 0; e < E; e++) {
+            assert_int_equal(dsi__cuda_h2d((uint8_t *)dW.data + per * e, wd[e], per), DSI_OK);
+            assert_int_equal(dsi__cuda_h2d((uint8_t *)dW.scale + sp * e, ws[e], sp), DSI_OK);
+        }
+        /* quantised activations: codes, k-major scales, and their float values */
+        uint8_t *xq = malloc((size_t)rows * K + 16);
+        float *xs = malloc(sizeof(float) * (rows * KB + 1)), *xf = malloc(sizeof(float) * (rows * K + 1));
+        for (int m = 0; m < rows; m++)
+            for (int kb = 0; kb < KB; kb++) {
+                float s = (1.0f + unif() * 0.5f) / 64;
+                xs[m * KB + kb] = s;
+                for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) {
+                    uint8_t b = (uint8_t)next();
+                    if ((b & 0x7f) == 0x7f) b ^= 1;
+                    xq[(size_t)m * K + k] = b;
+                    xf[(size_t)m * K + k] = dsi_e4m3_to_f32(b) * s;
+                }
+            }
+        float *ref = malloc(sizeof(float) * (rows * N + 1));
+        for (int e = 0; e < E; e++)
+            dsi_kernels_ref.matmul(&Ws[e], xf + (size_t)off[e] * K, off[e + 1] - off[e], K, ref + (size_t)off[e] * N, N,
+                                   0, 0, N, 0);
+        uint8_t *dxq = dev_up(xq, (size_t)rows * K + 16);
+        float *dxs = dev_up(xs, sizeof(float) * (rows * KB + 1)), *dy = dev_nan(sizeof(float) * (rows * N + 1));
+        int *doff = grouped ? dev_up(off, sizeof(int) * (E + 1)) : NULL;
+        assert_int_equal(dsi__cuda_gemm_fp8(&dW, dxq, dxs, grouped ? maxg : rows, dy, N, 0, doff, E, NULL), DSI_OK);
+        float *got = dev_down(dy, (size_t)rows * N);
+        double err = rel_err(got, ref, (size_t)rows * N);
+        printf("  fp8 mma %s E=%d rows=%d N=%d K=%d: %.2e\n", grouped ? "grouped" : "dense", E, rows, N, K, err);
+        assert_true(err <= 2e-3);
+        for (int e = 0; e < E; e++) { free(wd[e]); free(ws[e]); }
+        free(wd); free(ws); free(Ws); free(off); free(xq); free(xs); free(xf); free(ref); free(got);
+        dsi__cuda_free(dxq); dsi__cuda_free(dxs); dsi__cuda_free(dy); dsi__cuda_free(doff); dsi__cuda_free_mat(&dW);
+    }
+}
+
 /* e4m3 activation quantisation: bit-exact against the CPU conversion. */
 static void test_quant_fp8(void **state) {
     NEED_GPU();
@@ -659,6 +716,7 @@ int main(void) {
         cmocka_unit_test(test_gemm_dense),
         cmocka_unit_test(test_gemm_heads),
         cmocka_unit_test(test_gemm_grouped),
+        cmocka_unit_test(test_gemm_fp8_mma),
         cmocka_unit_test(test_quant_fp8),
         cmocka_unit_test(test_small_ops),
         cmocka_unit_test(test_moe_gate_dispatch),

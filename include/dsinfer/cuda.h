@@ -35,8 +35,10 @@ int dsi_cuda_device_describe(int dev, char *buf, size_t n);
 
 typedef enum dsi_cuda_gemm {
     DSI_CUDA_GEMM_SIMPLE = 0,  /* our tiled CUDA-core kernel: float32 activations, exact dequantisation */
-    DSI_CUDA_GEMM_CUBLASLT,    /* FP8 weights through cuBLASLt with 1x128 / 128x128 block scales
-                                  (activations quantised to e4m3, as DeepSeek serves); others: simple */
+    DSI_CUDA_GEMM_CUBLASLT,    /* FP8 on the tensor cores, activations quantised to e4m3 per 1x128
+                                  tile as DeepSeek serves: dense FP8 weights through cuBLASLt
+                                  (128x128 weight scales), routed experts through our grouped
+                                  mma.sync kernel; other weights and shapes: simple */
 } dsi_cuda_gemm;
 
 typedef struct dsi_cuda_opts {

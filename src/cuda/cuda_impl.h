@@ -65,6 +65,15 @@ int dsi__lt_gemm(dsi_lt *lt, const dsi_dmat *W, const float *d_x, int M, long ld
 /* Builds W->scale_lt from W->scale (device to device). */
 int dsi__lt_prepare_weight(dsi_dmat *W);
 
+/* FP8 x FP8 tensor-core GEMM (gemm_fp8.cu): y[m][n] (+)= sum_k
+ * deq(xq[m][k]) deq(W[mat][n][k]), activations e4m3 [rows][K] (row stride K)
+ * with scales xs[m*ceil(K/128) + kb] (k-major, as dsi__cuda_quant_fp8 with
+ * mn_major = 0). Grouped like dsi__cuda_gemm when d_group_offset != NULL
+ * (Z groups, M = most rows of a group); else Z = 1 and rows [0, M). Needs
+ * K % 16 == 0 and 128x128 weight blocks (else DSI_EUNSUPPORTED). */
+int dsi__cuda_gemm_fp8(const dsi_dmat *W, const uint8_t *d_xq, const float *d_xs, int M, float *d_y, long ldy,
+                       int accumulate, const int *d_group_offset, int Z, void *stream);
+
 /* e4m3 quantisation per 1x128 tile: q[m][k] = e4m3(x / s), s = amax/448
  * (1 when the tile is all zeros); scales written s[kb*M + m] (mn_major) or
  * s[m*KB + kb]. */

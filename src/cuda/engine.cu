@@ -69,8 +69,8 @@ struct dsi_cuda_engine {
     float *eh1, *eh2;     /* [T*K][moe_inter] */
     float *lrows;         /* [Rmax][D] */
     float *logits;        /* [Rmax][V] */
-    uint8_t *xq;          /* [T * max_in] FP8 activations (cuBLASLt path) */
-    float *xs;            /* [T * ceil(max_in/128)] their scales */
+    uint8_t *xq;          /* FP8 activations: [max(T,R)][max_in] dense, [T*K][max(D, moe_inter)] experts */
+    float *xs;            /* their 1x128 scales */
     float *inv_freq;      /* [rope/2] */
     graph_entry graphs[N_GRAPHS];
     unsigned long long n_steps;
@@ -328,10 +328,13 @@ extern "C" int dsi_cuda_engine_create(const dsi_model *m, const dsi_cuda_opts *o
         {(void **)&e->offset, 4 * (E + 1)}, {(void **)&e->slot_of, 4 * T * K}, {(void **)&e->slot_tok, 4 * T * K},
         {(void **)&e->ex, 4 * T * K * D}, {(void **)&e->eh1, 4 * T * K * mi}, {(void **)&e->eh2, 4 * T * K * mi},
         {(void **)&e->lrows, 4 * R * D}, {(void **)&e->logits, 4 * R * V},
-        {(void **)&e->xq, DSI_MAX(T, R) * max_in + 256},
-        {(void **)&e->xs, 4 * DSI_MAX(T, R) * DSI_CEIL_DIV(max_in, 128) + 256},
+        {(void **)&e->xq, DSI_MAX(DSI_MAX(T, R) * max_in, T * K * DSI_MAX(D, mi)) + 256},
+        {(void **)&e->xs, 4 * DSI_MAX(DSI_MAX(T, R) * DSI_CEIL_DIV(max_in, 128), T * K * DSI_CEIL_DIV(DSI_MAX(D, mi), 128)) + 256},
     };
     for (size_t i = 0; !rc && i < sizeof sc / sizeof sc[0]; i++) rc = dalloc(sc[i].p, (size_t)sc[i].bytes);
+    /* uploads, scale transposes and the cache memset ran on the legacy stream,
+     * which our non-blocking stream does not wait for */
+    if (!rc) rc = DSI_CU(cudaDeviceSynchronize());
     if (rc) { dsi_error_prefix(rc, "cuda engine"); dsi_cuda_engine_destroy(e); return rc; }
     *out = e;
     return DSI_OK;
@@ -396,10 +399,22 @@ static int moe(dsi_cuda_engine *e, const dlayer *L, int T) {
     if ((rc = dsi__cuda_moe_dispatch(e->tids, T, K, E, e->xn, D, e->count, e->offset, e->slot_of, e->slot_tok, e->ex,
                                      e->stream)))
         return rc;
-    if ((rc = grouped(e, &L->eg, e->ex, D, T, e->eh1, mi))) return rc;
-    if ((rc = grouped(e, &L->eu, e->ex, D, T, e->eh2, mi))) return rc;
-    if ((rc = dsi__cuda_silu_mul(e->eh1, e->eh2, T * K, NULL, mi, e->stream))) return rc;
-    if ((rc = grouped(e, &L->ed, e->eh1, mi, T, e->ex, D))) return rc;
+    int fp8 = e->lt && L->eg.dtype == DSI_F8_E4M3 && D % 16 == 0 && mi % 16 == 0 && L->eg.block_rows == 128 &&
+              L->eg.block_cols == 128;
+    if (fp8) {
+        /* FP8 activations (per 1x128 tile) on the tensor cores, as DeepSeek serves */
+        if ((rc = dsi__cuda_quant_fp8(e->ex, D, T * K, D, e->xq, e->xs, 0, e->stream))) return rc;
+        if ((rc = dsi__cuda_gemm_fp8(&L->eg, e->xq, e->xs, T, e->eh1, mi, 0, e->offset, E, e->stream))) return rc;
+        if ((rc = dsi__cuda_gemm_fp8(&L->eu, e->xq, e->xs, T, e->eh2, mi, 0, e->offset, E, e->stream))) return rc;
+        if ((rc = dsi__cuda_silu_mul(e->eh1, e->eh2, T * K, NULL, mi, e->stream))) return rc;
+        if ((rc = dsi__cuda_quant_fp8(e->eh1, mi, T * K, mi, e->xq, e->xs, 0, e->stream))) return rc;
+        if ((rc = dsi__cuda_gemm_fp8(&L->ed, e->xq, e->xs, T, e->ex, D, 0, e->offset, E, e->stream))) return rc;
+    } else {
+        if ((rc = grouped(e, &L->eg, e->ex, D, T, e->eh1, mi))) return rc;
+        if ((rc = grouped(e, &L->eu, e->ex, D, T, e->eh2, mi))) return rc;
+        if ((rc = dsi__cuda_silu_mul(e->eh1, e->eh2, T * K, NULL, mi, e->stream))) return rc;
+        if ((rc = grouped(e, &L->ed, e->eh1, mi, T, e->ex, D))) return rc;
+    }
     return dsi__cuda_moe_combine(e->ex, e->slot_of, e->tw, T, K, D, e->x, e->stream);
 }
 
