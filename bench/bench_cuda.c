@@ -231,6 +231,8 @@ static int model_bench(const char *dir, int simple) {
     printf("  model %s: %d layers, %.1f GB of weights on the device (upload %.1f s), gemm %s\n", dsi_model_name(m),
            c->n_layers, dsi_cuda_engine_weight_bytes(e) / 1e9, dsi_now() - t0, simple ? "simple" : "cuBLASLt FP8");
     double norm = (double)c->n_layers / 61.0;
+    printf("  (one GPU holds and reads all %d routed experts of each layer; DeepSeek's per-GPU figures are with"
+           " EP32 prefill / EP144 decode, 9 or 2 routed experts per GPU)\n", c->n_experts);
     int32_t *blocks = malloc(sizeof(int32_t) * B * nb), *tok = malloc(sizeof(int32_t) * 4096);
     float *logits = malloc(sizeof(float) * (size_t)B * c->vocab_size);
     for (int i = 0; i < B * nb; i++) blocks[i] = dsi_cuda_kv_alloc(e);

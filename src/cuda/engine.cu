@@ -255,7 +255,7 @@ extern "C" int dsi_cuda_engine_create(const dsi_model *m, const dsi_cuda_opts *o
     if (o->max_seqs <= 0) o->max_seqs = DSI_MAX(1, DSI_MIN(o->max_tokens, 256));
     if (o->kv_blocks <= 0) o->kv_blocks = 64;
     if (o->max_blocks_per_seq <= 0)
-        o->max_blocks_per_seq = DSI_MIN(1024, DSI_CEIL_DIV(c->max_position_embeddings, DSI_KV_BLOCK_TOKENS));
+        o->max_blocks_per_seq = DSI_MAX(1, DSI_MIN(1024, DSI_CEIL_DIV(c->max_position_embeddings, DSI_KV_BLOCK_TOKENS)));
     if (o->graph_max_tokens <= 0) o->graph_max_tokens = 256;
     int rc = DSI_CU(cudaSetDevice(o->device));
     if (!rc) rc = DSI_CU(cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
