@@ -28,6 +28,7 @@ typedef struct dlayer {
 } dlayer;
 
 typedef struct graph_entry {
+    int state;              /* 0 empty, 1 seen once (ran eagerly), 2 captured */
     int T, R;
     cudaGraphExec_t exec;
     unsigned long long last_use;
@@ -476,15 +477,28 @@ static int forward(dsi_cuda_engine *e, int T, int R) {
     return mm(e, &e->lm_head, e->lrows, R, D, e->logits, c->vocab_size, 0);
 }
 
-/* Runs forward() from a cached graph for (T, R), capturing it on first use. */
+/* Runs forward() for (T, R) from a cached graph. The first step of a shape
+ * runs eagerly (it creates the cuBLASLt plans, host-side work that should not
+ * happen inside a capture, and shows kernel errors where they occur); the
+ * second captures and instantiates; later ones replay. */
 static int forward_graph(dsi_cuda_engine *e, int T, int R) {
     graph_entry *hit = NULL, *victim = &e->graphs[0];
     for (int i = 0; i < N_GRAPHS; i++) {
         graph_entry *g = &e->graphs[i];
-        if (g->exec && g->T == T && g->R == R) { hit = g; break; }
-        if (!g->exec || (victim->exec && g->last_use < victim->last_use)) victim = g;
+        if (g->state && g->T == T && g->R == R) { hit = g; break; }
+        if (victim->state && (!g->state || g->last_use < victim->last_use)) victim = g;
     }
     if (!hit) {
+        if (victim->exec) cudaGraphExecDestroy(victim->exec);
+        victim->exec = NULL;
+        victim->state = 1;
+        victim->T = T;
+        victim->R = R;
+        victim->last_use = ++e->n_steps;
+        return forward(e, T, R);
+    }
+    hit->last_use = ++e->n_steps;
+    if (hit->state == 1) {
         cudaGraph_t graph = NULL;
         int rc = DSI_CU(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
         if (rc) return rc;
@@ -492,16 +506,11 @@ static int forward_graph(dsi_cuda_engine *e, int T, int R) {
         rc = DSI_CU(cudaStreamEndCapture(e->stream, &graph));
         if (frc) { if (graph) cudaGraphDestroy(graph); return frc; }
         if (rc) return rc;
-        if (victim->exec) cudaGraphExecDestroy(victim->exec);
-        victim->exec = NULL;
-        rc = DSI_CU(cudaGraphInstantiate(&victim->exec, graph, 0));
+        rc = DSI_CU(cudaGraphInstantiate(&hit->exec, graph, 0));
         cudaGraphDestroy(graph);
-        if (rc) { victim->exec = NULL; return rc; }
-        victim->T = T;
-        victim->R = R;
-        hit = victim;
+        if (rc) { hit->exec = NULL; return rc; }
+        hit->state = 2;
     }
-    hit->last_use = ++e->n_steps;
     return DSI_CU(cudaGraphLaunch(hit->exec, e->stream));
 }
 
