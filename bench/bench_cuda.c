@@ -174,6 +174,10 @@ static int run_mla(void *p) {
     mla_ctx *c = p;
     return dsi__cuda_mla_decode(&c->g, 0, c->T, c->qabs, c->cache, c->pos, c->seq, c->btab, c->olat, NULL);
 }
+static int run_mla_tc(void *p) {
+    mla_ctx *c = p;
+    return dsi__cuda_mla_decode_tc(&c->g, 0, c->T, c->qabs, c->cache, c->pos, c->seq, c->btab, c->olat, NULL);
+}
 
 static void mla(int B, int ctx) {
     mla_ctx c = {.g = {.H = 128, .nope = 128, .rope = 64, .lora = 512, .vd = 128, .n_layers = 1, .block_tokens = 64,
@@ -199,13 +203,17 @@ static void mla(int B, int ctx) {
     dsi__cuda_h2d(c.seq, seq, sizeof(int) * B);
     dsi__cuda_h2d(c.btab, bt, sizeof(int) * B * nb);
     dsi__cuda_mla_setup(&c.g);
-    double s = time_it(run_mla, &c);
+    dsi__cuda_mla_tc_setup();
     double bytes = (double)B * ctx * kvd * 2 + (double)B * 128 * (kvd + 512) * 4;
     double flop = 2.0 * B * 128 * ctx * (kvd + 512);
-    if (s > 0)
-        printf("  MLA decode batch %3d ctx %d 128 heads (bf16 cache): %7.1f GB/s = %.3fx FlashMLA 3000, %6.1f TFLOP/s"
-               " = %.3fx FlashMLA 580 (%.1f us)\n",
-               B, ctx, bytes / s * 1e-9, bytes / s * 1e-9 / 3000, flop / s * 1e-12, flop / s * 1e-12 / 580, s * 1e6);
+    for (int k = 0; k < 2; k++) {
+        double s = time_it(k ? run_mla_tc : run_mla, &c);
+        if (s > 0)
+            printf("  MLA decode %-12s batch %3d ctx %d 128 heads (bf16 cache): %7.1f GB/s = %.3fx FlashMLA 3000,"
+                   " %6.1f TFLOP/s = %.3fx FlashMLA 580 (%.1f us)\n",
+                   k ? "tensor cores" : "float32", B, ctx, bytes / s * 1e-9, bytes / s * 1e-9 / 3000, flop / s * 1e-12,
+                   flop / s * 1e-12 / 580, s * 1e6);
+    }
     dsi__cuda_free(c.cache); dsi__cuda_free(c.qabs); dsi__cuda_free(c.olat);
     dsi__cuda_free(c.pos); dsi__cuda_free(c.seq); dsi__cuda_free(c.btab);
     free(pos); free(seq); free(bt);
@@ -219,7 +227,7 @@ static int model_bench(const char *dir, int simple) {
     const dsi_config *c = dsi_model_config(m);
     int B = 128, ctx = 4096, nb = ctx / 64 + 1;
     dsi_cuda_opts o = {.max_tokens = 4096, .max_logits = B, .max_seqs = B, .kv_blocks = B * nb + 8,
-                       .max_blocks_per_seq = nb, .kv_bf16 = 1, .graphs = 1,
+                       .max_blocks_per_seq = nb, .kv_bf16 = 1, .attn_tc = 1, .graphs = 1,
                        .gemm = simple ? DSI_CUDA_GEMM_SIMPLE : DSI_CUDA_GEMM_CUBLASLT};
     dsi_cuda_engine *e;
     double t0 = dsi_now();

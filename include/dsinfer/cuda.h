@@ -49,6 +49,8 @@ typedef struct dsi_cuda_opts {
     int kv_blocks;       /* device KV blocks of 64 tokens; 0 = 64 */
     int max_blocks_per_seq; /* block-table width; 0 = ceil(max_position_embeddings / 64) capped at 1024 */
     int kv_bf16;         /* store the latent cache in BF16 (as FlashMLA) instead of float32 */
+    int attn_tc;         /* attention on the tensor cores (needs kv_bf16 and DeepSeek's 512 + 64
+                            latent; queries/probabilities in BF16); else the float32 kernel */
     dsi_cuda_gemm gemm;
     int graphs;          /* replay decode steps (<= graph_max_tokens) from CUDA graphs */
     int graph_max_tokens;/* 0 = 256 */

@@ -44,6 +44,7 @@ typedef struct cuda_flags {
     "                         (activations quantised per 1x128 tile, as DeepSeek serves)\n"         \
     "  --kv-bf16              keep the latent cache in BF16 (default float32)\n"                    \
     "  --no-graphs            do not replay decode steps from CUDA graphs\n"                        \
+    "  --attn-tc              attention on the tensor cores (implies --kv-bf16; 512+64 latent only)\n" \
     "  --max-batch-tokens N   tokens per forward step (default 2048)\n"                             \
     "  --kv-tokens N          device KV capacity in tokens (default: enough for the request)\n"     \
     "  (--threads, --kernels, --attn, --fp8-act are CPU options and are ignored here)\n"
@@ -66,6 +67,7 @@ static int parse_flag(int argc, char **argv, int *i, cuda_flags *f, const char *
         else { fprintf(stderr, "dsinfer %s: --gemm must be simple or cublaslt\n", cmd); return -1; }
     } else if (!strcmp(argv[*i], "--kv-bf16")) f->o.kv_bf16 = 1;
     else if (!strcmp(argv[*i], "--no-graphs")) f->o.graphs = 0;
+    else if (!strcmp(argv[*i], "--attn-tc")) f->o.attn_tc = f->o.kv_bf16 = 1;
     else if (!strcmp(argv[*i], "--fp8-act")) (void)0;
     else if (!missing) return 0;
     if (missing) { fprintf(stderr, "dsinfer %s: %s needs a value\n", cmd, argv[*i]); return -1; }

@@ -122,6 +122,15 @@ int dsi__cuda_mla_prepare(const dsi_mla_geom *g, int layer, int T, float *d_q, c
  * positions p <= tok_pos[t] of its sequence. */
 int dsi__cuda_mla_decode(const dsi_mla_geom *g, int layer, int T, const float *d_qabs, const void *d_cache,
                          const int *d_tok_pos, const int *d_tok_seq, const int *d_btab, float *d_olat, void *stream);
+/* The same on the tensor cores (mla_tc.cu): BF16 cache, lora 512 + rope 64
+ * only (dsi__cuda_mla_tc_supported), queries and probabilities rounded to
+ * BF16. dsi__cuda_mla_tc_setup raises its shared-memory limit (once, outside
+ * capture). */
+int dsi__cuda_mla_tc_supported(const dsi_mla_geom *g);
+int dsi__cuda_mla_tc_setup(void);
+int dsi__cuda_mla_decode_tc(const dsi_mla_geom *g, int layer, int T, const float *d_qabs, const void *d_cache,
+                            const int *d_tok_pos, const int *d_tok_seq, const int *d_btab, float *d_olat,
+                            void *stream);
 /* Raises the attention kernels' shared-memory limit for a geometry; once,
  * before the first launch and outside graph capture. */
 int dsi__cuda_mla_setup(const dsi_mla_geom *g);

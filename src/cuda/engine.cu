@@ -280,6 +280,11 @@ extern "C" int dsi_cuda_engine_create(const dsi_model *m, const dsi_cuda_opts *o
     rc = upload_vec(inv, c->qk_rope_dim / 2 + 1, &e->inv_freq);
     free(inv);
     if (!rc) rc = dsi__cuda_mla_setup(g);
+    if (!rc && o->attn_tc && !dsi__cuda_mla_tc_supported(g)) {
+        DSI_LOG_INFO("cuda: tensor-core attention needs a BF16 cache and 512 + 64 latent dims: using the float32 kernel");
+        o->attn_tc = 0;
+    }
+    if (!rc && o->attn_tc) rc = dsi__cuda_mla_tc_setup();
 
     /* weights */
     if (!rc) rc = upload(e, &m->embed, &e->embed);
@@ -449,7 +454,9 @@ static int layer_forward(dsi_cuda_engine *e, int l, int T) {
     a.d_y = e->qabs; a.ldy = (long)H * kvd; a.y_zstride = kvd;
     a.M = T; a.N = lora; a.K = nope; a.Z = H;
     if ((rc = dsi__cuda_gemm(&a, e->stream))) return rc;
-    if ((rc = dsi__cuda_mla_decode(g, l, T, e->qabs, e->cache, tok_pos, tok_seq, btab, e->olat, e->stream))) return rc;
+    rc = e->o.attn_tc ? dsi__cuda_mla_decode_tc(g, l, T, e->qabs, e->cache, tok_pos, tok_seq, btab, e->olat, e->stream)
+                      : dsi__cuda_mla_decode(g, l, T, e->qabs, e->cache, tok_pos, tok_seq, btab, e->olat, e->stream);
+    if (rc) return rc;
     /* latent output through W_UV (rows h*(nope+v)+nope .. +v) */
     memset(&a, 0, sizeof a);
     a.W = &L->kv_b; a.trans = 0; a.row0 = nope; a.row_zstride = nope + vd;
