@@ -663,6 +663,59 @@ static void test_golden_attn_tc_fallback(void **state) {
     run_golden("tiny-fp8", &o, 3e-2, 0);
 }
 
+/* A random model with DeepSeek's attention geometry (latent 512, rope 64,
+ * nope/v 128; 8 heads, small elsewhere): the GPU engine against the CPU
+ * engine, prefill of 40 tokens then 30 decode steps. The float32 attention
+ * must agree to 1e-3; the tensor-core one (BF16 cache, queries and
+ * probabilities) to 5e-2 RMS. This is the whole-model check of mla_tc.cu. */
+static double rms_rel(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    return isnan(num) ? INFINITY : sqrt(num / den);
+}
+
+static void test_v3_attention_vs_cpu(void **state) {
+    NEED_GPU();
+    dsi_config c;
+    assert_int_equal(dsi_config_preset(DSI_PRESET_TINY, 0, 1, &c), DSI_OK);
+    c.kv_lora_rank = 512; c.qk_rope_dim = 64; c.qk_nope_dim = 128; c.v_head_dim = 128; c.n_heads = 8; c.n_layers = 3;
+    assert_int_equal(dsi_config_validate(&c), DSI_OK);
+    dsi_model *m;
+    assert_int_equal(dsi_make_model_memory(&c, 77, &m), DSI_OK);
+    int n = 70, V = c.vocab_size;
+    int32_t ids[70];
+    for (int i = 0; i < n; i++) ids[i] = (int32_t)(next() % (uint64_t)V);
+    float *ref = malloc(sizeof(float) * n * V), *out = malloc(sizeof(float) * n * V);
+    dsi_kv_pool *kv;
+    assert_int_equal(dsi_kv_pool_create(c.n_layers, dsi_config_kv_dim(&c), DSI_KV_BLOCK_TOKENS, 4, &kv), DSI_OK);
+    dsi_engine *cpu;
+    dsi_engine_opts co = {.n_threads = 2, .max_tokens = 128};
+    assert_int_equal(dsi_engine_create(m, kv, &co, &cpu), DSI_OK);
+    assert_int_equal(dsi_engine_logits(cpu, ids, n, 0, 40, ref), DSI_OK);
+    dsi_engine_destroy(cpu);
+    dsi_kv_pool_destroy(kv);
+    for (int tc = 0; tc < 2; tc++) {
+        dsi_cuda_opts o = {.max_tokens = 128, .kv_blocks = 4, .kv_bf16 = tc, .attn_tc = tc, .graphs = 1};
+        dsi_cuda_engine *e;
+        assert_int_equal(dsi_cuda_engine_create(m, &o, &e), DSI_OK);
+        for (size_t i = 0; i < (size_t)n * V; i++) out[i] = NAN;
+        assert_int_equal(dsi_cuda_engine_logits(e, ids, n, 0, 40, out), DSI_OK);
+        double mx = rel_err(out, ref, (size_t)n * V), rms = rms_rel(out, ref, (size_t)n * V);
+        printf("  latent-512 model, GPU %s vs CPU engine: max %.2e, RMS %.2e\n",
+               tc ? "tensor-core attention (bf16 cache)" : "float32 attention", mx, rms);
+        if (tc) assert_true(rms <= 5e-2);
+        else assert_true(mx <= 1e-3);
+        dsi_cuda_engine_destroy(e);
+    }
+    free(ref);
+    free(out);
+    dsi_model_destroy(m);
+}
+
 /* FP8 activations (cuBLASLt where shapes allow): the CPU engine's stated
  * tolerance for quantised activations (test_golden.c): 30% RMS on logits. */
 static void test_golden_cublaslt(void **state) {
@@ -746,6 +799,7 @@ int main(void) {
         cmocka_unit_test(test_golden_graphs),
         cmocka_unit_test(test_golden_bf16_kv),
         cmocka_unit_test(test_golden_attn_tc_fallback),
+        cmocka_unit_test(test_v3_attention_vs_cpu),
         cmocka_unit_test(test_golden_cublaslt),
         cmocka_unit_test(test_mixed_batch),
 #endif
