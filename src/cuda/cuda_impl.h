@@ -80,6 +80,12 @@ int dsi__cuda_gemm_fp8(const dsi_dmat *W, const uint8_t *d_xq, const float *d_xs
 int dsi__cuda_quant_fp8(const float *d_x, long ldx, int M, int K, uint8_t *d_q, float *d_s, int mn_major,
                         void *stream);
 
+/* silu(h1) * h2 over [M][K] (contiguous rows), quantised straight to e4m3
+ * per 1x128 tile with k-major scales, as dsi__cuda_silu_mul followed by
+ * dsi__cuda_quant_fp8(mn_major = 0) without the float intermediate. */
+int dsi__cuda_silu_mul_quant(const float *d_h1, const float *d_h2, int M, int K, uint8_t *d_q, float *d_s,
+                             void *stream);
+
 /* out[r] = x[r] / rms(x[r]) * w, rows of n floats (out may equal x). */
 int dsi__cuda_rmsnorm(const float *d_x, long ldx, const float *d_w, int rows, int n, float eps, float *d_out,
                       long ldo, void *stream);

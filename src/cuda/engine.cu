@@ -412,8 +412,7 @@ static int moe(dsi_cuda_engine *e, const dlayer *L, int T) {
         if ((rc = dsi__cuda_quant_fp8(e->ex, D, T * K, D, e->xq, e->xs, 0, e->stream))) return rc;
         if ((rc = dsi__cuda_gemm_fp8(&L->eg, e->xq, e->xs, T, e->eh1, mi, 0, e->offset, E, e->stream))) return rc;
         if ((rc = dsi__cuda_gemm_fp8(&L->eu, e->xq, e->xs, T, e->eh2, mi, 0, e->offset, E, e->stream))) return rc;
-        if ((rc = dsi__cuda_silu_mul(e->eh1, e->eh2, T * K, NULL, mi, e->stream))) return rc;
-        if ((rc = dsi__cuda_quant_fp8(e->eh1, mi, T * K, mi, e->xq, e->xs, 0, e->stream))) return rc;
+        if ((rc = dsi__cuda_silu_mul_quant(e->eh1, e->eh2, T * K, mi, e->xq, e->xs, e->stream))) return rc;
         if ((rc = dsi__cuda_gemm_fp8(&L->ed, e->xq, e->xs, T, e->ex, D, 0, e->offset, E, e->stream))) return rc;
     } else {
         if ((rc = grouped(e, &L->eg, e->ex, D, T, e->eh1, mi))) return rc;
