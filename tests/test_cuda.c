@@ -439,7 +439,7 @@ static void test_mla(void **state) {
                           .block_tokens = 64, .kv_bf16 = bf, .max_blocks = 8, .softmax_scale = 0.07f,
                           .rope_mscale = 1.1f, .eps = 1e-6f, .rope_interleave = bf};
         int layer = 1, kvd = g.lora + g.rope, qk = g.nope + g.rope, nblk = 16, half = g.rope / 2;
-        int len[2] = {rint_(1, 300), rint_(60, 400)}, newn[2] = {rint_(1, 4), 1};
+        int len[2] = {rint_(4, 300), rint_(60, 400)}, newn[2] = {rint_(1, 4), 1}; /* len >= newn */
         /* block tables: a shuffled permutation of 0..15, 8 blocks each */
         int perm[16], btab[2 * 8];
         for (int i = 0; i < nblk; i++) perm[i] = i;
@@ -549,7 +549,8 @@ static void test_mla(void **state) {
             printf("  mla tensor cores H=%d: attention %.2e (tol 2e-2)\n", g.H, etc);
             assert_true(etc <= 2e-2);
             free(got);
-        } free(ref); free(sc); free(o); free(cache); free(c16); free(q); free(kva); free(kvn); free(inv);
+        }
+        free(ref); free(sc); free(o); free(cache); free(c16); free(q); free(kva); free(kvn); free(inv);
         free(qabs);
         void *ds[] = {dcache, dq, dkva, dkvn, dinv, dpos, dseq, dbt, dqabs, dolat};
         for (int i = 0; i < 10; i++) dsi__cuda_free(ds[i]);
