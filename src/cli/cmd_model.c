@@ -32,6 +32,7 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
     if ((v = dsi_cli_flag(argc, argv, i, "--kernels", &missing))) { f->kernels = v; return 1; }
     if ((v = dsi_cli_flag(argc, argv, i, "--max-batch-tokens", &missing))) { f->max_tokens = atoi(v); return 1; }
     if ((v = dsi_cli_flag(argc, argv, i, "--kv-tokens", &missing))) { f->kv_tokens = atoi(v); return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--device", &missing))) return 1; /* cpu here; cuda never gets here */
     if ((v = dsi_cli_flag(argc, argv, i, "--attn", &missing))) {
         if (!strcmp(v, "auto")) f->attn = DSI_ATTN_AUTO;
         else if (!strcmp(v, "prefill")) f->attn = DSI_ATTN_PREFILL;
@@ -52,8 +53,9 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
     "  --attn MODE            auto | prefill | absorbed attention form (default auto)\n"           \
     "  --fp8-act              quantise activations to FP8 per 1x128 tile (as DeepSeek serves)\n"   \
     "  --max-batch-tokens N   tokens per forward step (default 2048)\n"                            \
-    "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"   \
-    "  --no-mmap              copy weights into resident memory (faster decode than page-cache maps)\n"
+    "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"         \
+    "  --no-mmap              copy weights into resident memory (faster decode than page-cache maps)\n" \
+    "  --device cpu|cuda      engine (default cpu; see --device cuda --help)\n"
 
 /* Opens the model (or builds the demo) and an engine with a KV pool. */
 static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, dsi_kv_pool **kv, dsi_engine **e) {
@@ -116,6 +118,8 @@ static int parse_ids(const char *s, int32_t **out) {
 }
 
 int dsi_cmd_logits(int argc, char **argv) {
+    int dev = dsi_cli_device(argc, argv); /* --device cuda: cmd_cuda.c */
+    if (dev) return dev < 0 ? 2 : dsi_cmd_logits_cuda(argc, argv);
     engine_flags f = {0};
     const char *ids_s = NULL, *out_path = NULL;
     int chunk = 0, decode_from = -1;
@@ -203,6 +207,8 @@ static int run_generate(dsi_engine *e, const int32_t *prompt, int n_prompt, int 
 }
 
 int dsi_cmd_generate(int argc, char **argv) {
+    int dev = dsi_cli_device(argc, argv); /* --device cuda: cmd_cuda.c */
+    if (dev) return dev < 0 ? 2 : dsi_cmd_generate_cuda(argc, argv);
     engine_flags f = {0};
     const char *ids_s = NULL;
     int n_new = 16;
