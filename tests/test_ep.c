@@ -1,0 +1,300 @@
+/* Expert parallelism end to end: `mpirun -np N dsinfer logits` on the golden
+ * models against the single-process run of the same binary.
+ *
+ * Tolerances (max|a-b| / max|b| over all logits unless said otherwise):
+ *  - f32 dispatch (lossless): 1e-5 (only the summation order differs; ~4e-7)
+ *  - BF16 dispatch and combine: 5e-3. Rounding activations and expert sums
+ *    to BF16 (8-bit mantissa, 2^-9 relative) moves these random-weight
+ *    logits by ~1.6e-3; must also be > 1e-5 (the rounding is really on).
+ *  - FP8 dispatch: RMS relative 0.3, as the engine's own FP8 activation test
+ *    (the same quantiser; random weights amplify it and flip expert choices;
+ *    measured ~0.1); max relative must exceed 1e-3.
+ * Also: redundant slots (20 for 16 experts), decode, no overlap, several
+ * sequences spread over ranks (DP attention), generate, and a rank that dies
+ * or hangs: the group must exit non-zero with a clear message, not hang.
+ * Skips when mpirun is missing or the build has no MPI. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "dsinfer/safetensors.h"
+#include "golden_util.h"
+
+static char g_tmp[256];
+static char g_ids[2][4096]; /* prompt2, greedy0 of the golden data (same ids in both models) */
+
+static int have_mpi(void) {
+#ifndef DSI_HAVE_MPI
+    return 0;
+#else
+    return system("command -v mpirun >/dev/null 2>&1") == 0;
+#endif
+}
+
+/* Runs a shell command; returns its exit status (-1 if killed). stderr goes to g_tmp/err. */
+static int run(const char *fmt, ...) {
+    char cmd[16384];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    char full[17000];
+    snprintf(full, sizeof full, "%s 2>%s/err", cmd, g_tmp);
+    int st = system(full);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static float *read_f32(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    float *v = malloc(sz > 0 ? sz : 1);
+    *n = fread(v, 1, sz, f) / sizeof(float);
+    fclose(f);
+    return v;
+}
+
+static double rms_rel(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* Compares two logits files: max relative and RMS relative. */
+static void compare(const char *a, const char *b, double *max_rel, double *rms) {
+    size_t na = 0, nb = 0;
+    float *x = read_f32(a, &na), *y = read_f32(b, &nb);
+    assert_non_null(x);
+    assert_non_null(y);
+    assert_int_equal(na, nb);
+    assert_true(na > 0);
+    *max_rel = rel_err(x, y, na);
+    if (rms) *rms = rms_rel(x, y, na);
+    free(x);
+    free(y);
+}
+
+#define MPIRUN "timeout 60 mpirun --oversubscribe -np"
+#define DSI DSI_BINARY " logits --threads 1"
+
+static const char *model(int fp8) {
+    static char p[2][1024];
+    snprintf(p[fp8], sizeof p[fp8], "%s/golden/%s", DSI_TEST_DATA, fp8 ? "tiny-fp8" : "tiny-bf16");
+    return p[fp8];
+}
+
+/* Single-process reference for (model, ids, extra flags) into g_tmp/NAME. */
+static void reference(const char *name, int fp8, int ids, const char *extra) {
+    assert_int_equal(run("%s --model %s --ids '%s' --out %s/%s %s", DSI, model(fp8), g_ids[ids], g_tmp, name, extra), 0);
+}
+
+static double ep_run(int np, int fp8, int ids, const char *flags, const char *ref, double *rms) {
+    char out[512], refp[512];
+    snprintf(out, sizeof out, "%s/ep.bin", g_tmp);
+    snprintf(refp, sizeof refp, "%s/%s", g_tmp, ref);
+    remove(out);
+    int rc = run("%s %d %s --model %s --ids '%s' --out %s --ep-timeout-ms 20000 %s", MPIRUN, np, DSI, model(fp8), g_ids[ids],
+                 out, flags);
+    if (rc != 0) {
+        char cat[600];
+        snprintf(cat, sizeof cat, "cat %s/err", g_tmp);
+        if (system(cat)) {}
+    }
+    assert_int_equal(rc, 0);
+    double mx;
+    compare(out, refp, &mx, rms);
+    return mx;
+}
+
+static int setup(void **state) {
+    if (!have_mpi()) return 0;
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    snprintf(g_tmp, sizeof g_tmp, "/tmp/dsi_test_ep_XXXXXX");
+    if (!mkdtemp(g_tmp)) return -1;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/golden/tiny-bf16/golden.safetensors", DSI_TEST_DATA);
+    dsi_st_set *g;
+    if (dsi_st_open_file(path, &g) != DSI_OK) return -1;
+    const char *names[2] = {"prompt2.ids", "greedy0.ids"};
+    for (int k = 0; k < 2; k++) {
+        const dsi_tensor *t = golden_tensor(g, names[k]);
+        if (!t) return -1;
+        size_t n = 0;
+        for (int i = 0; i < (int)t->shape[0]; i++)
+            n += snprintf(g_ids[k] + n, sizeof g_ids[k] - n, "%s%d", i ? "," : "", ((const int32_t *)t->data)[i]);
+    }
+    dsi_st_close(g);
+    /* a skewed routing load, and 20-slot placements from it for 2 and 4 ranks */
+    snprintf(path, sizeof path, "%s/load.json", g_tmp);
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fprintf(f, "{\"load\": [");
+    for (int l = 0; l < 3; l++) {
+        fprintf(f, "%s[", l ? "," : "");
+        for (int e = 0; e < 16; e++) fprintf(f, "%s%d", e ? "," : "", e == (3 + 5 * l) % 16 ? 900 : 40 + 13 * ((e * 7 + l) % 5));
+        fprintf(f, "]");
+    }
+    fprintf(f, "]}\n");
+    fclose(f);
+    for (int np = 2; np <= 4; np += 2)
+        if (run("%s eplb --load %s/load.json --slots 20 --groups 4 --nodes 1 --gpus %d --out %s/place%d.json", DSI_BINARY,
+                g_tmp, np, g_tmp, np) != 0)
+            return -1;
+    return 0;
+}
+
+static int teardown(void **state) {
+    if (g_tmp[0]) {
+        char cmd[600];
+        snprintf(cmd, sizeof cmd, "rm -rf %s", g_tmp);
+        if (system(cmd)) {}
+    }
+    return 0;
+}
+
+#define NEED_MPI()                                                                                \
+    do {                                                                                          \
+        if (!have_mpi()) {                                                                        \
+            printf("  skipped: no mpirun or a build without MPI (scripts/deps.sh installs it)\n"); \
+            skip();                                                                               \
+        }                                                                                         \
+    } while (0)
+
+static void test_bf16_and_f32_dispatch(void **state) {
+    NEED_MPI();
+    for (int fp8 = 0; fp8 < 2; fp8++) {
+        reference("ref.bin", fp8, 0, "");
+        for (int np = 2; np <= 4; np += 2) {
+            double f32 = ep_run(np, fp8, 0, "--dispatch f32", "ref.bin", NULL);
+            double bf = ep_run(np, fp8, 0, "--dispatch bf16", "ref.bin", NULL);
+            printf("  %s EP=%d: f32 dispatch %.2e (tol 1e-5), bf16 dispatch %.2e (tol 5e-3)\n", fp8 ? "tiny-fp8" : "tiny-bf16",
+                   np, f32, bf);
+            assert_true(f32 <= 1e-5);
+            assert_true(bf <= 5e-3 && bf > 1e-5);
+        }
+    }
+}
+
+static void test_redundant_slots(void **state) {
+    NEED_MPI();
+    reference("ref.bin", 1, 0, "");
+    for (int np = 2; np <= 4; np += 2) {
+        char flags[600];
+        snprintf(flags, sizeof flags, "--dispatch f32 --placement %s/place%d.json", g_tmp, np);
+        double f32 = ep_run(np, 1, 0, flags, "ref.bin", NULL);
+        snprintf(flags, sizeof flags, "--dispatch bf16 --placement %s/place%d.json", g_tmp, np);
+        double bf = ep_run(np, 1, 0, flags, "ref.bin", NULL);
+        printf("  tiny-fp8 EP=%d, 20 slots for 16 experts: f32 %.2e, bf16 %.2e\n", np, f32, bf);
+        assert_true(f32 <= 1e-5);
+        assert_true(bf <= 5e-3);
+    }
+}
+
+static void test_fp8_dispatch(void **state) {
+    NEED_MPI();
+    for (int fp8 = 0; fp8 < 2; fp8++) {
+        reference("ref.bin", fp8, 0, "");
+        double rms, mx = ep_run(2, fp8, 0, "--dispatch fp8", "ref.bin", &rms);
+        printf("  %s EP=2 fp8 dispatch: RMS %.2e (tol 0.3), max %.2e\n", fp8 ? "tiny-fp8" : "tiny-bf16", rms, mx);
+        assert_true(rms <= 0.3);
+        assert_true(mx > 1e-3);
+    }
+}
+
+static void test_decode_and_no_overlap(void **state) {
+    NEED_MPI();
+    reference("dec.bin", 1, 1, "--decode-from 9");
+    double a = ep_run(2, 1, 1, "--dispatch f32 --decode-from 9", "dec.bin", NULL);
+    double b = ep_run(4, 1, 1, "--dispatch f32 --decode-from 9 --no-overlap", "dec.bin", NULL);
+    reference("chunk.bin", 0, 0, "--chunk 7");
+    double c = ep_run(2, 0, 0, "--dispatch f32 --chunk 7 --no-overlap", "chunk.bin", NULL);
+    printf("  decode EP=2 %.2e, decode EP=4 no-overlap %.2e, chunked prefill no-overlap %.2e\n", a, b, c);
+    assert_true(a <= 1e-5 && b <= 1e-5 && c <= 1e-5);
+}
+
+/* Three sequences: rank i % N runs sequence i's attention; every rank's
+ * logits match the single-process batched run. */
+static void test_dp_sequences(void **state) {
+    NEED_MPI();
+    char ids[9000];
+    snprintf(ids, sizeof ids, "%s;%s;5,6,7,8,9,10,11", g_ids[0], g_ids[1]);
+    assert_int_equal(run("%s --model %s --ids '%s' --out %s/dp_ref.bin --decode-from 12", DSI, model(1), ids, g_tmp), 0);
+    assert_int_equal(run("%s 2 %s --model %s --ids '%s' --out %s/dp_ep.bin --decode-from 12 --dispatch f32", MPIRUN, DSI,
+                         model(1), ids, g_tmp),
+                     0);
+    const char *suffix[3] = {"", ".1", ".2"};
+    for (int s = 0; s < 3; s++) {
+        char a[600], b[600];
+        snprintf(a, sizeof a, "%s/dp_ep.bin%s", g_tmp, suffix[s]);
+        snprintf(b, sizeof b, "%s/dp_ref.bin%s", g_tmp, suffix[s]);
+        double mx;
+        compare(a, b, &mx, NULL);
+        printf("  sequence %d (rank %d): %.2e\n", s, s % 2, mx);
+        assert_true(mx <= 1e-5);
+    }
+}
+
+static void test_generate(void **state) {
+    NEED_MPI();
+    char a[600], b[600];
+    snprintf(a, sizeof a, "%s/gen_ref.txt", g_tmp);
+    snprintf(b, sizeof b, "%s/gen_ep.txt", g_tmp);
+    assert_int_equal(run("%s generate --threads 1 --model %s --ids '%s' -n 16 >%s", DSI_BINARY, model(1), g_ids[0], a), 0);
+    assert_int_equal(run("%s 4 %s generate --threads 1 --model %s --ids '%s' -n 16 --dispatch f32 >%s", MPIRUN,
+                         DSI_BINARY, model(1), g_ids[0], b),
+                     0);
+    char la[4096] = "", lb[4096] = "";
+    FILE *fa = fopen(a, "r"), *fb = fopen(b, "r");
+    assert_non_null(fa);
+    assert_non_null(fb);
+    assert_non_null(fgets(la, sizeof la, fa));
+    assert_non_null(fgets(lb, sizeof lb, fb));
+    fclose(fa);
+    fclose(fb);
+    printf("  generate: %s", lb);
+    assert_string_equal(la, lb);
+}
+
+static int err_has(const char *frag) {
+    char cmd[700];
+    snprintf(cmd, sizeof cmd, "grep -qi -- '%s' %s/err", frag, g_tmp);
+    return system(cmd) == 0;
+}
+
+/* Rank 1 exits, then hangs, at layer 2: the group exits non-zero (not the
+ * 124 of the 60 s guard) and says why. */
+static void test_rank_failure(void **state) {
+    NEED_MPI();
+    int rc = run("DSI_EP_FAULT=1:2:exit %s 2 %s --model %s --ids '%s' --out %s/x.bin", MPIRUN, DSI, model(1), g_ids[0],
+                 g_tmp);
+    printf("  rank 1 exits: group exit %d\n", rc);
+    assert_true(rc != 0 && rc != 124);
+    assert_true(err_has("injected fault") && err_has("exit"));
+    rc = run("DSI_EP_FAULT=1:2:hang %s 4 %s --model %s --ids '%s' --out %s/x.bin --ep-timeout-ms 1500", MPIRUN, DSI,
+             model(1), g_ids[0], g_tmp);
+    printf("  rank 1 hangs: group exit %d\n", rc);
+    assert_true(rc != 0 && rc != 124);
+    assert_true(err_has("dead or stuck") && err_has("rank(s) 1"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_bf16_and_f32_dispatch), cmocka_unit_test(test_redundant_slots),
+        cmocka_unit_test(test_fp8_dispatch),          cmocka_unit_test(test_decode_and_no_overlap),
+        cmocka_unit_test(test_dp_sequences),          cmocka_unit_test(test_generate),
+        cmocka_unit_test(test_rank_failure),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
