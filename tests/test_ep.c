@@ -12,6 +12,9 @@
  * Also: redundant slots (20 for 16 experts), decode, no overlap, several
  * sequences spread over ranks (DP attention), generate, and a rank that dies
  * or hangs: the group must exit non-zero with a clear message, not hang.
+ * Online EPLB: this binary re-runs itself under mpirun as a worker with a
+ * skewed router; after the live rebalance the busiest rank's expert load
+ * drops and the logits stay the same.
  * Skips when mpirun is missing or the build has no MPI. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -23,8 +26,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "dsinfer/engine.h"
+#include "dsinfer/ep.h"
 #include "dsinfer/safetensors.h"
 #include "golden_util.h"
+#include "model/model_impl.h"
 
 static char g_tmp[256];
 static char g_ids[2][4096]; /* prompt2, greedy0 of the golden data (same ids in both models) */
@@ -289,8 +295,98 @@ static void test_rank_failure(void **state) {
     assert_true(err_has("dead or stuck") && err_has("rank(s) 1"));
 }
 
-int main(void) {
+/* ---- online EPLB worker (runs under mpirun) ------------------------------- */
+
+static char g_self[4096];
+
+/* Every rank runs two sequences of its own through the tiny FP8 model whose
+ * router is skewed (selection bias +2 on experts 0-5: they all sit on rank 0
+ * in the default placement). Step A: no balancer. Then with the balancer
+ * (every 2 steps): two steps of traffic, a rebalance, and the same probe. */
+static int eplb_worker(void) {
+    if (dsi_ep_init() != DSI_OK) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
+    int me = dsi_ep_rank(), P = dsi_ep_size(), ok = 1;
+    dsi_model *m;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/golden/tiny-fp8", DSI_TEST_DATA);
+    if (dsi_model_load(path, NULL, &m) != DSI_OK) { fprintf(stderr, "%s\n", dsi_last_error()); dsi_ep_abort(1); }
+    const dsi_config *c = dsi_model_config(m);
+    for (int l = 0; l < c->n_layers; l++)
+        if (m->layers[l].is_moe && m->layers[l].router_bias)
+            for (int e = 0; e < 6; e++) m->layers[l].router_bias[e] += 2.0f;
+    dsi_kv_pool *kv;
+    dsi_engine *e;
+    dsi_engine_opts eo = {.n_threads = 1, .max_tokens = 128};
+    if (dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, 8, &kv) ||
+        dsi_engine_create(m, kv, &eo, &e)) { fprintf(stderr, "%s\n", dsi_last_error()); dsi_ep_abort(1); }
+    enum { N = 40 };
+    int32_t ids[2][N], blocks[2] = {dsi_kv_alloc(kv), dsi_kv_alloc(kv)};
+    for (int s = 0; s < 2; s++)
+        for (int i = 0; i < N; i++) ids[s][i] = (int32_t)((i * 131 + s * 977 + me * 55) % c->vocab_size);
+    int V = c->vocab_size;
+    float *out[2][2];
+    for (int k = 0; k < 2; k++)
+        for (int s = 0; s < 2; s++) out[k][s] = malloc(sizeof(float) * N * V);
+    double bal[2][16];
+    int n_moe = 0;
+    for (int l = 0; l < c->n_layers; l++) n_moe += m->layers[l].is_moe;
+    for (int k = 0; k < 2; k++) {
+        dsi_ep_opts o = {.dispatch = DSI_EP_F32, .timeout_ms = 20000, .eplb_every = k ? 2 : 0, .eplb_threshold = 0.05};
+        dsi_ep *ep;
+        if (dsi_ep_create(e, &o, &ep) != DSI_OK) { fprintf(stderr, "%s\n", dsi_last_error()); dsi_ep_abort(1); }
+        dsi_seq_step b[2];
+        for (int s = 0; s < 2; s++) b[s] = (dsi_seq_step){ids[s], N, 0, &blocks[s], 1, DSI_LOGITS_ALL, out[k][s]};
+        for (int w = 0; k && w < 2; w++)
+            if (dsi_ep_step(ep, b, 2) != DSI_OK) { fprintf(stderr, "%s\n", dsi_last_error()); dsi_ep_abort(1); }
+        dsi_ep_reset_stats(ep);
+        if (dsi_ep_step(ep, b, 2) != DSI_OK || dsi_ep_expert_balance(ep, bal[k]) != DSI_OK) {
+            fprintf(stderr, "%s\n", dsi_last_error());
+            dsi_ep_abort(1);
+        }
+        if (k && dsi_ep_rebalances(ep) != 1) {
+            fprintf(stderr, "rank %d: %d rebalances, want 1\n", me, dsi_ep_rebalances(ep));
+            ok = 0;
+        }
+        dsi_ep_idle(ep);
+        dsi_ep_destroy(ep);
+    }
+    double diff = DSI_MAX(rel_err(out[1][0], out[0][0], (size_t)N * V), rel_err(out[1][1], out[0][1], (size_t)N * V));
+    for (int l = 0; l < n_moe; l++) {
+        if (me == 0)
+            printf("  MoE layer %d: busiest rank's expert rows / mean %.2f before, %.2f after the live rebalance\n", l,
+                   bal[0][l], bal[1][l]);
+        if (!(bal[0][l] > 1.5 && bal[1][l] < bal[0][l] - 0.2)) ok = 0;
+    }
+    printf("  rank %d of %d: logits after vs before the rebalance %.2e (tol 1e-5)\n", me, P, diff);
+    if (!(diff <= 1e-5)) ok = 0;
+    for (int k = 0; k < 2; k++)
+        for (int s = 0; s < 2; s++) free(out[k][s]);
+    dsi_engine_destroy(e);
+    dsi_kv_pool_destroy(kv);
+    dsi_model_destroy(m);
+    dsi_ep_finalize();
+    if (ok) printf("  eplb worker rank %d: ok\n", me);
+    return ok ? 0 : 1;
+}
+
+static void test_online_eplb(void **state) {
+    NEED_MPI();
+    char out[600];
+    snprintf(out, sizeof out, "%s/eplb.txt", g_tmp);
+    int rc = run("%s 2 %s --eplb-worker >%s", MPIRUN, g_self, out);
+    char cat[1600];
+    snprintf(cat, sizeof cat, "cat %s %s/err", out, g_tmp);
+    if (system(cat)) {}
+    assert_int_equal(rc, 0);
+    snprintf(cat, sizeof cat, "test $(grep -c 'ok$' %s) -eq 2", out);
+    assert_int_equal(system(cat), 0);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--eplb-worker")) return eplb_worker();
+    if (!realpath(argv[0], g_self)) snprintf(g_self, sizeof g_self, "%s", argv[0]);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_online_eplb),
         cmocka_unit_test(test_bf16_and_f32_dispatch), cmocka_unit_test(test_redundant_slots),
         cmocka_unit_test(test_fp8_dispatch),          cmocka_unit_test(test_decode_and_no_overlap),
         cmocka_unit_test(test_dp_sequences),          cmocka_unit_test(test_generate),
