@@ -497,6 +497,14 @@ static int ep_step(dsi_ep *ep, const dsi_seq_step *seqs, int n_seqs, int idle, i
     dsi_engine *e = ep->e;
     int rc = DSI_OK, bad = DSI_OK;
     ep->err = DSI_OK;
+    int64_t T = 0;
+    for (int s = 0; s < n_seqs; s++) T += seqs[s].n_tokens > 0 ? seqs[s].n_tokens : ep->Tm + 1;
+    if (n_seqs < 0 || T > ep->Tm) {
+        /* too big to lay out: take part with nothing, fail afterwards */
+        bad = dsi_error(DSI_ERANGE, "ep step: %d sequences with %lld tokens exceed the step budget %d (or one is empty)",
+                        n_seqs, (long long)T, ep->Tm);
+        n_seqs = 0;
+    }
     split_batch(ep, seqs, n_seqs, !ep->o.no_overlap);
     /* lay out and embed both micro-batches; a bad batch still takes part
      * (empty) so that the group stays in step */
@@ -505,6 +513,7 @@ static int ep_step(dsi_ep *ep, const dsi_seq_step *seqs, int n_seqs, int idle, i
         make_current(ep, u);
         b->T = 0;
         if (bad == DSI_OK && (bad = dsi__step_begin(e, b->steps, b->n_steps)) == DSI_OK) b->T = e->T;
+        else if (bad != DSI_OK) dsi__step_begin(e, NULL, 0);
     }
     if (bad != DSI_OK)
         for (int u = 0; u < 2; u++) ep->ub[u].T = 0;
