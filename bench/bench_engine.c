@@ -5,7 +5,7 @@
  * for 1 and 2 threads (or --threads LIST).
  *
  *   build/dsinfer make-model --preset small --dtype fp8 --out /tmp/small
- *   build/bench_engine --model /tmp/small [--threads 1,2] [--prompt 512] [--decode 64]
+ *   build/bench_engine --model /tmp/small [--threads 1,2] [--prompt 512] [--decode 64] [--no-mmap]
  */
 #include <immintrin.h>
 #include <pthread.h>
@@ -79,16 +79,17 @@ static double measure_peak_flops(dsi_pool *pool) {
 
 int main(int argc, char **argv) {
     const char *model_dir = "/tmp/small", *threads_s = "1,2";
-    int n_prompt = 512, n_decode = 64;
+    int n_prompt = 512, n_decode = 64, no_mmap = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model_dir = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads_s = argv[++i];
         else if (!strcmp(argv[i], "--prompt") && i + 1 < argc) n_prompt = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--decode") && i + 1 < argc) n_decode = atoi(argv[++i]);
-        else { fprintf(stderr, "usage: bench_engine [--model DIR] [--threads 1,2] [--prompt N] [--decode N]\n"); return 2; }
+        else if (!strcmp(argv[i], "--no-mmap")) no_mmap = 1;
+        else { fprintf(stderr, "usage: bench_engine [--model DIR] [--threads 1,2] [--prompt N] [--decode N] [--no-mmap]\n"); return 2; }
     }
     dsi_model *m;
-    dsi_load_opts lo = {.progress = 1, .prefault = 1};
+    dsi_load_opts lo = {.progress = 1, .prefault = 1, .no_mmap = no_mmap};
     if (dsi_model_load(model_dir, &lo, &m)) {
         fprintf(stderr, "bench_engine: %s\n(create it with: build/dsinfer make-model --preset small --dtype fp8 --out %s)\n",
                 dsi_last_error(), model_dir);

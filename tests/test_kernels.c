@@ -30,8 +30,10 @@ static uint16_t half_of(float v) {
 }
 
 /* A random weight of the given dtype; the caller frees *data and *scale. */
+static int g_block_rows = 128, g_block_cols = 128;
+
 static dsi_mat random_mat(dsi_dtype dt, int rows, int cols, void **data, float **scale) {
-    dsi_mat m = {.dtype = dt, .rows = rows, .cols = cols, .block_rows = 128, .block_cols = 128};
+    dsi_mat m = {.dtype = dt, .rows = rows, .cols = cols, .block_rows = g_block_rows, .block_cols = g_block_cols};
     size_t n = (size_t)rows * cols;
     *scale = NULL;
     *data = malloc(n * 4 + 64);
@@ -52,7 +54,7 @@ static dsi_mat random_mat(dsi_dtype dt, int rows, int cols, void **data, float *
         }
     }
     if (dt == DSI_F8_E4M3) {
-        int sr = (rows + 127) / 128, sc = (cols + 127) / 128;
+        int sr = (rows + m.block_rows - 1) / m.block_rows, sc = (cols + m.block_cols - 1) / m.block_cols;
         *scale = malloc(sizeof(float) * sr * sc);
         for (int i = 0; i < sr * sc; i++) (*scale)[i] = ldexpf(1.0f + 0.5f * unif(), rint_(-12, -4));
         m.scale_inv = *scale;
@@ -91,7 +93,7 @@ static void check_impl(const dsi_kernels *k) {
     dsi_dtype dts[] = {DSI_F8_E4M3, DSI_BF16, DSI_F16, DSI_F32};
     for (int iter = 0; iter < 120; iter++) {
         dsi_dtype dt = dts[iter % 4];
-        int rows = rint_(1, 300), cols = rint_(1, 700), M = rint_(1, 9);
+        int rows = rint_(1, 300), cols = rint_(1, 700), M = iter % 3 == 2 ? rint_(10, 40) : rint_(1, 9);
         if (iter % 5 == 0) { rows = 256 + rint_(0, 3); cols = 512; } /* aligned */
         void *data;
         float *scale;
@@ -145,15 +147,86 @@ static void check_impl(const dsi_kernels *k) {
         k->axpy(0.37f, a, c, n);
         dsi_kernels_ref.axpy(0.37f, a, d, n);
         assert_true(max_rel(c, d, n) < 1e-6);
+        /* dots / wsum over strided rows */
+        int nk = rint_(1, 70), dd = rint_(1, 600), ld = dd + rint_(0, 9);
+        float *kk = malloc(sizeof(float) * nk * ld), *q = malloc(sizeof(float) * dd), *o1 = malloc(sizeof(float) * nk),
+              *o2 = malloc(sizeof(float) * nk), *w1 = malloc(sizeof(float) * dd), *w2 = malloc(sizeof(float) * dd);
+        for (int i = 0; i < nk * ld; i++) kk[i] = unif();
+        for (int i = 0; i < dd; i++) { q[i] = unif(); w1[i] = w2[i] = unif(); }
+        for (int i = 0; i < nk; i++) o1[i] = o2[i] = unif();
+        int accum = iter & 1;
+        k->dots(q, kk, nk, ld, dd, o1, accum);
+        dsi_kernels_ref.dots(q, kk, nk, ld, dd, o2, accum);
+        assert_true(max_rel(o1, o2, nk) < 1e-5 * sqrt(dd));
+        k->wsum(o2, kk, nk, ld, dd, w1);
+        dsi_kernels_ref.wsum(o2, kk, nk, ld, dd, w2);
+        assert_true(max_rel(w1, w2, dd) < 1e-5 * sqrt(nk));
+        free(kk); free(q); free(o1); free(o2); free(w1); free(w2);
         free(a); free(b); free(c); free(d);
         free(x); free(y); free(r); free(data); free(scale);
     }
+}
+
+/* Scale blocks other than DeepSeek's 128x128 (config weight_block_size). */
+static void test_avx512_block_sizes(void **state) {
+    const dsi_kernels *k = dsi_kernels_by_name("avx512");
+    if (!k) { printf("  avx512 not supported on this CPU: skipped\n"); skip(); }
+    int sizes[][2] = {{1, 1}, {4, 4}, {32, 64}, {64, 32}, {100, 60}, {128, 16}};
+    for (int i = 0; i < 6; i++) {
+        g_block_rows = sizes[i][0];
+        g_block_cols = sizes[i][1];
+        check_impl(k);
+    }
+    g_block_rows = g_block_cols = 128;
 }
 
 static void test_avx512(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx512");
     if (!k) { printf("  avx512 not supported on this CPU: skipped\n"); skip(); }
     check_impl(k);
+}
+
+/* FP8 x FP8 with quantised activations (the --fp8-act prefill path). */
+static void test_q8(void **state) {
+    const dsi_kernels *k = dsi_kernels_by_name("avx512");
+    if (!k || !k->matmul_q8) { printf("  AVX512_BF16 not supported on this CPU: skipped\n"); skip(); }
+    for (int iter = 0; iter < 60; iter++) {
+        int rows = rint_(1, 200), cols = rint_(1, 600), M = rint_(1, 30);
+        g_block_rows = iter % 3 ? 128 : rint_(1, 130);
+        void *data;
+        float *scale;
+        dsi_mat W = random_mat(DSI_F8_E4M3, rows, cols, &data, &scale);
+        int ldq = (cols + 127) / 128 * 128, lds = ldq / 128;
+        uint16_t *xq = calloc((size_t)M * ldq, 2);
+        float *xs = malloc(sizeof(float) * M * lds);
+        for (int m = 0; m < M; m++) {
+            for (int c = 0; c < cols; c++) {
+                uint8_t b = (uint8_t)(next() & 0xff);
+                if ((b & 0x7f) == 0x7f) b ^= 1;
+                xq[(size_t)m * ldq + c] = dsi_f32_to_bf16(dsi_e4m3_to_f32(b));
+            }
+            for (int t = 0; t < lds; t++) xs[m * lds + t] = ldexpf(1.0f + 0.5f * unif(), rint_(-8, 0));
+        }
+        int n0 = rint_(0, rows - 1), n1 = rint_(n0 + 1, rows), acc = iter & 1;
+        float *y = malloc(sizeof(float) * M * rows), *r = malloc(sizeof(float) * M * rows);
+        for (int i = 0; i < M * rows; i++) y[i] = r[i] = acc ? unif() : NAN;
+        dsi_matmul_q8_ref(&W, xq, ldq, xs, lds, M, r, rows, 0, n0, n1, acc);
+        k->matmul_q8(&W, xq, ldq, xs, lds, M, y, rows, 0, n0, n1, acc);
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < rows; n++) {
+                float a = y[m * rows + n], b = r[m * rows + n];
+                if (n < n0 || n >= n1) { assert_true(acc ? a == b : isnan(a)); continue; }
+                double mag = 0; /* the size of the products summed */
+                for (int c = 0; c < cols; c++)
+                    mag = fmax(mag, fabs(dsi_bf16_to_f32(xq[(size_t)m * ldq + c]) * dsi_mat_get(&W, n, c) * xs[m * lds + c / 128]));
+                if (!(fabs(a - b) <= 1e-5 * mag * cols + 1e-6 * fabs(b))) {
+                    fprintf(stderr, "q8 rows %d cols %d M %d: y[%d][%d] = %g, ref %g\n", rows, cols, M, m, n, a, b);
+                    fail();
+                }
+            }
+        free(xq); free(xs); free(y); free(r); free(data); free(scale);
+    }
+    g_block_rows = 128;
 }
 
 static void test_avx2(void **state) {
@@ -166,6 +239,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_e4m3_codes),
         cmocka_unit_test(test_avx512),
+        cmocka_unit_test(test_avx512_block_sizes),
+        cmocka_unit_test(test_q8),
         cmocka_unit_test(test_avx2),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

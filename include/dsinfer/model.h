@@ -53,11 +53,13 @@ typedef struct dsi_config {
     int weight_block[2];        /* [rows, cols] of a scale block, 128x128 */
 } dsi_config;
 
-/* Parses a Hugging Face config.json (model_type deepseek_v3; deepseek_v2 is
+/* Parses a Hugging Face config.json (model_type deepseek_v3; kimi_k2 is
  * accepted with the same fields). Unsupported values (another model_type,
- * scoring_func other than sigmoid/softmax, activation other than silu, a
- * quantization method other than fp8 e4m3 with 128x128 blocks...) give
- * DSI_EUNSUPPORTED naming the field. */
+ * scoring_func other than sigmoid, topk_method other than noaux_tc,
+ * hidden_act other than silu, rope_scaling other than yarn, attention_bias,
+ * a quantization method other than fp8 e4m3 with 128x128 blocks) give
+ * DSI_EUNSUPPORTED naming the field; a field of the wrong type gives
+ * DSI_EFORMAT naming it. */
 int dsi_config_parse(const char *json, size_t len, dsi_config *out);
 int dsi_config_load(const char *path, dsi_config *out);
 /* Writes config.json text (malloc'ed, caller frees) for `c`. */
@@ -75,8 +77,9 @@ static inline int dsi_config_is_moe_layer(const dsi_config *c, int l) {
 typedef struct dsi_model dsi_model;
 
 typedef struct dsi_load_opts {
-    int progress;        /* print load progress on stderr (default: when > 1 GiB) */
+    int progress;        /* print load progress on stderr: 1 yes, 0 no, -1 when > 1 GiB (NULL opts: -1) */
     int prefault;        /* touch every page at load (default 0) */
+    int no_mmap;         /* copy weights into anonymous memory (faster decode; no page-cache sharing) */
 } dsi_load_opts;
 
 /* Loads config.json and the weights from a checkpoint directory. */

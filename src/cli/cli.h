@@ -14,11 +14,17 @@ typedef struct dsi_command {
 const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing);
 int dsi_cmd_eplb(int argc, char **argv);
 
+int dsi_cmd_sim(int argc, char **argv);
+int dsi_cmd_report(int argc, char **argv);
 
 int dsi_cmd_demo(int argc, char **argv);
 int dsi_cmd_generate(int argc, char **argv);
 int dsi_cmd_logits(int argc, char **argv);
 int dsi_cmd_make_model(int argc, char **argv);
 int dsi_cmd_inspect(int argc, char **argv);
+int dsi_cmd_tokenize(int argc, char **argv);
+int dsi_cmd_detokenize(int argc, char **argv);
+int dsi_cmd_chat_render(int argc, char **argv);
+
 
 #endif

@@ -21,6 +21,7 @@ typedef struct engine_flags {
     int fp8_act;
     int max_tokens;
     int kv_tokens;
+    int no_mmap;
     dsi_ep_opts ep;         /* used when started by mpirun with more than one rank */
 } engine_flags;
 
@@ -41,6 +42,7 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
         return 1;
     }
     if (!strcmp(argv[*i], "--fp8-act")) { f->fp8_act = 1; return 1; }
+    if (!strcmp(argv[*i], "--no-mmap")) { f->no_mmap = 1; return 1; }
     if ((v = dsi_cli_flag(argc, argv, i, "--dispatch", &missing))) {
         if (!strcmp(v, "fp8")) f->ep.dispatch = DSI_EP_FP8;
         else if (!strcmp(v, "bf16")) f->ep.dispatch = DSI_EP_BF16;
@@ -65,7 +67,8 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
     "  --attn MODE            auto | prefill | absorbed attention form (default auto)\n"           \
     "  --fp8-act              quantise activations to FP8 per 1x128 tile (as DeepSeek serves)\n"   \
     "  --max-batch-tokens N   tokens per forward step (default 2048)\n"                            \
-    "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"        \
+    "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"   \
+    "  --no-mmap              copy weights into resident memory (faster decode than page-cache maps)\n" \
     "expert parallelism (under mpirun -np N, N > 1):\n"                                             \
     "  --dispatch fp8|bf16|f32  dispatch as FP8 per-128 scaled (default), BF16, or f32 (lossless)\n"       \
     "  --placement FILE       EPLB placement (phy2log); default: expert e in slot e\n"               \
@@ -78,7 +81,8 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
 static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, dsi_kv_pool **kv, dsi_engine **e) {
     int rc;
     if (f->model) {
-        rc = dsi_model_load(f->model, NULL, m);
+        dsi_load_opts lo = {.progress = -1, .no_mmap = f->no_mmap};
+        rc = dsi_model_load(f->model, f->no_mmap ? &lo : NULL, m);
     } else {
         dsi_config c;
         dsi_config_preset(DSI_PRESET_TINY, 0, 1, &c);
@@ -86,9 +90,15 @@ static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, ds
     }
     if (rc) { fprintf(stderr, "dsinfer: %s\n", dsi_last_error()); return rc; }
     const dsi_config *c = dsi_model_config(*m);
-    int tokens = f->kv_tokens > 0 ? f->kv_tokens : need_tokens;
-    int blocks = DSI_CEIL_DIV(tokens, DSI_KV_BLOCK_TOKENS) + 1;
-    rc = dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, blocks, kv);
+    /* 64-bit: --kv-tokens near INT_MAX must not overflow the rounding */
+    int64_t tokens = f->kv_tokens > 0 ? f->kv_tokens : need_tokens;
+    int64_t blocks = DSI_CEIL_DIV(tokens, (int64_t)DSI_KV_BLOCK_TOKENS) + 1;
+    if (blocks > (1 << 24)) {
+        fprintf(stderr, "dsinfer: a KV pool for %lld tokens is too large\n", (long long)tokens);
+        dsi_model_destroy(*m);
+        return DSI_ERANGE;
+    }
+    rc = dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, (int)blocks, kv);
     if (!rc) {
         dsi_engine_opts o = {.n_threads = f->threads, .max_tokens = f->max_tokens, .attn = f->attn,
                              .fp8_activations = f->fp8_act, .kernels = f->kernels};
@@ -227,7 +237,7 @@ int dsi_cmd_logits(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out_path = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--chunk", &missing))) chunk = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--decode-from", &missing))) decode_from = atoi(v);
-        else { fprintf(stderr, "dsinfer logits: unknown option '%s' (see --help)\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer logits: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer logits: %s needs a value\n", argv[i]); return 2; }
     }
     if (!ids_s || !out_path) { fprintf(stderr, "dsinfer logits: --ids and --out are required (see --help)\n"); return 2; }
@@ -350,7 +360,7 @@ int dsi_cmd_generate(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--top-p", &missing))) sp.top_p = (float)atof(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing))) sp.top_k = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) sp.seed = strtoull(v, NULL, 10);
-        else { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer generate: %s needs a value\n", argv[i]); return 2; }
     }
     if (!ids_s) { fprintf(stderr, "dsinfer generate: --ids is required (see --help)\n"); return 2; }
@@ -358,6 +368,11 @@ int dsi_cmd_generate(int argc, char **argv) {
     int32_t *ids;
     int n = parse_ids(ids_s, &ids);
     if (n <= 0) { fprintf(stderr, "dsinfer generate: --ids must be a comma-separated list of token ids\n"); return 2; }
+    if (n_new > (1 << 30) - n) { /* n + n_new must not overflow */
+        fprintf(stderr, "dsinfer generate: -n %d is too large\n", n_new);
+        free(ids);
+        return 2;
+    }
     dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;
     if (open_engine(&f, n + n_new, &m, &kv, &e)) { free(ids); return 1; }
     int32_t *out = malloc(sizeof(int32_t) * n_new);
@@ -402,7 +417,7 @@ int dsi_cmd_make_model(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) seed = strtoull(v, NULL, 10);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--shard-mb", &missing))) shard_mb = atol(v);
-        else { fprintf(stderr, "dsinfer make-model: unknown option '%s'\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer make-model: unknown option '%s'\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer make-model: %s needs a value\n", argv[i]); return 2; }
     }
     if (!out) { fprintf(stderr, "dsinfer make-model: --out DIR is required\n"); return 2; }
@@ -425,9 +440,14 @@ int dsi_cmd_make_model(int argc, char **argv) {
 }
 
 int dsi_cmd_inspect(int argc, char **argv) {
-    if (argc < 2 || !strcmp(argv[1], "--help")) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         printf("usage: dsinfer inspect DIR\nValidates a checkpoint and prints its shape and size.\n");
         return argc < 2 ? 2 : 0;
+    }
+    /* an option here is a typo, not a folder named "--x" */
+    if (argc > 2 || argv[1][0] == '-') {
+        fprintf(stderr, "dsinfer inspect: unexpected argument '%s' (see --help)\n", argc > 2 ? argv[2] : argv[1]);
+        return 2;
     }
     dsi_model *m;
     if (dsi_model_load(argv[1], NULL, &m)) { fprintf(stderr, "dsinfer inspect: %s\n", dsi_last_error()); return 1; }
@@ -450,6 +470,10 @@ int dsi_cmd_demo(int argc, char **argv) {
         printf("usage: dsinfer demo\nBuilds the built-in demo model (tiny DeepSeek-V3 shape, random FP8 weights)\n"
                "in memory and generates from a fixed prompt through both attention forms.\n");
         return 0;
+    }
+    if (argc > 1) { /* demo takes no options: do not silently ignore a typo */
+        fprintf(stderr, "dsinfer demo: unknown option '%s' (see --help)\n", argv[1]);
+        return 2;
     }
     engine_flags f = {0};
     dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;

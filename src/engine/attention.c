@@ -72,22 +72,28 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
         const float *q = e->s.q + ((size_t)t * H + h) * qk;
         int r0 = h * (nope + vd);
         k->matmul_t(&j->L->kv_b, r0, r0 + nope, q, 1, nope, q_abs, lora, 0, lora);
+        /* scores block by block: each KV block holds bt contiguous 576-wide rows */
+        for (int p0 = 0; p0 <= P; p0 += bt) {
+            int n = DSI_MIN(bt, P + 1 - p0);
+            const float *rows = dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt], j->layer);
+            k->dots(q_abs, rows, n, kvd, lora, scores + p0, 0);
+            k->dots(q + nope, rows + lora, n, kvd, rope, scores + p0, 1);
+        }
         float mx = -FLT_MAX;
         for (int p = 0; p <= P; p++) {
-            const float *row = dsi_kv_token(e->kv, j->ss->blocks[p / bt], j->layer, p % bt);
-            float sc = (k->dot(q_abs, row, lora) + k->dot(q + nope, row + lora, rope)) * e->softmax_scale;
-            scores[p] = sc;
-            if (sc > mx) mx = sc;
+            scores[p] *= e->softmax_scale;
+            if (scores[p] > mx) mx = scores[p];
         }
         double sum = 0;
         for (int p = 0; p <= P; p++) { scores[p] = expf(scores[p] - mx); sum += scores[p]; }
         float inv = (float)(1.0 / sum);
+        for (int p = 0; p <= P; p++) scores[p] *= inv;
         memset(o_lat, 0, sizeof(float) * lora);
-        for (int p = 0; p <= P; p++) {
-            const float *row = dsi_kv_token(e->kv, j->ss->blocks[p / bt], j->layer, p % bt);
-            k->axpy(scores[p] * inv, row, o_lat, lora);
+        for (int p0 = 0; p0 <= P; p0 += bt) {
+            int n = DSI_MIN(bt, P + 1 - p0);
+            const float *rows = dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt], j->layer);
+            k->wsum(scores + p0, rows, n, kvd, lora, o_lat);
         }
-        (void)kvd;
         float *out = e->s.attn + ((size_t)t * H + h) * vd;
         k->matmul(&j->L->kv_b, o_lat, 1, lora, out, vd, r0 + nope, r0 + nope, r0 + nope + vd, 0);
     }
@@ -120,11 +126,12 @@ static void prefill_task(void *ctx, int64_t b, int64_t end, int tid) {
         int jn = DSI_MIN(j->cl, P - j->c0 + 1);
         if (jn <= 0) continue;
         const float *q = e->s.q + ((size_t)t * H + h) * qk;
+        size_t ldk = (size_t)H * dec;
+        k->dots(q, e->s.kvdec + (size_t)h * dec, jn, ldk, nope, sc, 0);
+        k->dots(q + nope, blk + lora, jn, kvd, rope, sc, 1);
         float mx = -FLT_MAX;
         for (int p = 0; p < jn; p++) {
-            const float *kn = e->s.kvdec + ((size_t)p * H + h) * dec;
-            const float *kpe = blk + (size_t)p * kvd + lora;
-            sc[p] = (k->dot(q, kn, nope) + k->dot(q + nope, kpe, rope)) * e->softmax_scale;
+            sc[p] *= e->softmax_scale;
             if (sc[p] > mx) mx = sc[p];
         }
         float *st = e->s.ostate + ((size_t)t * H + h) * (vd + 2);
@@ -135,10 +142,10 @@ static void prefill_task(void *ctx, int64_t b, int64_t end, int tid) {
         if (corr != 1.0f)
             for (int d = 0; d < vd; d++) acc[d] *= corr;
         for (int p = 0; p < jn; p++) {
-            float pr = expf(sc[p] - m_new);
-            l += pr;
-            k->axpy(pr, e->s.kvdec + ((size_t)p * H + h) * dec + nope, acc, vd);
+            sc[p] = expf(sc[p] - m_new);
+            l += sc[p];
         }
+        k->wsum(sc, e->s.kvdec + (size_t)h * dec + nope, jn, ldk, vd, acc);
         st[0] = m_new;
         st[1] = l;
     }

@@ -3,6 +3,7 @@
 #include "kernels/dtype.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -44,31 +45,89 @@ static const float *maybe_quantise(dsi_engine *e, const dsi_mat *W, const float 
     return q;
 }
 
-void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
-                      int ldy) {
+typedef struct q8_job {
+    const dsi_engine *e;
+    const dsi_mat *W;
+    const uint16_t *xq;
+    const float *xs;
+    int ldq, lds, M, ldy, n_base, accumulate;
+    float *y;
+} q8_job;
+
+static void q8_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const q8_job *j = ctx;
+    j->e->k->matmul_q8(j->W, j->xq, j->ldq, j->xs, j->lds, j->M, j->y, j->ldy, j->n_base, j->n_base + (int)b,
+                       j->n_base + (int)end, j->accumulate);
+}
+
+/* FP8 activations through the FP8 x FP8 kernel: quantise the rows to e4m3
+ * (bf16-encoded) with one scale per 128 columns, then run the exact-product
+ * GEMM. Returns 0 when that path does not apply. */
+static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y, int ldy,
+                  int y_col0, int accumulate) {
+    if (!e->opts.fp8_activations || W->dtype != DSI_F8_E4M3 || W->block_cols != 128 || !e->k->matmul_q8 || M < 8)
+        return 0;
+    int K = W->cols, ldq = DSI_CEIL_DIV(K, 128) * 128, lds = ldq / 128;
+    uint16_t *xq = (uint16_t *)e->s.xq;
+    float *xs = (float *)(xq + (size_t)M * ldq);
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * ldx;
+        uint16_t *qm = xq + (size_t)m * ldq;
+        for (int t = 0; t < lds; t++) {
+            int k0 = t * 128, k1 = DSI_MIN(K, k0 + 128);
+            float amax = 0;
+            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xm[k]));
+            float s = amax > 0 ? amax / 448.0f : 1.0f;
+            for (int k = k0; k < k1; k++) qm[k] = dsi_f32_to_bf16(dsi_e4m3_to_f32(dsi_f32_to_e4m3(xm[k] / s)));
+            for (int k = k1; k < k0 + 128; k++) qm[k] = 0;
+            xs[(size_t)m * lds + t] = s;
+        }
+    }
+    q8_job j = {e, W, xq, xs, ldq, lds, M, ldy, n0, accumulate, y - (n0 - y_col0)};
+    (void)y_col0;
+    dsi_pool_for(e->pool, n1 - n0, 32, q8_task, &j);
+    return 1;
+}
+
+static void matmul_rows_impl(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
+                             int ldy) {
     if (M <= 0 || n1 <= n0) return;
+    if (try_q8(e, W, n0, n1, x, M, ldx, y, ldy, n0, 0)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
     mm_job j = {e, W, x, M, ldx, ldy, n0, 0, y};
     /* grain: 16 rows keeps tiles 4-aligned; bigger when M is large so each
      * task streams a useful share of the activations */
     int64_t grain = M >= 64 ? 64 : 16;
     /* small problems are not worth waking the pool */
-    if ((double)M * (n1 - n0) * W->cols < 65536.0)
+    if ((double)M * (n1 - n0) * W->cols < 65536.0) {
         e->k->matmul(W, x, M, ldx, y, ldy, n0, n0, n1, 0);
-    else
-        dsi_pool_for(e->pool, n1 - n0, grain, mm_task, &j);
+        return;
+    }
+    dsi_pool_for(e->pool, n1 - n0, grain, mm_task, &j);
+}
+
+static void matmul_impl(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate) {
+    if (M <= 0) return;
+    if (try_q8(e, W, 0, W->rows, x, M, ldx, y, ldy, 0, accumulate)) return;
+    x = maybe_quantise(e, W, x, M, ldx, &ldx);
+    mm_job j = {e, W, x, M, ldx, ldy, 0, accumulate, y};
+    int64_t grain = M >= 64 ? 64 : 16;
+    if ((double)M * W->rows * W->cols < 65536.0) {
+        e->k->matmul(W, x, M, ldx, y, ldy, 0, 0, W->rows, accumulate);
+        return;
+    }
+    dsi_pool_for(e->pool, W->rows, grain, mm_task, &j);
+}
+
+/* The expert-parallel runtime polls its transfers after every matmul. */
+void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
+                      int ldy) {
+    matmul_rows_impl(e, W, n0, n1, x, M, ldx, y, ldy);
     if (e->poll_hook) e->poll_hook(e->poll_ctx);
 }
 
 void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate) {
-    if (M <= 0) return;
-    x = maybe_quantise(e, W, x, M, ldx, &ldx);
-    mm_job j = {e, W, x, M, ldx, ldy, 0, accumulate, y};
-    int64_t grain = M >= 64 ? 64 : 16;
-    if ((double)M * W->rows * W->cols < 65536.0)
-        e->k->matmul(W, x, M, ldx, y, ldy, 0, 0, W->rows, accumulate);
-    else
-        dsi_pool_for(e->pool, W->rows, grain, mm_task, &j);
+    matmul_impl(e, W, x, M, ldx, y, ldy, accumulate);
     if (e->poll_hook) e->poll_hook(e->poll_ctx);
 }
 
@@ -163,6 +222,9 @@ static void scratch_free(dsi_engine *e, dsi_scratch *s, int own_threads) {
 
 void dsi_engine_destroy(dsi_engine *e) {
     if (!e) return;
+    if (e->profile)
+        fprintf(stderr, "dsinfer profile: attn0 %.3f s, attn1 %.3f s, dense ffn %.3f s, moe %.3f s, lm_head %.3f s\n",
+                e->prof[0], e->prof[1], e->prof[2], e->prof[3], e->prof[4]);
     scratch_free(e, &e->s, 1);
     dsi_pool_destroy(e->pool);
     free(e->inv_freq);
@@ -191,7 +253,8 @@ static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
     s->y = dsi_alloc(T * D * 4);
     s->h1 = dsi_alloc(T * inter * 4);
     s->h2 = dsi_alloc(T * inter * 4);
-    s->xq = dsi_alloc(DSI_MAX(T, (size_t)ATTN_CHUNK) * max_in * 4);
+    /* float copies, or bf16 codes + per-128 scales (try_q8), of up to max(T, chunk) rows */
+    s->xq = dsi_alloc(DSI_MAX(T, (size_t)ATTN_CHUNK) * (max_in + 256) * 4);
     s->topk_ids = dsi_alloc(TE * sizeof(int));
     s->topk_w = dsi_alloc(TE * 4);
     s->exp_count = dsi_alloc(E * sizeof(int));
@@ -235,6 +298,9 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     if (dsi_kv_dim(kv) != dsi_config_kv_dim(c) || dsi_kv_n_layers(kv) != c->n_layers)
         return dsi_error(DSI_EINVAL, "engine: KV pool geometry (%d layers x %d) does not match the model (%d x %d)",
                          dsi_kv_n_layers(kv), dsi_kv_dim(kv), c->n_layers, dsi_config_kv_dim(c));
+    if (dsi_kv_block_tokens(kv) > ATTN_CHUNK)
+        return dsi_error(DSI_EINVAL, "engine: KV blocks of %d tokens exceed the attention chunk of %d",
+                         dsi_kv_block_tokens(kv), ATTN_CHUNK);
     dsi_engine *e = calloc(1, sizeof *e);
     if (!e) return dsi_error(DSI_ENOMEM, "out of memory");
     e->m = m;
@@ -242,6 +308,7 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     e->kv = kv;
     if (opts) e->opts = *opts;
     e->max_tokens = e->opts.max_tokens > 0 ? e->opts.max_tokens : 2048;
+    e->profile = getenv("DSI_PROFILE") != NULL;
     if (e->opts.absorb_max_tokens <= 0) e->opts.absorb_max_tokens = 32;
     e->k = e->opts.kernels ? dsi_kernels_by_name(e->opts.kernels) : dsi_kernels_select();
     if (!e->k) {
@@ -331,6 +398,7 @@ int dsi__step_begin(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
     }
     e->n_seqs = n_seqs;
     e->T = T;
+
     embed_rows(e, seqs, n_seqs);
     return DSI_OK;
 }
@@ -338,6 +406,7 @@ int dsi__step_begin(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
 void dsi__step_end(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
     const dsi_config *c = e->c;
     int D = c->hidden, V = c->vocab_size, T = e->T;
+    double tl = e->profile ? dsi_now() : 0;
     for (int t = 0; t < T; t++) dsi__rmsnorm(e->s.x + (size_t)t * D, e->m->final_norm, D, (float)c->rms_norm_eps, e->s.xn + (size_t)t * D);
     capture(e, c->n_layers, e->s.xn);
     for (int s = 0; s < n_seqs; s++) {
@@ -348,18 +417,29 @@ void dsi__step_end(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
         else if (q->logits == DSI_LOGITS_LAST)
             dsi__matmul(e, &e->m->lm_head, e->s.xn + (size_t)(ss->t0 + ss->n - 1) * D, 1, D, q->out_logits, V, 0);
     }
+    if (e->profile) e->prof[4] += dsi_now() - tl;
 }
 
 int dsi_engine_step(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
+    const dsi_config *c = e->c;
     if (n_seqs <= 0) return dsi_error(DSI_EINVAL, "engine step: empty batch");
     int rc = dsi__step_begin(e, seqs, n_seqs);
     if (rc != DSI_OK) return rc;
     capture(e, 0, e->s.x);
-    for (int l = 0; l < e->c->n_layers; l++) {
+    for (int l = 0; l < c->n_layers; l++) {
+        double t0 = e->profile ? dsi_now() : 0;
         if ((rc = dsi__stage_attn0(e, l)) != DSI_OK) return rc;
+        double t1 = e->profile ? dsi_now() : 0;
         if ((rc = dsi__stage_attn1(e, l)) != DSI_OK) return rc;
+        double t2 = e->profile ? dsi_now() : 0;
         if ((rc = dsi__stage_ffn(e, l)) != DSI_OK) return rc;
-        if (l + 1 < e->c->n_layers) capture(e, l + 1, e->s.x);
+        if (e->profile) {
+            double t3 = dsi_now();
+            e->prof[0] += t1 - t0;
+            e->prof[1] += t2 - t1;
+            e->prof[e->m->layers[l].is_moe ? 3 : 2] += t3 - t2;
+        }
+        if (l + 1 < c->n_layers) capture(e, l + 1, e->s.x);
     }
     dsi__step_end(e, seqs, n_seqs);
     return DSI_OK;

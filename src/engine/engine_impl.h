@@ -57,6 +57,8 @@ struct dsi_engine {
     float softmax_scale;
     dsi_step_seq *seqs;     /* [max seqs = max_tokens] */
     int n_seqs, T;
+    double prof[8];         /* seconds per stage when DSI_PROFILE is set (see engine.c) */
+    int profile;
     float *capture;         /* optional hidden-state capture */
     int capture_tokens;
     /* Called after each matmul on the calling thread: the expert-parallel

@@ -20,23 +20,48 @@ typedef void (*dsi_matmul_fn)(const dsi_mat *W, const float *x, int M, int ldx, 
 typedef void (*dsi_matmul_t_fn)(const dsi_mat *W, int r0, int r1, const float *x, int M, int ldx, float *y, int ldy,
                                 int c0, int c1);
 
+/* FP8 x FP8 product (DeepSeek's serving numerics): activations quantised per
+ * 1x128 tile to e4m3, given as their e4m3 values in bf16 (exact) xq [M][ldq]
+ * (ldq >= K rounded up to 128, zero padded) with scales xs [M][lds] (one per
+ * 128 columns); W FP8 with 128-column scale blocks. Per 128-column tile the
+ * exact products are summed in float32, then scaled by xs * W's block scale:
+ * y[m*ldy + (n - y_col0)] (+)= sum_t xs[m][t] ws[n][t] sum_{k in t} xq[m][k] wq[n][k]. */
+typedef void (*dsi_matmul_q8_fn)(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M,
+                                 float *y, int ldy, int y_col0, int n0, int n1, int accumulate);
+
 typedef struct dsi_kernels {
     const char *name;
     dsi_matmul_fn matmul;
     dsi_matmul_t_fn matmul_t;
-    /* dot product and y += a*x over float32 vectors (attention inner loops) */
+    /* dot product and y += a*x over float32 vectors */
     float (*dot)(const float *a, const float *b, int n);
     void (*axpy)(float a, const float *x, float *y, int n);
+    /* attention inner loops over n rows of a strided matrix:
+     * dots: out[j] (+)= q . k[j*ldk .. +d]   (accumulate selects +=)
+     * wsum: out[0..d) += sum_j p[j] * v[j*ldv .. +d] */
+    void (*dots)(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate);
+    void (*wsum)(const float *p, const float *v, int n, size_t ldv, int d, float *out);
+    dsi_matmul_q8_fn matmul_q8; /* NULL when this CPU path has no fast form */
 } dsi_kernels;
 
 extern const dsi_kernels dsi_kernels_ref;
 extern const dsi_kernels dsi_kernels_avx512;
+extern const dsi_kernels dsi_kernels_avx512_nobf16;
 extern const dsi_kernels dsi_kernels_avx2;
 
 /* The best kernels this CPU supports; DSI_KERNELS=ref|avx2|avx512 overrides. */
 const dsi_kernels *dsi_kernels_select(void);
 /* Kernels by name ("ref", "avx2", "avx512"), or NULL if not usable here. */
 const dsi_kernels *dsi_kernels_by_name(const char *name);
+
+/* The reference FP8 x FP8 product (see dsi_matmul_q8_fn). */
+void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M, float *y,
+                       int ldy, int y_col0, int n0, int n1, int accumulate);
+
+/* A per-thread scratch buffer of at least `bytes` (64-byte aligned), one per
+ * slot (0-3), reused across calls and freed at thread exit. NULL on OOM. */
+void *dsi__tls_buffer(int slot, size_t bytes);
+enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2 };
 
 /* Element of a weight as float32 (scalar helper used by references). */
 float dsi_mat_get(const dsi_mat *W, int r, int c);

@@ -71,17 +71,7 @@ MICRO(micro_bf16, uint16_t, cvt_bf16, w_bf16)
 MICRO(micro_f16, uint16_t, cvt_f16, w_f16)
 MICRO(micro_f32, float, cvt_f32, w_f32)
 
-static _Thread_local float *tl_xs;
-static _Thread_local size_t tl_xs_cap;
-
-static float *xs_buffer(size_t n) {
-    if (n > tl_xs_cap) {
-        free(tl_xs);
-        tl_xs = aligned_alloc(64, ((n * sizeof(float)) + 63) & ~(size_t)63);
-        tl_xs_cap = tl_xs ? n : 0;
-    }
-    return tl_xs;
-}
+static float *xs_buffer(size_t n) { return dsi__tls_buffer(DSI_TLS_XS, n * sizeof(float)); }
 
 static void scale_rows(const dsi_mat *W, int rb, const float *x, int ldx, int mr, float *xs) {
     int K = W->cols, bc = W->block_cols;
@@ -183,4 +173,16 @@ static void avx2_axpy(float a, const float *x, float *y, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy};
+static void avx2_dots(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate) {
+    for (int j = 0; j < n; j++) {
+        float v = avx2_dot(q, k + j * ldk, d);
+        out[j] = accumulate ? out[j] + v : v;
+    }
+}
+
+static void avx2_wsum(const float *p, const float *v, int n, size_t ldv, int d, float *out) {
+    for (int j = 0; j < n; j++) avx2_axpy(p[j], v + j * ldv, out, d);
+}
+
+const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy, avx2_dots, avx2_wsum,
+                                      NULL};

@@ -61,16 +61,46 @@ static void ref_axpy(float a, const float *x, float *y, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-const dsi_kernels dsi_kernels_ref = {"ref", ref_matmul, ref_matmul_t, ref_dot, ref_axpy};
+static void ref_dots(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate) {
+    for (int j = 0; j < n; j++) {
+        float v = ref_dot(q, k + j * ldk, d);
+        out[j] = accumulate ? out[j] + v : v;
+    }
+}
+
+static void ref_wsum(const float *p, const float *v, int n, size_t ldv, int d, float *out) {
+    for (int j = 0; j < n; j++) ref_axpy(p[j], v + j * ldv, out, d);
+}
+
+void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M, float *y,
+                       int ldy, int y_col0, int n0, int n1, int accumulate) {
+    int K = W->cols, nt = DSI_CEIL_DIV(K, 128);
+    const uint8_t *w = W->data;
+    for (int m = 0; m < M; m++)
+        for (int n = n0; n < n1; n++) {
+            double total = 0;
+            for (int t = 0; t < nt; t++) {
+                float tile = 0; /* exact products, float32 sums: what the fast path does */
+                for (int k = t * 128; k < DSI_MIN(K, t * 128 + 128); k++)
+                    tile += dsi_bf16_to_f32(xq[(size_t)m * ldq + k]) * dsi_e4m3_to_f32(w[(size_t)n * K + k]);
+                float ws = W->scale_inv[(size_t)(n / W->block_rows) * W->scale_cols + t];
+                total += (double)tile * xs[(size_t)m * lds + t] * ws;
+            }
+            float *d = &y[(size_t)m * ldy + (n - y_col0)];
+            *d = accumulate ? *d + (float)total : (float)total;
+        }
+}
+
+const dsi_kernels dsi_kernels_ref = {"ref", ref_matmul, ref_matmul_t, ref_dot, ref_axpy, ref_dots, ref_wsum,
+                                     dsi_matmul_q8_ref};
 
 const dsi_kernels *dsi_kernels_by_name(const char *name) {
     if (!strcmp(name, "ref")) return &dsi_kernels_ref;
     __builtin_cpu_init();
     if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return &dsi_kernels_avx512;
-    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+        return __builtin_cpu_supports("avx512bf16") ? &dsi_kernels_avx512 : &dsi_kernels_avx512_nobf16;
+    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return &dsi_kernels_avx2;
     return NULL;
 }

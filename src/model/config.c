@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 /* Reads an integer field; `def` when absent or null. Errors on wrong type. */
 static int get_int(const cJSON *root, const char *key, int def, int *out, int required) {
@@ -39,19 +40,27 @@ static int get_bool(const cJSON *root, const char *key, int def, int *out) {
     return DSI_OK;
 }
 
-static const char *get_str(const cJSON *root, const char *key) {
+/* A string field: *out = NULL when absent or null. Any other type is an error:
+ * a mistyped scoring_func must not silently mean "the default". */
+static int get_str(const cJSON *root, const char *key, const char **out) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
-    return cJSON_IsString(v) ? v->valuestring : NULL;
+    *out = NULL;
+    if (!v || cJSON_IsNull(v)) return DSI_OK;
+    if (!cJSON_IsString(v)) return dsi_error(DSI_EFORMAT, "config.json: field '%s' must be a string", key);
+    *out = v->valuestring;
+    return DSI_OK;
 }
 
 #define TRY(x) do { int rc_ = (x); if (rc_ != DSI_OK) { cJSON_Delete(root); return rc_; } } while (0)
-#define FAIL(code, ...) do { cJSON_Delete(root); return dsi_error(code, __VA_ARGS__); } while (0)
+/* The message is formatted before the tree is freed: it quotes strings that live in it. */
+#define FAIL(code, ...) do { int rc_ = dsi_error(code, __VA_ARGS__); cJSON_Delete(root); return rc_; } while (0)
 
 int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
     memset(c, 0, sizeof *c);
     cJSON *root = cJSON_ParseWithLength(json, len);
     if (!root || !cJSON_IsObject(root)) FAIL(DSI_EFORMAT, "config.json: not a JSON object");
-    const char *mt = get_str(root, "model_type");
+    const char *mt, *sf, *tm, *act;
+    TRY(get_str(root, "model_type", &mt));
     if (!mt) FAIL(DSI_EFORMAT, "config.json: missing 'model_type'");
     if (strcmp(mt, "deepseek_v3") && strcmp(mt, "kimi_k2"))
         FAIL(DSI_EUNSUPPORTED, "config.json: model_type '%s' is not supported (deepseek_v3 only)", mt);
@@ -90,21 +99,22 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
     TRY(get_bool(root, "attention_bias", 0, &attention_bias));
     if (attention_bias) FAIL(DSI_EUNSUPPORTED, "config.json: attention_bias=true is not supported");
 
-    const char *sf = get_str(root, "scoring_func");
+    TRY(get_str(root, "scoring_func", &sf));
     if (sf && strcmp(sf, "sigmoid"))
         FAIL(DSI_EUNSUPPORTED, "config.json: scoring_func '%s' is not supported (sigmoid only)", sf);
-    const char *tm = get_str(root, "topk_method");
+    TRY(get_str(root, "topk_method", &tm));
     if (tm && strcmp(tm, "noaux_tc"))
         FAIL(DSI_EUNSUPPORTED, "config.json: topk_method '%s' is not supported (noaux_tc only)", tm);
     c->use_correction_bias = 1;
-    const char *act = get_str(root, "hidden_act");
+    TRY(get_str(root, "hidden_act", &act));
     if (act && strcmp(act, "silu")) FAIL(DSI_EUNSUPPORTED, "config.json: hidden_act '%s' is not supported (silu only)", act);
 
     const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "rope_scaling");
     if (rs && !cJSON_IsNull(rs)) {
         if (!cJSON_IsObject(rs)) FAIL(DSI_EFORMAT, "config.json: rope_scaling must be an object or null");
-        const char *t = get_str(rs, "type");
-        if (!t) t = get_str(rs, "rope_type");
+        const char *t;
+        TRY(get_str(rs, "type", &t));
+        if (!t) TRY(get_str(rs, "rope_type", &t));
         if (!t || strcmp(t, "yarn"))
             FAIL(DSI_EUNSUPPORTED, "config.json: rope_scaling type '%s' is not supported (yarn only)", t ? t : "(none)");
         c->yarn = 1;
@@ -122,8 +132,10 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
     const cJSON *q = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
     c->weight_block[0] = c->weight_block[1] = 128;
     if (q && !cJSON_IsNull(q)) {
-        const char *qm = get_str(q, "quant_method");
-        const char *fmt = get_str(q, "fmt");
+        if (!cJSON_IsObject(q)) FAIL(DSI_EFORMAT, "config.json: quantization_config must be an object or null");
+        const char *qm, *fmt;
+        TRY(get_str(q, "quant_method", &qm));
+        TRY(get_str(q, "fmt", &fmt));
         if (!qm || strcmp(qm, "fp8"))
             FAIL(DSI_EUNSUPPORTED, "config.json: quantization_config.quant_method '%s' is not supported (fp8 only)",
                  qm ? qm : "(none)");
@@ -131,14 +143,16 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
             FAIL(DSI_EUNSUPPORTED, "config.json: quantization_config.fmt '%s' is not supported (e4m3 only)", fmt);
         const cJSON *bs = cJSON_GetObjectItemCaseSensitive(q, "weight_block_size");
         if (bs) {
-            if (!cJSON_IsArray(bs) || cJSON_GetArraySize(bs) != 2 || !cJSON_IsNumber(cJSON_GetArrayItem(bs, 0)) ||
-                !cJSON_IsNumber(cJSON_GetArrayItem(bs, 1)))
+            if (!cJSON_IsArray(bs) || cJSON_GetArraySize(bs) != 2)
                 FAIL(DSI_EFORMAT, "config.json: quantization_config.weight_block_size must be [rows, cols]");
-            c->weight_block[0] = cJSON_GetArrayItem(bs, 0)->valueint;
-            c->weight_block[1] = cJSON_GetArrayItem(bs, 1)->valueint;
-            if (c->weight_block[0] <= 0 || c->weight_block[1] <= 0 || c->weight_block[0] > 4096 ||
-                c->weight_block[1] > 4096)
-                FAIL(DSI_EFORMAT, "config.json: bad weight_block_size");
+            for (int k = 0; k < 2; k++) {
+                /* valueint would truncate 127.5 and saturate 1e300 */
+                const cJSON *x = cJSON_GetArrayItem(bs, k);
+                if (!cJSON_IsNumber(x) || x->valuedouble != floor(x->valuedouble) || x->valuedouble < 1 ||
+                    x->valuedouble > 4096)
+                    FAIL(DSI_EFORMAT, "config.json: quantization_config.weight_block_size must be two integers in [1, 4096]");
+                c->weight_block[k] = (int)x->valuedouble;
+            }
         }
         c->fp8 = 1;
     }
@@ -164,6 +178,7 @@ int dsi_config_validate(const dsi_config *c) {
     CHECK(c->rms_norm_eps > 0 && c->rms_norm_eps < 1, "rms_norm_eps out of range");
     CHECK(c->rope_theta > 0, "rope_theta must be > 0");
     CHECK(c->n_nextn_layers >= 0, "num_nextn_predict_layers must be >= 0");
+    CHECK(c->max_position_embeddings > 0, "max_position_embeddings must be > 0");
     if (c->n_experts > 0) {
         CHECK(c->n_experts <= 4096, "n_routed_experts out of range");
         CHECK(c->moe_inter > 0 && c->moe_inter <= (1 << 20), "moe_intermediate_size out of range");
@@ -182,6 +197,9 @@ int dsi_config_validate(const dsi_config *c) {
 }
 
 int dsi_config_load(const char *path, dsi_config *out) {
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) /* a FIFO would block fopen */
+        return dsi_error(DSI_EIO, "%s: not a regular file", path);
     FILE *f = fopen(path, "rb");
     if (!f) return dsi_error(errno == ENOENT ? DSI_ENOTFOUND : DSI_EIO, "%s: %s", path, strerror(errno));
     char *buf = malloc(1 << 20);
@@ -227,6 +245,7 @@ char *dsi_config_to_json(const dsi_config *c) {
     cJSON_AddNumberToObject(r, "max_position_embeddings", c->max_position_embeddings);
     cJSON_AddNumberToObject(r, "rms_norm_eps", c->rms_norm_eps);
     cJSON_AddNumberToObject(r, "rope_theta", c->rope_theta);
+    cJSON_AddBoolToObject(r, "rope_interleave", c->rope_interleave); /* the engine reads it */
     if (c->yarn) {
         cJSON *y = cJSON_AddObjectToObject(r, "rope_scaling");
         cJSON_AddStringToObject(y, "type", "yarn");

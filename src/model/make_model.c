@@ -148,12 +148,23 @@ static int gen_vec(gen *g, const char *name, int n, float center, float spread, 
 
 static int generate(const dsi_config *c, uint64_t seed, emit_fn emit, void *ctx, int progress) {
     int H = c->n_heads, qk = c->qk_nope_dim + c->qk_rope_dim;
-    size_t maxel = (size_t)c->vocab_size * c->hidden;
-    size_t dims[] = {(size_t)c->dense_inter * c->hidden, (size_t)H * qk * DSI_MAX(c->q_lora_rank, c->hidden),
-                     (size_t)c->hidden * H * c->v_head_dim, (size_t)H * (c->qk_nope_dim + c->v_head_dim) * c->kv_lora_rank,
-                     (size_t)c->moe_inter * DSI_MAX(1, c->n_shared_experts) * c->hidden};
-    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++) maxel = DSI_MAX(maxel, dims[i]);
-    gen g = {c, seed, emit, ctx, malloc(maxel * 4), malloc(maxel * 2), malloc((maxel / 64 + 1024) * 4), maxel};
+    /* Every matrix generated, as [rows, cols]: the buffers must hold the
+     * largest one (and its scales), whatever the config's proportions. */
+    size_t shapes[][2] = {{c->vocab_size, c->hidden}, {c->dense_inter, c->hidden}, {c->hidden, c->dense_inter},
+                          {c->q_lora_rank, c->hidden}, {(size_t)H * qk, c->q_lora_rank}, {(size_t)H * qk, c->hidden},
+                          {c->kv_lora_rank + c->qk_rope_dim, c->hidden},
+                          {(size_t)H * (c->qk_nope_dim + c->v_head_dim), c->kv_lora_rank},
+                          {c->hidden, (size_t)H * c->v_head_dim}, {c->n_experts, c->hidden},
+                          {(size_t)c->moe_inter * DSI_MAX(1, c->n_shared_experts), c->hidden},
+                          {c->hidden, (size_t)c->moe_inter * DSI_MAX(1, c->n_shared_experts)}};
+    size_t maxel = 1, max_scales = 1;
+    size_t br = c->weight_block[0] > 0 ? c->weight_block[0] : 128, bc = c->weight_block[1] > 0 ? c->weight_block[1] : 128;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        maxel = DSI_MAX(maxel, shapes[i][0] * shapes[i][1]);
+        /* a fixed maxel/64 here overflowed for blocks smaller than 128x128 */
+        max_scales = DSI_MAX(max_scales, DSI_CEIL_DIV(shapes[i][0], br) * DSI_CEIL_DIV(shapes[i][1], bc));
+    }
+    gen g = {c, seed, emit, ctx, malloc(maxel * 4), malloc(maxel * 2), malloc(max_scales * 4), maxel};
     int rc = DSI_OK;
     if (!g.fbuf || !g.obuf || !g.sbuf) { rc = dsi_error(DSI_ENOMEM, "make-model: out of memory"); goto out; }
     char n[256];

@@ -44,6 +44,12 @@ static int bind_mat(const binder *b, const char *name, int rows, int cols, dsi_m
         char sname[512];
         snprintf(sname, sizeof sname, "%s_scale_inv", name);
         int br = b->cfg->weight_block[0], bc = b->cfg->weight_block[1];
+        if (br <= 0 || bc <= 0) /* a hand-built config without quantization_config */
+            return dsi_error(DSI_EFORMAT, "%s: tensor '%s' is F8_E4M3 but the config has no weight block size",
+                             t->file, name);
+        if (!dsi_st_find(b->set, sname))
+            return dsi_error(DSI_ENOTFOUND, "%s: tensor '%s' is F8_E4M3 but its scale '%s' is missing", t->file, name,
+                             sname);
         const dsi_tensor *s;
         rc = find_checked(b, sname, DSI_CEIL_DIV(rows, br), DSI_CEIL_DIV(cols, bc), &s);
         if (rc) return rc;
@@ -143,7 +149,7 @@ static int bind_layer(const binder *b, int l, dsi_layer *L) {
     int E = c->n_experts;
     B(bind_mat(b, NAME("model.layers.%d.mlp.gate.weight", l), E, c->hidden, &L->router));
     if (L->router.dtype == DSI_F8_E4M3) {
-        rc = dsi_error(DSI_EFORMAT, "tensor '%s': the router must not be FP8", n);
+        rc = dsi_error(DSI_EFORMAT, "%s: tensor '%s': the router must not be FP8", dsi_st_find(b->set, n)->file, n);
         goto fail;
     }
     B(bind_vec(b, NAME("model.layers.%d.mlp.gate.e_score_correction_bias", l), E, &L->router_bias));
@@ -170,6 +176,7 @@ fail:
 
 static uint64_t fingerprint(const dsi_model *m) {
     XXH3_state_t *st = XXH3_createState();
+    if (!st) return 0; /* out of memory: an identity that matches nothing cached */
     XXH3_64bits_reset(st);
     XXH3_64bits_update(st, &m->cfg, sizeof m->cfg);
     int n = dsi_st_count(m->set);
@@ -201,7 +208,11 @@ int dsi_model_from_set(const dsi_config *cfg, dsi_st_set *set, const char *name,
     m->layers = calloc(c->n_layers, sizeof(dsi_layer));
     if (!m->layers || !m->name) { rc = dsi_error(DSI_ENOMEM, "out of memory"); goto fail; }
     B(bind_mat(&b, "model.embed_tokens.weight", c->vocab_size, c->hidden, &m->embed));
-    if (m->embed.dtype == DSI_F8_E4M3) { rc = dsi_error(DSI_EFORMAT, "embeddings must not be FP8"); goto fail; }
+    if (m->embed.dtype == DSI_F8_E4M3) {
+        rc = dsi_error(DSI_EFORMAT, "%s: tensor 'model.embed_tokens.weight': embeddings must not be FP8",
+                       dsi_st_find(set, "model.embed_tokens.weight")->file);
+        goto fail;
+    }
     for (int l = 0; l < c->n_layers; l++) B(bind_layer(&b, l, &m->layers[l]));
     B(bind_vec(&b, "model.norm.weight", c->hidden, &m->final_norm));
     if (c->tie_word_embeddings) m->lm_head = m->embed;
@@ -226,11 +237,16 @@ int dsi_model_load(const char *dir, const dsi_load_opts *opts, dsi_model **out) 
     rc = dsi_st_open_dir(dir, &set);
     if (rc) return rc;
     size_t total = dsi_st_total_bytes(set);
-    int progress = opts ? opts->progress : total > (1ull << 30);
+    int progress = opts && opts->progress >= 0 ? opts->progress : total > (1ull << 30); /* -1: automatic */
     if (progress)
         fprintf(stderr, "dsinfer: %s: %d tensors, %.2f GB in %s\n", dir, dsi_st_count(set), total / 1e9,
                 cfg.fp8 ? "FP8 e4m3 (128x128 block scales)" : "BF16");
-    if (opts && opts->prefault) {
+    if (opts && opts->no_mmap) {
+        if (progress) fprintf(stderr, "dsinfer: copying weights into resident memory\n");
+        rc = dsi_st_make_resident(set, 1);
+        if (rc) { dsi_st_close(set); return rc; }
+    }
+    if (opts && opts->prefault && !opts->no_mmap) {
         /* Touch every page so the first forward pass does not pay the page faults. */
         volatile uint8_t sink = 0;
         size_t done = 0, next = 0;

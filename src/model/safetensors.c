@@ -62,9 +62,10 @@ static int table_rebuild(dsi_st_set *set) {
         size_t h = hash_str(set->tensors[i].name) & (size - 1);
         while (t[h] >= 0) {
             if (!strcmp(set->tensors[t[h]].name, set->tensors[i].name)) {
+                int first = t[h]; /* read before t is freed */
                 free(t);
                 return dsi_error(DSI_EFORMAT, "tensor '%s' appears twice (%s and %s)",
-                                 set->tensors[i].name, set->tensors[t[h]].file, set->tensors[i].file);
+                                 set->tensors[i].name, set->tensors[first].file, set->tensors[i].file);
             }
             h = (h + 1) & (size - 1);
         }
@@ -138,6 +139,30 @@ static int push_file(dsi_st_set *set, const char *path, const uint8_t *base, siz
 
 #define MAX_HEADER_BYTES (256u << 20)
 
+/* Offset of the first byte that breaks UTF-8 (overlong forms, surrogates and
+ * code points past U+10FFFF included), or n if [s, s+n) is valid. */
+static size_t utf8_invalid_at(const uint8_t *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = s[i];
+        if (c < 0x80) { i++; continue; }
+        size_t k;
+        uint32_t cp, min;
+        if ((c & 0xe0) == 0xc0) { k = 1; cp = c & 0x1f; min = 0x80; }
+        else if ((c & 0xf0) == 0xe0) { k = 2; cp = c & 0x0f; min = 0x800; }
+        else if ((c & 0xf8) == 0xf0) { k = 3; cp = c & 0x07; min = 0x10000; }
+        else return i;
+        if (n - i <= k) return i;
+        for (size_t j = 1; j <= k; j++) {
+            if ((s[i + j] & 0xc0) != 0x80) return i;
+            cp = (cp << 6) | (s[i + j] & 0x3f);
+        }
+        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return i;
+        i += k + 1;
+    }
+    return n;
+}
+
 /* Parses the header of files[fi] and appends its tensors. */
 static int parse_file(dsi_st_set *set, int fi) {
     const st_file *f = &set->files[fi];
@@ -150,11 +175,24 @@ static int parse_file(dsi_st_set *set, int fi) {
                          (unsigned long long)hlen, f->len);
     if (hlen > MAX_HEADER_BYTES || hlen < 2)
         return dsi_error(DSI_EFORMAT, "%s: implausible header length %llu", fname, (unsigned long long)hlen);
-    cJSON *root = cJSON_ParseWithLength((const char *)f->base + 8, (size_t)hlen);
+    /* The header is UTF-8 JSON (the format's rule): raw bytes would otherwise
+     * reach tensor names and every message that quotes them. */
+    size_t bad_at = utf8_invalid_at(f->base + 8, (size_t)hlen);
+    if (bad_at < hlen)
+        return dsi_error(DSI_EFORMAT, "%s: header is not valid UTF-8 (byte %zu)", fname, bad_at + 8);
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts((const char *)f->base + 8, (size_t)hlen, &end, 0);
     if (!root || !cJSON_IsObject(root)) {
         cJSON_Delete(root);
         return dsi_error(DSI_EFORMAT, "%s: header is not a JSON object", fname);
     }
+    /* only whitespace padding may follow the object (as the reference reader demands) */
+    for (const char *p = end; p < (const char *)f->base + 8 + hlen; p++)
+        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
+            cJSON_Delete(root);
+            return dsi_error(DSI_EFORMAT, "%s: junk after the header's JSON object (byte %zu)", fname,
+                             (size_t)(p - (const char *)f->base));
+        }
     const uint8_t *data = f->base + 8 + hlen;
     size_t data_len = f->len - 8 - hlen;
     int rc = DSI_OK;
@@ -231,7 +269,9 @@ int dsi_st_open_memory(const void *buf, size_t len, const char *name, dsi_st_set
 }
 
 static int map_file(dsi_st_set *set, const char *path) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO named *.safetensors would otherwise wait
+     * forever for a writer; the regular-file check below then rejects it */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return dsi_error(errno == ENOENT ? DSI_ENOTFOUND : DSI_EIO, "%s: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -288,6 +328,11 @@ int dsi_st_open_dir(const char *dir, dsi_st_set **out) {
     int rc = DSI_OK;
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     size_t ilen = 0;
+    struct stat ist;
+    if (stat(path, &ist) == 0 && !S_ISREG(ist.st_mode)) { /* a FIFO would block fopen */
+        dsi_st_close(set);
+        return dsi_error(DSI_EIO, "%s: not a regular file", path);
+    }
     char *index = read_small_file(path, 64u << 20, &ilen);
     cJSON *iroot = NULL;
     if (index) {
@@ -345,16 +390,22 @@ int dsi_st_open_dir(const char *dir, dsi_st_set **out) {
             char **names = NULL;
             int nn = 0, cap = 0;
             struct dirent *de;
-            while ((de = readdir(d))) {
+            while ((de = readdir(d)) && rc == DSI_OK) {
                 size_t l = strlen(de->d_name);
                 if (l > 12 && !strcmp(de->d_name + l - 12, ".safetensors")) {
-                    if (nn == cap) { cap = cap ? cap * 2 : 16; names = realloc(names, cap * sizeof *names); }
-                    names[nn++] = strdup(de->d_name);
+                    if (nn == cap) {
+                        char **g = realloc(names, (cap ? cap * 2 : 16) * sizeof *names);
+                        if (!g) { rc = dsi_error(DSI_ENOMEM, "out of memory"); break; }
+                        names = g;
+                        cap = cap ? cap * 2 : 16;
+                    }
+                    if (!(names[nn] = strdup(de->d_name))) { rc = dsi_error(DSI_ENOMEM, "out of memory"); break; }
+                    nn++;
                 }
             }
             closedir(d);
-            if (nn == 0) rc = dsi_error(DSI_ENOTFOUND, "%s: no .safetensors files", dir);
-            qsort(names, nn, sizeof(char *), cmp_str);
+            if (nn == 0 && rc == DSI_OK) rc = dsi_error(DSI_ENOTFOUND, "%s: no .safetensors files", dir);
+            if (nn > 0) qsort(names, nn, sizeof(char *), cmp_str); /* qsort(NULL, 0) is undefined */
             for (int i = 0; i < nn; i++) {
                 if (rc == DSI_OK) {
                     snprintf(path, sizeof path, "%s/%s", dir, names[i]);
@@ -403,7 +454,18 @@ void dsi_st_writer_destroy(dsi_st_writer *w) {
 
 int dsi_st_writer_add(dsi_st_writer *w, const char *name, dsi_dtype dtype, int n_dims, const int64_t *shape,
                       const void *data) {
+    if (!name) return dsi_error(DSI_EINVAL, "tensor without a name");
     if (n_dims < 0 || n_dims > DSI_MAX_DIMS) return dsi_error(DSI_EINVAL, "%s: bad rank %d", name, n_dims);
+    if ((unsigned)dtype >= DSI_DTYPE_COUNT) return dsi_error(DSI_EINVAL, "%s: bad dtype %d", name, (int)dtype);
+    /* a negative or overflowing shape would otherwise wrap the byte count and
+     * write a header that no reader accepts (or copy past `data`) */
+    unsigned __int128 check = dsi_dtype_size(dtype);
+    for (int d = 0; d < n_dims; d++) {
+        if (shape[d] < 0) return dsi_error(DSI_EINVAL, "%s: negative dimension %lld", name, (long long)shape[d]);
+        check *= (uint64_t)shape[d];
+        if (check > ((unsigned __int128)1 << 62)) return dsi_error(DSI_EINVAL, "%s: tensor too large", name);
+    }
+    if (check && !data) return dsi_error(DSI_EINVAL, "%s: no data", name);
     if (w->n == w->cap) {
         int cap = w->cap ? w->cap * 2 : 64;
         w_entry *n = realloc(w->e, cap * sizeof *n);
@@ -421,7 +483,7 @@ int dsi_st_writer_add(dsi_st_writer *w, const char *name, dsi_dtype dtype, int n
     e->name = strdup(name);
     e->data = malloc(e->size ? e->size : 1);
     if (!e->name || !e->data) { free(e->name); free(e->data); return dsi_error(DSI_ENOMEM, "out of memory"); }
-    memcpy(e->data, data, e->size);
+    if (e->size) memcpy(e->data, data, e->size); /* data may be NULL for an empty tensor */
     w->bytes += e->size;
     w->n++;
     return DSI_OK;
@@ -495,6 +557,33 @@ int dsi_st_writer_save(const dsi_st_writer *w, const char *path) {
         int e = errno;
         unlink(tmp);
         return dsi_error(DSI_EIO, "%s: write failed: %s", path, strerror(e));
+    }
+    return DSI_OK;
+}
+
+/* ------------------------------------------------------- resident copies */
+
+int dsi_st_make_resident(dsi_st_set *set, int huge_pages) {
+    for (int f = 0; f < set->n_files; f++) {
+        st_file *sf = &set->files[f];
+        if (!sf->mapped || sf->len == 0) continue;
+        void *mem = mmap(NULL, sf->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED)
+            return dsi_error(DSI_ENOMEM, "%s: cannot allocate %zu bytes for a resident copy", sf->path, sf->len);
+        if (huge_pages) madvise(mem, sf->len, MADV_HUGEPAGE);
+        memcpy(mem, sf->base, sf->len);
+        mprotect(mem, sf->len, PROT_READ);
+        ptrdiff_t delta = (const uint8_t *)mem - sf->base;
+        for (int i = 0; i < set->n_tensors; i++)
+            if (set->tensors[i].file == sf->path) set->tensors[i].data = (const uint8_t *)set->tensors[i].data + delta;
+        /* the page-cache copy is no longer needed: let the kernel drop it */
+        int fd = open(sf->path, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+            close(fd);
+        }
+        munmap((void *)sf->base, sf->len);
+        sf->base = mem;
     }
     return DSI_OK;
 }

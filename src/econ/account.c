@@ -1,0 +1,375 @@
+/* The live account: billable tokens by model and class, revenue at the price
+ * frozen at admission, GPU time following scale up/down, a Prometheus view and
+ * an append-only journal that `dsinfer report` sums over any period.
+ *
+ * One mutex guards everything: a bill is a handful of additions, far cheaper
+ * than the request it accounts for, so contention is not a concern. */
+#include "econ/pricing_impl.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct acct_model {
+    uint64_t tokens[DSI_TOK_N];
+    uint64_t paid_tokens[DSI_TOK_N];
+    double revenue[DSI_TOK_N];
+    uint64_t requests;
+} acct_model;
+
+struct dsi_account {
+    const dsi_pricing *pricing; /* borrowed */
+    pthread_mutex_t mu;
+    acct_model *models;         /* [n_models] */
+    int gpus;
+    double gpu_since;           /* time of the last GPU count change, NAN before the first */
+    double gpu_seconds;         /* accrued up to gpu_since */
+    double gpu_cost;            /* accrued up to gpu_since */
+    FILE *journal;              /* owned, may be NULL */
+};
+
+static void journal_line(dsi_account *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void journal_line(dsi_account *a, const char *fmt, ...) {
+    if (!a->journal) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(a->journal, fmt, ap);
+    va_end(ap);
+    fputc('\n', a->journal);
+    fflush(a->journal);
+}
+
+int dsi_account_create(const dsi_pricing *pricing, const char *journal_path, dsi_account **out) {
+    if (!pricing || !out) return dsi_error(DSI_EINVAL, "account: NULL argument");
+    *out = NULL;
+    dsi_account *a = calloc(1, sizeof *a);
+    if (!a) return dsi_error(DSI_ENOMEM, "out of memory");
+    a->models = calloc(pricing->n_models, sizeof *a->models);
+    if (!a->models) {
+        free(a);
+        return dsi_error(DSI_ENOMEM, "out of memory");
+    }
+    a->pricing = pricing;
+    a->gpu_since = NAN;
+    pthread_mutex_init(&a->mu, NULL);
+    if (journal_path) {
+        a->journal = fopen(journal_path, "a");
+        if (!a->journal) {
+            int e = errno;
+            dsi_account_destroy(a);
+            return dsi_error(DSI_EIO, "%s: cannot open journal: %s", journal_path, strerror(e));
+        }
+    }
+    *out = a;
+    return DSI_OK;
+}
+
+void dsi_account_destroy(dsi_account *a) {
+    if (!a) return;
+    if (a->journal) fclose(a->journal);
+    pthread_mutex_destroy(&a->mu);
+    free(a->models);
+    free(a);
+}
+
+/* GPU time since the last change, at the current count; caller holds mu. */
+static void accrue(dsi_account *a, double now, double *secs, double *cost) {
+    *secs = a->gpu_seconds;
+    *cost = a->gpu_cost;
+    if (isnan(a->gpu_since) || now <= a->gpu_since) return;
+    double dt = now - a->gpu_since;
+    *secs += dt * a->gpus;
+    *cost += dt * a->gpus * a->pricing->gpu_cost_per_hour / 3600.0;
+}
+
+int dsi_account_set_gpus(dsi_account *a, double now, int n_gpus) {
+    if (!a || n_gpus < 0 || !isfinite(now)) return dsi_error(DSI_EINVAL, "account: bad GPU count or time");
+    pthread_mutex_lock(&a->mu);
+    if (!isnan(a->gpu_since) && now < a->gpu_since) now = a->gpu_since;
+    accrue(a, now, &a->gpu_seconds, &a->gpu_cost);
+    a->gpus = n_gpus;
+    a->gpu_since = now;
+    journal_line(a, "{\"ev\":\"gpus\",\"t\":%.3f,\"gpus\":%d,\"usd_per_gpu_hour\":%.10g}", now, n_gpus,
+                 a->pricing->gpu_cost_per_hour);
+    pthread_mutex_unlock(&a->mu);
+    return DSI_OK;
+}
+
+int dsi_account_checkpoint(dsi_account *a, double now) {
+    if (!a || !isfinite(now)) return dsi_error(DSI_EINVAL, "account: bad argument");
+    pthread_mutex_lock(&a->mu);
+    if (!isnan(a->gpu_since) && now < a->gpu_since) now = a->gpu_since;
+    journal_line(a, "{\"ev\":\"tick\",\"t\":%.3f,\"gpus\":%d,\"usd_per_gpu_hour\":%.10g}", now, a->gpus,
+                 a->pricing->gpu_cost_per_hour);
+    pthread_mutex_unlock(&a->mu);
+    return DSI_OK;
+}
+
+int dsi_account_bill(dsi_account *a, const dsi_price_quote *q, double now, uint64_t hit, uint64_t miss, uint64_t out,
+                     int paying, double *usd_out) {
+    if (usd_out) *usd_out = 0;
+    if (!a || !q) return dsi_error(DSI_EINVAL, "account: NULL argument");
+    if (q->model < 0 || q->model >= a->pricing->n_models || strcmp(q->model_name, a->pricing->models[q->model].name))
+        return dsi_error(DSI_EINVAL, "account: quote is not from this pricing file");
+    const uint64_t lim = (uint64_t)1 << 40; /* a trillion tokens in one request is a bug */
+    if (hit > lim || miss > lim || out > lim) return dsi_error(DSI_ERANGE, "account: absurd token count");
+    for (int c = 0; c < DSI_TOK_N; c++)
+        if (!isfinite(q->usd_per_mtok[c]) || q->usd_per_mtok[c] < 0)
+            return dsi_error(DSI_EINVAL, "account: quote has a bad price");
+    uint64_t tok[DSI_TOK_N] = {hit, miss, out};
+    double usd[DSI_TOK_N], total = 0;
+    for (int c = 0; c < DSI_TOK_N; c++) {
+        usd[c] = paying ? (double)tok[c] * q->usd_per_mtok[c] / 1e6 : 0.0;
+        total += usd[c];
+    }
+    pthread_mutex_lock(&a->mu);
+    acct_model *m = &a->models[q->model];
+    for (int c = 0; c < DSI_TOK_N; c++) {
+        m->tokens[c] += tok[c];
+        if (paying) m->paid_tokens[c] += tok[c];
+        m->revenue[c] += usd[c];
+    }
+    m->requests++;
+    journal_line(a,
+                 "{\"ev\":\"bill\",\"t\":%.3f,\"admitted\":%.3f,\"model\":\"%s\",\"paying\":%d,"
+                 "\"tokens\":[%llu,%llu,%llu],\"usd_per_mtok\":[%.10g,%.10g,%.10g],\"usd\":%.12g}",
+                 now, q->quoted_at, q->model_name, paying ? 1 : 0,
+                 (unsigned long long)hit, (unsigned long long)miss, (unsigned long long)out, q->usd_per_mtok[0],
+                 q->usd_per_mtok[1], q->usd_per_mtok[2], total);
+    pthread_mutex_unlock(&a->mu);
+    if (usd_out) *usd_out = total;
+    return DSI_OK;
+}
+
+int dsi_account_totals_get(dsi_account *a, double now, dsi_account_totals *t) {
+    if (!a || !t) return dsi_error(DSI_EINVAL, "account: NULL argument");
+    memset(t, 0, sizeof *t);
+    pthread_mutex_lock(&a->mu);
+    for (int i = 0; i < a->pricing->n_models; i++) {
+        const acct_model *m = &a->models[i];
+        for (int c = 0; c < DSI_TOK_N; c++) {
+            t->tokens[c] += m->tokens[c];
+            t->paid_tokens[c] += m->paid_tokens[c];
+            t->revenue_usd[c] += m->revenue[c];
+            t->revenue_total_usd += m->revenue[c];
+        }
+        t->requests += m->requests;
+    }
+    double secs, cost;
+    accrue(a, now, &secs, &cost);
+    t->gpu_hours = secs / 3600.0;
+    t->gpu_cost_usd = cost;
+    t->gpus = a->gpus;
+    pthread_mutex_unlock(&a->mu);
+    return DSI_OK;
+}
+
+typedef struct {
+    char *buf;
+    size_t cap, len;
+    int overflow;
+} mbuf;
+
+static void mb_printf(mbuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void mb_printf(mbuf *s, const char *fmt, ...) {
+    if (s->overflow) return;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(s->buf + s->len, s->cap - s->len, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= s->cap - s->len) {
+        s->overflow = 1;
+        return;
+    }
+    s->len += n;
+}
+
+/* Prometheus label values escape backslash, quote and newline. */
+static void mb_label(mbuf *s, const char *v) {
+    for (const char *c = v; *c; c++) {
+        if (*c == '\\') mb_printf(s, "\\\\");
+        else if (*c == '"') mb_printf(s, "\\\"");
+        else if (*c == '\n') mb_printf(s, "\\n");
+        else mb_printf(s, "%c", *c);
+    }
+}
+
+int dsi_account_write_metrics(dsi_account *a, double now, char *buf, size_t cap) {
+    if (!a || !buf || cap == 0) return dsi_error(DSI_EINVAL, "account: NULL argument");
+    mbuf s = {buf, cap, 0, 0};
+    const dsi_pricing *p = a->pricing;
+    pthread_mutex_lock(&a->mu);
+    mb_printf(&s, "# HELP dsinfer_tokens_total Tokens served, by model and billing class (paying or not).\n"
+                  "# TYPE dsinfer_tokens_total counter\n");
+    for (int i = 0; i < p->n_models; i++)
+        for (int c = 0; c < DSI_TOK_N; c++) {
+            mb_printf(&s, "dsinfer_tokens_total{model=\"");
+            mb_label(&s, p->models[i].name);
+            mb_printf(&s, "\",class=\"%s\"} %llu\n", dsi_token_class_name(c),
+                      (unsigned long long)a->models[i].tokens[c]);
+        }
+    mb_printf(&s, "# HELP dsinfer_paid_tokens_total Tokens billed to paying customers.\n"
+                  "# TYPE dsinfer_paid_tokens_total counter\n");
+    for (int i = 0; i < p->n_models; i++)
+        for (int c = 0; c < DSI_TOK_N; c++) {
+            mb_printf(&s, "dsinfer_paid_tokens_total{model=\"");
+            mb_label(&s, p->models[i].name);
+            mb_printf(&s, "\",class=\"%s\"} %llu\n", dsi_token_class_name(c),
+                      (unsigned long long)a->models[i].paid_tokens[c]);
+        }
+    mb_printf(&s, "# HELP dsinfer_revenue_usd_total Revenue at admission-time prices.\n"
+                  "# TYPE dsinfer_revenue_usd_total counter\n");
+    double rev = 0;
+    for (int i = 0; i < p->n_models; i++) {
+        for (int c = 0; c < DSI_TOK_N; c++) {
+            mb_printf(&s, "dsinfer_revenue_usd_total{model=\"");
+            mb_label(&s, p->models[i].name);
+            mb_printf(&s, "\",class=\"%s\"} %.6f\n", dsi_token_class_name(c), a->models[i].revenue[c]);
+            rev += a->models[i].revenue[c];
+        }
+    }
+    mb_printf(&s, "# HELP dsinfer_billed_requests_total Requests billed.\n"
+                  "# TYPE dsinfer_billed_requests_total counter\n");
+    for (int i = 0; i < p->n_models; i++) {
+        mb_printf(&s, "dsinfer_billed_requests_total{model=\"");
+        mb_label(&s, p->models[i].name);
+        mb_printf(&s, "\"} %llu\n", (unsigned long long)a->models[i].requests);
+    }
+    double secs, cost;
+    accrue(a, now, &secs, &cost);
+    mb_printf(&s,
+              "# HELP dsinfer_gpus GPUs currently provisioned (all instances).\n# TYPE dsinfer_gpus gauge\n"
+              "dsinfer_gpus %d\n"
+              "# HELP dsinfer_gpu_seconds_total GPU time provisioned (GPU-seconds).\n"
+              "# TYPE dsinfer_gpu_seconds_total counter\n"
+              "dsinfer_gpu_seconds_total %.3f\n"
+              "# HELP dsinfer_gpu_cost_usd_total GPU cost at the pricing file's hourly rate.\n"
+              "# TYPE dsinfer_gpu_cost_usd_total counter\n"
+              "dsinfer_gpu_cost_usd_total %.6f\n"
+              "# HELP dsinfer_cost_profit_margin (revenue - cost) / cost since start.\n"
+              "# TYPE dsinfer_cost_profit_margin gauge\n"
+              "dsinfer_cost_profit_margin %.6f\n",
+              a->gpus, secs, cost, cost > 0 ? (rev - cost) / cost : 0.0);
+    pthread_mutex_unlock(&a->mu);
+    if (s.overflow) return dsi_error(DSI_ERANGE, "metrics: output buffer of %zu bytes too small", cap);
+    return (int)s.len;
+}
+
+/* ---- reports ---------------------------------------------------------------------------- */
+
+typedef struct gpu_ev {
+    double t;
+    int gpus;
+    double usd_per_gpu_hour;
+} gpu_ev;
+
+static int cmp_ev(const void *a, const void *b) {
+    double x = ((const gpu_ev *)a)->t, y = ((const gpu_ev *)b)->t;
+    return x < y ? -1 : x > y;
+}
+
+static double num(const cJSON *o, const char *k, double dflt) {
+    const cJSON *it = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(it) && isfinite(it->valuedouble) ? it->valuedouble : dflt;
+}
+
+int dsi_econ_report_journal(const char *path, double from, double to, dsi_econ_report *r) {
+    if (!path || !r) return dsi_error(DSI_EINVAL, "report: NULL argument");
+    if (!(from < to)) return dsi_error(DSI_EINVAL, "report: the period is empty (from must be before to)");
+    memset(r, 0, sizeof *r);
+    FILE *f = fopen(path, "r");
+    if (!f) return dsi_error(DSI_EIO, "%s: cannot open journal: %s", path, strerror(errno));
+    gpu_ev *ev = NULL;
+    size_t n_ev = 0, cap_ev = 0;
+    double first = INFINITY, last = -INFINITY;
+    char *line = NULL;
+    size_t lcap = 0;
+    ssize_t len;
+    int rc = DSI_OK;
+    while ((len = getline(&line, &lcap, f)) >= 0) {
+        if (len <= 1) continue;
+        cJSON *o = cJSON_Parse(line);
+        const cJSON *evn = o ? cJSON_GetObjectItemCaseSensitive(o, "ev") : NULL;
+        double t = o ? num(o, "t", NAN) : NAN;
+        if (!cJSON_IsString(evn) || isnan(t)) {
+            r->bad_lines++;
+            cJSON_Delete(o);
+            continue;
+        }
+        if (t < first) first = t;
+        if (t > last) last = t;
+        if (!strcmp(evn->valuestring, "bill")) {
+            const cJSON *tok = cJSON_GetObjectItemCaseSensitive(o, "tokens");
+            double usd = num(o, "usd", NAN);
+            int ok_tok = cJSON_IsArray(tok) && cJSON_GetArraySize(tok) == DSI_TOK_N;
+            for (int c = 0; ok_tok && c < DSI_TOK_N; c++) {
+                const cJSON *x = cJSON_GetArrayItem(tok, c);
+                ok_tok = cJSON_IsNumber(x) && x->valuedouble >= 0 && x->valuedouble < 1e15;
+            }
+            if (!ok_tok || isnan(usd) || usd < 0 || usd > 1e12) {
+                r->bad_lines++;
+            } else if (t >= from && t < to) {
+                int paying = num(o, "paying", 1) != 0;
+                for (int c = 0; c < DSI_TOK_N; c++) {
+                    double v = cJSON_GetArrayItem(tok, c)->valuedouble;
+                    r->tokens[c] += (uint64_t)v;
+                    if (paying) r->paid_tokens[c] += (uint64_t)v;
+                }
+                r->revenue_usd += usd;
+                r->requests++;
+            }
+        } else if (!strcmp(evn->valuestring, "gpus") || !strcmp(evn->valuestring, "tick")) {
+            double g = num(o, "gpus", -1), price = num(o, "usd_per_gpu_hour", -1);
+            if (g < 0 || g > 1e7 || price < 0 || price > 1e4) {
+                r->bad_lines++;
+            } else {
+                if (n_ev == cap_ev) {
+                    cap_ev = cap_ev ? cap_ev * 2 : 256;
+                    gpu_ev *ne = realloc(ev, cap_ev * sizeof *ev);
+                    if (!ne) {
+                        cJSON_Delete(o);
+                        rc = dsi_error(DSI_ENOMEM, "out of memory");
+                        break;
+                    }
+                    ev = ne;
+                }
+                ev[n_ev++] = (gpu_ev){t, (int)g, price};
+            }
+        } else {
+            r->bad_lines++;
+        }
+        cJSON_Delete(o);
+    }
+    free(line);
+    fclose(f);
+    if (rc) {
+        free(ev);
+        return rc;
+    }
+    /* The GPU count is a step function from each event to the next; the last
+     * event's count holds until the journal's last line. */
+    qsort(ev, n_ev, sizeof *ev, cmp_ev);
+    double secs = 0, cost = 0;
+    for (size_t i = 0; i < n_ev; i++) {
+        double a = ev[i].t, b = i + 1 < n_ev ? ev[i + 1].t : last;
+        if (a < from) a = from;
+        if (b > to) b = to;
+        if (b > a) {
+            secs += (b - a) * ev[i].gpus;
+            cost += (b - a) * ev[i].gpus * ev[i].usd_per_gpu_hour / 3600.0;
+        }
+    }
+    free(ev);
+    r->from = fmax(from, first);
+    r->to = fmin(to, last);
+    if (!(r->from <= r->to)) r->from = r->to = isfinite(first) ? first : 0;
+    r->gpu_hours = secs / 3600.0;
+    r->cost_usd = cost;
+    r->margin = cost > 0 ? (r->revenue_usd - cost) / cost : 0;
+    return DSI_OK;
+}
+

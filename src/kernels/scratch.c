@@ -1,0 +1,41 @@
+/* Per-thread kernel scratch (scaled activation tiles, packed panels), grown on
+ * demand and freed when the thread exits (pthread key destructor). */
+#include "kernels/kernels.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+#define SLOTS 4
+
+typedef struct tls_bufs {
+    void *p[SLOTS];
+    size_t cap[SLOTS];
+} tls_bufs;
+
+static pthread_key_t g_key;
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+static void free_bufs(void *v) {
+    tls_bufs *b = v;
+    for (int i = 0; i < SLOTS; i++) free(b->p[i]);
+    free(b);
+}
+
+static void make_key(void) { pthread_key_create(&g_key, free_bufs); }
+
+void *dsi__tls_buffer(int slot, size_t bytes) {
+    if (slot < 0 || slot >= SLOTS) return NULL;
+    pthread_once(&g_once, make_key);
+    tls_bufs *b = pthread_getspecific(g_key);
+    if (!b) {
+        if (!(b = calloc(1, sizeof *b))) return NULL;
+        pthread_setspecific(g_key, b);
+    }
+    if (bytes > b->cap[slot]) {
+        free(b->p[slot]);
+        size_t rounded = (bytes + 63) & ~(size_t)63;
+        b->p[slot] = aligned_alloc(64, rounded);
+        b->cap[slot] = b->p[slot] ? rounded : 0;
+    }
+    return b->p[slot];
+}
