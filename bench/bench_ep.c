@@ -109,6 +109,13 @@ static void report(const char *name, const dsi_config *c, int tokens, const run_
            ov->step_s * 1e3, no->step_s * 1e3, comp * 1e3, ov->compute_only_s * 1e3, tokens);
     printf("    overlap / compute-only = %.2f, no-overlap / compute-only = %.2f, overlap / no-overlap = %.2f\n",
            ov->step_s / ov->compute_only_s, no->step_s / comp, ov->step_s / no->step_s);
+    double wa = 0, ca = 0, wb = 0, cb = 0;
+    for (int l = 0; l < c->n_layers; l++)
+        wa += ov->layers[l].compute_s, ca += ov->layers[l].compute_cpu_s, wb += no->layers[l].compute_s,
+            cb += no->layers[l].compute_cpu_s;
+    printf("    compute wall / CPU time: overlap run %.2f, no-overlap run %.2f (above 1: ranks were descheduled;\n"
+           "    this machine's cores are shared, which inflates whichever run computes on both ranks at once)\n",
+           ca > 0 ? wa / ca : 0, cb > 0 ? wb / cb : 0);
     printf("    communication exposed: %.1f ms with overlap vs %.1f ms without: the overlap hides %.0f%%\n",
            exp_ov * 1e3, exp_no * 1e3, exp_no > 0 ? (1 - exp_ov / exp_no) * 100 : 0.0);
 }

@@ -57,7 +57,8 @@ typedef struct dsi_ep_opts {
 /* Per layer figures accumulated since the last reset (seconds, summed over
  * steps, this rank). */
 typedef struct dsi_ep_layer_stats {
-    double compute_s;        /* stages run on this rank's cores */
+    double compute_s;        /* stages run on this rank's cores (wall) */
+    double compute_cpu_s;    /* the same in the calling thread's CPU time (wall above it: descheduled) */
     double dispatch_s;       /* dispatch post to completion, summed over micro-batches */
     double combine_s;        /* combine post to completion */
     double wait_s;           /* idle: nothing to compute, waiting for a transfer */

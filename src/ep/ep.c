@@ -402,12 +402,18 @@ static int next_layer(dsi_ep *ep, ep_ub *b) {
     return DSI_OK;
 }
 
+static double thread_cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 /* Runs the next stage of micro-batch u. */
 static int run_stage(dsi_ep *ep, int u) {
     ep_ub *b = &ep->ub[u];
     dsi_engine *e = ep->e;
     int l = b->layer, moe = e->m->layers[l].is_moe, rc = DSI_OK;
-    double t0 = dsi_now();
+    double t0 = dsi_now(), c0 = thread_cpu_s();
     make_current(ep, u);
     switch (b->stage) {
     case ST_A0:
@@ -423,8 +429,9 @@ static int run_stage(dsi_ep *ep, int u) {
         if (rc == DSI_OK && moe) rc = dsi__ep_dispatch_post(ep, u, l);
         if (rc == DSI_OK && moe && ep->o.no_overlap) {
             ep->st[l].compute_s += dsi_now() - t0;
+            ep->st[l].compute_cpu_s += thread_cpu_s() - c0;
             rc = wait_xchg(ep, &b->disp, l);
-            t0 = dsi_now();
+            t0 = dsi_now(), c0 = thread_cpu_s();
         }
         b->stage = ST_SHARED;
         break;
@@ -437,8 +444,9 @@ static int run_stage(dsi_ep *ep, int u) {
         rc = dsi__ep_mlp_and_combine(ep, u, l);
         if (rc == DSI_OK && ep->o.no_overlap) {
             ep->st[l].compute_s += dsi_now() - t0;
+            ep->st[l].compute_cpu_s += thread_cpu_s() - c0;
             rc = wait_xchg(ep, &b->comb, l);
-            t0 = dsi_now();
+            t0 = dsi_now(), c0 = thread_cpu_s();
         }
         b->stage = ST_DONE;
         break;
@@ -449,6 +457,7 @@ static int run_stage(dsi_ep *ep, int u) {
         break;
     }
     ep->st[l].compute_s += dsi_now() - t0;
+    ep->st[l].compute_cpu_s += thread_cpu_s() - c0;
     return rc;
 }
 
