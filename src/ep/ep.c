@@ -166,7 +166,7 @@ void dsi_ep_destroy(dsi_ep *ep) {
     dsi_eplb_placement_free(&ep->pl);
     dsi_eplb_stats_destroy(ep->eplb);
     free(ep->moe_index); free(ep->rr); free(ep->slot_count); free(ep->slot_off); free(ep->pair_row);
-    free(ep->pair_w); free(ep->tmp_row); free(ep->st); free(ep->rows_pairs);
+    free(ep->pair_w); free(ep->tmp_row); free(ep->st); free(ep->rows_pairs); free(ep->hdr_all); free(ep->hdr_rq);
     dsi_free(ep->acc); dsi_free(ep->ex); dsi_free(ep->h1); dsi_free(ep->h2);
     free(ep);
 }
@@ -247,10 +247,12 @@ int dsi_ep_create(dsi_engine *e, const dsi_ep_opts *opts, dsi_ep **out) {
     ep->pair_row = malloc(sizeof(int) * rows * K);
     ep->pair_w = malloc(sizeof(float) * rows * K);
     ep->tmp_row = malloc(ep->row_bytes);
+    ep->hdr_all = malloc(sizeof(int) * 3 * P);
+    ep->hdr_rq = malloc(sizeof(int) * 2 * P);
     ep->st = calloc(c->n_layers, sizeof(dsi_ep_layer_stats));
     ep->rows_pairs = calloc(ep->n_moe, sizeof(double));
     if (!ep->rr || !ep->acc || !ep->ex || !ep->h1 || !ep->h2 || !ep->slot_count || !ep->slot_off || !ep->pair_row ||
-        !ep->pair_w || !ep->tmp_row || !ep->st || !ep->rows_pairs || ub_alloc(ep, &ep->ub[0]) ||
+        !ep->pair_w || !ep->tmp_row || !ep->hdr_all || !ep->hdr_rq || !ep->st || !ep->rows_pairs || ub_alloc(ep, &ep->ub[0]) ||
         ub_alloc(ep, &ep->ub[1])) {
         dsi_ep_destroy(ep);
         return dsi_error(DSI_ENOMEM, "ep: cannot allocate buffers for %d ranks x %d tokens", P, Tm);
@@ -307,8 +309,7 @@ static void split_batch(dsi_ep *ep, const dsi_seq_step *seqs, int n_seqs, int ov
 static int exchange_header(dsi_ep *ep, int idle, int *all_idle) {
     int P = ep->P, me = ep->rank;
     int mine[3] = {ep->ub[0].T, ep->ub[1].T, idle};
-    int *all = malloc(sizeof(int) * 3 * P), *rq = malloc(sizeof(int) * 2 * P);
-    if (!all || !rq) { free(all); free(rq); return dsi_error(DSI_ENOMEM, "out of memory"); }
+    int *all = ep->hdr_all, *rq = ep->hdr_rq;
     int rc = DSI_OK, pending = 0;
     for (int i = 0; i < 2 * P; i++) rq[i] = -1;
     memcpy(all + 3 * me, mine, sizeof mine);
@@ -353,8 +354,6 @@ static int exchange_header(dsi_ep *ep, int idle, int *all_idle) {
         for (int p = 0; p < P; p++) idle_all &= all[3 * p + 2] != 0;
         *all_idle = idle_all;
     }
-    free(all);
-    free(rq);
     return rc;
 }
 

@@ -65,6 +65,7 @@ struct dsi_ep {
     int *pair_row;         /* [P*Tm*K] received row of each (row, slot) pair, grouped by slot */
     float *pair_w;         /* [P*Tm*K] */
     uint8_t *tmp_row;      /* [row_bytes] */
+    int *hdr_all, *hdr_rq; /* step header: [P][3] received, [2P] requests */
     int err;               /* first error of the step (reported after it) */
     int fault_layer, fault_mode; /* DSI_EP_FAULT test hook: 1 exit, 2 hang */
     dsi_ep_layer_stats *st;/* [n_layers] */
