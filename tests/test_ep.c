@@ -290,8 +290,10 @@ static int err_has(const char *frag) {
     return system(cmd) == 0;
 }
 
-/* Rank 1 exits, then hangs, at layer 2: the group exits non-zero (not the
- * 124 of the 60 s guard) and says why. */
+/* Rank 1 exits at layer 2, rank 2 of 4 is killed at layer 1, rank 1 hangs
+ * at layer 2: each time the group exits non-zero (not the 124 of the 60 s
+ * guard) and says why (mpirun reports a rank that exited or was killed; a
+ * hung rank is named by the others' timeout). */
 static void test_rank_failure(void **state) {
     NEED_MPI();
     int rc = run("DSI_EP_FAULT=1:2:exit %s 2 %s --model %s --ids '%s' --out %s/x.bin", MPIRUN, DSI, model(1), g_ids[0],
@@ -299,6 +301,10 @@ static void test_rank_failure(void **state) {
     printf("  rank 1 exits: group exit %d\n", rc);
     assert_true(rc != 0 && rc != 124);
     assert_true(err_has("injected fault") && err_has("exit"));
+    rc = run("DSI_EP_FAULT=2:1:kill %s 4 %s --model %s --ids '%s' --out %s/x.bin", MPIRUN, DSI, model(0), g_ids[0], g_tmp);
+    printf("  rank 2 killed (SIGKILL): group exit %d\n", rc);
+    assert_true(rc != 0 && rc != 124);
+    assert_true(err_has("injected fault") && err_has("signal"));
     rc = run("DSI_EP_FAULT=1:2:hang %s 4 %s --model %s --ids '%s' --out %s/x.bin --ep-timeout-ms 1500", MPIRUN, DSI,
              model(1), g_ids[0], g_tmp);
     printf("  rank 1 hangs: group exit %d\n", rc);

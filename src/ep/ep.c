@@ -18,6 +18,7 @@
 
 #include <cjson/cJSON.h>
 #include <mpi.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -174,13 +175,13 @@ void dsi_ep_destroy(dsi_ep *ep) {
 static void poll_hook(void *ctx) { dsi__ep_poll(ctx); }
 
 static void parse_fault(dsi_ep *ep) {
-    /* DSI_EP_FAULT=RANK:LAYER:exit|hang makes one rank fail at a layer (tests) */
+    /* DSI_EP_FAULT=RANK:LAYER:exit|hang|kill makes one rank fail at a layer (tests) */
     const char *f = getenv("DSI_EP_FAULT");
     int r, l;
     char mode[16];
     if (!f || sscanf(f, "%d:%d:%15s", &r, &l, mode) != 3 || r != ep->rank) return;
     ep->fault_layer = l;
-    ep->fault_mode = !strcmp(mode, "exit") ? 1 : !strcmp(mode, "hang") ? 2 : 0;
+    ep->fault_mode = !strcmp(mode, "exit") ? 1 : !strcmp(mode, "hang") ? 2 : !strcmp(mode, "kill") ? 3 : 0;
 }
 
 int dsi_ep_create(dsi_engine *e, const dsi_ep_opts *opts, dsi_ep **out) {
@@ -375,9 +376,10 @@ static int runnable(dsi_ep *ep, int u) {
 
 static void fault(dsi_ep *ep, int layer) {
     if (ep->fault_mode == 0 || layer != ep->fault_layer) return;
-    fprintf(stderr, "dsinfer: ep rank %d: injected fault (%s) at layer %d\n", ep->rank,
-            ep->fault_mode == 1 ? "exit" : "hang", layer);
+    static const char *name[] = {"", "exit", "hang", "kill"};
+    fprintf(stderr, "dsinfer: ep rank %d: injected fault (%s) at layer %d\n", ep->rank, name[ep->fault_mode], layer);
     if (ep->fault_mode == 1) _exit(3);
+    if (ep->fault_mode == 3) raise(SIGKILL);
     for (;;) sleep(1);
 }
 
