@@ -465,16 +465,9 @@ int dsi_cmd_inspect(int argc, char **argv) {
     return 0;
 }
 
-int dsi_cmd_demo(int argc, char **argv) {
-    if (argc > 1 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
-        printf("usage: dsinfer demo\nBuilds the built-in demo model (tiny DeepSeek-V3 shape, random FP8 weights)\n"
-               "in memory and generates from a fixed prompt through both attention forms.\n");
-        return 0;
-    }
-    if (argc > 1) { /* demo takes no options: do not silently ignore a typo */
-        fprintf(stderr, "dsinfer demo: unknown option '%s' (see --help)\n", argv[1]);
-        return 2;
-    }
+/* The engine part of `dsinfer demo` (cmd_demo.c): greedy generation on the
+ * built-in model. Returns 0 or prints the error and returns 1. */
+int dsi__demo_engine(void) {
     engine_flags f = {0};
     dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;
     if (open_engine(&f, 4096, &m, &kv, &e)) return 1;
@@ -486,11 +479,13 @@ int dsi_cmd_demo(int argc, char **argv) {
     double tp, td;
     int rc = run_generate(e, NULL, prompt, 32, 64, &sp, out, &tp, &td);
     if (rc) { fprintf(stderr, "dsinfer demo: %s\n", dsi_last_error()); close_engine(m, kv, e); return 1; }
-    printf("dsinfer demo: built-in model (%d layers, hidden %d, %d experts top-%d, FP8 weights, fingerprint %016llx)\n",
-           c->n_layers, c->hidden, c->n_experts, c->n_experts_per_tok, (unsigned long long)dsi_model_fingerprint(m));
-    printf("prompt: 32 tokens; greedy continuation:");
-    for (int i = 0; i < 64; i++) printf(" %d", out[i]);
-    printf("\nprefill %.0f tok/s, decode %.0f tok/s (%s kernels, %d threads)\n", 32 / tp, 63 / td,
+    printf("engine: built-in model (%d layers, hidden %d, MLA kv_lora %d, %d experts top-%d in %d groups, FP8 "
+           "weights, fingerprint %016llx)\n",
+           c->n_layers, c->hidden, c->kv_lora_rank, c->n_experts, c->n_experts_per_tok, c->n_group,
+           (unsigned long long)dsi_model_fingerprint(m));
+    printf("  32-token prompt, greedy continuation:");
+    for (int i = 0; i < 16; i++) printf(" %d", out[i]);
+    printf(" ...\n  prefill %.0f tok/s, decode %.0f tok/s (%s kernels, %d threads)\n", 32 / tp, 63 / td,
            dsi_engine_kernels_name(e), dsi_engine_n_threads(e));
     close_engine(m, kv, e);
     return 0;

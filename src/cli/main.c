@@ -12,12 +12,13 @@ static const dsi_command COMMANDS[] = {
     {"logits", "float32 logits for every position of a token sequence", dsi_cmd_logits},
     {"make-model", "write a random-weight checkpoint in the real format", dsi_cmd_make_model},
     {"inspect", "validate a checkpoint and print its shape", dsi_cmd_inspect},
-    {"eplb", "expert placement with redundant experts (EPLB)", dsi_cmd_eplb},
-    {"sim", "cost/revenue calculator and cluster simulator (DeepSeek's day)", dsi_cmd_sim},
-    {"report", "cost, revenue and margin for a period from an account journal", dsi_cmd_report},
+    {"serve", "OpenAI-compatible HTTP server (built-in demo model without --model)", dsi_cmd_serve},
     {"tokenize", "text on stdin -> token ids", dsi_cmd_tokenize},
     {"detokenize", "token ids on stdin -> text", dsi_cmd_detokenize},
     {"chat-render", "messages JSON on stdin -> chat prompt", dsi_cmd_chat_render},
+    {"eplb", "expert placement with redundant experts (EPLB)", dsi_cmd_eplb},
+    {"sim", "cost/revenue calculator and cluster simulator (DeepSeek's day)", dsi_cmd_sim},
+    {"report", "cost, revenue and margin for a period from an account journal", dsi_cmd_report},
     {NULL, NULL, NULL},
 };
 static const int N_COMMANDS = sizeof COMMANDS / sizeof COMMANDS[0] - 1; /* last is the sentinel */

@@ -45,6 +45,13 @@ static const float *maybe_quantise(dsi_engine *e, const dsi_mat *W, const float 
     return q;
 }
 
+/* Below this much work (~50 us on one core) a job runs on the calling thread. */
+#define PARALLEL_MIN_FLOPS 4e6
+
+dsi_pool *dsi__pool_for_work(const dsi_engine *e, double flops) {
+    return flops >= PARALLEL_MIN_FLOPS ? e->pool : NULL;
+}
+
 typedef struct q8_job {
     const dsi_engine *e;
     const dsi_mat *W;
@@ -85,7 +92,7 @@ static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *
     }
     q8_job j = {e, W, xq, xs, ldq, lds, M, ldy, n0, accumulate, y - (n0 - y_col0)};
     (void)y_col0;
-    dsi_pool_for(e->pool, n1 - n0, 32, q8_task, &j);
+    dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * (n1 - n0) * K), n1 - n0, 32, q8_task, &j);
     return 1;
 }
 
@@ -98,12 +105,7 @@ static void matmul_rows_impl(dsi_engine *e, const dsi_mat *W, int n0, int n1, co
     /* grain: 16 rows keeps tiles 4-aligned; bigger when M is large so each
      * task streams a useful share of the activations */
     int64_t grain = M >= 64 ? 64 : 16;
-    /* small problems are not worth waking the pool */
-    if ((double)M * (n1 - n0) * W->cols < 65536.0) {
-        e->k->matmul(W, x, M, ldx, y, ldy, n0, n0, n1, 0);
-        return;
-    }
-    dsi_pool_for(e->pool, n1 - n0, grain, mm_task, &j);
+    dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * (n1 - n0) * W->cols), n1 - n0, grain, mm_task, &j);
 }
 
 static void matmul_impl(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate) {
@@ -112,11 +114,7 @@ static void matmul_impl(dsi_engine *e, const dsi_mat *W, const float *x, int M, 
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
     mm_job j = {e, W, x, M, ldx, ldy, 0, accumulate, y};
     int64_t grain = M >= 64 ? 64 : 16;
-    if ((double)M * W->rows * W->cols < 65536.0) {
-        e->k->matmul(W, x, M, ldx, y, ldy, 0, 0, W->rows, accumulate);
-        return;
-    }
-    dsi_pool_for(e->pool, W->rows, grain, mm_task, &j);
+    dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * W->rows * W->cols), W->rows, grain, mm_task, &j);
 }
 
 /* The expert-parallel runtime polls its transfers after every matmul. */

@@ -95,6 +95,11 @@ void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx
 void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
                       int ldy);
 
+/* The thread pool for a job of about `flops` work, or NULL (run inline) when
+ * waking the other threads would cost more than it saves: a wake-up is
+ * microseconds, and a thread the OS has descheduled costs a time slice. */
+dsi_pool *dsi__pool_for_work(const dsi_engine *e, double flops);
+
 void dsi__rmsnorm(const float *x, const float *w, int n, float eps, float *out);
 void dsi__rope(const dsi_engine *e, float *v, int pos); /* in place, [rope] */
 

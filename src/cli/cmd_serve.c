@@ -1,0 +1,98 @@
+/* dsinfer serve: the OpenAI-compatible server until SIGTERM/SIGINT, then drain. */
+#include "cli/cli.h"
+#include "dsinfer/server.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: dsinfer serve [--model DIR] [--host H] [--port P] [options]\n"
+            "OpenAI-compatible HTTP server: POST /v1/chat/completions, POST /v1/completions,\n"
+            "GET /v1/models, GET /health, GET /metrics. Without --model it serves the built-in\n"
+            "demo model (\"dsinfer-demo\": tiny DeepSeek-V3 shape, random weights, golden tokenizer).\n\n"
+            "  --model DIR                  checkpoint directory with tokenizer.json (default: demo)\n"
+            "  --served-model-name NAME     model id in the API (default: the directory's name)\n"
+            "  --host H                     listen address (default 127.0.0.1)\n"
+            "  --port P                     listen port (default 8000; 0 = any free port)\n"
+            "  --max-model-len N            context limit, prompt + completion (default: model / KV pool)\n"
+            "  --kv-blocks N                KV pool size in 64-token blocks (overrides --kv-cache-gb)\n"
+            "  --kv-cache-gb G              KV pool size in GiB (default 0.5)\n"
+            "  --max-num-seqs N             running requests at once (default 64)\n"
+            "  --max-num-batched-tokens N   tokens per step, the chunked-prefill budget (default 512)\n"
+            "  --max-queue N                waiting requests before answering 429 (default 1024)\n"
+            "  --max-tokens-default N       completion cap when a request gives none (default 4096)\n"
+            "  --threads N                  compute threads (default: all cores)\n"
+            "  --http-threads N             HTTP event-loop threads (default 2)\n"
+            "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/*\n"
+            "  --no-prefix-cache            never share KV blocks between requests\n"
+            "  --drain-timeout S            on SIGTERM, seconds to let requests finish (default 30)\n"
+            "economics (see docs/pricing.example.json):\n"
+            "  --pricing FILE|deepseek      bill requests at the prices in force at admission ('deepseek':\n"
+            "                               the built-in DeepSeek price list); revenue\n"
+            "                               and GPU cost in /metrics; GET /v1/pricing\n"
+            "  --pricing-model NAME         pricing entry to bill at (default: the served name, else the first)\n"
+            "  --account-journal FILE       append bills and scale events (read by 'dsinfer report')\n"
+            "  --account-gpus N             GPUs this instance costs (default: the file's gpus_per_node)\n");
+}
+
+int dsi_cmd_serve(int argc, char **argv) {
+    dsi_server_opts o = dsi_server_default_opts();
+    double drain = 30;
+    for (int i = 1; i < argc; i++) {
+        int missing = 0;
+        const char *v;
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
+        if ((v = dsi_cli_flag(argc, argv, &i, "--model", &missing))) o.model_dir = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--served-model-name", &missing))) o.served_model_name = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--host", &missing))) o.host = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--port", &missing))) o.port = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-model-len", &missing))) o.max_model_len = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-blocks", &missing))) o.kv_blocks = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-cache-gb", &missing))) o.kv_cache_gb = atof(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-num-seqs", &missing))) o.max_num_seqs = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-num-batched-tokens", &missing))) o.max_num_batched_tokens = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-queue", &missing))) o.max_queue = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-tokens-default", &missing))) o.default_max_tokens = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--threads", &missing))) o.threads = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--http-threads", &missing))) o.http_threads = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing))) drain = atof(v);
+        else if (!strcmp(argv[i], "--no-prefix-cache")) o.no_prefix_cache = 1;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing", &missing))) o.pricing_path = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing-model", &missing))) o.pricing_model = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--account-journal", &missing))) o.account_journal = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--account-gpus", &missing))) o.account_gpus = atoi(v);
+        else { fprintf(stderr, "dsinfer serve: unknown option '%s' (see --help)\n", argv[i]); return 2; }
+        if (missing) { fprintf(stderr, "dsinfer serve: %s needs a value\n", argv[i]); return 2; }
+    }
+    if (o.port < 0 || o.port > 65535 || o.max_model_len < 0 || o.kv_blocks < 0 || o.kv_cache_gb < 0 ||
+        o.max_num_seqs < 0 || o.max_num_batched_tokens < 0 || o.max_queue < 0 || o.threads < 0 || o.http_threads < 0 || drain < 0) {
+        fprintf(stderr, "dsinfer serve: numeric options must be non-negative (and the port below 65536)\n");
+        return 2;
+    }
+    /* Block the stop signals in every thread; this one waits for them. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    dsi_server *srv;
+    if (dsi_server_start(&o, &srv) != DSI_OK) {
+        fprintf(stderr, "dsinfer serve: %s\n", dsi_last_error());
+        return 1;
+    }
+    fprintf(stderr, "dsinfer serve: model %s on http://%s:%d (Ctrl-C or SIGTERM drains and stops)\n",
+            dsi_server_model_name(srv), o.host, dsi_server_port(srv));
+    int sig = 0;
+    sigwait(&set, &sig);
+    fprintf(stderr, "dsinfer serve: %s: draining in-flight requests (up to %.0f s)\n",
+            sig == SIGTERM ? "SIGTERM" : "SIGINT", drain);
+    dsi_server_stop(srv, drain);
+    fprintf(stderr, "dsinfer serve: stopped\n");
+    return 0;
+}
