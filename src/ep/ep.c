@@ -39,8 +39,14 @@ int dsi_ep_launched(void) {
 
 int dsi_ep_init(void) {
     if (g_init) return DSI_OK;
-    int provided = 0, rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
+    /* serialized: `serve` calls MPI from its scheduler thread, then from the
+     * main thread after joining it; never two threads at once */
+    int provided = 0, rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_SERIALIZED, &provided);
     if (rc != MPI_SUCCESS) return dsi_error(DSI_EPEER, "ep: MPI_Init failed (%d)", rc);
+    if (provided < MPI_THREAD_SERIALIZED) {
+        MPI_Finalize();
+        return dsi_error(DSI_EUNSUPPORTED, "ep: this MPI cannot be called from more than one thread (level %d)", provided);
+    }
     /* errors come back as values: a failed peer must not kill us silently */
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
