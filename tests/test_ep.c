@@ -318,8 +318,9 @@ static char g_self[4096];
 
 /* Every rank runs two sequences of its own through the tiny FP8 model whose
  * router is skewed (selection bias +2 on experts 0-5: they all sit on rank 0
- * in the default placement). Step A: no balancer. Then with the balancer
- * (every 2 steps): two steps of traffic, a rebalance, and the same probe. */
+ * in the default placement). First no balancer; then the balancer every 2
+ * steps, and then only on request (rank 1 asks during the second step): two
+ * steps of traffic, a rebalance, and the same probe. */
 static int eplb_worker(void) {
     if (dsi_ep_init() != DSI_OK) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
     int me = dsi_ep_rank(), P = dsi_ep_size(), ok = 1;
@@ -341,20 +342,23 @@ static int eplb_worker(void) {
     for (int s = 0; s < 2; s++)
         for (int i = 0; i < N; i++) ids[s][i] = (int32_t)((i * 131 + s * 977 + me * 55) % c->vocab_size);
     int V = c->vocab_size;
-    float *out[2][2];
-    for (int k = 0; k < 2; k++)
+    float *out[3][2];
+    for (int k = 0; k < 3; k++)
         for (int s = 0; s < 2; s++) out[k][s] = malloc(sizeof(float) * N * V);
-    double bal[2][16];
+    double bal[3][16];
     int n_moe = 0;
     for (int l = 0; l < c->n_layers; l++) n_moe += m->layers[l].is_moe;
-    for (int k = 0; k < 2; k++) {
-        dsi_ep_opts o = {.dispatch = DSI_EP_F32, .timeout_ms = 20000, .eplb_every = k ? 2 : 0, .eplb_threshold = 0.05};
+    /* k = 0: no balancer; 1: every 2 steps; 2: only on request (rank 1 asks) */
+    for (int k = 0; k < 3; k++) {
+        dsi_ep_opts o = {.dispatch = DSI_EP_F32, .timeout_ms = 20000, .eplb_every = k == 1 ? 2 : 0, .eplb_threshold = 0.05};
         dsi_ep *ep;
         if (dsi_ep_create(e, &o, &ep) != DSI_OK) { fprintf(stderr, "%s\n", dsi_last_error()); dsi_ep_abort(1); }
         dsi_seq_step b[2];
         for (int s = 0; s < 2; s++) b[s] = (dsi_seq_step){ids[s], N, 0, &blocks[s], 1, DSI_LOGITS_ALL, out[k][s]};
-        for (int w = 0; k && w < 2; w++)
+        for (int w = 0; k && w < 2; w++) {
+            if (k == 2 && w == 1 && me == 1) dsi_ep_request_rebalance(ep);
             if (dsi_ep_step(ep, b, 2) != DSI_OK) { fprintf(stderr, "%s\n", dsi_last_error()); dsi_ep_abort(1); }
+        }
         dsi_ep_reset_stats(ep);
         if (dsi_ep_step(ep, b, 2) != DSI_OK || dsi_ep_expert_balance(ep, bal[k]) != DSI_OK) {
             fprintf(stderr, "%s\n", dsi_last_error());
@@ -367,16 +371,18 @@ static int eplb_worker(void) {
         dsi_ep_idle(ep);
         dsi_ep_destroy(ep);
     }
-    double diff = DSI_MAX(rel_err(out[1][0], out[0][0], (size_t)N * V), rel_err(out[1][1], out[0][1], (size_t)N * V));
+    double diff = 0;
+    for (int k = 1; k < 3; k++)
+        for (int q = 0; q < 2; q++) diff = DSI_MAX(diff, rel_err(out[k][q], out[0][q], (size_t)N * V));
     for (int l = 0; l < n_moe; l++) {
         if (me == 0)
-            printf("  MoE layer %d: busiest rank's expert rows / mean %.2f before, %.2f after the live rebalance\n", l,
-                   bal[0][l], bal[1][l]);
-        if (!(bal[0][l] > 1.5 && bal[1][l] < bal[0][l] - 0.2)) ok = 0;
+            printf("  MoE layer %d: busiest rank's expert rows / mean %.2f before, %.2f after the periodic and %.2f "
+                   "after the requested live rebalance\n", l, bal[0][l], bal[1][l], bal[2][l]);
+        if (!(bal[0][l] > 1.5 && bal[1][l] < bal[0][l] - 0.2 && bal[2][l] < bal[0][l] - 0.2)) ok = 0;
     }
     printf("  rank %d of %d: logits after vs before the rebalance %.2e (tol 1e-5)\n", me, P, diff);
     if (!(diff <= 1e-5)) ok = 0;
-    for (int k = 0; k < 2; k++)
+    for (int k = 0; k < 3; k++)
         for (int s = 0; s < 2; s++) free(out[k][s]);
     dsi_engine_destroy(e);
     dsi_kv_pool_destroy(kv);

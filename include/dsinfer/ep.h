@@ -49,7 +49,7 @@ typedef struct dsi_ep_opts {
     int timeout_ms;          /* a transfer pending this long fails the group; 0 = 30000 */
     double link_gbps;        /* emulated link: outgoing GB/s per rank (0 = none, loopback speed) */
     double link_latency_us;  /* emulated one-way latency added to every message */
-    int eplb_every;          /* online EPLB: consider a new placement every this many steps; 0 = off */
+    int eplb_every;          /* online EPLB: consider a new placement every this many steps; 0 = only on request */
     double eplb_threshold;   /* ...and switch only when the predicted gain is at least this (0 = 0.05) */
     int eplb_window;         /* steps of routing statistics kept (0 = 64) */
 } dsi_ep_opts;
@@ -100,6 +100,10 @@ void dsi_ep_reset_stats(dsi_ep *ep);
 int dsi_ep_expert_balance(dsi_ep *ep, double *out);
 /* Times the online balancer switched placement so far. */
 int dsi_ep_rebalances(const dsi_ep *ep);
+/* Asks for a rebalance at the end of the next step (any thread, any rank;
+ * e.g. an operator's request on rank 0): the group sums its routing counts
+ * and switches placement if the predicted gain passes the threshold. */
+void dsi_ep_request_rebalance(dsi_ep *ep);
 
 #ifdef __cplusplus
 }

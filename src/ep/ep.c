@@ -19,6 +19,7 @@
 #include <cjson/cJSON.h>
 #include <mpi.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,7 @@
 #include <unistd.h>
 
 #define TAG_HEADER 30000
+#define HDR 4 /* ints in a step header */
 
 /* ------------------------------------------------------------ process */
 
@@ -254,7 +256,7 @@ int dsi_ep_create(dsi_engine *e, const dsi_ep_opts *opts, dsi_ep **out) {
     ep->pair_row = malloc(sizeof(int) * rows * K);
     ep->pair_w = malloc(sizeof(float) * rows * K);
     ep->tmp_row = malloc(ep->row_bytes);
-    ep->hdr_all = malloc(sizeof(int) * 3 * P);
+    ep->hdr_all = malloc(sizeof(int) * HDR * P);
     ep->hdr_rq = malloc(sizeof(int) * 2 * P);
     ep->st = calloc(c->n_layers, sizeof(dsi_ep_layer_stats));
     ep->rows_pairs = calloc(ep->n_moe, sizeof(double));
@@ -264,7 +266,8 @@ int dsi_ep_create(dsi_engine *e, const dsi_ep_opts *opts, dsi_ep **out) {
         dsi_ep_destroy(ep);
         return dsi_error(DSI_ENOMEM, "ep: cannot allocate buffers for %d ranks x %d tokens", P, Tm);
     }
-    if (ep->o.eplb_every > 0 && !(ep->eplb = dsi_eplb_stats_create(ep->n_moe, ep->E, ep->o.eplb_window))) {
+    /* routing counts are always kept (cheap): a rebalance may also be requested */
+    if (!(ep->eplb = dsi_eplb_stats_create(ep->n_moe, ep->E, ep->o.eplb_window))) {
         rc = DSI_ENOMEM;
         dsi_ep_destroy(ep);
         return rc;
@@ -312,17 +315,18 @@ static void split_batch(dsi_ep *ep, const dsi_seq_step *seqs, int n_seqs, int ov
     }
 }
 
-/* Exchanges {T0, T1, idle} with every rank. *all_idle when every rank is idle. */
+/* Exchanges {T0, T1, idle, rebalance wanted} with every rank. *all_idle when
+ * every rank is idle; ep->rebalance_now when any rank asked to rebalance. */
 static int exchange_header(dsi_ep *ep, int idle, int *all_idle) {
     int P = ep->P, me = ep->rank;
-    int mine[3] = {ep->ub[0].T, ep->ub[1].T, idle};
+    int mine[HDR] = {ep->ub[0].T, ep->ub[1].T, idle, atomic_exchange(&ep->want_rebalance, 0)};
     int *all = ep->hdr_all, *rq = ep->hdr_rq;
     int rc = DSI_OK, pending = 0;
     for (int i = 0; i < 2 * P; i++) rq[i] = -1;
-    memcpy(all + 3 * me, mine, sizeof mine);
+    memcpy(all + HDR * me, mine, sizeof mine);
     for (int p = 0; p < P && rc == DSI_OK; p++) {
         if (p == me) continue;
-        rc = ep->tp->irecv(ep->tp, all + 3 * p, sizeof mine, p, TAG_HEADER, &rq[p]);
+        rc = ep->tp->irecv(ep->tp, all + HDR * p, sizeof mine, p, TAG_HEADER, &rq[p]);
         if (rc == DSI_OK) pending++, rc = ep->tp->isend(ep->tp, mine, sizeof mine, p, TAG_HEADER, &rq[P + p]);
         if (rc == DSI_OK) pending++;
     }
@@ -352,13 +356,14 @@ static int exchange_header(dsi_ep *ep, int idle, int *all_idle) {
             ep_ub *b = &ep->ub[u];
             b->active = 0;
             for (int p = 0; p < P; p++) {
-                b->T_peer[p] = all[3 * p + u];
+                b->T_peer[p] = all[HDR * p + u];
                 if (b->T_peer[p] < 0 || b->T_peer[p] > ep->Tm)
                     rc = dsi_error(DSI_EPEER, "ep: rank %d announced %d tokens", p, b->T_peer[p]);
                 b->active |= b->T_peer[p] > 0;
             }
         }
-        for (int p = 0; p < P; p++) idle_all &= all[3 * p + 2] != 0;
+        ep->rebalance_now = 0;
+        for (int p = 0; p < P; p++) idle_all &= all[HDR * p + 2] != 0, ep->rebalance_now |= all[HDR * p + 3] != 0;
         *all_idle = idle_all;
     }
     return rc;
@@ -431,7 +436,7 @@ static int run_stage(dsi_ep *ep, int u) {
     case ST_A1:
         if (b->T > 0) rc = dsi__stage_attn1(e, l);
         if (rc == DSI_OK && moe && b->T > 0) rc = dsi__stage_gate(e, l);
-        if (rc == DSI_OK && moe && ep->eplb && b->T > 0)
+        if (rc == DSI_OK && moe && b->T > 0)
             rc = dsi_eplb_stats_record(ep->eplb, ep->moe_index[l], e->s.topk_ids, (size_t)b->T * ep->K);
         if (rc == DSI_OK && moe) rc = dsi__ep_dispatch_post(ep, u, l);
         if (rc == DSI_OK && moe && ep->o.no_overlap) {
@@ -546,10 +551,8 @@ static int ep_step(dsi_ep *ep, const dsi_seq_step *seqs, int n_seqs, int idle, i
     make_current(ep, -1);
     if (rc == DSI_OK && !*all_idle) {
         ep->steps++;
-        if (ep->eplb) {
-            dsi_eplb_stats_step(ep->eplb);
-            if (ep->steps % ep->o.eplb_every == 0) rc = online_eplb(ep);
-        }
+        dsi_eplb_stats_step(ep->eplb);
+        if (ep->rebalance_now || (ep->o.eplb_every > 0 && ep->steps % ep->o.eplb_every == 0)) rc = online_eplb(ep);
     }
     if (rc != DSI_OK) return rc;
     if (bad != DSI_OK) return dsi_error(bad, "%s", msg);
@@ -601,6 +604,8 @@ int dsi_ep_expert_balance(dsi_ep *ep, double *out) {
 }
 
 int dsi_ep_rebalances(const dsi_ep *ep) { return ep->rebalances; }
+
+void dsi_ep_request_rebalance(dsi_ep *ep) { atomic_store(&ep->want_rebalance, 1); }
 
 /* ------------------------------------------------------------ online EPLB */
 

@@ -65,15 +65,17 @@ struct dsi_ep {
     int *pair_row;         /* [P*Tm*K] received row of each (row, slot) pair, grouped by slot */
     float *pair_w;         /* [P*Tm*K] */
     uint8_t *tmp_row;      /* [row_bytes] */
-    int *hdr_all, *hdr_rq; /* step header: [P][3] received, [2P] requests */
+    int *hdr_all, *hdr_rq; /* step header: [P][HDR] received, [2P] requests */
     int err;               /* first error of the step (reported after it) */
     int fault_layer, fault_mode; /* DSI_EP_FAULT test hook: 1 exit, 2 hang */
     dsi_ep_layer_stats *st;/* [n_layers] */
     double *rows_pairs;    /* [n_moe] (token, expert) pairs served since reset */
     /* online EPLB */
-    dsi_eplb_stats *eplb;
+    dsi_eplb_stats *eplb;  /* routing counts of this rank's tokens */
     int64_t steps;
     int rebalances;
+    _Atomic int want_rebalance; /* set by dsi_ep_request_rebalance (any thread) */
+    int rebalance_now;     /* some rank asked, per this step's header */
 };
 
 /* Polls every exchange in flight (the engine's poll hook). */
