@@ -48,6 +48,12 @@ typedef struct dsi_sched_opts {
     int max_queue;           /* waiting requests before submit says DSI_EBUSY; 0 = 1024 */
     int max_model_len;       /* prompt + completion limit; 0 = min(model positions, pool capacity) */
     int no_prefix_cache;     /* 1: never share blocks */
+    /* Runs each step instead of dsi_engine_step (an EP group's dsi_ep_step);
+     * NULL = the engine. With heartbeat_s > 0 the scheduler thread also calls
+     * it with an empty batch when idle that often (the group's liveness). */
+    int (*step_fn)(void *ctx, const dsi_seq_step *seqs, int n_seqs);
+    void *step_ctx;
+    double heartbeat_s;
 } dsi_sched_opts;
 
 typedef struct dsi_request_params {

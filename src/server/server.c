@@ -355,6 +355,17 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
     DSI_LOG_DEBUG("http: %s", msg);
 }
 
+/* A scheduler step across the EP group. A failed collective leaves the
+ * group out of step: report it and end every rank (mpirun exits non-zero). */
+static int ep_step(void *ctx, const dsi_seq_step *seqs, int n) {
+    int rc = dsi_ep_step(ctx, seqs, n);
+    if (rc != DSI_OK) {
+        DSI_LOG_ERROR("expert parallelism: %s; ending the group", dsi_last_error());
+        dsi_ep_abort(1);
+    }
+    return rc;
+}
+
 static int open_model(dsi_server *s) {
     const dsi_server_opts *o = &s->o;
     int rc;
@@ -387,9 +398,14 @@ static int open_model(dsi_server *s) {
         return rc;
     dsi_engine_opts eo = {.n_threads = o->threads, .max_tokens = o->max_num_batched_tokens};
     if ((rc = dsi_engine_create(s->model, s->kv, &eo, &s->engine))) return rc;
+    if (dsi_ep_launched()) {
+        if ((rc = dsi_ep_init()) || (rc = dsi_ep_create(s->engine, o->ep, &s->ep)))
+            return dsi_error_prefix(rc, "expert parallelism");
+    }
     dsi_sched_opts so = {.max_num_seqs = o->max_num_seqs, .max_batched_tokens = o->max_num_batched_tokens,
                          .max_queue = o->max_queue, .max_model_len = o->max_model_len,
-                         .no_prefix_cache = o->no_prefix_cache};
+                         .no_prefix_cache = o->no_prefix_cache, .step_fn = s->ep ? ep_step : NULL,
+                         .step_ctx = s->ep, .heartbeat_s = s->ep ? 1.0 : 0};
     if ((rc = dsi_sched_create(s->engine, &so, &s->sched))) return rc;
     s->api.tok = s->tok;
     s->api.model_name = s->model_name;
@@ -422,6 +438,12 @@ static void server_free(dsi_server *s) {
         pthread_join(s->watchdog, NULL);
     }
     dsi_sched_destroy(s->sched);
+    if (s->ep) {
+        /* the scheduler thread has stopped: release the other ranks */
+        if (!s->ep_released && dsi_ep_idle(s->ep) != DSI_OK) DSI_LOG_ERROR("expert parallelism: %s", dsi_last_error());
+        dsi_ep_destroy(s->ep);
+        dsi_ep_finalize();
+    }
     dsi_engine_destroy(s->engine);
     dsi_kv_pool_destroy(s->kv);
     dsi_model_destroy(s->model);
@@ -432,18 +454,43 @@ static void server_free(dsi_server *s) {
     free(s);
 }
 
-int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
-    *out = NULL;
-    dsi_server *s = calloc(1, sizeof *s);
-    if (!s) return dsi_error(DSI_ENOMEM, "out of memory");
-    s->o = opts ? *opts : dsi_server_default_opts();
-    dsi_server_opts *o = &s->o;
+static void apply_defaults(dsi_server_opts *o) {
     if (!o->host) o->host = "127.0.0.1";
     if (o->kv_cache_gb <= 0) o->kv_cache_gb = 0.5;
     if (o->max_num_batched_tokens <= 0) o->max_num_batched_tokens = 512;
     if (o->max_body_bytes == 0) o->max_body_bytes = 8u << 20;
     if (o->default_max_tokens <= 0) o->default_max_tokens = 4096;
     if (o->http_threads <= 0) o->http_threads = 2;
+}
+
+int dsi_server_follow(const dsi_server_opts *opts) {
+    dsi_server *s = calloc(1, sizeof *s);
+    if (!s) return dsi_error(DSI_ENOMEM, "out of memory");
+    s->o = opts ? *opts : dsi_server_default_opts();
+    apply_defaults(&s->o);
+    pthread_mutex_init(&s->reg_mu, NULL);
+    dsi__metrics_init(&s->metrics);
+    int rc = open_model(s);
+    if (!rc && !s->ep) rc = dsi_error(DSI_EINVAL, "serve: following needs an EP group (mpirun with several ranks)");
+    if (!rc) {
+        rc = dsi_ep_idle(s->ep);
+        s->ep_released = rc == DSI_OK;
+        if (rc) {
+            DSI_LOG_ERROR("expert parallelism: %s; ending the group", dsi_last_error());
+            dsi_ep_abort(1);
+        }
+    }
+    server_free(s);
+    return rc;
+}
+
+int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
+    *out = NULL;
+    dsi_server *s = calloc(1, sizeof *s);
+    if (!s) return dsi_error(DSI_ENOMEM, "out of memory");
+    s->o = opts ? *opts : dsi_server_default_opts();
+    dsi_server_opts *o = &s->o;
+    apply_defaults(o);
     if (o->port < 0 || o->port > 65535) {
         int port = o->port;
         free(s);

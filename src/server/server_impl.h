@@ -166,6 +166,8 @@ struct dsi_server {
     dsi_kv_pool *kv;
     dsi_engine *engine;
     dsi_sched *sched;
+    dsi_ep *ep;                /* the EP group when launched by mpirun with several ranks, else NULL */
+    int ep_released;           /* dsi_ep_idle already returned: the group has ended */
     dsi_tokenizer *tok;
     dsi_api_ctx api;
     struct MHD_Daemon *mhd;
