@@ -28,7 +28,8 @@ FLAGS="--port 0 --threads 1 --kv-blocks 64"
 "$BIN" serve $FLAGS 2>"$TMP/one.err" &
 ONE=$!
 PIDS="$ONE"
-timeout 120 mpirun --oversubscribe -np 2 "$BIN" serve $FLAGS --dispatch f32 --ep-timeout-ms 1500 2>"$TMP/ep.err" &
+timeout 120 mpirun --oversubscribe -np 2 "$BIN" serve $FLAGS --dispatch f32 --ep-timeout-ms 1500 --eplb-every 4 \
+    2>"$TMP/ep.err" &
 EP=$!
 PIDS="$PIDS $EP"
 P1=$(port_of "$TMP/one.err") || { echo "FAIL single server did not start: $(cat "$TMP/one.err")"; exit 1; }
@@ -50,6 +51,12 @@ for k in 1 2 3 4; do
     if [ -n "$got" ] && [ "$got" = "$want" ]; then echo "ok   concurrent request $k"; else
         echo "FAIL concurrent request $k: '$got' vs '$want'"; fail=1; fi
 done
+# online EPLB reports per-layer balancedness before/after its last decision in /metrics
+curl -s "http://127.0.0.1:$P2/metrics" >"$TMP/metrics"
+if grep -q '^dsinfer_eplb_max_over_mean{moe_layer="0",placement="before"} ' "$TMP/metrics" &&
+    grep -q '^dsinfer_eplb_max_over_mean{moe_layer="0",placement="after"} ' "$TMP/metrics" &&
+    grep -q '^dsinfer_eplb_rebalances_total ' "$TMP/metrics"; then echo "ok   EPLB balancedness in /metrics"; else
+    echo "FAIL no EPLB metrics: $(grep eplb "$TMP/metrics")"; fail=1; fi
 # stop: SIGTERM to rank 0 drains, releases the other rank, everything exits 0
 R0=""
 for p in $(pgrep -P "$EP") $(pgrep -P "$(pgrep -P "$EP" | head -1)" 2>/dev/null); do

@@ -100,6 +100,12 @@ void dsi_ep_reset_stats(dsi_ep *ep);
 int dsi_ep_expert_balance(dsi_ep *ep, double *out);
 /* Times the online balancer switched placement so far. */
 int dsi_ep_rebalances(const dsi_ep *ep);
+/* Prometheus text for /metrics: rebalances so far and, from the last
+ * online-EPLB decision, per-MoE-layer balancedness (busiest rank over mean)
+ * of the placement then in force and of the proposal. Any thread. Returns
+ * the length written or a negative status. */
+int dsi_ep_write_eplb_metrics(dsi_ep *ep, char *buf, size_t cap);
+
 /* Asks for a rebalance at the end of the next step (any thread, any rank;
  * e.g. an operator's request on rank 0): the group sums its routing counts
  * and switches placement if the predicted gain passes the threshold. */

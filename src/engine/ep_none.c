@@ -25,6 +25,9 @@ void dsi_ep_get_stats(const dsi_ep *ep, dsi_ep_layer_stats *out) {}
 void dsi_ep_reset_stats(dsi_ep *ep) {}
 int dsi_ep_expert_balance(dsi_ep *ep, double *out) { return none(); }
 int dsi_ep_rebalances(const dsi_ep *ep) { return 0; }
+int dsi_ep_write_eplb_metrics(dsi_ep *ep, char *buf, size_t cap) {
+    return dsi_error(DSI_EUNSUPPORTED, "built without MPI: no expert parallelism");
+}
 void dsi_ep_request_rebalance(dsi_ep *ep) {}
 #else
 typedef int dsi_ep_none_unused; /* ISO C wants a non-empty translation unit */

@@ -174,6 +174,9 @@ void dsi_ep_destroy(dsi_ep *ep) {
     if (ep->tp) ep->tp->destroy(ep->tp);
     dsi_eplb_placement_free(&ep->pl);
     dsi_eplb_stats_destroy(ep->eplb);
+    free(ep->mom_before);
+    free(ep->mom_after);
+    pthread_mutex_destroy(&ep->eplb_mu);
     free(ep->moe_index); free(ep->rr); free(ep->slot_count); free(ep->slot_off); free(ep->pair_row);
     free(ep->pair_w); free(ep->tmp_row); free(ep->st); free(ep->rows_pairs); free(ep->hdr_all); free(ep->hdr_rq);
     dsi_free(ep->acc); dsi_free(ep->ex); dsi_free(ep->h1); dsi_free(ep->h2);
@@ -200,6 +203,7 @@ int dsi_ep_create(dsi_engine *e, const dsi_ep_opts *opts, dsi_ep **out) {
     if (c->n_experts_per_tok > 64) return dsi_error(DSI_EUNSUPPORTED, "ep: top-%d routing (at most 64)", c->n_experts_per_tok);
     dsi_ep *ep = calloc(1, sizeof *ep);
     if (!ep) return dsi_error(DSI_ENOMEM, "out of memory");
+    pthread_mutex_init(&ep->eplb_mu, NULL);
     ep->e = e, ep->c = c;
     if (opts) ep->o = *opts;
     if (ep->o.timeout_ms <= 0) ep->o.timeout_ms = 30000;
@@ -605,6 +609,29 @@ int dsi_ep_expert_balance(dsi_ep *ep, double *out) {
 
 int dsi_ep_rebalances(const dsi_ep *ep) { return ep->rebalances; }
 
+int dsi_ep_write_eplb_metrics(dsi_ep *ep, char *buf, size_t cap) {
+    size_t n = 0;
+#define PUT(...) do { int k_ = snprintf(buf + n, n < cap ? cap - n : 0, __VA_ARGS__); if (k_ > 0) n += (size_t)k_; } while (0)
+    PUT("# HELP dsinfer_eplb_rebalances_total Online expert-placement switches.\n"
+        "# TYPE dsinfer_eplb_rebalances_total counter\ndsinfer_eplb_rebalances_total %d\n", ep->rebalances);
+    pthread_mutex_lock(&ep->eplb_mu);
+    if (ep->have_decision) {
+        PUT("# HELP dsinfer_eplb_predicted_gain Predicted drop of the summed busiest-rank load at the last decision.\n"
+            "# TYPE dsinfer_eplb_predicted_gain gauge\ndsinfer_eplb_predicted_gain %.6f\n", ep->last_gain);
+        PUT("# HELP dsinfer_eplb_max_over_mean Busiest rank's routed load over the mean per MoE layer at the last "
+            "decision: the placement then in force (before) and the proposal (after).\n"
+            "# TYPE dsinfer_eplb_max_over_mean gauge\n");
+        for (int l = 0; l < ep->n_moe; l++) {
+            PUT("dsinfer_eplb_max_over_mean{moe_layer=\"%d\",placement=\"before\"} %.6f\n", l, ep->mom_before[l]);
+            PUT("dsinfer_eplb_max_over_mean{moe_layer=\"%d\",placement=\"after\"} %.6f\n", l, ep->mom_after[l]);
+        }
+    }
+    pthread_mutex_unlock(&ep->eplb_mu);
+#undef PUT
+    if (n >= cap) return dsi_error(DSI_ERANGE, "eplb metrics: buffer of %zu bytes too small", cap);
+    return (int)n;
+}
+
 void dsi_ep_request_rebalance(dsi_ep *ep) { atomic_store(&ep->want_rebalance, 1); }
 
 /* ------------------------------------------------------------ online EPLB */
@@ -625,9 +652,24 @@ static int online_eplb(dsi_ep *ep) {
         rc = dsi_error(DSI_EPEER, "ep: routing statistics exchange failed");
     dsi_eplb_config cfg = {.n_slots = ep->pl.n_slots, .n_groups = 1, .n_nodes = 1, .n_gpus = ep->P,
                            .policy = DSI_EPLB_BEST};
-    dsi_eplb_decision dec = {0};
+    double *before = malloc(sizeof(double) * L), *after = malloc(sizeof(double) * L);
+    dsi_eplb_decision dec = {.mom_before = before, .mom_after = after};
     dsi_eplb_placement next = {0};
+    if (!before || !after) rc = dsi_error(DSI_ENOMEM, "out of memory");
     if (rc == DSI_OK) rc = dsi_eplb_should_rebalance(sum, &ep->pl, &cfg, ep->o.eplb_threshold, &dec, &next);
+    if (rc == DSI_OK) { /* publish for /metrics */
+        pthread_mutex_lock(&ep->eplb_mu);
+        double *ob = ep->mom_before, *oa = ep->mom_after;
+        ep->mom_before = before;
+        ep->mom_after = after;
+        before = ob;
+        after = oa;
+        ep->last_gain = dec.gain;
+        ep->have_decision = 1;
+        pthread_mutex_unlock(&ep->eplb_mu);
+    }
+    free(before);
+    free(after);
     if (rc == DSI_OK && dec.rebalance) {
         dsi_eplb_placement_free(&ep->pl);
         ep->pl = next;

@@ -3,6 +3,8 @@
 #ifndef DSI_EP_IMPL_H
 #define DSI_EP_IMPL_H
 
+#include <pthread.h>
+
 #include "dsinfer/ep.h"
 #include "dsinfer/eplb.h"
 #include "engine/engine_impl.h"
@@ -74,6 +76,11 @@ struct dsi_ep {
     dsi_eplb_stats *eplb;  /* routing counts of this rank's tokens */
     int64_t steps;
     int rebalances;
+    /* the last online-EPLB decision, for /metrics (read on HTTP threads) */
+    pthread_mutex_t eplb_mu;
+    double *mom_before, *mom_after; /* [n_moe] busiest rank's load over mean: placement in force, proposal */
+    double last_gain;
+    int have_decision;
     _Atomic int want_rebalance; /* set by dsi_ep_request_rebalance (any thread) */
     int rebalance_now;     /* some rank asked, per this step's header */
 };

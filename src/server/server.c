@@ -355,6 +355,12 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
     DSI_LOG_DEBUG("http: %s", msg);
 }
 
+static void ep_metrics(void *ctx, void (*write)(void *w, const char *text, size_t len), void *w) {
+    char buf[65536];
+    int n = dsi_ep_write_eplb_metrics(ctx, buf, sizeof buf);
+    if (n > 0) write(w, buf, (size_t)n);
+}
+
 /* A scheduler step across the EP group. A failed collective leaves the
  * group out of step: report it and end every rank (mpirun exits non-zero). */
 static int ep_step(void *ctx, const dsi_seq_step *seqs, int n) {
@@ -401,6 +407,7 @@ static int open_model(dsi_server *s) {
     if (dsi_ep_launched()) {
         if ((rc = dsi_ep_init()) || (rc = dsi_ep_create(s->engine, o->ep, &s->ep)))
             return dsi_error_prefix(rc, "expert parallelism");
+        dsi_server_add_metrics_hook(s, ep_metrics, s->ep); /* EPLB balancedness before/after */
     }
     dsi_sched_opts so = {.max_num_seqs = o->max_num_seqs, .max_batched_tokens = o->max_num_batched_tokens,
                          .max_queue = o->max_queue, .max_model_len = o->max_model_len,
