@@ -506,15 +506,29 @@ static void make_tables(void) {
  * the per-block sums, so one split serves every row of the matrix. */
 static void split_row_bf16(const float *x, int K, uint16_t *xp) {
     for (int g = 0; g < K / 64; g++) {
-        uint16_t *o = xp + (size_t)g * 128;
-        for (int e = 0; e < 64; e++) {
-            float v = x[64 * g + e];
-            uint16_t h = dsi_f32_to_bf16(v);
-            uint16_t l = dsi_f32_to_bf16(v - dsi_bf16_to_f32(h));
-            int word = (e / 16) * 8 + (e & 7), arr = (e >> 3) & 1;
-            o[arr * 32 + word] = h;
-            o[64 + arr * 32 + word] = l;
+        __m512i h[2], l[2]; /* [hi w0, hi w1], [lo w0, lo w1] as two halves each */
+        __m256i ch[4], cl[4];
+        for (int q = 0; q < 4; q++) {
+            __m512 v = _mm512_loadu_ps(x + 64 * g + 16 * q);
+            __m256bh hb = _mm512_cvtneps_pbh(v); /* round to nearest even, as dsi_f32_to_bf16 */
+            __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hb), 16));
+            ch[q] = (__m256i)hb;
+            cl[q] = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hv));
         }
+        /* w0 takes the low 8 words (columns 16q..16q+7) of each quarter, w1 the high 8 */
+        __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(ch[0]), ch[1], 1);
+        __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(ch[2]), ch[3], 1);
+        h[0] = _mm512_shuffle_i64x2(a, b, 0x88);
+        h[1] = _mm512_shuffle_i64x2(a, b, 0xdd);
+        a = _mm512_inserti64x4(_mm512_castsi256_si512(cl[0]), cl[1], 1);
+        b = _mm512_inserti64x4(_mm512_castsi256_si512(cl[2]), cl[3], 1);
+        l[0] = _mm512_shuffle_i64x2(a, b, 0x88);
+        l[1] = _mm512_shuffle_i64x2(a, b, 0xdd);
+        uint16_t *o = xp + (size_t)g * 128;
+        _mm512_store_si512((void *)o, h[0]);
+        _mm512_store_si512((void *)(o + 32), h[1]);
+        _mm512_store_si512((void *)(o + 64), l[0]);
+        _mm512_store_si512((void *)(o + 96), l[1]);
     }
 }
 
