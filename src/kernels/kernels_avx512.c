@@ -674,8 +674,48 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
         }                                                                                     \
     }
 
+/* FP8 transposed product for 64-aligned column ranges: per row, 64-byte
+ * loads decoded by in-dword shifts (sub-vector i, lane l = column 4l+i), 256
+ * columns (16 accumulators) per pass, columns put back in order at the end. */
+static void matmul_t_e4m3_64(const dsi_mat *W, int r0, int r1, const float *xm, float *ym, int c0, int c1) {
+    size_t K = W->cols;
+    const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
+    for (int cc = c0; cc < c1; cc += 256) {
+        int ng = DSI_MIN(4, (c1 - cc) / 64); /* 64-column groups in this pass */
+        __m512 acc[4][4];
+        _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++)
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[g][i] = _mm512_setzero_ps();
+        for (int r = r0; r < r1; r++) {
+            const uint8_t *row = (const uint8_t *)W->data + r * K + cc;
+            const float *srow = W->scale_inv + (size_t)(r / W->block_rows) * W->scale_cols;
+            float a = xm[r - r0] * TWO_POW_120;
+            _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
+                if (g >= ng) break;
+                __m512 av = _mm512_set1_ps(a * srow[(cc + 64 * g) / W->block_cols]);
+                __m512i d = _mm512_loadu_si512((const void *)(row + 64 * g));
+                _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+                    __m512i t = i == 3 ? d : _mm512_slli_epi32(d, 24 - 8 * i);
+                    __m512 wv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(t, 4), mask));
+                    acc[g][i] = _mm512_fmadd_ps(av, wv, acc[g][i]);
+                }
+            }
+        }
+        for (int g = 0; g < ng; g++) {
+            float tmp[64];
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(tmp + 16 * i, acc[g][i]);
+            float *o = ym + (cc - c0) + 64 * g;
+            for (int l = 0; l < 16; l++)
+                for (int i = 0; i < 4; i++) o[4 * l + i] = tmp[16 * i + l];
+        }
+    }
+}
+
 static void avx512_matmul_t(const dsi_mat *W, int r0, int r1, const float *x, int M, int ldx, float *y, int ldy,
                             int c0, int c1) {
+    if (W->dtype == DSI_F8_E4M3 && c0 % 64 == 0 && (c1 - c0) % 64 == 0 && W->block_cols % 64 == 0) {
+        for (int m = 0; m < M; m++) matmul_t_e4m3_64(W, r0, r1, x + (size_t)m * ldx, y + (size_t)m * ldy, c0, c1);
+        return;
+    }
     size_t K = W->cols;
     int cb = W->dtype == DSI_F8_E4M3 ? W->block_cols : 128;
     for (int m = 0; m < M; m++) {
