@@ -45,8 +45,9 @@ static const float *maybe_quantise(dsi_engine *e, const dsi_mat *W, const float 
     return q;
 }
 
-/* Below this much work (~50 us on one core) a job runs on the calling thread. */
-#define PARALLEL_MIN_FLOPS 4e6
+/* Below this much work (~25 us on one core, compute- or memory-bound: an FP8 GEMV of 1 MB) a job runs on
+ * the calling thread. */
+#define PARALLEL_MIN_FLOPS 2e6
 
 dsi_pool *dsi__pool_for_work(const dsi_engine *e, double flops) {
     return flops >= PARALLEL_MIN_FLOPS ? e->pool : NULL;
