@@ -28,13 +28,13 @@ FLAGS="--port 0 --threads 1 --kv-blocks 64"
 "$BIN" serve $FLAGS 2>"$TMP/one.err" &
 ONE=$!
 PIDS="$ONE"
-timeout 120 mpirun --oversubscribe -np 2 "$BIN" serve $FLAGS --dispatch f32 --ep-timeout-ms 1500 --eplb-every 4 \
+timeout 120 mpirun --oversubscribe -np 2 "$BIN" serve $FLAGS --dispatch f32 --ep-timeout-ms 4000 --eplb-every 4 \
     2>"$TMP/ep.err" &
 EP=$!
 PIDS="$PIDS $EP"
 P1=$(port_of "$TMP/one.err") || { echo "FAIL single server did not start: $(cat "$TMP/one.err")"; exit 1; }
 P2=$(port_of "$TMP/ep.err") || { echo "FAIL EP server did not start: $(cat "$TMP/ep.err")"; exit 1; }
-sleep 3 # idle for twice the EP timeout: only the heartbeat keeps the group alive
+sleep 6 # idle for longer than the EP timeout (4 s, with room for a loaded CI machine): only the heartbeat keeps the group alive
 text() { sed -n 's/.*"text":"\(.*\)","logprobs".*/\1/p'; }
 REQ='{"prompt":[5,17,99,300,41,7,8,9,10,11],"max_tokens":12,"temperature":0}'
 a=$(curl -s "http://127.0.0.1:$P1/v1/completions" -d "$REQ" | text)
