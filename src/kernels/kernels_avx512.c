@@ -574,6 +574,50 @@ static inline __attribute__((always_inline)) void gemv_e4m3_bf16(const uint8_t *
         if (j < nr) out[j][0] = _mm512_reduce_add_ps(tot[j]);
 }
 
+/* x as bf16 hi and lo rows in natural order (for BF16 weights). */
+static void split_row_natural(const float *x, int K, uint16_t *xh, uint16_t *xl) {
+    for (int k = 0; k < K; k += 16) {
+        __m512 v = _mm512_loadu_ps(x + k);
+        __m256bh hb = _mm512_cvtneps_pbh(v);
+        __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hb), 16));
+        _mm256_storeu_si256((__m256i *)(xh + k), (__m256i)hb);
+        _mm256_storeu_si256((__m256i *)(xl + k), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hv)));
+    }
+}
+
+/* BF16 weights, one activation row: the weights are dot-product operands as
+ * stored (pairs along k), the row is bf16 hi + lo: two vdpbf16ps per 64 bytes. */
+static void gemv_bf16w_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
+    int K = W->cols;
+    uint16_t *xh = dsi__tls_buffer(DSI_TLS_XS, sizeof(uint16_t) * 2 * (size_t)K);
+    if (!xh) return;
+    uint16_t *xl = xh + K;
+    split_row_natural(x, K, xh, xl);
+    const uint16_t *base = W->data;
+    for (int n = n0; n < n1; n += NR) {
+        int nr = DSI_MIN(NR, n1 - n);
+        __m512 acc[NR][2];
+        _Pragma("GCC unroll 4") for (int j = 0; j < NR; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+        const uint16_t *w = base + (size_t)n * K;
+        for (int k = 0; k < K; k += 32) {
+            __m512bh h = (__m512bh)_mm512_loadu_si512((const void *)(xh + k));
+            __m512bh l = (__m512bh)_mm512_loadu_si512((const void *)(xl + k));
+            _Pragma("GCC unroll 4") for (int j = 0; j < NR; j++) {
+                if (j >= nr) break;
+                _mm_prefetch((const char *)(w + (size_t)(j + NR) * K + k), _MM_HINT_T0);
+                __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + (size_t)j * K + k));
+                acc[j][0] = _mm512_dpbf16_ps(acc[j][0], wv, h);
+                acc[j][1] = _mm512_dpbf16_ps(acc[j][1], wv, l);
+            }
+        }
+        for (int j = 0; j < nr; j++) {
+            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
+            float *d = &y[n + j - y_col0];
+            *d = accumulate ? *d + v : v;
+        }
+    }
+}
+
 /* M = 1, FP8, K and the scale block width multiples of 64 */
 static void gemv_bf16_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
     int K = W->cols;
@@ -603,6 +647,10 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
     float out[NR][MR] = {{0}};
     if (W->dtype == DSI_F8_E4M3 && M == 1 && K % 64 == 0 && W->block_cols % 64 == 0 && have_bf16()) {
         gemv_bf16_path(W, x, y, y_col0, n0, n1, accumulate);
+        return;
+    }
+    if (W->dtype == DSI_BF16 && M == 1 && K % 32 == 0 && have_bf16()) {
+        gemv_bf16w_path(W, x, y, y_col0, n0, n1, accumulate);
         return;
     }
     if (W->dtype == DSI_F8_E4M3) {
