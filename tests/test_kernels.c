@@ -95,6 +95,7 @@ static void check_impl(const dsi_kernels *k) {
         dsi_dtype dt = dts[iter % 4];
         int rows = rint_(1, 300), cols = rint_(1, 700), M = iter % 3 == 2 ? rint_(10, 40) : rint_(1, 9);
         if (iter % 5 == 0) { rows = 256 + rint_(0, 3); cols = 512; } /* aligned */
+        if (iter % 8 == 0 || iter % 8 == 5) { M = 1; cols = 64 * rint_(1, 10); } /* the decode GEMV paths (FP8, BF16) */
         void *data;
         float *scale;
         dsi_mat W = random_mat(dt, rows, cols, &data, &scale);
@@ -123,6 +124,10 @@ static void check_impl(const dsi_kernels *k) {
         assert_true(max_rel(y, r, (size_t)M * ldy) < 1e-5 * sqrt(cols));
         /* transposed product over a row range */
         int r0 = rint_(0, rows - 1), r1 = rint_(r0 + 1, rows), c0 = rint_(0, cols - 1), c1 = rint_(c0 + 1, cols);
+        if (iter % 4 == 0 && cols >= 64) { /* FP8 (iter % 4 == 0): 64-aligned columns take the fast path */
+            c0 = 64 * rint_(0, cols / 64 - 1);
+            c1 = c0 + 64 * rint_(1, cols / 64 - c0 / 64);
+        }
         int ldt = (c1 - c0) + 3;
         float *yt = malloc(sizeof(float) * M * ldt), *rt = malloc(sizeof(float) * M * ldt);
         float *xt = malloc(sizeof(float) * M * rows);

@@ -62,6 +62,12 @@ typedef struct dsi_sched_opts {
     dsi_kvdisk *disk;        /* borrowed, outlives the scheduler; NULL: no disk tier. Full blocks are
                                 written to it when published; admission continues the prefix-cache
                                 match on disk and loads those blocks asynchronously */
+    /* Runs each step instead of dsi_engine_step (an EP group's dsi_ep_step);
+     * NULL = the engine. With heartbeat_s > 0 the scheduler thread also calls
+     * it with an empty batch when idle that often (the group's liveness). */
+    int (*step_fn)(void *ctx, const dsi_seq_step *seqs, int n_seqs);
+    void *step_ctx;
+    double heartbeat_s;
 } dsi_sched_opts;
 
 typedef struct dsi_request_params {

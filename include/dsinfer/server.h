@@ -18,6 +18,7 @@
 
 #include "dsinfer/common.h"
 #include "dsinfer/kvdisk.h"
+#include "dsinfer/ep.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -41,6 +42,17 @@ typedef struct dsi_server_opts {
     int default_max_tokens;        /* cap when max_tokens is absent; 0: 4096 */
     int no_prefix_cache;
     dsi_kvdisk_opts kv_disk;       /* .dir NULL: no disk KV tier */
+    /* economics (include/dsinfer/econ.h): with a pricing file, every request
+     * is billed at the price in force at its admission, /metrics carries
+     * revenue and GPU cost, GET /v1/pricing answers */
+    const char *pricing_path;      /* NULL: no billing */
+    const char *pricing_model;     /* entry of the pricing file to bill at; NULL: the served name, else the first */
+    const char *account_journal;   /* append-only JSON lines for `dsinfer report`; NULL: none */
+    int account_gpus;              /* GPUs this instance accounts for; 0: the file's gpus_per_node */
+    /* expert parallelism when started by mpirun with several ranks
+     * (include/dsinfer/ep.h): rank 0 serves HTTP and runs the scheduler, its
+     * steps run across the group; the other ranks call dsi_server_follow */
+    const dsi_ep_opts *ep;         /* NULL: defaults */
 } dsi_server_opts;
 
 /* Extra lines for /metrics (econ counters, ...): write Prometheus text with
@@ -72,6 +84,12 @@ int dsi_server_add_request_hook(dsi_server *s, dsi_request_hook fn, void *ctx);
  * finish for up to drain_timeout_s (0: cancel them at once), then frees
  * everything. NULL is a no-op. */
 void dsi_server_stop(dsi_server *s, double drain_timeout_s);
+
+/* An EP group's rank other than 0: loads the same model and engine as
+ * dsi_server_start would, joins the group and serves its share of the
+ * experts for rank 0's steps until rank 0 stops. Blocks; DSI_OK when the
+ * group ended normally. */
+int dsi_server_follow(const dsi_server_opts *o);
 
 #ifdef __cplusplus
 }

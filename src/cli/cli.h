@@ -27,5 +27,9 @@ int dsi_cmd_detokenize(int argc, char **argv);
 int dsi_cmd_chat_render(int argc, char **argv);
 
 int dsi_cmd_serve(int argc, char **argv);
+/* cmd_cuda.c: --device value in argv (0 cpu or absent, 1 cuda, -1 bad, message printed) */
+int dsi_cli_device(int argc, char **argv);
+int dsi_cmd_logits_cuda(int argc, char **argv);
+int dsi_cmd_generate_cuda(int argc, char **argv);
 
 #endif

@@ -1,6 +1,7 @@
 /* Engine subcommands: make-model, inspect, logits, generate, demo. */
 #include "cli/cli.h"
 #include "dsinfer/engine.h"
+#include "dsinfer/ep.h"
 #include "dsinfer/model.h"
 #include "dsinfer/sampler.h"
 
@@ -21,6 +22,7 @@ typedef struct engine_flags {
     int max_tokens;
     int kv_tokens;
     int no_mmap;
+    dsi_ep_opts ep;         /* used when started by mpirun with more than one rank */
 } engine_flags;
 
 /* Parses one engine flag at argv[*i]; returns 1 if consumed, -1 on error. */
@@ -32,6 +34,7 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
     if ((v = dsi_cli_flag(argc, argv, i, "--kernels", &missing))) { f->kernels = v; return 1; }
     if ((v = dsi_cli_flag(argc, argv, i, "--max-batch-tokens", &missing))) { f->max_tokens = atoi(v); return 1; }
     if ((v = dsi_cli_flag(argc, argv, i, "--kv-tokens", &missing))) { f->kv_tokens = atoi(v); return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--device", &missing))) return 1; /* cpu here; cuda never gets here */
     if ((v = dsi_cli_flag(argc, argv, i, "--attn", &missing))) {
         if (!strcmp(v, "auto")) f->attn = DSI_ATTN_AUTO;
         else if (!strcmp(v, "prefill")) f->attn = DSI_ATTN_PREFILL;
@@ -41,6 +44,19 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
     }
     if (!strcmp(argv[*i], "--fp8-act")) { f->fp8_act = 1; return 1; }
     if (!strcmp(argv[*i], "--no-mmap")) { f->no_mmap = 1; return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--dispatch", &missing))) {
+        if (!strcmp(v, "fp8")) f->ep.dispatch = DSI_EP_FP8;
+        else if (!strcmp(v, "bf16")) f->ep.dispatch = DSI_EP_BF16;
+        else if (!strcmp(v, "f32")) f->ep.dispatch = DSI_EP_F32;
+        else { fprintf(stderr, "dsinfer: --dispatch must be fp8, bf16 or f32\n"); return -1; }
+        return 1;
+    }
+    if ((v = dsi_cli_flag(argc, argv, i, "--placement", &missing))) { f->ep.placement = v; return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--ep-timeout-ms", &missing))) { f->ep.timeout_ms = atoi(v); return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--link-gbps", &missing))) { f->ep.link_gbps = atof(v); return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--link-latency-us", &missing))) { f->ep.link_latency_us = atof(v); return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--eplb-every", &missing))) { f->ep.eplb_every = atoi(v); return 1; }
+    if (!strcmp(argv[*i], "--no-overlap")) { f->ep.no_overlap = 1; return 1; }
     if (missing) { fprintf(stderr, "dsinfer: %s needs a value\n", argv[*i]); return -1; }
     return 0;
 }
@@ -52,8 +68,16 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
     "  --attn MODE            auto | prefill | absorbed attention form (default auto)\n"           \
     "  --fp8-act              quantise activations to FP8 per 1x128 tile (as DeepSeek serves)\n"   \
     "  --max-batch-tokens N   tokens per forward step (default 2048)\n"                            \
-    "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"   \
-    "  --no-mmap              copy weights into resident memory (faster decode than page-cache maps)\n"
+    "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"         \
+    "  --no-mmap              copy weights into resident memory (faster decode than page-cache maps)\n" \
+    "  --device cpu|cuda      engine (default cpu; see --device cuda --help)\n"                       \
+    "expert parallelism (under mpirun -np N, N > 1):\n"                                             \
+    "  --dispatch fp8|bf16|f32  dispatch as FP8 per-128 scaled (default), BF16, or f32 (lossless)\n"       \
+    "  --placement FILE       EPLB placement (phy2log); default: expert e in slot e\n"               \
+    "  --no-overlap           one micro-batch, transfers waited for at once (for comparison)\n"      \
+    "  --ep-timeout-ms N      fail the group when a transfer is pending this long (default 30000)\n" \
+    "  --link-gbps G, --link-latency-us U   emulate an inter-node link in the transport\n"          \
+    "  --eplb-every N         online EPLB: consider a new placement every N steps\n"
 
 /* Opens the model (or builds the demo) and an engine with a KV pool. */
 static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, dsi_kv_pool **kv, dsi_engine **e) {
@@ -90,6 +114,32 @@ static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, ds
     return rc;
 }
 
+/* Joins the EP group when started by mpirun with several ranks: *ep stays
+ * NULL otherwise. Collective. */
+static int open_ep(const engine_flags *f, dsi_engine *e, dsi_ep **ep) {
+    *ep = NULL;
+    if (!dsi_ep_launched()) return DSI_OK;
+    int rc = dsi_ep_init();
+    if (rc == DSI_OK) rc = dsi_ep_create(e, &f->ep, ep);
+    if (rc != DSI_OK) {
+        fprintf(stderr, "dsinfer: expert parallelism: %s\n", dsi_last_error());
+        dsi_ep_abort(1);
+    }
+    return rc;
+}
+
+/* A failed EP collective leaves the group out of step: report, end it. */
+static void ep_fail(dsi_ep *ep, const char *cmd) {
+    fprintf(stderr, "dsinfer %s: rank %d: %s\n", cmd, dsi_ep_rank(), dsi_last_error());
+    if (ep) dsi_ep_abort(1);
+}
+
+static void close_ep(dsi_ep *ep) {
+    if (!ep) return;
+    dsi_ep_destroy(ep);
+    dsi_ep_finalize();
+}
+
 static void close_engine(dsi_model *m, dsi_kv_pool *kv, dsi_engine *e) {
     dsi_engine_destroy(e);
     dsi_kv_pool_destroy(kv);
@@ -115,7 +165,59 @@ static int parse_ids(const char *s, int32_t **out) {
     return ids ? n : -1;
 }
 
+/* Runs several sequences batched, each step bringing every unfinished
+ * sequence's next chunk (prefill) or token (after decode_from). Under EP only
+ * the sequences this rank owns (index % ranks) run here, and the rank keeps
+ * serving the others' experts until the whole group is done. */
+static int run_logits_batch(dsi_engine *e, dsi_ep *ep, int32_t **ids, const int *lens, int n_seq, int chunk,
+                            int decode_from, float **outs) {
+    dsi_kv_pool *kv = dsi_engine_kv(e);
+    int V = dsi_model_config(dsi_engine_model(e))->vocab_size, max = dsi_engine_max_tokens(e);
+    int P = ep ? dsi_ep_size() : 1, me = ep ? dsi_ep_rank() : 0, rc = DSI_OK;
+    int32_t **blocks = calloc(n_seq, sizeof(int32_t *));
+    int *nb = calloc(n_seq, sizeof(int)), *pos = calloc(n_seq, sizeof(int));
+    dsi_seq_step *batch = calloc(n_seq, sizeof(dsi_seq_step));
+    if (!blocks || !nb || !pos || !batch) rc = dsi_error(DSI_ENOMEM, "out of memory");
+    for (int s = 0; rc == DSI_OK && s < n_seq; s++) {
+        if (s % P != me) continue;
+        nb[s] = DSI_CEIL_DIV(lens[s], DSI_KV_BLOCK_TOKENS);
+        if (!(blocks[s] = malloc(sizeof(int32_t) * nb[s]))) { rc = dsi_error(DSI_ENOMEM, "out of memory"); break; }
+        for (int b = 0; b < nb[s]; b++)
+            if ((blocks[s][b] = dsi_kv_alloc(kv)) < 0) {
+                for (int j = 0; j < b; j++) dsi_kv_release(kv, blocks[s][j]);
+                nb[s] = 0;
+                rc = dsi_error(DSI_EBUSY, "KV pool full");
+                break;
+            }
+    }
+    int step = chunk > 0 ? DSI_MIN(chunk, max) : max;
+    while (rc == DSI_OK) {
+        int n = 0, T = 0;
+        for (int s = 0; s < n_seq; s++) {
+            if (s % P != me || pos[s] >= lens[s]) continue;
+            int pend = decode_from >= 0 && decode_from < lens[s] ? decode_from : lens[s];
+            int k = pos[s] < pend ? DSI_MIN(step, pend - pos[s]) : 1;
+            if (T + k > max) continue;
+            batch[n++] = (dsi_seq_step){ids[s] + pos[s], k, pos[s], blocks[s], nb[s], DSI_LOGITS_ALL,
+                                        outs[s] + (size_t)pos[s] * V};
+            pos[s] += k;
+            T += k;
+        }
+        if (n == 0) break;
+        rc = ep ? dsi_ep_step(ep, batch, n) : dsi_engine_step(e, batch, n);
+    }
+    if (rc == DSI_OK && ep) rc = dsi_ep_idle(ep);
+    for (int s = 0; blocks && s < n_seq; s++) {
+        for (int b = 0; b < nb[s]; b++) dsi_kv_release(kv, blocks[s][b]);
+        free(blocks[s]);
+    }
+    free(blocks); free(nb); free(pos); free(batch);
+    return rc;
+}
+
 int dsi_cmd_logits(int argc, char **argv) {
+    int dev = dsi_cli_device(argc, argv); /* --device cuda: cmd_cuda.c */
+    if (dev) return dev < 0 ? 2 : dsi_cmd_logits_cuda(argc, argv);
     engine_flags f = {0};
     const char *ids_s = NULL, *out_path = NULL;
     int chunk = 0, decode_from = -1;
@@ -124,8 +226,11 @@ int dsi_cmd_logits(int argc, char **argv) {
         const char *v;
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: dsinfer logits --model DIR --ids 1,2,3 --out FILE [options]\n"
-                   "Writes float32 logits for every position, [n, vocab], raw little-endian.\n\n"
-                   "  --ids LIST             comma-separated token ids\n"
+                   "Writes float32 logits for every position, [n, vocab], raw little-endian.\n"
+                   "Several sequences separated by ';' run batched; sequence i > 0 goes to FILE.i.\n"
+                   "Under mpirun -np N, sequence i runs on rank i %% N (DP attention) and that rank\n"
+                   "writes its file; every rank serves its share of the experts.\n\n"
+                   "  --ids LIST             comma-separated token ids (';' between sequences)\n"
                    "  --out FILE             output file\n"
                    "  --chunk K              prefill in chunks of K tokens\n"
                    "  --decode-from P        prefill P tokens, then one token per step (absorbed path)\n" ENGINE_FLAGS_HELP);
@@ -140,30 +245,61 @@ int dsi_cmd_logits(int argc, char **argv) {
         if (missing) { fprintf(stderr, "dsinfer logits: %s needs a value\n", argv[i]); return 2; }
     }
     if (!ids_s || !out_path) { fprintf(stderr, "dsinfer logits: --ids and --out are required (see --help)\n"); return 2; }
-    int32_t *ids;
-    int n = parse_ids(ids_s, &ids);
-    if (n <= 0) { fprintf(stderr, "dsinfer logits: --ids must be a comma-separated list of token ids\n"); return 2; }
-    if (chunk < 0 || decode_from < -1) { fprintf(stderr, "dsinfer logits: bad --chunk or --decode-from\n"); free(ids); return 2; }
-    dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;
-    if (open_engine(&f, n, &m, &kv, &e)) { free(ids); return 1; }
-    int V = dsi_model_config(m)->vocab_size;
-    float *out = malloc(sizeof(float) * (size_t)n * V);
-    int rc = out ? dsi_engine_logits(e, ids, n, chunk, decode_from, out) : dsi_error(DSI_ENOMEM, "out of memory");
-    if (rc == DSI_OK) {
-        FILE *fo = fopen(out_path, "wb");
-        if (!fo || fwrite(out, sizeof(float), (size_t)n * V, fo) != (size_t)n * V || fclose(fo) != 0)
-            rc = dsi_error(DSI_EIO, "%s: write failed", out_path);
+    if (chunk < 0 || decode_from < -1) { fprintf(stderr, "dsinfer logits: bad --chunk or --decode-from\n"); return 2; }
+    /* split the sequences */
+    int n_seq = 1, total = 0;
+    for (const char *p = ids_s; *p; p++) n_seq += *p == ';';
+    int32_t **ids = calloc(n_seq, sizeof(int32_t *));
+    int *lens = calloc(n_seq, sizeof(int));
+    float **outs = calloc(n_seq, sizeof(float *));
+    char *copy = strdup(ids_s);
+    int bad = !ids || !lens || !outs || !copy;
+    char *save = NULL, *tok = bad ? NULL : strtok_r(copy, ";", &save);
+    for (int s = 0; !bad && s < n_seq; s++, tok = strtok_r(NULL, ";", &save)) {
+        if (!tok || (lens[s] = parse_ids(tok, &ids[s])) <= 0) bad = 1;
+        else total += lens[s];
     }
-    if (rc) fprintf(stderr, "dsinfer logits: %s\n", dsi_last_error());
-    free(out);
-    free(ids);
-    close_engine(m, kv, e);
-    return rc ? 1 : 0;
+    free(copy);
+    int rc = DSI_OK, code = 0;
+    dsi_model *m = NULL; dsi_kv_pool *kv = NULL; dsi_engine *e = NULL; dsi_ep *ep = NULL;
+    if (bad) {
+        fprintf(stderr, "dsinfer logits: --ids must be comma-separated token ids, ';' between sequences\n");
+        code = 2;
+    } else if (open_engine(&f, total, &m, &kv, &e)) {
+        code = 1;
+    } else {
+        open_ep(&f, e, &ep);
+        int V = dsi_model_config(m)->vocab_size, P = ep ? dsi_ep_size() : 1, me = ep ? dsi_ep_rank() : 0;
+        for (int s = 0; s < n_seq && rc == DSI_OK; s++)
+            if (s % P == me && !(outs[s] = malloc(sizeof(float) * (size_t)lens[s] * V))) rc = dsi_error(DSI_ENOMEM, "out of memory");
+        if (rc == DSI_OK) rc = run_logits_batch(e, ep, ids, lens, n_seq, chunk, decode_from, outs);
+        if (rc != DSI_OK) ep_fail(ep, "logits");
+        for (int s = 0; rc == DSI_OK && s < n_seq; s++) {
+            if (s % P != me) continue;
+            char path[4096];
+            if (s == 0) snprintf(path, sizeof path, "%s", out_path);
+            else snprintf(path, sizeof path, "%s.%d", out_path, s);
+            FILE *fo = fopen(path, "wb");
+            size_t n = (size_t)lens[s] * V;
+            if (!fo || fwrite(outs[s], sizeof(float), n, fo) != n || fclose(fo) != 0)
+                rc = dsi_error(DSI_EIO, "%s: write failed", path);
+            if (rc) fprintf(stderr, "dsinfer logits: %s\n", dsi_last_error());
+        }
+        code = rc ? 1 : 0;
+        close_ep(ep);
+        close_engine(m, kv, e);
+    }
+    for (int s = 0; s < n_seq; s++) {
+        if (ids) free(ids[s]);
+        if (outs) free(outs[s]);
+    }
+    free(ids); free(lens); free(outs);
+    return code;
 }
 
 /* Generates n tokens after the prompt (one sequence), printing ids. */
-static int run_generate(dsi_engine *e, const int32_t *prompt, int n_prompt, int n_new, const dsi_sampling *sp,
-                        int32_t *out_ids, double *prefill_s, double *decode_s) {
+static int run_generate(dsi_engine *e, dsi_ep *ep, const int32_t *prompt, int n_prompt, int n_new,
+                        const dsi_sampling *sp, int32_t *out_ids, double *prefill_s, double *decode_s) {
     const dsi_config *c = dsi_model_config(dsi_engine_model(e));
     dsi_kv_pool *kv = dsi_engine_kv(e);
     int total = n_prompt + n_new, nb = DSI_CEIL_DIV(total, DSI_KV_BLOCK_TOKENS);
@@ -182,7 +318,7 @@ static int run_generate(dsi_engine *e, const int32_t *prompt, int n_prompt, int 
     for (int p = 0; !rc && p < n_prompt; p += max) {
         int k = DSI_MIN(max, n_prompt - p);
         dsi_seq_step s = {prompt + p, k, p, blocks, nb, p + k == n_prompt ? DSI_LOGITS_LAST : DSI_LOGITS_NONE, logits};
-        rc = dsi_engine_step(e, &s, 1);
+        rc = ep ? dsi_ep_step(ep, &s, 1) : dsi_engine_step(e, &s, 1);
     }
     double t1 = dsi_now();
     for (int i = 0; !rc && i < n_new; i++) {
@@ -190,8 +326,9 @@ static int run_generate(dsi_engine *e, const int32_t *prompt, int n_prompt, int 
         out_ids[i] = tok;
         if (i + 1 == n_new) break;
         dsi_seq_step s = {&out_ids[i], 1, n_prompt + i, blocks, nb, DSI_LOGITS_LAST, logits};
-        rc = dsi_engine_step(e, &s, 1);
+        rc = ep ? dsi_ep_step(ep, &s, 1) : dsi_engine_step(e, &s, 1);
     }
+    if (rc == DSI_OK && ep) rc = dsi_ep_idle(ep);
     double t2 = dsi_now();
     if (prefill_s) *prefill_s = t1 - t0;
     if (decode_s) *decode_s = t2 - t1;
@@ -203,6 +340,8 @@ static int run_generate(dsi_engine *e, const int32_t *prompt, int n_prompt, int 
 }
 
 int dsi_cmd_generate(int argc, char **argv) {
+    int dev = dsi_cli_device(argc, argv); /* --device cuda: cmd_cuda.c */
+    if (dev) return dev < 0 ? 2 : dsi_cmd_generate_cuda(argc, argv);
     engine_flags f = {0};
     const char *ids_s = NULL;
     int n_new = 16;
@@ -244,9 +383,13 @@ int dsi_cmd_generate(int argc, char **argv) {
     if (open_engine(&f, n + n_new, &m, &kv, &e)) { free(ids); return 1; }
     int32_t *out = malloc(sizeof(int32_t) * n_new);
     double tp, td;
-    int rc = run_generate(e, ids, n, n_new, &sp, out, &tp, &td);
-    if (rc) fprintf(stderr, "dsinfer generate: %s\n", dsi_last_error());
-    else {
+    dsi_ep *ep;
+    open_ep(&f, e, &ep);
+    /* under EP, rank 0 owns the sequence; the others serve their experts */
+    int rc = !ep || dsi_ep_rank() == 0 ? run_generate(e, ep, ids, n, n_new, &sp, out, &tp, &td) : dsi_ep_idle(ep);
+    if (rc) ep_fail(ep, "generate");
+    else if (ep && dsi_ep_rank() != 0) {
+    } else {
         for (int i = 0; i < n_new; i++) printf("%s%d", i ? " " : "", out[i]);
         printf("\n");
         fprintf(stderr, "dsinfer: prefill %d tokens %.1f tok/s, decode %d tokens %.1f tok/s (%s, %d threads)\n", n,
@@ -254,6 +397,7 @@ int dsi_cmd_generate(int argc, char **argv) {
     }
     free(out);
     free(ids);
+    close_ep(ep);
     close_engine(m, kv, e);
     return rc ? 1 : 0;
 }
@@ -327,16 +471,9 @@ int dsi_cmd_inspect(int argc, char **argv) {
     return 0;
 }
 
-int dsi_cmd_demo(int argc, char **argv) {
-    if (argc > 1 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
-        printf("usage: dsinfer demo\nBuilds the built-in demo model (tiny DeepSeek-V3 shape, random FP8 weights)\n"
-               "in memory and generates from a fixed prompt through both attention forms.\n");
-        return 0;
-    }
-    if (argc > 1) { /* demo takes no options: do not silently ignore a typo */
-        fprintf(stderr, "dsinfer demo: unknown option '%s' (see --help)\n", argv[1]);
-        return 2;
-    }
+/* The engine part of `dsinfer demo` (cmd_demo.c): greedy generation on the
+ * built-in model. Returns 0 or prints the error and returns 1. */
+int dsi__demo_engine(void) {
     engine_flags f = {0};
     dsi_model *m; dsi_kv_pool *kv; dsi_engine *e;
     if (open_engine(&f, 4096, &m, &kv, &e)) return 1;
@@ -346,13 +483,15 @@ int dsi_cmd_demo(int argc, char **argv) {
     int32_t out[64];
     dsi_sampling sp = {0};
     double tp, td;
-    int rc = run_generate(e, prompt, 32, 64, &sp, out, &tp, &td);
+    int rc = run_generate(e, NULL, prompt, 32, 64, &sp, out, &tp, &td);
     if (rc) { fprintf(stderr, "dsinfer demo: %s\n", dsi_last_error()); close_engine(m, kv, e); return 1; }
-    printf("dsinfer demo: built-in model (%d layers, hidden %d, %d experts top-%d, FP8 weights, fingerprint %016llx)\n",
-           c->n_layers, c->hidden, c->n_experts, c->n_experts_per_tok, (unsigned long long)dsi_model_fingerprint(m));
-    printf("prompt: 32 tokens; greedy continuation:");
-    for (int i = 0; i < 64; i++) printf(" %d", out[i]);
-    printf("\nprefill %.0f tok/s, decode %.0f tok/s (%s kernels, %d threads)\n", 32 / tp, 63 / td,
+    printf("engine: built-in model (%d layers, hidden %d, MLA kv_lora %d, %d experts top-%d in %d groups, FP8 "
+           "weights, fingerprint %016llx)\n",
+           c->n_layers, c->hidden, c->kv_lora_rank, c->n_experts, c->n_experts_per_tok, c->n_group,
+           (unsigned long long)dsi_model_fingerprint(m));
+    printf("  32-token prompt, greedy continuation:");
+    for (int i = 0; i < 16; i++) printf(" %d", out[i]);
+    printf(" ...\n  prefill %.0f tok/s, decode %.0f tok/s (%s kernels, %d threads)\n", 32 / tp, 63 / td,
            dsi_engine_kernels_name(e), dsi_engine_n_threads(e));
     close_engine(m, kv, e);
     return 0;

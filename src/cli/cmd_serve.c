@@ -36,11 +36,26 @@ static void usage(FILE *f) {
             "  --kv-disk-ttl S              also evict blocks unused for S seconds (default: never)\n"
             "  --kv-disk-fsync MODE         none (default; checksums catch torn files), file, or dir\n"
             "  --kv-disk-io MODE            auto (default: io_uring, else threads), uring, or threads\n"
-            "  --kv-disk-rescan S           seconds between directory rescans (default 30; 0 = default)\n");
+            "  --kv-disk-rescan S           seconds between directory rescans (default 30; 0 = default)\n"
+            "economics (see docs/pricing.example.json):\n"
+            "  --pricing FILE|deepseek      bill requests at the prices in force at admission ('deepseek':\n"
+            "                               the built-in DeepSeek price list); revenue\n"
+            "                               and GPU cost in /metrics; GET /v1/pricing\n"
+            "  --pricing-model NAME         pricing entry to bill at (default: the served name, else the first)\n"
+            "  --account-journal FILE       append bills and scale events (read by 'dsinfer report')\n"
+            "  --account-gpus N             GPUs this instance costs (default: the file's gpus_per_node)\n"
+            "expert parallelism (under mpirun -np N: rank 0 serves HTTP, every rank serves experts):\n"
+            "  --dispatch fp8|bf16|f32      dispatch format (default fp8)\n"
+            "  --placement FILE             EPLB placement file (default: expert e in slot e)\n"
+            "  --no-overlap                 one micro-batch per step\n"
+            "  --ep-timeout-ms N            a rank silent this long fails the group (default 30000)\n"
+            "  --eplb-every N               online EPLB every N steps\n");
 }
 
 int dsi_cmd_serve(int argc, char **argv) {
     dsi_server_opts o = dsi_server_default_opts();
+    dsi_ep_opts ep = {0};
+    o.ep = &ep;
     double drain = 30, disk_gb = 16;
     for (int i = 1; i < argc; i++) {
         int missing = 0;
@@ -73,6 +88,20 @@ int dsi_cmd_serve(int argc, char **argv) {
             o.kv_disk.io = !strcmp(v, "auto") ? 0 : !strcmp(v, "uring") ? 1 : !strcmp(v, "threads") ? 2 : -1;
             if (o.kv_disk.io < 0) { fprintf(stderr, "dsinfer serve: --kv-disk-io takes auto, uring or threads\n"); return 2; }
         }
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing", &missing))) o.pricing_path = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing-model", &missing))) o.pricing_model = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--account-journal", &missing))) o.account_journal = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--account-gpus", &missing))) o.account_gpus = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--dispatch", &missing))) {
+            if (!strcmp(v, "fp8")) ep.dispatch = DSI_EP_FP8;
+            else if (!strcmp(v, "bf16")) ep.dispatch = DSI_EP_BF16;
+            else if (!strcmp(v, "f32")) ep.dispatch = DSI_EP_F32;
+            else { fprintf(stderr, "dsinfer serve: --dispatch must be fp8, bf16 or f32\n"); return 2; }
+        }
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--placement", &missing))) ep.placement = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--ep-timeout-ms", &missing))) ep.timeout_ms = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--eplb-every", &missing))) ep.eplb_every = atoi(v);
+        else if (!strcmp(argv[i], "--no-overlap")) ep.no_overlap = 1;
         else { fprintf(stderr, "dsinfer serve: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer serve: %s needs a value\n", argv[i]); return 2; }
     }
@@ -93,6 +122,18 @@ int dsi_cmd_serve(int argc, char **argv) {
     sigaddset(&set, SIGINT);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
+    if (dsi_ep_launched()) {
+        /* an EP group: ranks other than 0 serve experts until rank 0 stops
+         * (the stop signals mpirun forwards to them stay blocked) */
+        if (dsi_ep_init() != DSI_OK) { fprintf(stderr, "dsinfer serve: %s\n", dsi_last_error()); return 1; }
+        if (dsi_ep_rank() != 0) {
+            if (dsi_server_follow(&o) != DSI_OK) {
+                fprintf(stderr, "dsinfer serve: rank %d: %s\n", dsi_ep_rank(), dsi_last_error());
+                dsi_ep_abort(1);
+            }
+            return 0;
+        }
+    }
     dsi_server *srv;
     if (dsi_server_start(&o, &srv) != DSI_OK) {
         fprintf(stderr, "dsinfer serve: %s\n", dsi_last_error());

@@ -168,7 +168,8 @@ static void prefill_attention(dsi_engine *e, int layer, const dsi_layer *L, cons
         /* decompress K_nope and V for the block: [cl][H][nope+v] */
         dsi__matmul(e, &L->kv_b, blk, cl, kvd, e->s.kvdec, H * (c->qk_nope_dim + vd), 0);
         prefill_job j = {e, layer, c0, cl, ss};
-        dsi_pool_for(e->pool, (int64_t)ss->n * H, 1, prefill_task, &j);
+        double work = 2.0 * ss->n * H * cl * (c->qk_nope_dim + c->qk_rope_dim + vd);
+        dsi_pool_for(dsi__pool_for_work(e, work), (int64_t)ss->n * H, 1, prefill_task, &j);
     }
     for (int i = 0; i < ss->n; i++)
         for (int h = 0; h < H; h++) {
@@ -189,7 +190,11 @@ int dsi__stage_attn1(dsi_engine *e, int layer) {
         const dsi_step_seq *ss = &e->seqs[si];
         if (ss->absorbed) {
             absorbed_job j = {e, L, layer, ss};
-            dsi_pool_for(e->pool, (int64_t)ss->n * H, 1, absorbed_task, &j);
+            /* per head: absorb q (nope x lora), scores and sum over the context (2 x kv dim), W_UV (lora x v) */
+            double work = 2.0 * ss->n * H *
+                          ((double)c->kv_lora_rank * (c->qk_nope_dim + c->v_head_dim) +
+                           (double)(ss->pos + ss->n) * (2 * c->kv_lora_rank + c->qk_rope_dim));
+            dsi_pool_for(dsi__pool_for_work(e, work), (int64_t)ss->n * H, 1, absorbed_task, &j);
         } else {
             prefill_attention(e, layer, L, ss);
         }

@@ -45,6 +45,14 @@ static const float *maybe_quantise(dsi_engine *e, const dsi_mat *W, const float 
     return q;
 }
 
+/* Below this much work (~25 us on one core, compute- or memory-bound: an FP8 GEMV of 1 MB) a job runs on
+ * the calling thread. */
+#define PARALLEL_MIN_FLOPS 2e6
+
+dsi_pool *dsi__pool_for_work(const dsi_engine *e, double flops) {
+    return flops >= PARALLEL_MIN_FLOPS ? e->pool : NULL;
+}
+
 typedef struct q8_job {
     const dsi_engine *e;
     const dsi_mat *W;
@@ -85,12 +93,12 @@ static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *
     }
     q8_job j = {e, W, xq, xs, ldq, lds, M, ldy, n0, accumulate, y - (n0 - y_col0)};
     (void)y_col0;
-    dsi_pool_for(e->pool, n1 - n0, 32, q8_task, &j);
+    dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * (n1 - n0) * K), n1 - n0, 32, q8_task, &j);
     return 1;
 }
 
-void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
-                      int ldy) {
+static void matmul_rows_impl(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
+                             int ldy) {
     if (M <= 0 || n1 <= n0) return;
     if (try_q8(e, W, n0, n1, x, M, ldx, y, ldy, n0, 0)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
@@ -98,25 +106,28 @@ void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const flo
     /* grain: 16 rows keeps tiles 4-aligned; bigger when M is large so each
      * task streams a useful share of the activations */
     int64_t grain = M >= 64 ? 64 : 16;
-    /* small problems are not worth waking the pool */
-    if ((double)M * (n1 - n0) * W->cols < 65536.0) {
-        e->k->matmul(W, x, M, ldx, y, ldy, n0, n0, n1, 0);
-        return;
-    }
-    dsi_pool_for(e->pool, n1 - n0, grain, mm_task, &j);
+    dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * (n1 - n0) * W->cols), n1 - n0, grain, mm_task, &j);
 }
 
-void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate) {
+static void matmul_impl(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate) {
     if (M <= 0) return;
     if (try_q8(e, W, 0, W->rows, x, M, ldx, y, ldy, 0, accumulate)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
     mm_job j = {e, W, x, M, ldx, ldy, 0, accumulate, y};
     int64_t grain = M >= 64 ? 64 : 16;
-    if ((double)M * W->rows * W->cols < 65536.0) {
-        e->k->matmul(W, x, M, ldx, y, ldy, 0, 0, W->rows, accumulate);
-        return;
-    }
-    dsi_pool_for(e->pool, W->rows, grain, mm_task, &j);
+    dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * W->rows * W->cols), W->rows, grain, mm_task, &j);
+}
+
+/* The expert-parallel runtime polls its transfers after every matmul. */
+void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
+                      int ldy) {
+    matmul_rows_impl(e, W, n0, n1, x, M, ldx, y, ldy);
+    if (e->poll_hook) e->poll_hook(e->poll_ctx);
+}
+
+void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate) {
+    matmul_impl(e, W, x, M, ldx, y, ldy, accumulate);
+    if (e->poll_hook) e->poll_hook(e->poll_ctx);
 }
 
 /* ------------------------------------------------------------ small ops */
@@ -190,17 +201,21 @@ static void rope_init(dsi_engine *e) {
 
 /* ------------------------------------------------------------ lifecycle */
 
-static void scratch_free(dsi_engine *e) {
-    dsi_scratch *s = &e->s;
+/* Frees a scratch set. The per-thread attention buffers belong to the
+ * engine's own set only (`own_threads`): micro-batch sets borrow them, since
+ * they are used within one stage at a time. */
+static void scratch_free(dsi_engine *e, dsi_scratch *s, int own_threads) {
     float **fs[] = {&s->x, &s->xn, &s->qa, &s->q, &s->kva, &s->attn, &s->y, &s->h1, &s->h2, &s->xq, &s->topk_w,
                     &s->exp_wts, &s->ex, &s->eh1, &s->eh2, &s->kvdec, &s->ostate, &s->router};
     for (size_t i = 0; i < sizeof fs / sizeof fs[0]; i++) { dsi_free(*fs[i]); *fs[i] = NULL; }
     dsi_free(s->topk_ids); dsi_free(s->exp_count); dsi_free(s->exp_offset); dsi_free(s->exp_tokens);
     dsi_free(s->tok_pos);
-    int nt = dsi_pool_size(e->pool);
-    for (int t = 0; s->th_scores && t < nt; t++) dsi_free(s->th_scores[t]);
-    for (int t = 0; s->th_vec && t < nt; t++) dsi_free(s->th_vec[t]);
-    free(s->th_scores); free(s->th_vec);
+    if (own_threads) {
+        int nt = dsi_pool_size(e->pool);
+        for (int t = 0; s->th_scores && t < nt; t++) dsi_free(s->th_scores[t]);
+        for (int t = 0; s->th_vec && t < nt; t++) dsi_free(s->th_vec[t]);
+        free(s->th_scores); free(s->th_vec);
+    }
     memset(s, 0, sizeof *s);
 }
 
@@ -209,7 +224,7 @@ void dsi_engine_destroy(dsi_engine *e) {
     if (e->profile)
         fprintf(stderr, "dsinfer profile: attn0 %.3f s, attn1 %.3f s, dense ffn %.3f s, moe %.3f s, lm_head %.3f s\n",
                 e->prof[0], e->prof[1], e->prof[2], e->prof[3], e->prof[4]);
-    scratch_free(e);
+    scratch_free(e, &e->s, 1);
     dsi_pool_destroy(e->pool);
     free(e->inv_freq);
     free(e->seqs);
@@ -217,6 +232,64 @@ void dsi_engine_destroy(dsi_engine *e) {
 }
 
 #define ATTN_CHUNK 64 /* context positions decompressed at a time (prefill form) */
+
+/* Allocates a scratch set for max_tokens rows (see scratch_free for
+ * `own_threads`). DSI_ENOMEM leaves `s` zeroed. */
+static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
+    const dsi_config *c = e->c;
+    size_t T = e->max_tokens, D = c->hidden, H = c->n_heads, qk = dsi_config_qk_head_dim(c);
+    size_t kvd = dsi_config_kv_dim(c), topk = c->n_experts_per_tok > 0 ? c->n_experts_per_tok : 1;
+    size_t inter = DSI_MAX((size_t)c->dense_inter, (size_t)c->moe_inter * DSI_MAX(1, c->n_shared_experts));
+    size_t max_in = DSI_MAX(DSI_MAX(D, (size_t)c->q_lora_rank), DSI_MAX(inter, H * c->v_head_dim));
+    max_in = DSI_MAX(max_in, (size_t)c->kv_lora_rank);
+    size_t TE = T * topk, E = c->n_experts > 0 ? c->n_experts : 1;
+    s->x = dsi_alloc(T * D * 4);
+    s->xn = dsi_alloc(T * D * 4);
+    s->qa = dsi_alloc(T * DSI_MAX(1, c->q_lora_rank) * 4);
+    s->q = dsi_alloc(T * H * qk * 4);
+    s->kva = dsi_alloc(T * kvd * 4);
+    s->attn = dsi_alloc(T * H * c->v_head_dim * 4);
+    s->y = dsi_alloc(T * D * 4);
+    s->h1 = dsi_alloc(T * inter * 4);
+    s->h2 = dsi_alloc(T * inter * 4);
+    /* float copies, or bf16 codes + per-128 scales (try_q8), of up to max(T, chunk) rows */
+    s->xq = dsi_alloc(DSI_MAX(T, (size_t)ATTN_CHUNK) * (max_in + 256) * 4);
+    s->topk_ids = dsi_alloc(TE * sizeof(int));
+    s->topk_w = dsi_alloc(TE * 4);
+    s->exp_count = dsi_alloc(E * sizeof(int));
+    s->exp_offset = dsi_alloc((E + 1) * sizeof(int));
+    s->exp_tokens = dsi_alloc(TE * sizeof(int));
+    s->exp_wts = dsi_alloc(TE * 4);
+    s->ex = dsi_alloc(TE * D * 4);
+    s->eh1 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
+    s->eh2 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
+    s->tok_pos = dsi_alloc(T * sizeof(int));
+    s->kvdec = dsi_alloc((size_t)ATTN_CHUNK * H * (c->qk_nope_dim + c->v_head_dim) * 4);
+    s->ostate = dsi_alloc(T * H * (c->v_head_dim + 2) * 4);
+    s->router = dsi_alloc(T * E * 4);
+    int nt = dsi_pool_size(e->pool);
+    if (own_threads) {
+        s->th_scores = calloc(nt, sizeof(float *));
+        s->th_vec = calloc(nt, sizeof(float *));
+    } else {
+        s->th_scores = e->s.th_scores;
+        s->th_vec = e->s.th_vec;
+    }
+    int ok = s->x && s->xn && s->qa && s->q && s->kva && s->attn && s->y && s->h1 && s->h2 && s->xq && s->topk_ids &&
+             s->topk_w && s->exp_count && s->exp_offset && s->exp_tokens && s->exp_wts && s->ex && s->eh1 && s->eh2 &&
+             s->tok_pos && s->kvdec && s->ostate && s->router && s->th_scores && s->th_vec;
+    for (int t = 0; ok && own_threads && t < nt; t++) {
+        s->th_scores[t] = dsi_alloc((size_t)e->max_ctx * 4 + 64);
+        s->th_vec[t] = dsi_alloc(((size_t)c->kv_lora_rank * 2 + qk + c->v_head_dim + 64) * 4);
+        ok = s->th_scores[t] && s->th_vec[t];
+    }
+    if (!ok) {
+        scratch_free(e, s, own_threads);
+        return DSI_ENOMEM;
+    }
+    return DSI_OK;
+}
+
 
 int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts *opts, dsi_engine **out) {
     *out = NULL;
@@ -249,51 +322,10 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     rope_init(e);
     e->max_ctx = dsi_kv_n_blocks(kv) * dsi_kv_block_tokens(kv);
 
-    size_t T = e->max_tokens, D = c->hidden, H = c->n_heads, qk = dsi_config_qk_head_dim(c);
-    size_t kvd = dsi_config_kv_dim(c), topk = c->n_experts_per_tok > 0 ? c->n_experts_per_tok : 1;
-    size_t inter = DSI_MAX((size_t)c->dense_inter, (size_t)c->moe_inter * DSI_MAX(1, c->n_shared_experts));
-    size_t max_in = DSI_MAX(DSI_MAX(D, (size_t)c->q_lora_rank), DSI_MAX(inter, H * c->v_head_dim));
-    max_in = DSI_MAX(max_in, (size_t)c->kv_lora_rank);
-    size_t TE = T * topk, E = c->n_experts > 0 ? c->n_experts : 1;
-    dsi_scratch *s = &e->s;
-    s->x = dsi_alloc(T * D * 4);
-    s->xn = dsi_alloc(T * D * 4);
-    s->qa = dsi_alloc(T * DSI_MAX(1, c->q_lora_rank) * 4);
-    s->q = dsi_alloc(T * H * qk * 4);
-    s->kva = dsi_alloc(T * kvd * 4);
-    s->attn = dsi_alloc(T * H * c->v_head_dim * 4);
-    s->y = dsi_alloc(T * D * 4);
-    s->h1 = dsi_alloc(T * inter * 4);
-    s->h2 = dsi_alloc(T * inter * 4);
-    /* float copies, or bf16 codes + per-128 scales (try_q8), of up to max(T, chunk) rows */
-    s->xq = dsi_alloc(DSI_MAX(T, (size_t)ATTN_CHUNK) * (max_in + 256) * 4);
-    s->topk_ids = dsi_alloc(TE * sizeof(int));
-    s->topk_w = dsi_alloc(TE * 4);
-    s->exp_count = dsi_alloc(E * sizeof(int));
-    s->exp_offset = dsi_alloc((E + 1) * sizeof(int));
-    s->exp_tokens = dsi_alloc(TE * sizeof(int));
-    s->exp_wts = dsi_alloc(TE * 4);
-    s->ex = dsi_alloc(TE * D * 4);
-    s->eh1 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
-    s->eh2 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
-    s->tok_pos = dsi_alloc(T * sizeof(int));
-    s->kvdec = dsi_alloc((size_t)ATTN_CHUNK * H * (c->qk_nope_dim + c->v_head_dim) * 4);
-    s->ostate = dsi_alloc(T * H * (c->v_head_dim + 2) * 4);
-    s->router = dsi_alloc(T * E * 4);
-    int nt = dsi_pool_size(e->pool);
-    s->th_scores = calloc(nt, sizeof(float *));
-    s->th_vec = calloc(nt, sizeof(float *));
-    int ok = s->x && s->xn && s->qa && s->q && s->kva && s->attn && s->y && s->h1 && s->h2 && s->xq && s->topk_ids &&
-             s->topk_w && s->exp_count && s->exp_offset && s->exp_tokens && s->exp_wts && s->ex && s->eh1 && s->eh2 &&
-             s->tok_pos && s->kvdec && s->ostate && s->router && s->th_scores && s->th_vec;
-    for (int t = 0; ok && t < nt; t++) {
-        s->th_scores[t] = dsi_alloc((size_t)e->max_ctx * 4 + 64);
-        s->th_vec[t] = dsi_alloc(((size_t)c->kv_lora_rank * 2 + qk + c->v_head_dim + 64) * 4);
-        ok = s->th_scores[t] && s->th_vec[t];
-    }
-    if (!ok) {
+    if (scratch_alloc(e, &e->s, 1) != DSI_OK) {
+        int T = e->max_tokens;
         dsi_engine_destroy(e);
-        return dsi_error(DSI_ENOMEM, "engine: cannot allocate scratch for %zu tokens per step", T);
+        return dsi_error(DSI_ENOMEM, "engine: cannot allocate scratch for %d tokens per step", T);
     }
     *out = e;
     return DSI_OK;
@@ -327,10 +359,12 @@ static void embed_rows(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
         }
 }
 
-int dsi_engine_step(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
+int dsi__step_begin(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
     const dsi_config *c = e->c;
     int bt = dsi_kv_block_tokens(e->kv);
-    if (n_seqs <= 0) return dsi_error(DSI_EINVAL, "engine step: empty batch");
+    if (n_seqs < 0 || n_seqs > e->max_tokens) return dsi_error(DSI_EINVAL, "engine step: bad batch size %d", n_seqs);
+    e->n_seqs = 0;
+    e->T = 0;
     int T = 0;
     for (int s = 0; s < n_seqs; s++) {
         const dsi_seq_step *q = &seqs[s];
@@ -365,9 +399,33 @@ int dsi_engine_step(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
     e->T = T;
 
     embed_rows(e, seqs, n_seqs);
+    return DSI_OK;
+}
+
+void dsi__step_end(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
+    const dsi_config *c = e->c;
+    int D = c->hidden, V = c->vocab_size, T = e->T;
+    double tl = e->profile ? dsi_now() : 0;
+    for (int t = 0; t < T; t++) dsi__rmsnorm(e->s.x + (size_t)t * D, e->m->final_norm, D, (float)c->rms_norm_eps, e->s.xn + (size_t)t * D);
+    capture(e, c->n_layers, e->s.xn);
+    for (int s = 0; s < n_seqs; s++) {
+        const dsi_seq_step *q = &seqs[s];
+        const dsi_step_seq *ss = &e->seqs[s];
+        if (q->logits == DSI_LOGITS_ALL)
+            dsi__matmul(e, &e->m->lm_head, e->s.xn + (size_t)ss->t0 * D, ss->n, D, q->out_logits, V, 0);
+        else if (q->logits == DSI_LOGITS_LAST)
+            dsi__matmul(e, &e->m->lm_head, e->s.xn + (size_t)(ss->t0 + ss->n - 1) * D, 1, D, q->out_logits, V, 0);
+    }
+    if (e->profile) e->prof[4] += dsi_now() - tl;
+}
+
+int dsi_engine_step(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
+    const dsi_config *c = e->c;
+    if (n_seqs <= 0) return dsi_error(DSI_EINVAL, "engine step: empty batch");
+    int rc = dsi__step_begin(e, seqs, n_seqs);
+    if (rc != DSI_OK) return rc;
     capture(e, 0, e->s.x);
     for (int l = 0; l < c->n_layers; l++) {
-        int rc;
         double t0 = e->profile ? dsi_now() : 0;
         if ((rc = dsi__stage_attn0(e, l)) != DSI_OK) return rc;
         double t1 = e->profile ? dsi_now() : 0;
@@ -382,22 +440,43 @@ int dsi_engine_step(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
         }
         if (l + 1 < c->n_layers) capture(e, l + 1, e->s.x);
     }
-
-    double tl = e->profile ? dsi_now() : 0;
-    /* final norm + lm_head for the rows that want logits */
-    int D = c->hidden, V = c->vocab_size;
-    for (int t = 0; t < T; t++) dsi__rmsnorm(e->s.x + (size_t)t * D, e->m->final_norm, D, (float)c->rms_norm_eps, e->s.xn + (size_t)t * D);
-    capture(e, c->n_layers, e->s.xn);
-    for (int s = 0; s < n_seqs; s++) {
-        const dsi_seq_step *q = &seqs[s];
-        const dsi_step_seq *ss = &e->seqs[s];
-        if (q->logits == DSI_LOGITS_ALL)
-            dsi__matmul(e, &e->m->lm_head, e->s.xn + (size_t)ss->t0 * D, ss->n, D, q->out_logits, V, 0);
-        else if (q->logits == DSI_LOGITS_LAST)
-            dsi__matmul(e, &e->m->lm_head, e->s.xn + (size_t)(ss->t0 + ss->n - 1) * D, 1, D, q->out_logits, V, 0);
-    }
-    if (e->profile) e->prof[4] += dsi_now() - tl;
+    dsi__step_end(e, seqs, n_seqs);
     return DSI_OK;
+}
+
+/* ------------------------------------------------------------ micro-batches */
+
+int dsi__ubatch_init(dsi_engine *e, dsi_ubatch *u) {
+    memset(u, 0, sizeof *u);
+    u->seqs = calloc(e->max_tokens, sizeof(dsi_step_seq));
+    if (!u->seqs || scratch_alloc(e, &u->s, 0) != DSI_OK) {
+        free(u->seqs);
+        u->seqs = NULL;
+        return dsi_error(DSI_ENOMEM, "engine: cannot allocate a micro-batch of %d tokens", e->max_tokens);
+    }
+    return DSI_OK;
+}
+
+void dsi__ubatch_free(dsi_engine *e, dsi_ubatch *u) {
+    if (!u || !u->seqs) return;
+    scratch_free(e, &u->s, 0);
+    free(u->seqs);
+    memset(u, 0, sizeof *u);
+}
+
+void dsi__ubatch_swap(dsi_engine *e, dsi_ubatch *u) {
+    dsi_scratch s = e->s;
+    e->s = u->s;
+    u->s = s;
+    dsi_step_seq *q = e->seqs;
+    e->seqs = u->seqs;
+    u->seqs = q;
+    int n = e->n_seqs;
+    e->n_seqs = u->n_seqs;
+    u->n_seqs = n;
+    int T = e->T;
+    e->T = u->T;
+    u->T = T;
 }
 
 int dsi_engine_logits(dsi_engine *e, const int32_t *ids, int n, int chunk, int decode_from, float *out) {

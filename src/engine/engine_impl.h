@@ -61,7 +61,33 @@ struct dsi_engine {
     int profile;
     float *capture;         /* optional hidden-state capture */
     int capture_tokens;
+    /* Called after each matmul on the calling thread: the expert-parallel
+     * runtime progresses its nonblocking transfers there (Open MPI moves
+     * data only while polled). NULL when unused. */
+    void (*poll_hook)(void *ctx);
+    void *poll_ctx;
 };
+
+/* A micro-batch's step state. The stages read the engine's current state
+ * (e->s, e->seqs, e->n_seqs, e->T); the dual micro-batch schedule keeps a
+ * second one here and swaps it in and out around each stage. */
+typedef struct dsi_ubatch {
+    dsi_scratch s;
+    dsi_step_seq *seqs;     /* [max_tokens] */
+    int n_seqs, T;
+} dsi_ubatch;
+
+/* Allocates scratch and sequence table like the engine's own (zeroed `u`). */
+int dsi__ubatch_init(dsi_engine *e, dsi_ubatch *u);
+void dsi__ubatch_free(dsi_engine *e, dsi_ubatch *u);
+/* Exchanges the engine's current micro-batch state with `u`. */
+void dsi__ubatch_swap(dsi_engine *e, dsi_ubatch *u);
+
+/* Validates a batch, lays out its rows and embeds its tokens into the
+ * current state. n_seqs == 0 is allowed (an empty micro-batch, T = 0). */
+int dsi__step_begin(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs);
+/* Final norm and lm_head for the rows that want logits. */
+void dsi__step_end(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs);
 
 /* y[M][N] = x[M][K] W^T, parallel over N (rows of W). `accumulate` adds. */
 void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate);
@@ -69,13 +95,28 @@ void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx
 void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
                       int ldy);
 
+/* The thread pool for a job of about `flops` work, or NULL (run inline) when
+ * waking the other threads would cost more than it saves: a wake-up is
+ * microseconds, and a thread the OS has descheduled costs a time slice. */
+dsi_pool *dsi__pool_for_work(const dsi_engine *e, double flops);
+
 void dsi__rmsnorm(const float *x, const float *w, int n, float eps, float *out);
 void dsi__rope(const dsi_engine *e, float *v, int pos); /* in place, [rope] */
 
 /* Stages (ARCHITECTURE-SKETCH): each works on the whole step's rows. */
 int dsi__stage_attn0(dsi_engine *e, int layer);
 int dsi__stage_attn1(dsi_engine *e, int layer);
-int dsi__stage_ffn(dsi_engine *e, int layer);
+int dsi__stage_ffn(dsi_engine *e, int layer); /* = gate + shared + routed_local */
+/* MoE layers only: router and top-k into s.topk_ids / s.topk_w. */
+int dsi__stage_gate(dsi_engine *e, int layer);
+/* MoE layers: shared experts added into x; dense layers: the whole MLP. */
+int dsi__stage_shared(dsi_engine *e, int layer);
+/* DISPATCH + MLP + COMBINE within one process (a permutation). */
+int dsi__stage_routed_local(dsi_engine *e, int layer);
+/* One routed expert over n rows [n][ldx] in place (outputs overwrite the
+ * inputs). h1, h2: [n][moe_inter] scratch. n must be <= max_tokens when FP8
+ * activations are on (their quantisation scratch is sized so). */
+void dsi__expert_mlp(dsi_engine *e, int layer, int expert, float *rows, int n, int ldx, float *h1, float *h2);
 
 /* MoE gate for one token: ids/weights [topk]. scores scratch [2*E]. */
 void dsi__moe_gate(const dsi_config *c, const float *logits, const float *bias, int *ids, float *w, float *scratch);

@@ -75,25 +75,43 @@ void dsi__moe_gate(const dsi_config *c, const float *logits, const float *bias, 
     }
 }
 
-int dsi__stage_ffn(dsi_engine *e, int layer) {
+int dsi__stage_gate(dsi_engine *e, int layer) {
     const dsi_config *c = e->c;
     const dsi_layer *L = &e->m->layers[layer];
     dsi_scratch *s = &e->s;
-    int T = e->T, D = c->hidden;
-    if (!L->is_moe) {
-        mlp_accumulate(e, &L->gate, &L->up, &L->down, s->xn, T, D, s->h1, s->h2, s->x, D, 1);
-        return DSI_OK;
-    }
-    int E = c->n_experts, K = c->n_experts_per_tok;
-    /* gate (part of ATTN-1 in DeepSeek's naming) */
+    int T = e->T, D = c->hidden, E = c->n_experts, K = c->n_experts_per_tok;
+    if (!L->is_moe || T <= 0) return DSI_OK;
     dsi__matmul(e, &L->router, s->xn, T, D, s->router, E, 0);
     float gate_scratch[2 * 4096];
     for (int t = 0; t < T; t++)
         dsi__moe_gate(c, s->router + (size_t)t * E, L->router_bias, s->topk_ids + (size_t)t * K,
                       s->topk_w + (size_t)t * K, gate_scratch);
-    /* SHARED */
-    if (c->n_shared_experts > 0)
+    return DSI_OK;
+}
+
+int dsi__stage_shared(dsi_engine *e, int layer) {
+    const dsi_config *c = e->c;
+    const dsi_layer *L = &e->m->layers[layer];
+    dsi_scratch *s = &e->s;
+    int T = e->T, D = c->hidden;
+    if (!L->is_moe)
+        mlp_accumulate(e, &L->gate, &L->up, &L->down, s->xn, T, D, s->h1, s->h2, s->x, D, 1);
+    else if (c->n_shared_experts > 0)
         mlp_accumulate(e, &L->sh_gate, &L->sh_up, &L->sh_down, s->xn, T, D, s->h1, s->h2, s->x, D, 1);
+    return DSI_OK;
+}
+
+void dsi__expert_mlp(dsi_engine *e, int layer, int x, float *rows, int n, int ldx, float *h1, float *h2) {
+    const dsi_layer *L = &e->m->layers[layer];
+    mlp_accumulate(e, &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], rows, n, ldx, h1, h2, rows, ldx, 0);
+}
+
+int dsi__stage_routed_local(dsi_engine *e, int layer) {
+    const dsi_config *c = e->c;
+    dsi_scratch *s = &e->s;
+    int T = e->T, D = c->hidden;
+    if (!e->m->layers[layer].is_moe) return DSI_OK;
+    int E = c->n_experts, K = c->n_experts_per_tok;
     /* DISPATCH: rows grouped by expert */
     memset(s->exp_count, 0, sizeof(int) * E);
     for (int i = 0; i < T * K; i++) s->exp_count[s->topk_ids[i]]++;
@@ -111,8 +129,7 @@ int dsi__stage_ffn(dsi_engine *e, int layer) {
     for (int x = 0; x < E; x++) {
         int n = s->exp_count[x];
         if (!n) continue;
-        float *rows = s->ex + (size_t)s->exp_offset[x] * D;
-        mlp_accumulate(e, &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], rows, n, D, s->eh1, s->eh2, rows, D, 0);
+        dsi__expert_mlp(e, layer, x, s->ex + (size_t)s->exp_offset[x] * D, n, D, s->eh1, s->eh2);
     }
     /* COMBINE: weighted sum into the residual */
     for (int i = 0; i < T * K; i++) {
@@ -120,4 +137,13 @@ int dsi__stage_ffn(dsi_engine *e, int layer) {
         e->k->axpy(s->exp_wts[i], s->ex + (size_t)i * D, xr, D);
     }
     return DSI_OK;
+}
+
+/* Gate, then SHARED before the routed experts: the order the single-process
+ * engine has always summed in (the residual gets shared, then routed). */
+int dsi__stage_ffn(dsi_engine *e, int layer) {
+    int rc;
+    if ((rc = dsi__stage_gate(e, layer)) != DSI_OK) return rc;
+    if ((rc = dsi__stage_shared(e, layer)) != DSI_OK) return rc;
+    return dsi__stage_routed_local(e, layer);
 }

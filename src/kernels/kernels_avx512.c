@@ -6,9 +6,11 @@
  *             M-tile per 128-row block of W, resident in L1).
  *   BF16: zero-extend to int32, shift left 16.  F16: vcvtph2ps.  F32: load.
  * NaN e4m3 codes (0x7f/0xff) decode as 480; checkpoints hold none. */
+#include "kernels/dtype.h"
 #include "kernels/kernels.h"
 
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -463,6 +465,178 @@ static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, cons
     }
 }
 
+/* ---- decode GEMV with BF16 dot products (one activation row, FP8 weights) ----
+ * Two 128-entry byte tables (vpermi2b) map the 7 low bits of an e4m3 code to
+ * the low and high bytes of its exact bf16 value; the sign bit is merged into
+ * the high byte; byte unpacks make 64 bf16 weights (two vectors, element order
+ * permuted within 128-bit lanes). The activation row, scaled by the block
+ * scale, is split into bf16 hi + lo (x - hi rounded again; together exact to
+ * ~2^-17) in the same permuted order, and vdpbf16ps accumulates w*hi + w*lo in
+ * float32: 10 instructions per 64 weight bytes instead of 15, which lets the
+ * loads run further ahead of the arithmetic. Needs K % 64 == 0. */
+static __m512i g_tab_lo0, g_tab_lo1, g_tab_hi0, g_tab_hi1;
+/* AVX512_BF16 present? (the _nobf16 vtable shares this code) */
+static int have_bf16(void) {
+    static int v = -1;
+    if (v < 0) {
+        __builtin_cpu_init();
+        /* DSI_NO_BF16_GEMV=1 keeps the float32 GEMV, for A/B measurements */
+        v = __builtin_cpu_supports("avx512bf16") && !getenv("DSI_NO_BF16_GEMV") ? 1 : 0;
+    }
+    return v;
+}
+static pthread_once_t g_tab_once = PTHREAD_ONCE_INIT;
+
+static void make_tables(void) {
+    uint8_t lo[128], hi[128];
+    for (int em = 0; em < 128; em++) {
+        uint16_t b = dsi_f32_to_bf16(dsi_e4m3_to_f32((uint8_t)em)); /* exact; NaN code unused */
+        lo[em] = (uint8_t)(b & 0xff);
+        hi[em] = (uint8_t)((b >> 8) & 0x7f);
+    }
+    g_tab_lo0 = _mm512_loadu_si512(lo);
+    g_tab_lo1 = _mm512_loadu_si512(lo + 64);
+    g_tab_hi0 = _mm512_loadu_si512(hi);
+    g_tab_hi1 = _mm512_loadu_si512(hi + 64);
+}
+
+/* x as bf16 hi/lo in the unpack order: per 64 columns, 4 x 32 words
+ * [hi w0][hi w1][lo w0][lo w1], where w0 holds columns 16L+0..7 and w1
+ * 16L+8..15 of each 128-bit lane L. Unscaled: the block scales are applied to
+ * the per-block sums, so one split serves every row of the matrix. */
+static void split_row_bf16(const float *x, int K, uint16_t *xp) {
+    for (int g = 0; g < K / 64; g++) {
+        __m512i h[2], l[2]; /* [hi w0, hi w1], [lo w0, lo w1] as two halves each */
+        __m256i ch[4], cl[4];
+        for (int q = 0; q < 4; q++) {
+            __m512 v = _mm512_loadu_ps(x + 64 * g + 16 * q);
+            __m256bh hb = _mm512_cvtneps_pbh(v); /* round to nearest even, as dsi_f32_to_bf16 */
+            __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hb), 16));
+            ch[q] = (__m256i)hb;
+            cl[q] = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hv));
+        }
+        /* w0 takes the low 8 words (columns 16q..16q+7) of each quarter, w1 the high 8 */
+        __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(ch[0]), ch[1], 1);
+        __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(ch[2]), ch[3], 1);
+        h[0] = _mm512_shuffle_i64x2(a, b, 0x88);
+        h[1] = _mm512_shuffle_i64x2(a, b, 0xdd);
+        a = _mm512_inserti64x4(_mm512_castsi256_si512(cl[0]), cl[1], 1);
+        b = _mm512_inserti64x4(_mm512_castsi256_si512(cl[2]), cl[3], 1);
+        l[0] = _mm512_shuffle_i64x2(a, b, 0x88);
+        l[1] = _mm512_shuffle_i64x2(a, b, 0xdd);
+        uint16_t *o = xp + (size_t)g * 128;
+        _mm512_store_si512((void *)o, h[0]);
+        _mm512_store_si512((void *)(o + 32), h[1]);
+        _mm512_store_si512((void *)(o + 64), l[0]);
+        _mm512_store_si512((void *)(o + 96), l[1]);
+    }
+}
+
+/* nr rows of one scale row-block: per scale block of bc columns the four
+ * partial sums are reduced and multiplied by the block's scale. */
+static inline __attribute__((always_inline)) void gemv_e4m3_bf16(const uint8_t *w, size_t ldw, int nr,
+                                                                 const uint16_t *xp, int K, int bc,
+                                                                 const float *srow, float out[NR][MR]) {
+    __m512 tot[NR];
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) tot[j] = _mm512_setzero_ps();
+    const __m512i sign = _mm512_set1_epi32((int)0x80808080);
+    const __m512i tl0 = g_tab_lo0, tl1 = g_tab_lo1, th0 = g_tab_hi0, th1 = g_tab_hi1;
+    for (int kb = 0; kb < K; kb += bc) {
+        __m512 acc[NR][4];
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
+        for (int k = kb; k < kb + bc && k < K; k += 64) { /* the last block may be partial */
+            const uint16_t *xg = xp + (size_t)k * 2;
+            __m512bh h0 = (__m512bh)_mm512_load_si512((const void *)xg);
+            __m512bh h1 = (__m512bh)_mm512_load_si512((const void *)(xg + 32));
+            __m512bh l0 = (__m512bh)_mm512_load_si512((const void *)(xg + 64));
+            __m512bh l1 = (__m512bh)_mm512_load_si512((const void *)(xg + 96));
+            _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {
+                if (j >= nr) break;
+                _mm_prefetch((const char *)(w + (j + NR) * ldw + k), _MM_HINT_T0);
+                __m512i d = _mm512_loadu_si512((const void *)(w + j * ldw + k));
+                __m512i lo = _mm512_permutex2var_epi8(tl0, d, tl1);
+                __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(th0, d, th1), d, sign, 0xF8);
+                __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+                acc[j][0] = _mm512_dpbf16_ps(acc[j][0], w0, h0);
+                acc[j][1] = _mm512_dpbf16_ps(acc[j][1], w1, h1);
+                acc[j][2] = _mm512_dpbf16_ps(acc[j][2], w0, l0);
+                acc[j][3] = _mm512_dpbf16_ps(acc[j][3], w1, l1);
+            }
+        }
+        __m512 sc = _mm512_set1_ps(srow[kb / bc]);
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
+            if (j < nr)
+                tot[j] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3])),
+                                         sc, tot[j]);
+    }
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
+        if (j < nr) out[j][0] = _mm512_reduce_add_ps(tot[j]);
+}
+
+/* x as bf16 hi and lo rows in natural order (for BF16 weights). */
+static void split_row_natural(const float *x, int K, uint16_t *xh, uint16_t *xl) {
+    for (int k = 0; k < K; k += 16) {
+        __m512 v = _mm512_loadu_ps(x + k);
+        __m256bh hb = _mm512_cvtneps_pbh(v);
+        __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hb), 16));
+        _mm256_storeu_si256((__m256i *)(xh + k), (__m256i)hb);
+        _mm256_storeu_si256((__m256i *)(xl + k), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hv)));
+    }
+}
+
+/* BF16 weights, one activation row: the weights are dot-product operands as
+ * stored (pairs along k), the row is bf16 hi + lo: two vdpbf16ps per 64 bytes. */
+static void gemv_bf16w_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
+    int K = W->cols;
+    uint16_t *xh = dsi__tls_buffer(DSI_TLS_XS, sizeof(uint16_t) * 2 * (size_t)K);
+    if (!xh) return;
+    uint16_t *xl = xh + K;
+    split_row_natural(x, K, xh, xl);
+    const uint16_t *base = W->data;
+    for (int n = n0; n < n1; n += NR) {
+        int nr = DSI_MIN(NR, n1 - n);
+        __m512 acc[NR][2];
+        _Pragma("GCC unroll 4") for (int j = 0; j < NR; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+        const uint16_t *w = base + (size_t)n * K;
+        for (int k = 0; k < K; k += 32) {
+            __m512bh h = (__m512bh)_mm512_loadu_si512((const void *)(xh + k));
+            __m512bh l = (__m512bh)_mm512_loadu_si512((const void *)(xl + k));
+            _Pragma("GCC unroll 4") for (int j = 0; j < NR; j++) {
+                if (j >= nr) break;
+                _mm_prefetch((const char *)(w + (size_t)(j + NR) * K + k), _MM_HINT_T0);
+                __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + (size_t)j * K + k));
+                acc[j][0] = _mm512_dpbf16_ps(acc[j][0], wv, h);
+                acc[j][1] = _mm512_dpbf16_ps(acc[j][1], wv, l);
+            }
+        }
+        for (int j = 0; j < nr; j++) {
+            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
+            float *d = &y[n + j - y_col0];
+            *d = accumulate ? *d + v : v;
+        }
+    }
+}
+
+/* M = 1, FP8, K and the scale block width multiples of 64 */
+static void gemv_bf16_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
+    int K = W->cols;
+    pthread_once(&g_tab_once, make_tables);
+    uint16_t *xp = dsi__tls_buffer(DSI_TLS_XS, sizeof(uint16_t) * 2 * (size_t)K);
+    if (!xp) return;
+    split_row_bf16(x, K, xp);
+    float out[NR][MR] = {{0}};
+    for (int n = n0; n < n1; n += NR) {
+        int nr = DSI_MIN(NR, n1 - n);
+        int rb = n / W->block_rows, rb_end = (n + nr - 1) / W->block_rows;
+        if (rb_end != rb) nr = (rb + 1) * W->block_rows - n;
+        gemv_e4m3_bf16((const uint8_t *)W->data + (size_t)n * K, K, nr, xp, K, W->block_cols,
+                       W->scale_inv + (size_t)rb * W->scale_cols, out);
+        store_tile(out, nr, 1, y, 0, n - y_col0, accumulate);
+        if (nr < NR && n + nr < n1) n -= NR - nr;
+    }
+}
+
 static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                           int n1, int accumulate) {
     if (M >= PANEL_MIN_ROWS) {
@@ -471,6 +645,14 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
     }
     int K = W->cols;
     float out[NR][MR] = {{0}};
+    if (W->dtype == DSI_F8_E4M3 && M == 1 && K % 64 == 0 && W->block_cols % 64 == 0 && have_bf16()) {
+        gemv_bf16_path(W, x, y, y_col0, n0, n1, accumulate);
+        return;
+    }
+    if (W->dtype == DSI_BF16 && M == 1 && K % 32 == 0 && have_bf16()) {
+        gemv_bf16w_path(W, x, y, y_col0, n0, n1, accumulate);
+        return;
+    }
     if (W->dtype == DSI_F8_E4M3) {
         float *xs = xs_buffer((size_t)MR * K);
         if (!xs) return;
@@ -540,8 +722,48 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
         }                                                                                     \
     }
 
+/* FP8 transposed product for 64-aligned column ranges: per row, 64-byte
+ * loads decoded by in-dword shifts (sub-vector i, lane l = column 4l+i), 256
+ * columns (16 accumulators) per pass, columns put back in order at the end. */
+static void matmul_t_e4m3_64(const dsi_mat *W, int r0, int r1, const float *xm, float *ym, int c0, int c1) {
+    size_t K = W->cols;
+    const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
+    for (int cc = c0; cc < c1; cc += 256) {
+        int ng = DSI_MIN(4, (c1 - cc) / 64); /* 64-column groups in this pass */
+        __m512 acc[4][4];
+        _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++)
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[g][i] = _mm512_setzero_ps();
+        for (int r = r0; r < r1; r++) {
+            const uint8_t *row = (const uint8_t *)W->data + r * K + cc;
+            const float *srow = W->scale_inv + (size_t)(r / W->block_rows) * W->scale_cols;
+            float a = xm[r - r0] * TWO_POW_120;
+            _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
+                if (g >= ng) break;
+                __m512 av = _mm512_set1_ps(a * srow[(cc + 64 * g) / W->block_cols]);
+                __m512i d = _mm512_loadu_si512((const void *)(row + 64 * g));
+                _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
+                    __m512i t = i == 3 ? d : _mm512_slli_epi32(d, 24 - 8 * i);
+                    __m512 wv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(t, 4), mask));
+                    acc[g][i] = _mm512_fmadd_ps(av, wv, acc[g][i]);
+                }
+            }
+        }
+        for (int g = 0; g < ng; g++) {
+            float tmp[64];
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(tmp + 16 * i, acc[g][i]);
+            float *o = ym + (cc - c0) + 64 * g;
+            for (int l = 0; l < 16; l++)
+                for (int i = 0; i < 4; i++) o[4 * l + i] = tmp[16 * i + l];
+        }
+    }
+}
+
 static void avx512_matmul_t(const dsi_mat *W, int r0, int r1, const float *x, int M, int ldx, float *y, int ldy,
                             int c0, int c1) {
+    if (W->dtype == DSI_F8_E4M3 && c0 % 64 == 0 && (c1 - c0) % 64 == 0 && W->block_cols % 64 == 0) {
+        for (int m = 0; m < M; m++) matmul_t_e4m3_64(W, r0, r1, x + (size_t)m * ldx, y + (size_t)m * ldy, c0, c1);
+        return;
+    }
     size_t K = W->cols;
     int cb = W->dtype == DSI_F8_E4M3 ? W->block_cols : 128;
     for (int m = 0; m < M; m++) {

@@ -138,6 +138,7 @@ static int parse_body(perr *e, const dsi_api_ctx *ctx, const cJSON *o, int chat,
         return fail(e, 400, *e->param, "'%s' is not supported (only 0)", *e->param);
     r->chat = chat;
     if ((rc = get_bool(e, o, "stream", &r->stream))) return rc;
+    if ((rc = get_bool(e, o, "include_price", &r->include_price))) return rc;
     const cJSON *so = field(o, "stream_options");
     if (so) {
         if (!cJSON_IsObject(so)) return fail(e, 400, "stream_options", "'stream_options' must be an object");

@@ -192,6 +192,7 @@ static enum MHD_Result handle_generate(dsi_server *s, dsi_conn *c, int chat) {
     if (!r->ignore_eos)
         for (int i = 0; i < s->api.n_eos; i++) p.stop_ids[p.n_stop_ids++] = s->api.eos_ids[i];
     c->t_start = dsi_now();
+    dsi__billing_quote(s, c);
     atomic_fetch_add(&c->refs, 1); /* the scheduler's */
     conn_register(c);
     atomic_fetch_add(&s->metrics.in_flight, 1);
@@ -250,6 +251,9 @@ static enum MHD_Result handle_get(dsi_server *s, dsi_conn *c, const char *url) {
         int d = atomic_load(&s->draining);
         dsi__sbuf_puts(&b, d ? "{\"status\":\"draining\"}" : "{\"status\":\"ok\"}");
         ok = send_buf(c->mc, d ? 503 : 200, "application/json", b.p, b.len, 0);
+    } else if (!strcmp(url, "/v1/pricing")) {
+        int st = dsi__billing_pricing_json(s, &b);
+        ok = send_buf(c->mc, st, "application/json", b.p, b.len, 0);
     } else if (!strcmp(url, "/v1/models")) {
         dsi__api_models_json(&b, s->model_name, dsi_sched_max_model_len(s->sched), s->created);
         ok = send_buf(c->mc, 200, "application/json", b.p, b.len, 0);
@@ -308,7 +312,8 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
 
     int is_get = !strcmp(method, "GET") || !strcmp(method, "HEAD"), is_post = !strcmp(method, "POST");
     int chat = !strcmp(url, "/v1/chat/completions"), compl = !strcmp(url, "/v1/completions");
-    int get_route = !strcmp(url, "/health") || !strcmp(url, "/v1/models") || !strcmp(url, "/metrics");
+    int get_route = !strcmp(url, "/health") || !strcmp(url, "/v1/models") || !strcmp(url, "/metrics") ||
+                    !strcmp(url, "/v1/pricing");
     if (!strncmp(url, "/v1/", 4) && !authorised(s, mc))
         return send_error(s, mc, 401, "missing or wrong API key (Authorization: Bearer ...)", NULL);
     if (chat || compl) {
@@ -350,6 +355,23 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
     DSI_LOG_DEBUG("http: %s", msg);
 }
 
+static void ep_metrics(void *ctx, void (*write)(void *w, const char *text, size_t len), void *w) {
+    char buf[65536];
+    int n = dsi_ep_write_eplb_metrics(ctx, buf, sizeof buf);
+    if (n > 0) write(w, buf, (size_t)n);
+}
+
+/* A scheduler step across the EP group. A failed collective leaves the
+ * group out of step: report it and end every rank (mpirun exits non-zero). */
+static int ep_step(void *ctx, const dsi_seq_step *seqs, int n) {
+    int rc = dsi_ep_step(ctx, seqs, n);
+    if (rc != DSI_OK) {
+        DSI_LOG_ERROR("expert parallelism: %s; ending the group", dsi_last_error());
+        dsi_ep_abort(1);
+    }
+    return rc;
+}
+
 static int open_model(dsi_server *s) {
     const dsi_server_opts *o = &s->o;
     int rc;
@@ -388,9 +410,16 @@ static int open_model(dsi_server *s) {
             return rc;
         dsi_server_add_metrics_hook(s, dsi_kvdisk_write_metrics, s->disk);
     }
+    if (dsi_ep_launched()) {
+        if ((rc = dsi_ep_init()) || (rc = dsi_ep_create(s->engine, o->ep, &s->ep)))
+            return dsi_error_prefix(rc, "expert parallelism");
+        dsi_server_add_metrics_hook(s, ep_metrics, s->ep); /* EPLB balancedness before/after */
+    }
     dsi_sched_opts so = {.max_num_seqs = o->max_num_seqs, .max_batched_tokens = o->max_num_batched_tokens,
                          .max_queue = o->max_queue, .max_model_len = o->max_model_len,
-                         .no_prefix_cache = o->no_prefix_cache, .disk = s->disk};
+                         .no_prefix_cache = o->no_prefix_cache, .step_fn = s->ep ? ep_step : NULL,
+                         .step_ctx = s->ep, .heartbeat_s = s->ep ? 1.0 : 0,
+                         .disk = s->disk};
     if ((rc = dsi_sched_create(s->engine, &so, &s->sched))) return rc;
     s->api.tok = s->tok;
     s->api.model_name = s->model_name;
@@ -424,13 +453,51 @@ static void server_free(dsi_server *s) {
     }
     dsi_sched_destroy(s->sched); /* waits for its disk loads and writes */
     dsi_kvdisk_close(s->disk);
+    if (s->ep) {
+        /* the scheduler thread has stopped: release the other ranks */
+        if (!s->ep_released && dsi_ep_idle(s->ep) != DSI_OK) DSI_LOG_ERROR("expert parallelism: %s", dsi_last_error());
+        dsi_ep_destroy(s->ep);
+        dsi_ep_finalize();
+    }
     dsi_engine_destroy(s->engine);
     dsi_kv_pool_destroy(s->kv);
     dsi_model_destroy(s->model);
     dsi_tokenizer_destroy(s->tok);
+    dsi__billing_stop(s);
     dsi__metrics_destroy(&s->metrics);
     pthread_mutex_destroy(&s->reg_mu);
     free(s);
+}
+
+static void apply_defaults(dsi_server_opts *o) {
+    if (!o->host) o->host = "127.0.0.1";
+    if (o->kv_cache_gb <= 0) o->kv_cache_gb = 0.5;
+    if (o->max_num_batched_tokens <= 0) o->max_num_batched_tokens = 512;
+    if (o->max_body_bytes == 0) o->max_body_bytes = 8u << 20;
+    if (o->default_max_tokens <= 0) o->default_max_tokens = 4096;
+    if (o->http_threads <= 0) o->http_threads = 2;
+}
+
+int dsi_server_follow(const dsi_server_opts *opts) {
+    dsi_server *s = calloc(1, sizeof *s);
+    if (!s) return dsi_error(DSI_ENOMEM, "out of memory");
+    s->o = opts ? *opts : dsi_server_default_opts();
+    apply_defaults(&s->o);
+    s->o.kv_disk.dir = NULL; /* rank 0's scheduler alone reads and writes the disk KV tier */
+    pthread_mutex_init(&s->reg_mu, NULL);
+    dsi__metrics_init(&s->metrics);
+    int rc = open_model(s);
+    if (!rc && !s->ep) rc = dsi_error(DSI_EINVAL, "serve: following needs an EP group (mpirun with several ranks)");
+    if (!rc) {
+        rc = dsi_ep_idle(s->ep);
+        s->ep_released = rc == DSI_OK;
+        if (rc) {
+            DSI_LOG_ERROR("expert parallelism: %s; ending the group", dsi_last_error());
+            dsi_ep_abort(1);
+        }
+    }
+    server_free(s);
+    return rc;
 }
 
 int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
@@ -439,12 +506,7 @@ int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
     if (!s) return dsi_error(DSI_ENOMEM, "out of memory");
     s->o = opts ? *opts : dsi_server_default_opts();
     dsi_server_opts *o = &s->o;
-    if (!o->host) o->host = "127.0.0.1";
-    if (o->kv_cache_gb <= 0) o->kv_cache_gb = 0.5;
-    if (o->max_num_batched_tokens <= 0) o->max_num_batched_tokens = 512;
-    if (o->max_body_bytes == 0) o->max_body_bytes = 8u << 20;
-    if (o->default_max_tokens <= 0) o->default_max_tokens = 4096;
-    if (o->http_threads <= 0) o->http_threads = 2;
+    apply_defaults(o);
     if (o->port < 0 || o->port > 65535) {
         int port = o->port;
         free(s);
@@ -454,6 +516,7 @@ int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
     pthread_mutex_init(&s->reg_mu, NULL);
     dsi__metrics_init(&s->metrics);
     int rc = open_model(s);
+    if (!rc) rc = dsi__billing_start(s);
     struct sockaddr_storage ss;
     int v6 = 0;
     if (!rc) rc = bind_addr(o->host, o->port, &ss, &v6);

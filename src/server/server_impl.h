@@ -3,6 +3,7 @@
 #ifndef DSI_SERVER_IMPL_H
 #define DSI_SERVER_IMPL_H
 
+#include "dsinfer/econ.h"
 #include "dsinfer/engine.h"
 #include "dsinfer/sched.h"
 #include "dsinfer/server.h"
@@ -95,6 +96,7 @@ typedef struct dsi_api_req {
     int n_stop;
     int logprobs, top_logprobs;
     int ignore_eos, return_token_ids;
+    int include_price;         /* extension: usage carries the price applied and the charge */
     int reasoning;             /* chat: the prompt opened a <think> block */
 } dsi_api_req;
 
@@ -145,6 +147,9 @@ typedef struct dsi_conn {
     size_t text_offset;
     int stopped_by_string, n_seen;
     double t_start, t_first, t_last;
+    dsi_price_quote quote;     /* frozen at admission when billing is on */
+    int has_quote;
+    double charge_usd;         /* what the finished request was billed */
     char id[48];
     long created;
     struct dsi_conn *next, *prev; /* registry of submitted requests */
@@ -152,12 +157,18 @@ typedef struct dsi_conn {
 
 struct dsi_server {
     dsi_server_opts o;
+    dsi_pricing *pricing;      /* billing (billing.c); NULL when off */
+    dsi_account *account;
+    pthread_mutex_t pricing_mu;/* the pricing engine's band state */
+    char pricing_model[DSI_PRICING_NAME_MAX];
     char model_name[256];
     dsi_model *model;
     dsi_kv_pool *kv;
     dsi_engine *engine;
     dsi_sched *sched;
     dsi_kvdisk *disk;          /* NULL without --kv-disk */
+    dsi_ep *ep;                /* the EP group when launched by mpirun with several ranks, else NULL */
+    int ep_released;           /* dsi_ep_idle already returned: the group has ended */
     dsi_tokenizer *tok;
     dsi_api_ctx api;
     struct MHD_Daemon *mhd;
@@ -173,6 +184,16 @@ struct dsi_server {
     int watchdog_started;
     atomic_int watchdog_stop;
 };
+
+/* billing.c: pricing, the live account and GET /v1/pricing */
+int dsi__billing_start(struct dsi_server *s);
+void dsi__billing_stop(struct dsi_server *s);
+/* Freezes the price in force for a request being admitted. */
+void dsi__billing_quote(struct dsi_server *s, dsi_conn *c);
+/* Bills a finished request; *usd gets the charge (0 when billing is off). */
+void dsi__billing_bill(struct dsi_server *s, dsi_conn *c, int prompt, int cached, int completion, double *usd);
+/* Body of GET /v1/pricing; the HTTP status. */
+int dsi__billing_pricing_json(struct dsi_server *s, dsi_sbuf *b);
 
 /* stream.c: the scheduler callback (tokens -> text -> SSE chunks / final body) */
 int dsi__conn_on_event(void *user, const dsi_sched_event *ev);

@@ -148,8 +148,18 @@ static void usage_json(dsi_conn *c, dsi_sbuf *o, const dsi_sched_event *ev) {
     dsi__sbuf_printf(o,
                      "{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d,"
                      "\"prompt_cache_hit_tokens\":%d,\"prompt_cache_miss_tokens\":%d,"
-                     "\"prompt_tokens_details\":{\"cached_tokens\":%d}}",
+                     "\"prompt_tokens_details\":{\"cached_tokens\":%d}",
                      p, g, p + g, hit, p - hit, hit);
+    if (c->rq.include_price && c->has_quote) { /* the price frozen at admission and what it came to */
+        char q[2048];
+        int n = dsi_price_quote_write_json(&c->quote, q, sizeof q);
+        if (n > 0) {
+            dsi__sbuf_puts(o, ",\"price\":");
+            dsi__sbuf_put(o, q, (size_t)n);
+            dsi__sbuf_printf(o, ",\"cost_usd\":%.9g", c->charge_usd);
+        }
+    }
+    dsi__sbuf_puts(o, "}");
 }
 
 static void chunk_head(dsi_conn *c, dsi_sbuf *o) {
@@ -316,6 +326,8 @@ static void on_finish(dsi_conn *c, const dsi_sched_event *ev) {
     atomic_fetch_add(&m->prompt_tokens, ev->prompt_tokens);
     atomic_fetch_add(&m->completion_tokens, ev->completion_tokens);
     atomic_fetch_add(&m->cache_hit_tokens, ev->cached_tokens);
+    if (ev->finish != DSI_FINISH_ERROR) /* cancelled requests pay for what they consumed */
+        dsi__billing_bill(srv, c, ev->prompt_tokens, ev->cached_tokens, ev->completion_tokens, &c->charge_usd);
     if (c->n_seen > 0) dsi__histo_observe(&m->e2e, c->t_last - c->t_start);
     if (m->n_req_hooks) {
         static const char *NAMES[] = {"stop", "length", "cancelled", "client_error", "rejected", "server_error"};

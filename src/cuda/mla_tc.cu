@@ -1,0 +1,185 @@
+/* Absorbed MLA decode on the tensor cores (mma.sync m16n8k16 BF16, float
+ * accumulation), for DeepSeek's geometry only: BF16 latent cache, 512 latent
+ * + 64 rope dims. One block per (token, 64 heads): the cache is read once per
+ * 64 heads (twice for 128), chunks of 32 positions staged in shared memory.
+ * 8 warps: warp w owns heads 16*(w/2).. and value columns 256*(w%2)..; the
+ * two warps of a head group compute the same scores (so they agree on the
+ * softmax without talking), each accumulates half of the 512 output columns.
+ * Queries and probabilities are rounded to BF16 as FlashMLA does.
+ *
+ * Fragment layouts (PTX ISA, m16n8k16 BF16), lane = 4g + t; a 32-bit register
+ * holds two consecutive k (the lower k in the low half):
+ *   A 16x16 row: a0 = A[g][2t,2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+ *   B 16x8 col:  b0 = B[2t,2t+1][g], b1 = B[2t+8,2t+9][g]
+ *   C 16x8:      c0,c1 = C[g][2t,2t+1], c2,c3 = C[g+8][2t,2t+1]
+ * The score tiles of two adjacent 8-position groups are exactly the A
+ * fragment of P for one 16-position k step (no shuffles needed).
+ * NEVER RUN YET: tests/test_cuda.c (test_mla) checks it against a float64 softmax. */
+#include <cuda_bf16.h>
+
+#include "cuda/common.cuh"
+
+#define TC_HEADS 64
+#define TC_CH 32
+#define TC_STR 584 /* bf16 per shared row: 576 + 8 keeps fragment loads in distinct banks */
+#define TC_KVD 576
+#define TC_LORA 512
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    return (uint32_t)dsi_dev_to_bf16(lo) | ((uint32_t)dsi_dev_to_bf16(hi) << 16);
+}
+
+__global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, int layer, const float *qabs,
+                                                               const uint16_t *cache, const int *tok_pos,
+                                                               const int *tok_seq, const int *btab, float *olat) {
+    extern __shared__ __align__(16) uint16_t smem[];
+    uint16_t *Qs = smem, *Ks = smem + TC_HEADS * TC_STR;
+    int t = blockIdx.x, h0 = blockIdx.y * TC_HEADS, tid = threadIdx.x;
+    int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+    int hg = warp >> 1, chalf = warp & 1;
+    int n_ctx = tok_pos[t] + 1;
+    const int *bt = btab + (long)tok_seq[t] * g.max_blocks;
+    for (int i = tid; i < TC_HEADS * TC_KVD; i += 256) {
+        int h = i / TC_KVD, k = i % TC_KVD;
+        float v = h0 + h < g.H ? qabs[((long)t * g.H + h0 + h) * TC_KVD + k] : 0.0f;
+        Qs[h * TC_STR + k] = dsi_dev_to_bf16(v);
+    }
+    float acc[32][4];
+#pragma unroll
+    for (int n = 0; n < 32; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[n][c] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* rows gq and gq+8 of this warp's heads */
+    const uint16_t *qb = Qs + (hg * 16 + gq) * TC_STR + 2 * tq;
+    for (int c0 = 0; c0 < n_ctx; c0 += TC_CH) {
+        __syncthreads(); /* Q stored (first chunk); previous chunk's readers done */
+        int valid = min(TC_CH, n_ctx - c0);
+        /* 32 consecutive positions from a multiple of 32 lie in one 64-row block */
+        long off = (((long)bt[c0 / g.block_tokens] * g.n_layers + layer) * g.block_tokens + c0 % g.block_tokens) *
+                   (long)TC_KVD;
+        const uint4 *src = (const uint4 *)(cache + off);
+        for (int i = tid; i < TC_CH * (TC_KVD / 8); i += 256) {
+            int r = i / (TC_KVD / 8), u = i % (TC_KVD / 8);
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (r < valid) v = src[(long)r * (TC_KVD / 8) + u];
+            *(uint4 *)(Ks + r * TC_STR + u * 8) = v;
+        }
+        __syncthreads();
+        /* scores: 16 heads x 32 positions = 4 tiles of 8 positions */
+        float s[4][4];
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) s[ni][c] = 0.0f;
+#pragma unroll 4
+        for (int k0 = 0; k0 < TC_KVD; k0 += 16) {
+            uint32_t a[4];
+            a[0] = *(const uint32_t *)(qb + k0);
+            a[1] = *(const uint32_t *)(qb + 8 * TC_STR + k0);
+            a[2] = *(const uint32_t *)(qb + k0 + 8);
+            a[3] = *(const uint32_t *)(qb + 8 * TC_STR + k0 + 8);
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                const uint16_t *kb = Ks + (ni * 8 + gq) * TC_STR + k0 + 2 * tq;
+                mma_bf16(s[ni], a, *(const uint32_t *)kb, *(const uint32_t *)(kb + 8));
+            }
+        }
+        /* online softmax over this chunk, rows gq (c0,c1) and gq+8 (c2,c3) */
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                int ok = ni * 8 + 2 * tq + c < valid;
+                s[ni][c] = ok ? s[ni][c] * g.softmax_scale : -INFINITY;
+                s[ni][2 + c] = ok ? s[ni][2 + c] * g.softmax_scale : -INFINITY;
+                mx0 = fmaxf(mx0, s[ni][c]);
+                mx1 = fmaxf(mx1, s[ni][2 + c]);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1); /* finite: every chunk has a valid position */
+        float cr0 = m0 == -INFINITY ? 0.0f : expf(m0 - mn0), cr1 = m1 == -INFINITY ? 0.0f : expf(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                s[ni][c] = expf(s[ni][c] - mn0); /* exp(-inf) = 0 for masked positions */
+                s[ni][2 + c] = expf(s[ni][2 + c] - mn1);
+                ps0 += s[ni][c];
+                ps1 += s[ni][2 + c];
+            }
+        l0 = l0 * cr0 + ps0; /* this lane's share; the quad is summed at the end */
+        l1 = l1 * cr1 + ps1;
+#pragma unroll
+        for (int n = 0; n < 32; n++) {
+            acc[n][0] *= cr0;
+            acc[n][1] *= cr0;
+            acc[n][2] *= cr1;
+            acc[n][3] *= cr1;
+        }
+        /* O += P V over two 16-position k steps; this warp's 256 columns = 32 tiles */
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            uint32_t a[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
+                             pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]), pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
+            const uint16_t *vb = Ks + (j * 16 + 2 * tq) * TC_STR + chalf * 256 + gq;
+#pragma unroll
+            for (int n = 0; n < 32; n++) {
+                const uint16_t *v = vb + n * 8;
+                uint32_t b0 = (uint32_t)v[0] | ((uint32_t)v[TC_STR] << 16);
+                uint32_t b1 = (uint32_t)v[8 * TC_STR] | ((uint32_t)v[9 * TC_STR] << 16);
+                mma_bf16(acc[n], a, b0, b1);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    int ha = h0 + hg * 16 + gq, hb = ha + 8;
+#pragma unroll
+    for (int n = 0; n < 32; n++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            int col = chalf * 256 + n * 8 + 2 * tq + c;
+            if (ha < g.H) olat[((long)t * g.H + ha) * TC_LORA + col] = acc[n][c] * inv0;
+            if (hb < g.H) olat[((long)t * g.H + hb) * TC_LORA + col] = acc[n][2 + c] * inv1;
+        }
+}
+
+static const size_t tc_smem = sizeof(uint16_t) * (TC_HEADS + TC_CH) * TC_STR;
+
+extern "C" int dsi__cuda_mla_tc_supported(const dsi_mla_geom *g) {
+    return g->kv_bf16 && g->lora == TC_LORA && g->lora + g->rope == TC_KVD && g->block_tokens % TC_CH == 0;
+}
+
+extern "C" int dsi__cuda_mla_tc_setup(void) {
+    return DSI_CU(cudaFuncSetAttribute(mla_decode_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tc_smem));
+}
+
+extern "C" int dsi__cuda_mla_decode_tc(const dsi_mla_geom *g, int layer, int T, const float *d_qabs,
+                                       const void *d_cache, const int *d_tok_pos, const int *d_tok_seq,
+                                       const int *d_btab, float *d_olat, void *stream) {
+    if (!dsi__cuda_mla_tc_supported(g))
+        return dsi_error(DSI_EUNSUPPORTED, "cuda mla (tensor cores): needs a BF16 cache and 512 + 64 latent dims");
+    if (T <= 0) return DSI_OK;
+    dim3 grid(T, (g->H + TC_HEADS - 1) / TC_HEADS);
+    mla_decode_tc_kernel<<<grid, 256, tc_smem, (cudaStream_t)stream>>>(*g, layer, d_qabs, (const uint16_t *)d_cache,
+                                                                      d_tok_pos, d_tok_seq, d_btab, d_olat);
+    return DSI_CU_LAUNCHED("mla_decode_tc_kernel");
+}

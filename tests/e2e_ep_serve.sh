@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# dsinfer serve as an EP group: `mpirun -np 2 dsinfer serve` answers like one
+# process (greedy, lossless f32 dispatch), stays up while idle for longer than
+# its EP timeout (the scheduler's heartbeat steps), serves concurrent requests,
+# and drains and exits 0 on SIGTERM to rank 0.
+# usage: bash e2e_ep_serve.sh <dsinfer> <tests/data>
+set -u
+BIN=$1
+if ! command -v mpirun >/dev/null || ! command -v curl >/dev/null || ! "$BIN" --version | grep -q "parallelism: mpi"; then
+    echo "skipped: needs mpirun, curl and a build with MPI"
+    exit 0
+fi
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+TMP=$(mktemp -d)
+PIDS=""
+cleanup() { for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done; rm -rf "$TMP"; }
+trap cleanup EXIT
+fail=0
+port_of() { # waits for the "on http://host:PORT" line in a log
+    for _ in $(seq 1 150); do
+        p=$(sed -n 's/.*on http:\/\/[^:]*:\([0-9]*\).*/\1/p' "$1" | head -1)
+        [ -n "$p" ] && { echo "$p"; return 0; }
+        sleep 0.2
+    done
+    return 1
+}
+FLAGS="--port 0 --threads 1 --kv-blocks 64"
+"$BIN" serve $FLAGS 2>"$TMP/one.err" &
+ONE=$!
+PIDS="$ONE"
+timeout 120 mpirun --oversubscribe -np 2 "$BIN" serve $FLAGS --dispatch f32 --ep-timeout-ms 4000 --eplb-every 4 \
+    2>"$TMP/ep.err" &
+EP=$!
+PIDS="$PIDS $EP"
+P1=$(port_of "$TMP/one.err") || { echo "FAIL single server did not start: $(cat "$TMP/one.err")"; exit 1; }
+P2=$(port_of "$TMP/ep.err") || { echo "FAIL EP server did not start: $(cat "$TMP/ep.err")"; exit 1; }
+sleep 6 # idle for longer than the EP timeout (4 s, with room for a loaded CI machine): only the heartbeat keeps the group alive
+text() { sed -n 's/.*"text":"\(.*\)","logprobs".*/\1/p'; }
+REQ='{"prompt":[5,17,99,300,41,7,8,9,10,11],"max_tokens":12,"temperature":0}'
+a=$(curl -s "http://127.0.0.1:$P1/v1/completions" -d "$REQ" | text)
+b=$(curl -s "http://127.0.0.1:$P2/v1/completions" -d "$REQ" | text)
+if [ -n "$a" ] && [ "$a" = "$b" ]; then echo "ok   same greedy completion as one process after idling"; else
+    echo "FAIL completions differ: '$a' vs '$b'; $(cat "$TMP/ep.err")"; fail=1; fi
+for k in 1 2 3 4; do
+    curl -s "http://127.0.0.1:$P2/v1/completions" -d "{\"prompt\":[$k,17,99],\"max_tokens\":6,\"temperature\":0}" >"$TMP/c$k" &
+done
+wait $(jobs -p | grep -v -e "^$ONE$" -e "^$EP$") 2>/dev/null
+for k in 1 2 3 4; do
+    want=$(curl -s "http://127.0.0.1:$P1/v1/completions" -d "{\"prompt\":[$k,17,99],\"max_tokens\":6,\"temperature\":0}" | text)
+    got=$(text <"$TMP/c$k")
+    if [ -n "$got" ] && [ "$got" = "$want" ]; then echo "ok   concurrent request $k"; else
+        echo "FAIL concurrent request $k: '$got' vs '$want'"; fail=1; fi
+done
+# online EPLB reports per-layer balancedness before/after its last decision in /metrics
+curl -s "http://127.0.0.1:$P2/metrics" >"$TMP/metrics"
+if grep -q '^dsinfer_eplb_max_over_mean{moe_layer="0",placement="before"} ' "$TMP/metrics" &&
+    grep -q '^dsinfer_eplb_max_over_mean{moe_layer="0",placement="after"} ' "$TMP/metrics" &&
+    grep -q '^dsinfer_eplb_rebalances_total ' "$TMP/metrics"; then echo "ok   EPLB balancedness in /metrics"; else
+    echo "FAIL no EPLB metrics: $(grep eplb "$TMP/metrics")"; fail=1; fi
+# stop: SIGTERM to rank 0 drains, releases the other rank, everything exits 0
+R0=""
+for p in $(pgrep -P "$EP") $(pgrep -P "$(pgrep -P "$EP" | head -1)" 2>/dev/null); do
+    tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -q '^OMPI_COMM_WORLD_RANK=0$' && R0=$p
+done
+if [ -z "$R0" ]; then echo "FAIL cannot find rank 0"; exit 1; fi
+kill -TERM "$R0"
+wait "$EP"
+rc=$?
+if [ "$rc" = 0 ] && grep -q "stopped" "$TMP/ep.err"; then echo "ok   SIGTERM to rank 0: group drained, exit 0"; else
+    echo "FAIL group exit $rc: $(cat "$TMP/ep.err")"; fail=1; fi
+kill -TERM "$ONE"
+wait "$ONE"
+exit $fail
