@@ -478,6 +478,40 @@ static void test_sched_from_disk(void **state) {
         dsi_engine_destroy(e);
         dsi_kv_pool_destroy(kv);
     }
+    /* a decoding request keeps getting tokens in the step that starts another's loads */
+    {
+        const dsi_config *c = dsi_model_config(m);
+        dsi_kv_pool *kv;
+        dsi_engine *e;
+        dsi_sched *s;
+        assert_int_equal(dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, 32, &kv), DSI_OK);
+        dsi_engine_opts eo = {.n_threads = 1, .max_tokens = 128};
+        assert_int_equal(dsi_engine_create(m, kv, &eo, &e), DSI_OK);
+        dsi_sched_opts so = {.disk = d};
+        assert_int_equal(dsi_sched_create(e, &so, &s), DSI_OK);
+        int32_t other[40];
+        for (int i = 0; i < 40; i++) other[i] = (i * 53 + 901) % 2000;
+        dsi_request_params pa = {.prompt = other, .n_prompt = 40, .max_tokens = 20};
+        dsi_request_params pb = {.prompt = prompt, .n_prompt = 300, .max_tokens = 8};
+        result ra = {0}, rb = {0};
+        assert_int_equal(dsi_sched_submit(s, &pa, on_event, &ra, NULL), DSI_OK);
+        while (ra.n < 2) assert_true(dsi_sched_step(s) > 0);
+        assert_int_equal(dsi_sched_submit(s, &pb, on_event, &rb, NULL), DSI_OK);
+        int before = ra.n;
+        assert_true(dsi_sched_step(s) > 0);
+        dsi_sched_get_stats(s, &st);
+        assert_int_equal(st.n_loading, 1);  /* b waits for its blocks ... */
+        assert_int_equal(ra.n, before + 1); /* ... while a decodes */
+        for (int i = 0; i < 10000 && dsi_sched_step(s) > 0; i++) {}
+        assert_int_equal(ra.finished, 1);
+        assert_int_equal(ra.n, 20);
+        assert_int_equal(rb.cached, 256);
+        assert_int_equal(rb.n, cold.n);
+        assert_memory_equal(rb.tokens, cold.tokens, sizeof(int32_t) * cold.n);
+        dsi_sched_destroy(s);
+        dsi_engine_destroy(e);
+        dsi_kv_pool_destroy(kv);
+    }
     dsi_kvdisk_close(d);
     dsi_model_destroy(m);
 }
