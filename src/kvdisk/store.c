@@ -256,7 +256,7 @@ int dsi_kvdisk_rescan(dsi_kvdisk *d) {
         closedir(dir);
     }
     if (rc == DSI_OK) {
-        qsort(items, n, sizeof *items, by_mtime);
+        if (n) qsort(items, n, sizeof *items, by_mtime);
         kd_index nx;
         memset(&nx, 0, sizeof nx);
         nx.head = nx.tail = nx.free_head = -1;
