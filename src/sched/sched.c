@@ -322,6 +322,7 @@ static void take_inbox_and_cancels(dsi_sched *s) {
                 s->n_waiting--;
                 finish(s, r, DSI_FINISH_CANCELLED, DSI_ECANCELED, "cancelled");
                 done = 1;
+                break; /* the increment would take &(*pp)->next of a NULL *pp (UBSan) */
             }
         free(c);
     }
