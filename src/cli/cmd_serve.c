@@ -29,7 +29,10 @@ static void usage(FILE *f) {
             "  --http-threads N             HTTP event-loop threads (default 2)\n"
             "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/*\n"
             "  --no-prefix-cache            never share KV blocks between requests\n"
-            "  --drain-timeout S            on SIGTERM, seconds to let requests finish (default 30)\n");
+            "  --drain-timeout S            on SIGTERM, seconds to let requests finish (default 30)\n"
+            "  --role both|prefill|decode   behind 'dsinfer router': prefill computes prompts' KV and first\n"
+            "                               tokens and ships the KV to decode instances (default both)\n"
+            "  --kv-port P                  decode/both: KV transfer listen port (default 0 = any free)\n");
 }
 
 int dsi_cmd_serve(int argc, char **argv) {
@@ -55,11 +58,18 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing))) drain = atof(v);
         else if (!strcmp(argv[i], "--no-prefix-cache")) o.no_prefix_cache = 1;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-port", &missing))) o.kv_port = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--role", &missing))) {
+            if ((o.role = dsi_server_role_parse(v)) < 0) {
+                fprintf(stderr, "dsinfer serve: --role must be both, prefill or decode\n");
+                return 2;
+            }
+        }
         else { fprintf(stderr, "dsinfer serve: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer serve: %s needs a value\n", argv[i]); return 2; }
     }
     if (o.port < 0 || o.port > 65535 || o.max_model_len < 0 || o.kv_blocks < 0 || o.kv_cache_gb < 0 ||
-        o.max_num_seqs < 0 || o.max_num_batched_tokens < 0 || o.max_queue < 0 || o.threads < 0 || o.http_threads < 0 || drain < 0) {
+        o.max_num_seqs < 0 || o.max_num_batched_tokens < 0 || o.max_queue < 0 || o.threads < 0 || o.http_threads < 0 || drain < 0 || o.kv_port < 0 || o.kv_port > 65535) {
         fprintf(stderr, "dsinfer serve: numeric options must be non-negative (and the port below 65536)\n");
         return 2;
     }
@@ -77,6 +87,7 @@ int dsi_cmd_serve(int argc, char **argv) {
     }
     fprintf(stderr, "dsinfer serve: model %s on http://%s:%d (Ctrl-C or SIGTERM drains and stops)\n",
             dsi_server_model_name(srv), o.host, dsi_server_port(srv));
+    if (dsi_server_kv_port(srv)) fprintf(stderr, "dsinfer serve: KV transfers on port %d\n", dsi_server_kv_port(srv));
     int sig = 0;
     sigwait(&set, &sig);
     fprintf(stderr, "dsinfer serve: %s: draining in-flight requests (up to %.0f s)\n",
