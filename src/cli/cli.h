@@ -27,5 +27,6 @@ int dsi_cmd_detokenize(int argc, char **argv);
 int dsi_cmd_chat_render(int argc, char **argv);
 
 int dsi_cmd_serve(int argc, char **argv);
+int dsi_cmd_router(int argc, char **argv);
 
 #endif
