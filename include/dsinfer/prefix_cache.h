@@ -64,6 +64,10 @@ int dsi_prefix_cache_match(dsi_prefix_cache *pc, const int32_t *tokens, int n_to
  * used idle cached block when the free list is empty. -1 when neither exists. */
 int dsi_prefix_cache_alloc(dsi_prefix_cache *pc);
 
+/* Adds a reference for a caller that does not hold one yet (a write-back to
+ * the disk tier): an idle cached block leaves the LRU list until released. */
+void dsi_prefix_cache_retain(dsi_prefix_cache *pc, int block);
+
 /* Drops the caller's reference to `block`. A cached block whose last user
  * leaves becomes idle (most recently used end of the LRU). */
 void dsi_prefix_cache_release(dsi_prefix_cache *pc, int block);

@@ -27,11 +27,22 @@
  * decode finds no block, the most recently admitted other request is
  * preempted: its blocks are released (its full blocks stay in the prefix
  * cache) and it goes back to the front of the queue to be recomputed, without
- * repeating tokens it already reported. */
+ * repeating tokens it already reported.
+ *
+ * Disk tier (opts.disk): after the memory match, admission probes the disk
+ * for the chain's next blocks, takes blocks for the whole request as usual,
+ * and queues loads of the ones found; the request then waits in a loading
+ * list (its blocks are not touched by steps) while other sequences run.
+ * Completions are collected at the start of each step; the loaded run of
+ * blocks up to the first failed one is published and counted as cached, the
+ * rest is computed. Each block published to the prefix cache is also queued
+ * for writing (the block is retained until written); a partial last block is
+ * never written (its hash needs all 64 tokens). */
 #ifndef DSINFER_SCHED_H
 #define DSINFER_SCHED_H
 
 #include "dsinfer/engine.h"
+#include "dsinfer/kvdisk.h"
 #include "dsinfer/prefix_cache.h"
 #include "dsinfer/sampler.h"
 
@@ -48,6 +59,9 @@ typedef struct dsi_sched_opts {
     int max_queue;           /* waiting requests before submit says DSI_EBUSY; 0 = 1024 */
     int max_model_len;       /* prompt + completion limit; 0 = min(model positions, pool capacity) */
     int no_prefix_cache;     /* 1: never share blocks */
+    dsi_kvdisk *disk;        /* borrowed, outlives the scheduler; NULL: no disk tier. Full blocks are
+                                written to it when published; admission continues the prefix-cache
+                                match on disk and loads those blocks asynchronously */
 } dsi_sched_opts;
 
 /* KV computed elsewhere (a prefill instance, see ARCHITECTURE "Prefill/decode
@@ -119,11 +133,13 @@ typedef int (*dsi_sched_callback)(void *user, const dsi_sched_event *ev);
 
 typedef struct dsi_sched_stats {
     int n_waiting, n_running;
+    int n_loading;               /* admitted, waiting for their disk blocks */
     int kv_blocks_total, kv_blocks_free, kv_blocks_cached, kv_blocks_idle_cached;
     int kv_blocks_used;          /* total - free - idle cached: held by sequences */
     int max_model_len;
     uint64_t steps, preemptions;
     uint64_t prompt_tokens, cached_tokens, computed_tokens, generated_tokens;
+    uint64_t disk_cached_tokens;  /* the part of cached_tokens loaded from the disk tier */
     uint64_t finished[4];        /* by dsi_finish_reason */
 } dsi_sched_stats;
 

@@ -17,6 +17,7 @@
 #define DSINFER_SERVER_H
 
 #include "dsinfer/common.h"
+#include "dsinfer/kvdisk.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -41,6 +42,7 @@ typedef struct dsi_server_opts {
     int no_prefix_cache;
     int role;                      /* DSI_ROLE_BOTH (a whole server), _PREFILL or _DECODE (behind dsinfer router) */
     int kv_port;                   /* decode/both: KV transfer listen port on `host`; 0: any free port */
+    dsi_kvdisk_opts kv_disk;       /* .dir NULL: no disk KV tier */
 } dsi_server_opts;
 
 /* What an instance does behind `dsinfer router` (ARCHITECTURE: "Prefill/decode

@@ -30,6 +30,13 @@ static void usage(FILE *f) {
             "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/*\n"
             "  --no-prefix-cache            never share KV blocks between requests\n"
             "  --drain-timeout S            on SIGTERM, seconds to let requests finish (default 30)\n"
+            "  --kv-disk DIR                persist full KV blocks under DIR and load them on prefix-cache misses\n"
+            "                               (shared across restarts and by servers of the same model on DIR)\n"
+            "  --kv-disk-gb G               size cap of DIR's block files, LRU eviction (default 16)\n"
+            "  --kv-disk-ttl S              also evict blocks unused for S seconds (default: never)\n"
+            "  --kv-disk-fsync MODE         none (default; checksums catch torn files), file, or dir\n"
+            "  --kv-disk-io MODE            auto (default: io_uring, else threads), uring, or threads\n"
+            "  --kv-disk-rescan S           seconds between directory rescans (default 30; 0 = default)\n"
             "  --role both|prefill|decode   behind 'dsinfer router': prefill computes prompts' KV and first\n"
             "                               tokens and ships the KV to decode instances (default both)\n"
             "  --kv-port P                  decode/both: KV transfer listen port (default 0 = any free)\n");
@@ -37,7 +44,7 @@ static void usage(FILE *f) {
 
 int dsi_cmd_serve(int argc, char **argv) {
     dsi_server_opts o = dsi_server_default_opts();
-    double drain = 30;
+    double drain = 30, disk_gb = 16;
     for (int i = 1; i < argc; i++) {
         int missing = 0;
         const char *v;
@@ -58,6 +65,17 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing))) drain = atof(v);
         else if (!strcmp(argv[i], "--no-prefix-cache")) o.no_prefix_cache = 1;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk", &missing))) o.kv_disk.dir = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-gb", &missing))) disk_gb = atof(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-ttl", &missing))) o.kv_disk.ttl_s = atof(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-rescan", &missing))) o.kv_disk.rescan_s = atof(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-fsync", &missing))) {
+            o.kv_disk.fsync = !strcmp(v, "none") ? 0 : !strcmp(v, "file") ? 1 : !strcmp(v, "dir") ? 2 : -1;
+            if (o.kv_disk.fsync < 0) { fprintf(stderr, "dsinfer serve: --kv-disk-fsync takes none, file or dir\n"); return 2; }
+        } else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-io", &missing))) {
+            o.kv_disk.io = !strcmp(v, "auto") ? 0 : !strcmp(v, "uring") ? 1 : !strcmp(v, "threads") ? 2 : -1;
+            if (o.kv_disk.io < 0) { fprintf(stderr, "dsinfer serve: --kv-disk-io takes auto, uring or threads\n"); return 2; }
+        }
         else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-port", &missing))) o.kv_port = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--role", &missing))) {
             if ((o.role = dsi_server_role_parse(v)) < 0) {
@@ -73,6 +91,11 @@ int dsi_cmd_serve(int argc, char **argv) {
         fprintf(stderr, "dsinfer serve: numeric options must be non-negative (and the port below 65536)\n");
         return 2;
     }
+    if (!(disk_gb > 0 && disk_gb < 1e9) || o.kv_disk.ttl_s < 0 || o.kv_disk.rescan_s < 0) {
+        fprintf(stderr, "dsinfer serve: --kv-disk-gb must be positive, --kv-disk-ttl and --kv-disk-rescan non-negative\n");
+        return 2;
+    }
+    o.kv_disk.capacity_bytes = (uint64_t)(disk_gb * (1u << 30));
     /* Block the stop signals in every thread; this one waits for them. */
     sigset_t set;
     sigemptyset(&set);

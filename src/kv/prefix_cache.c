@@ -172,6 +172,12 @@ int dsi_prefix_cache_alloc(dsi_prefix_cache *pc) {
     return dsi_kv_alloc(pc->kv);
 }
 
+void dsi_prefix_cache_retain(dsi_prefix_cache *pc, int b) {
+    if (b < 0 || b >= pc->n_blocks || dsi_kv_refcount(pc->kv, b) <= 0) return;
+    if (pc->cached[b] && dsi_kv_refcount(pc->kv, b) == 1) lru_remove(pc, b); /* idle -> in use */
+    dsi_kv_retain(pc->kv, b);
+}
+
 void dsi_prefix_cache_release(dsi_prefix_cache *pc, int b) {
     if (b < 0 || b >= pc->n_blocks || dsi_kv_refcount(pc->kv, b) <= 0) return;
     dsi_kv_release(pc->kv, b);

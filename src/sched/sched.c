@@ -18,6 +18,7 @@ typedef struct req {
     uint64_t *hashes;          /* chain hash of each published full block */
     int n_blocks, n_hashed;
     int cached_tokens, admitted;
+    int n_loads, load_from, load_fail, cancelled; /* disk loads in flight; blocks [load_from, load_fail) loaded */
     dsi_sampler smp;
     int kv_export;
     int has_import;            /* imported KV waits to be copied in at admission */
@@ -54,12 +55,16 @@ struct dsi_sched {
     int n_waiting;
     req **running;             /* [max_num_seqs], admission order */
     int n_running;
+    req **loading;             /* [max_num_seqs]: admitted, disk loads in flight */
+    int n_loading, n_saving;   /* n_saving: blocks retained for a disk write */
+    uint64_t fingerprint;
     dsi_seq_step *batch;       /* [max_num_seqs] */
     req **batch_req;
     int *batch_chunk;
     float *logits;             /* [max_num_seqs][vocab] */
     void *sample_scratch;
     uint64_t steps, preemptions, prompt_tokens, cached_total, computed_tokens, generated_tokens, finished[4];
+    uint64_t disk_cached_total;
 };
 
 /* ------------------------------------------------------------ lifecycle */
@@ -82,16 +87,18 @@ int dsi_sched_create(dsi_engine *e, const dsi_sched_opts *opts, dsi_sched **out)
     int cap = dsi_kv_n_blocks(s->kv) * s->bt;
     s->max_model_len = DSI_MIN(cap, c->max_position_embeddings);
     if (s->o.max_model_len > 0) s->max_model_len = DSI_MIN(s->max_model_len, s->o.max_model_len);
-    int rc = dsi_prefix_cache_create(s->kv, dsi_model_fingerprint(dsi_engine_model(e)), &s->pc);
+    s->fingerprint = dsi_model_fingerprint(dsi_engine_model(e));
+    int rc = dsi_prefix_cache_create(s->kv, s->fingerprint, &s->pc);
     if (rc) { free(s); return rc; }
     int n = s->o.max_num_seqs;
     s->running = calloc(n, sizeof(req *));
+    s->loading = calloc(n, sizeof(req *));
     s->batch = calloc(n, sizeof(dsi_seq_step));
     s->batch_req = calloc(n, sizeof(req *));
     s->batch_chunk = calloc(n, sizeof(int));
     s->logits = malloc(sizeof(float) * (size_t)n * s->vocab);
     s->sample_scratch = malloc(dsi_sampler_scratch_bytes(s->vocab));
-    if (!s->running || !s->batch || !s->batch_req || !s->batch_chunk || !s->logits || !s->sample_scratch) {
+    if (!s->running || !s->loading || !s->batch || !s->batch_req || !s->batch_chunk || !s->logits || !s->sample_scratch) {
         dsi_sched_destroy(s);
         return dsi_error(DSI_ENOMEM, "scheduler: out of memory");
     }
@@ -151,6 +158,8 @@ static void publish_stats(dsi_sched *s) {
     t->n_waiting = s->n_waiting + s->n_inbox;
     s->shared_waiting = s->n_waiting;
     t->n_running = s->n_running;
+    t->n_loading = s->n_loading;
+    t->disk_cached_tokens = s->disk_cached_total;
     t->kv_blocks_free = dsi_kv_n_free(s->kv);
     t->kv_blocks_cached = pcs.n_cached;
     t->kv_blocks_idle_cached = pcs.n_idle;
@@ -162,13 +171,16 @@ static void publish_stats(dsi_sched *s) {
     t->computed_tokens = s->computed_tokens;
     t->generated_tokens = s->generated_tokens;
     memcpy(t->finished, s->finished, sizeof t->finished);
-    s->n_active = s->n_waiting + s->n_running;
+    s->n_active = s->n_waiting + s->n_running + s->n_loading + s->n_saving; /* drain waits for disk writes */
     if (s->n_active == 0 && s->n_inbox == 0) pthread_cond_broadcast(&s->idle);
     pthread_mutex_unlock(&s->mu);
 }
 
+static void disk_drain(dsi_sched *s);
+
 /* Cancels everything (inbox, waiting, running): used at shutdown. */
 static void cancel_all(dsi_sched *s) {
+    disk_drain(s); /* loads land in running (then cancelled); written blocks are released */
     pthread_mutex_lock(&s->mu);
     req *in = s->inbox_head;
     s->inbox_head = s->inbox_tail = NULL;
@@ -200,6 +212,7 @@ void dsi_sched_destroy(dsi_sched *s) {
     }
     dsi_prefix_cache_destroy(s->pc);
     free(s->running);
+    free(s->loading);
     free(s->batch);
     free(s->batch_req);
     free(s->batch_chunk);
@@ -315,6 +328,8 @@ static void take_inbox_and_cancels(dsi_sched *s) {
                 finish(s, r, DSI_FINISH_CANCELLED, DSI_ECANCELED, "cancelled");
                 done = 1;
             }
+        for (int i = 0; i < s->n_loading && !done; i++)
+            if (s->loading[i]->id == c->id) s->loading[i]->cancelled = done = 1; /* finished when its loads land */
         for (req **pp = &s->wait_head, *prev = NULL; !done && *pp; prev = *pp, pp = &(*pp)->next)
             if ((*pp)->id == c->id) {
                 req *r = *pp;
@@ -328,10 +343,104 @@ static void take_inbox_and_cancels(dsi_sched *s) {
     }
 }
 
+/* An admitted request joins the running batch; usage counts what it found
+ * cached (memory and disk) at its first admission. */
+static void start_running(dsi_sched *s, req *r, int disk_tokens) {
+    if (!r->admitted) {
+        r->admitted = 1;
+        r->cached_tokens = r->n_computed;
+        s->prompt_tokens += r->n_prompt;
+        s->cached_total += r->n_computed;
+        s->disk_cached_total += disk_tokens;
+    }
+    s->running[s->n_running++] = r;
+}
+
+/* ------------------------------------------------------------ disk tier */
+
+/* Continues r's hash chain on disk past its memory match and queues loads of
+ * the blocks found into the blocks r already holds. Returns 1 when r now
+ * waits in the loading list. */
+static int disk_start_loads(dsi_sched *s, req *r) {
+    if (!s->o.disk || s->o.no_prefix_cache) return 0;
+    int m = r->n_hashed, max_match = (r->n_tokens - 1) / s->bt, n = 0;
+    uint64_t parent = m ? r->hashes[m - 1] : 0;
+    for (int j = m; j < max_match; j++) {
+        const int32_t *t = r->tokens + (size_t)j * s->bt;
+        uint64_t h = dsi_prefix_block_hash(parent, s->fingerprint, t, s->bt);
+        if (!dsi_kvdisk_probe(s->o.disk, h)) break;
+        if (dsi_kvdisk_load(s->o.disk, h, parent, t, dsi_kv_block_data(s->kv, r->blocks[j]), r, j) != DSI_OK) break;
+        r->hashes[j] = h;
+        parent = h;
+        n++;
+    }
+    if (n == 0) return 0;
+    r->n_loads = n;
+    r->load_from = m;
+    r->load_fail = m + n;
+    s->loading[s->n_loading++] = r;
+    return 1;
+}
+
+/* All of r's loads have landed: publish the verified run, then run r (or
+ * finish it, if cancelled meanwhile). */
+static void disk_loaded(dsi_sched *s, req *r) {
+    for (int i = 0; i < s->n_loading; i++)
+        if (s->loading[i] == r) {
+            memmove(&s->loading[i], &s->loading[i + 1], sizeof(req *) * (s->n_loading - i - 1));
+            s->n_loading--;
+            break;
+        }
+    for (int i = r->load_from; i < r->load_fail; i++) {
+        uint64_t parent = i ? r->hashes[i - 1] : 0;
+        dsi_prefix_cache_insert(s->pc, r->blocks[i], parent, r->tokens + (size_t)i * s->bt, &r->hashes[i]);
+    }
+    r->n_hashed = r->load_fail;
+    r->n_computed = r->load_fail * s->bt;
+    if (r->cancelled) { finish(s, r, DSI_FINISH_CANCELLED, DSI_ECANCELED, "cancelled"); return; }
+    start_running(s, r, (r->load_fail - r->load_from) * s->bt);
+}
+
+/* Collects finished loads and writes (at a step boundary). */
+static void disk_poll(dsi_sched *s) {
+    if (!s->o.disk) return;
+    dsi_kvdisk_done done[64];
+    int n;
+    while ((n = dsi_kvdisk_poll(s->o.disk, done, 64)) > 0)
+        for (int k = 0; k < n; k++) {
+            if (done[k].kind == DSI_KVDISK_SAVE) {
+                dsi_prefix_cache_release(s->pc, done[k].index);
+                s->n_saving--;
+                continue;
+            }
+            req *r = done[k].user;
+            if (done[k].status != DSI_OK && done[k].index < r->load_fail) r->load_fail = done[k].index;
+            if (--r->n_loads == 0) disk_loaded(s, r);
+        }
+}
+
+/* Waits for every load and write of ours (shutdown). */
+static void disk_drain(dsi_sched *s) {
+    while (s->o.disk && (s->n_loading > 0 || s->n_saving > 0)) {
+        dsi_kvdisk_wait(s->o.disk, 0.1);
+        disk_poll(s);
+    }
+}
+
+/* Queues a write of a block just published to the prefix cache; the block is
+ * retained until the write lands. */
+static void disk_save(dsi_sched *s, int block, uint64_t hash, uint64_t parent, const int32_t *tokens) {
+    dsi_prefix_cache_retain(s->pc, block);
+    if (dsi_kvdisk_save(s->o.disk, hash, parent, tokens, dsi_kv_block_data(s->kv, block), NULL, block) == 1)
+        s->n_saving++;
+    else
+        dsi_prefix_cache_release(s->pc, block);
+}
+
 /* Admits waiting requests, first come first served, while blocks for all
  * their known tokens can be had. */
 static void admit(dsi_sched *s) {
-    while (s->wait_head && s->n_running < s->o.max_num_seqs) {
+    while (s->wait_head && s->n_running + s->n_loading < s->o.max_num_seqs) {
         req *r = s->wait_head;
         if (!s->o.no_prefix_cache && r->n_blocks == 0) {
             /* leave a token to compute: it gives the logits (imported KV brings its first token) */
@@ -346,17 +455,11 @@ static void admit(dsi_sched *s) {
             break;
         }
         for (int i = 0; i < need; i++) r->blocks[r->n_blocks++] = dsi_prefix_cache_alloc(s->pc);
-        if (!r->admitted) {
-            r->admitted = 1;
-            r->cached_tokens = r->n_computed;
-            s->prompt_tokens += r->n_prompt;
-            s->cached_total += r->n_computed;
-        }
         s->wait_head = r->next;
         if (!s->wait_head) s->wait_tail = NULL;
         r->next = NULL;
         s->n_waiting--;
-        s->running[s->n_running++] = r;
+        if (!disk_start_loads(s, r)) start_running(s, r, 0);
     }
 }
 
@@ -442,7 +545,9 @@ static void publish_full_blocks(dsi_sched *s, req *r) {
     while ((r->n_hashed + 1) * s->bt <= r->n_computed) {
         int i = r->n_hashed;
         uint64_t parent = i ? r->hashes[i - 1] : 0;
-        dsi_prefix_cache_insert(s->pc, r->blocks[i], parent, r->tokens + (size_t)i * s->bt, &r->hashes[i]);
+        if (dsi_prefix_cache_insert(s->pc, r->blocks[i], parent, r->tokens + (size_t)i * s->bt, &r->hashes[i]) &&
+            s->o.disk)
+            disk_save(s, r->blocks[i], r->hashes[i], parent, r->tokens + (size_t)i * s->bt);
         r->n_hashed++;
     }
 }
@@ -511,6 +616,7 @@ static void report_kv(dsi_sched *s, req *r) {
 
 int dsi_sched_step(dsi_sched *s) {
     take_inbox_and_cancels(s);
+    disk_poll(s);
     admit(s);
     apply_imports(s);
     grow_blocks(s);
@@ -531,6 +637,7 @@ int dsi_sched_step(dsi_sched *s) {
             n++;
         }
     int rc = DSI_OK;
+    if (n == 0 && s->n_loading + s->n_saving > 0) dsi_kvdisk_wait(s->o.disk, 0.002); /* nothing to compute: not a spin */
     if (n > 0) {
         rc = dsi_engine_step(s->e, s->batch, n);
         s->steps++;
@@ -560,7 +667,7 @@ int dsi_sched_step(dsi_sched *s) {
         }
     }
     publish_stats(s);
-    return rc != DSI_OK ? rc : s->n_waiting + s->n_running;
+    return rc != DSI_OK ? rc : s->n_waiting + s->n_running + s->n_loading + s->n_saving;
 }
 
 /* ------------------------------------------------------------ the thread */

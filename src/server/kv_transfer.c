@@ -70,14 +70,10 @@ int dsi__pd_held_blocks(dsi_server *s, const uint64_t *hashes, int n) {
     return dsi_pd_hashset_leading(s->pd->held, hashes, n);
 }
 
-/* The seam for the shared disk KV tier (issue 5): when it lands, ask it
- * whether it holds `hash`. Blocks it holds need not travel; if they are gone
- * by admission the decode scheduler recomputes them, so this is only a hint. */
-int dsi__pd_disk_has(dsi_server *s, uint64_t hash) {
-    (void)s;
-    (void)hash;
-    return 0;
-}
+/* The shared disk KV tier (--kv-disk): blocks it holds need not travel, the
+ * decode scheduler loads them at admission; if they are gone by then it
+ * recomputes them, so this too is only a hint. */
+int dsi__pd_disk_has(dsi_server *s, uint64_t hash) { return s->disk ? dsi_kvdisk_contains(s->disk, hash) == 1 : 0; }
 
 int dsi__pd_kv_port(const dsi_server *s) { return s->pd ? s->pd->kv_port : 0; }
 
@@ -426,6 +422,8 @@ static void *receiver(void *arg) {
     if (h.n_prompt != (uint32_t)pk->p.n_prompt) { send_skip(fd, DSI_EINVAL, 0); goto out; }
     uint32_t skip = dsi__pd_held_blocks(s, hashes, h.n_hashes);
     while (skip < h.n_hashes && !s->o.no_prefix_cache && dsi__pd_disk_has(s, hashes[skip])) skip++;
+    /* the scheduler looks on disk for at most (n - 1) / 64 blocks: never skip past that */
+    if (skip > 0 && skip > (h.n_prompt - 1) / (uint32_t)pd->bt) skip = (h.n_prompt - 1) / (uint32_t)pd->bt;
     uint32_t n_data = h.n_blocks - skip, got = 0;
     data = malloc(pd->block_bytes * (n_data ? n_data : 1));
     have = calloc(n_data + 1, 1);

@@ -85,6 +85,8 @@ void dsi__metrics_render(dsi_server_metrics *m, const dsi_sched_stats *st, const
             atomic_load(&m->completion_tokens));
     counter(o, "dsinfer_prompt_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.",
             atomic_load(&m->cache_hit_tokens));
+    counter(o, "dsinfer_prompt_cache_disk_hit_tokens_total", "Prompt cache-hit tokens loaded from the disk KV tier.",
+            (unsigned long long)st->disk_cached_tokens);
     counter(o, "dsinfer_computed_tokens_total", "Tokens run through the model (prefill and decode).",
             (unsigned long long)st->computed_tokens);
     counter(o, "dsinfer_scheduler_steps_total", "Engine steps run.", (unsigned long long)st->steps);

@@ -392,9 +392,15 @@ static int open_model(dsi_server *s) {
         return rc;
     dsi_engine_opts eo = {.n_threads = o->threads, .max_tokens = o->max_num_batched_tokens};
     if ((rc = dsi_engine_create(s->model, s->kv, &eo, &s->engine))) return rc;
+    if (o->kv_disk.dir && *o->kv_disk.dir) {
+        if ((rc = dsi_kvdisk_open(&o->kv_disk, dsi_model_fingerprint(s->model), cfg->n_layers, dsi_config_kv_dim(cfg),
+                                  DSI_KV_BLOCK_TOKENS, &s->disk)))
+            return rc;
+        dsi_server_add_metrics_hook(s, dsi_kvdisk_write_metrics, s->disk);
+    }
     dsi_sched_opts so = {.max_num_seqs = o->max_num_seqs, .max_batched_tokens = o->max_num_batched_tokens,
                          .max_queue = o->max_queue, .max_model_len = o->max_model_len,
-                         .no_prefix_cache = o->no_prefix_cache};
+                         .no_prefix_cache = o->no_prefix_cache, .disk = s->disk};
     if ((rc = dsi_sched_create(s->engine, &so, &s->sched))) return rc;
     s->api.tok = s->tok;
     s->api.model_name = s->model_name;
@@ -427,7 +433,8 @@ static void server_free(dsi_server *s) {
         atomic_store(&s->watchdog_stop, 1);
         pthread_join(s->watchdog, NULL);
     }
-    dsi_sched_destroy(s->sched);
+    dsi_sched_destroy(s->sched); /* waits for its disk loads and writes */
+    dsi_kvdisk_close(s->disk);
     dsi_engine_destroy(s->engine);
     dsi_kv_pool_destroy(s->kv);
     dsi_model_destroy(s->model);

@@ -158,6 +158,7 @@ struct dsi_server {
     dsi_kv_pool *kv;
     dsi_engine *engine;
     dsi_sched *sched;
+    dsi_kvdisk *disk;          /* NULL without --kv-disk */
     dsi_tokenizer *tok;
     dsi_api_ctx api;
     struct MHD_Daemon *mhd;
