@@ -22,7 +22,7 @@ pass() { echo "ok: $*"; }
 wait_port() { # log-file pattern -> port
     local p i
     for i in $(seq 1 100); do
-        p=$(sed -n "s/.*$2 on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p" "$1" | head -1)
+        p=$(sed -n "s/.*$2 on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p" "$1" 2>/dev/null | head -1)
         [ -n "$p" ] && { echo "$p"; return; }
         sleep 0.1
     done
@@ -103,6 +103,36 @@ done
     && pass "repeated prompt through the router: 192 cached tokens, as the single server" \
     || fail "prefix cache: $(usage_of "$WORK/lr2") vs $(usage_of "$WORK/lb2")"
 
+# blocks the decode instance already holds are not sent again
+skipped=$(curl -s "$R/metrics" | awk '$1 == "dsinfer_router_kv_blocks_skipped_total" {print $2}')
+[ "${skipped:-0}" -ge 3 ] && pass "repeat: $skipped KV blocks not re-sent (the decode side held them)" \
+    || fail "no blocks skipped on a repeated prompt ($skipped)"
+
+# ---------------------------------------------------------------- the shared disk tier
+# prefill and two decode instances on one --kv-disk directory: a prompt decoded
+# on dA, then (dA drained) on dB: dB finds the blocks on disk, they are not sent
+mkdir -p "$WORK/kvdisk"
+serve pk prefill --kv-disk "$WORK/kvdisk"; PID_PK=$LAST_PID
+serve da decode --kv-disk "$WORK/kvdisk"; PID_DA=$LAST_PID
+serve db decode --kv-disk "$WORK/kvdisk"; PID_DB=$LAST_PID
+for n in pk da db; do eval "PORT_$n=$(wait_port "$WORK/$n.log" "model dsinfer-demo")"; done
+"$BIN" router --port 0 --prefill "$(U pk)" --decode "$(U da),$(U db)" 2>"$WORK/router4.log" &
+PID_R4=$!; PIDS+=("$PID_R4")
+R4="http://127.0.0.1:$(wait_port "$WORK/router4.log" "instances (deepseek LB)")"
+DISKP="{\"prompt\":[$(ids_of 200 17)],\"max_tokens\":4,\"temperature\":0,\"return_token_ids\":true}"
+curl -s "$R4/v1/completions" -d "$DISKP" >"$WORK/disk1"
+sleep 0.5   # block files are written asynchronously
+used=$(curl -s "$R4/admin/instances" | grep -o "\"url\":\"[^\"]*\",\"role\":\"decode\"[^}]*\"routed\":1" | sed 's/"url":"\([^"]*\)".*/\1/')
+other=$(U da); [ "$used" = "$(U da)" ] && other=$(U db)
+curl -s "$R4/admin/instances" -d "{\"action\":\"drain\",\"role\":\"decode\",\"url\":\"$used\"}" >/dev/null
+curl -s "$R4/v1/completions" -d "$DISKP" >"$WORK/disk2"
+sk=$(curl -s "$R4/metrics" | awk '$1 == "dsinfer_router_kv_blocks_skipped_total" {print $2}')
+[ -n "$used" ] && [ "$(body_ids "$WORK/disk1")" = "$(body_ids "$WORK/disk2")" ] && [ "${sk:-0}" -ge 3 ] \
+    && curl -s "$other/metrics" | grep -q '^dsinfer_kv_disk' \
+    && pass "disk tier: the second decode instance read $sk blocks from disk instead of the wire, same output" \
+    || fail "disk tier: used='$used' skipped=$sk, $(body_ids "$WORK/disk1") vs $(body_ids "$WORK/disk2")"
+kill "$PID_R4" "$PID_PK" "$PID_DA" "$PID_DB" 2>/dev/null
+
 # ---------------------------------------------------------------- bad requests
 code=$(curl -s -o "$WORK/e1" -w '%{http_code}' "$R/v1/completions" -d '{"prompt":[1,2],"max_tokens":0}')
 [ "$code" = 400 ] && grep -q '"param":"max_tokens"' "$WORK/e1" && pass "bad request -> 400 with the instance's error" || fail "bad request: $code $(cat "$WORK/e1")"
@@ -172,7 +202,7 @@ done
 for _ in $(seq 1 100); do
     r1=$(curl -s "$(U d1)/internal/load" | grep -o '"running":[0-9]*' | cut -d: -f2)
     r2=$(curl -s "$(U d2)/internal/load" | grep -o '"running":[0-9]*' | cut -d: -f2)
-    [ "${r1:-0}" -gt 0 ] && [ "${r2:-0}" -gt 0 ] && [ "$(cat "$WORK"/k* | grep -c '^data:')" -ge 16 ] && break
+    [ "${r1:-0}" -gt 0 ] && [ "${r2:-0}" -gt 0 ] && [ "$(cat "$WORK"/k[0-9]* | grep -c '^data:')" -ge 16 ] && break
     sleep 0.05
 done
 kill -9 "$PID_D1"

@@ -301,7 +301,18 @@ static void run_request(rconn *c) {
         r->in[p].pend_attn -= w;
         r->in[p].pend_tokens -= t;
         pthread_mutex_unlock(&r->mu);
-        if (!rc && status == 200) done = 1;
+        if (!rc && status == 200) {
+            done = 1;
+            cJSON *pj = cJSON_ParseWithLength(pb.p ? pb.p : "", pb.len);
+            const cJSON *v;
+            if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "transfer_bytes")))
+                atomic_fetch_add(&r->kv_bytes, (unsigned long)v->valuedouble);
+            if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "blocks")))
+                atomic_fetch_add(&r->kv_blocks, (unsigned long)v->valuedouble);
+            if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "skipped_blocks")))
+                atomic_fetch_add(&r->kv_skipped, (unsigned long)v->valuedouble);
+            cJSON_Delete(pj);
+        }
         else if (!rc && status >= 400 && status < 500 && status != 429) client_status = status, done = -1;
         else if (rc) note_failure(r, p);
         else DSI_LOG_WARN("router: prefill on %s:%d answered %d: %.200s", phost, pport, status, pb.p ? pb.p : "");

@@ -93,6 +93,7 @@ struct dsi_router {
     dsi_pricing *pricing;
     dsi_account *acct;
     atomic_ulong n_ok, n_client_err, n_err, n_decode_lost, n_retries, n_inflight, xfer_seq;
+    atomic_ulong kv_bytes, kv_blocks, kv_skipped; /* from prefill answers */
     atomic_int n_workers;
 };
 

@@ -162,6 +162,15 @@ static void metrics(dsi_router *r, dsi_rbuf *b) {
     dsi__rbuf_printf(b, "# HELP dsinfer_router_prefill_retries_total Prefills retried on another instance.\n"
                         "# TYPE dsinfer_router_prefill_retries_total counter\ndsinfer_router_prefill_retries_total %lu\n",
                      atomic_load(&r->n_retries));
+    dsi__rbuf_printf(b, "# HELP dsinfer_router_kv_transfer_bytes_total KV bytes prefill instances sent to decode ones.\n"
+                        "# TYPE dsinfer_router_kv_transfer_bytes_total counter\ndsinfer_router_kv_transfer_bytes_total %lu\n",
+                     atomic_load(&r->kv_bytes));
+    dsi__rbuf_printf(b, "# HELP dsinfer_router_kv_blocks_total Prompt KV blocks of prefilled requests.\n"
+                        "# TYPE dsinfer_router_kv_blocks_total counter\ndsinfer_router_kv_blocks_total %lu\n",
+                     atomic_load(&r->kv_blocks));
+    dsi__rbuf_printf(b, "# HELP dsinfer_router_kv_blocks_skipped_total Blocks not sent: the decode side or the disk tier held them.\n"
+                        "# TYPE dsinfer_router_kv_blocks_skipped_total counter\ndsinfer_router_kv_blocks_skipped_total %lu\n",
+                     atomic_load(&r->kv_skipped));
     dsi__rbuf_printf(b, "# HELP dsinfer_router_requests_in_flight Requests being served.\n"
                         "# TYPE dsinfer_router_requests_in_flight gauge\ndsinfer_router_requests_in_flight %lu\n",
                      atomic_load(&r->n_inflight));
