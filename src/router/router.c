@@ -16,6 +16,7 @@
  * Threads: MHD's (client HTTP), one worker per request (blocking calls to
  * instances), and the heartbeat thread (polls GET /internal/load, runs the
  * health state machine, drains, the autoscaler and the GPU account). */
+#define _GNU_SOURCE /* POLLRDHUP */
 #include "router/router_impl.h"
 
 #include "dsinfer/econ.h"
@@ -23,8 +24,10 @@
 
 #include <cjson/cJSON.h>
 #include <microhttpd.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -178,6 +181,16 @@ static int pick(dsi_router *r, int role, const match_res *m, int n_prompt, int n
     return role == ROLE_P ? dsi_lb_pick_prefill(li, r->n_in, n_prompt) : dsi_lb_pick_decode(li, r->n_in, n_tokens);
 }
 
+/* Whether the decode instance closed the connection it holds for the request
+ * (it died, or refused the request and answered already). */
+static int decode_gone(dsi_hc *dc) {
+    struct pollfd pf = {.fd = dc->fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&pf, 1, 0) <= 0) return 0;
+    if (pf.revents & (POLLRDHUP | POLLHUP | POLLERR)) return 1;
+    char ch;
+    return recv(dc->fd, &ch, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
 static void run_request(rconn *c) {
     dsi_router *r = c->r;
     const char *api = c->chat ? "chat" : "completions";
@@ -236,7 +249,7 @@ static void run_request(rconn *c) {
     int tried_d[MAX_INST] = {0}, tried_p[MAX_INST] = {0};
     double dtokens = n_prompt + max_tokens / 2.0;
     dsi_hc dc;
-    int d = -1, kv_port = 0;
+    int d = -1, kv_port = 0, dport = 0;
     char dhost[128];
     for (;;) {
         pthread_mutex_lock(&r->mu);
@@ -248,13 +261,13 @@ static void run_request(rconn *c) {
             x->routed++;
             snprintf(dhost, sizeof dhost, "%s", x->host);
             kv_port = x->kv_port;
-            ports[0] = x->port;
+            dport = x->port;
         }
         pthread_mutex_unlock(&r->mu);
         if (d < 0) break;
         tried_d[d] = 1;
         snprintf(path, sizeof path, "/internal/decode?api=%s&xfer=%llx", api, (unsigned long long)xfer);
-        if (dsi__hc_start(&dc, dhost, ports[0], "POST", path, c->body, c->body_len, 2.0) == DSI_OK) break;
+        if (dsi__hc_start(&dc, dhost, dport, "POST", path, c->body, c->body_len, 2.0) == DSI_OK) break;
         note_failure(r, d);
         pthread_mutex_lock(&r->mu);
         r->in[d].inflight--;
@@ -316,6 +329,10 @@ static void run_request(rconn *c) {
         else if (!rc && status >= 400 && status < 500 && status != 429) client_status = status, done = -1;
         else if (rc) note_failure(r, p);
         else DSI_LOG_WARN("router: prefill on %s:%d answered %d: %.200s", phost, pport, status, pb.p ? pb.p : "");
+        if (!done && decode_gone(&dc)) { /* no point retrying: nobody would take the KV */
+            note_failure(r, d);
+            break;
+        }
     }
     if (done != 1) {
         dsi__hc_close(&dc); /* the decode instance sees the hang-up and drops the parked request */
