@@ -181,6 +181,26 @@ static int pick(dsi_router *r, int role, const match_res *m, int n_prompt, int n
     return role == ROLE_P ? dsi_lb_pick_prefill(li, r->n_in, n_prompt) : dsi_lb_pick_decode(li, r->n_in, n_tokens);
 }
 
+static void release_decode(dsi_router *r, int d, double tokens) {
+    pthread_mutex_lock(&r->mu);
+    r->in[d].inflight--;
+    r->in[d].inflight_tokens -= tokens;
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* Adds a prefill answer's transfer figures to the router's counters. */
+static void count_transfer(dsi_router *r, const dsi_rbuf *pb) {
+    cJSON *pj = cJSON_ParseWithLength(pb->p ? pb->p : "", pb->len);
+    const cJSON *v;
+    if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "transfer_bytes")))
+        atomic_fetch_add(&r->kv_bytes, (unsigned long)v->valuedouble);
+    if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "blocks")))
+        atomic_fetch_add(&r->kv_blocks, (unsigned long)v->valuedouble);
+    if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "skipped_blocks")))
+        atomic_fetch_add(&r->kv_skipped, (unsigned long)v->valuedouble);
+    cJSON_Delete(pj);
+}
+
 /* Whether the decode instance closed the connection it holds for the request
  * (it died, or refused the request and answered already). */
 static int decode_gone(dsi_hc *dc) {
@@ -242,105 +262,101 @@ static void run_request(rconn *c) {
         return;
     }
 
-    /* 2. a decode instance that takes the request and waits for its KV */
-    uint64_t xfer = ((uint64_t)time(NULL) << 24) ^ ((uint64_t)getpid() << 44) ^
-                    (atomic_fetch_add(&r->xfer_seq, 1) * 0x9e3779b97f4a7c15ull);
-    if (!xfer) xfer = 1;
-    int tried_d[MAX_INST] = {0}, tried_p[MAX_INST] = {0};
+    /* 2. a decode instance that takes the request and waits for its KV;
+     * 3. prefill, retried elsewhere when a prefill instance fails. When the
+     * decode instance is lost before anything reached the client, the whole
+     * request moves to another decode instance. */
+    int tried_d[MAX_INST] = {0};
     double dtokens = n_prompt + max_tokens / 2.0;
     dsi_hc dc;
-    int d = -1, kv_port = 0, dport = 0;
-    char dhost[128];
-    for (;;) {
-        pthread_mutex_lock(&r->mu);
-        d = pick(r, ROLE_D, m, n_prompt, (int)dtokens, tried_d);
-        if (d >= 0) {
-            inst *x = &r->in[d];
-            x->inflight++;
-            x->inflight_tokens += dtokens;
-            x->routed++;
-            snprintf(dhost, sizeof dhost, "%s", x->host);
-            kv_port = x->kv_port;
-            dport = x->port;
-        }
-        pthread_mutex_unlock(&r->mu);
-        if (d < 0) break;
-        tried_d[d] = 1;
-        snprintf(path, sizeof path, "/internal/decode?api=%s&xfer=%llx", api, (unsigned long long)xfer);
-        if (dsi__hc_start(&dc, dhost, dport, "POST", path, c->body, c->body_len, 2.0) == DSI_OK) break;
-        note_failure(r, d);
-        pthread_mutex_lock(&r->mu);
-        r->in[d].inflight--;
-        r->in[d].inflight_tokens -= dtokens;
-        pthread_mutex_unlock(&r->mu);
-    }
-    if (d < 0) {
-        atomic_fetch_add(&r->n_err, 1);
-        dsi__router_fail_request(c, 503, "no decode instance is available");
-        return;
-    }
-
-    /* 3. prefill, retried elsewhere when an instance fails */
-    int max_attempts = r->o.max_prefill_attempts > 0 ? r->o.max_prefill_attempts : 3;
-    int done = 0, client_status = 0;
+    int d = -1, headed = 0, client_status = 0, gave_up = 0;
     dsi_rbuf pb = {0};
-    for (int attempt = 0; attempt < max_attempts && !done; attempt++) {
-        pthread_mutex_lock(&r->mu);
-        int p = pick(r, ROLE_P, m, n_prompt, 0, tried_p);
-        double w = 0, t = 0;
-        char phost[128];
-        int pport = 0;
-        if (p >= 0) {
-            inst *x = &r->in[p];
-            int cch = DSI_MIN(m[p].cached, n_prompt - 1);
-            w = dsi_lb_attn_work(cch, n_prompt - cch);
-            t = n_prompt - cch;
-            x->pend_attn += w;
-            x->pend_tokens += t;
-            x->routed++;
-            snprintf(phost, sizeof phost, "%s", x->host);
-            pport = x->port;
-        }
-        pthread_mutex_unlock(&r->mu);
-        if (p < 0) break;
-        tried_p[p] = 1;
-        if (attempt > 0) atomic_fetch_add(&r->n_retries, 1);
-        snprintf(path, sizeof path, "/internal/prefill?api=%s&xfer=%llx&decode=%s:%d", api, (unsigned long long)xfer,
-                 dhost, kv_port);
-        int status = 0;
-        dsi__rbuf_free(&pb);
-        int rc = dsi__hc_call(phost, pport, "POST", path, c->body, c->body_len, 600.0, &status, &pb);
-        pthread_mutex_lock(&r->mu);
-        r->in[p].pend_attn -= w;
-        r->in[p].pend_tokens -= t;
-        pthread_mutex_unlock(&r->mu);
-        if (!rc && status == 200) {
-            done = 1;
-            cJSON *pj = cJSON_ParseWithLength(pb.p ? pb.p : "", pb.len);
-            const cJSON *v;
-            if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "transfer_bytes")))
-                atomic_fetch_add(&r->kv_bytes, (unsigned long)v->valuedouble);
-            if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "blocks")))
-                atomic_fetch_add(&r->kv_blocks, (unsigned long)v->valuedouble);
-            if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(pj, "skipped_blocks")))
-                atomic_fetch_add(&r->kv_skipped, (unsigned long)v->valuedouble);
-            cJSON_Delete(pj);
-        }
-        else if (!rc && status >= 400 && status < 500 && status != 429) client_status = status, done = -1;
-        else if (rc) note_failure(r, p);
-        else DSI_LOG_WARN("router: prefill on %s:%d answered %d: %.200s", phost, pport, status, pb.p ? pb.p : "");
-        if (!done && decode_gone(&dc)) { /* no point retrying: nobody would take the KV */
+    while (!headed && !client_status && !gave_up) {
+        uint64_t xfer = ((uint64_t)time(NULL) << 24) ^ ((uint64_t)getpid() << 44) ^
+                        (atomic_fetch_add(&r->xfer_seq, 1) * 0x9e3779b97f4a7c15ull);
+        if (!xfer) xfer = 1;
+        int kv_port = 0, dport = 0;
+        char dhost[128];
+        for (;;) {
+            pthread_mutex_lock(&r->mu);
+            d = pick(r, ROLE_D, m, n_prompt, (int)dtokens, tried_d);
+            if (d >= 0) {
+                inst *x = &r->in[d];
+                x->inflight++;
+                x->inflight_tokens += dtokens;
+                x->routed++;
+                snprintf(dhost, sizeof dhost, "%s", x->host);
+                kv_port = x->kv_port;
+                dport = x->port;
+            }
+            pthread_mutex_unlock(&r->mu);
+            if (d < 0) break;
+            tried_d[d] = 1;
+            snprintf(path, sizeof path, "/internal/decode?api=%s&xfer=%llx", api, (unsigned long long)xfer);
+            if (dsi__hc_start(&dc, dhost, dport, "POST", path, c->body, c->body_len, 2.0) == DSI_OK) break;
             note_failure(r, d);
-            break;
+            release_decode(r, d, dtokens);
         }
+        if (d < 0) {
+            atomic_fetch_add(&r->n_err, 1);
+            dsi__router_fail_request(c, 503, "no decode instance is available");
+            dsi__rbuf_free(&pb);
+            return;
+        }
+        int max_attempts = r->o.max_prefill_attempts > 0 ? r->o.max_prefill_attempts : 3;
+        int tried_p[MAX_INST] = {0}, done = 0, lost = 0;
+        for (int attempt = 0; attempt < max_attempts && !done; attempt++) {
+            pthread_mutex_lock(&r->mu);
+            int p = pick(r, ROLE_P, m, n_prompt, 0, tried_p);
+            double w = 0, t = 0;
+            char phost[128];
+            int pport = 0;
+            if (p >= 0) {
+                inst *x = &r->in[p];
+                int cch = DSI_MIN(m[p].cached, n_prompt - 1);
+                w = dsi_lb_attn_work(cch, n_prompt - cch);
+                t = n_prompt - cch;
+                x->pend_attn += w;
+                x->pend_tokens += t;
+                x->routed++;
+                snprintf(phost, sizeof phost, "%s", x->host);
+                pport = x->port;
+            }
+            pthread_mutex_unlock(&r->mu);
+            if (p < 0) break;
+            tried_p[p] = 1;
+            if (attempt > 0) atomic_fetch_add(&r->n_retries, 1);
+            snprintf(path, sizeof path, "/internal/prefill?api=%s&xfer=%llx&decode=%s:%d", api,
+                     (unsigned long long)xfer, dhost, kv_port);
+            int status = 0;
+            dsi__rbuf_free(&pb);
+            int rc = dsi__hc_call(phost, pport, "POST", path, c->body, c->body_len, 600.0, &status, &pb);
+            pthread_mutex_lock(&r->mu);
+            r->in[p].pend_attn -= w;
+            r->in[p].pend_tokens -= t;
+            pthread_mutex_unlock(&r->mu);
+            if (!rc && status == 200) {
+                done = 1;
+                count_transfer(r, &pb);
+            } else if (!rc && status >= 400 && status < 500 && status != 429) {
+                client_status = status;
+                break;
+            } else if (rc) note_failure(r, p);
+            else DSI_LOG_WARN("router: prefill on %s:%d answered %d: %.200s", phost, pport, status, pb.p ? pb.p : "");
+            if (!done && decode_gone(&dc)) { lost = 1; break; } /* nobody would take the KV */
+        }
+        if (done && dsi__hc_read_head(&dc, 600.0) == DSI_OK) { headed = 1; break; }
+        if (done) lost = 1; /* the decode instance died between the KV and its answer */
+        dsi__hc_close(&dc); /* a live decode instance sees the hang-up and drops the parked request */
+        release_decode(r, d, dtokens);
+        if (lost) {
+            note_failure(r, d);
+            atomic_fetch_add(&r->n_retries, 1);
+            DSI_LOG_WARN("router: decode instance lost before answering; trying another");
+        } else if (!client_status) gave_up = 1;
     }
-    if (done != 1) {
-        dsi__hc_close(&dc); /* the decode instance sees the hang-up and drops the parked request */
-        pthread_mutex_lock(&r->mu);
-        r->in[d].inflight--;
-        r->in[d].inflight_tokens -= dtokens;
-        pthread_mutex_unlock(&r->mu);
-        if (done == -1) {
+    if (!headed) {
+        if (client_status) {
             atomic_fetch_add(&r->n_client_err, 1);
             relay_whole(c, client_status, &pb);
         } else {
@@ -354,16 +370,7 @@ static void run_request(rconn *c) {
 
     /* 4. relay the decode instance's answer */
     int outcome = 0; /* 0 ok, 1 decode lost, 2 error answer */
-    if (dsi__hc_read_head(&dc, 600.0)) {
-        note_failure(r, d);
-        outcome = 1;
-        if (stream) {
-            set_head(c, 200, 1);
-            static const char ev[] = "data: {\"error\":{\"message\":\"the decode instance failed before answering\","
-                                     "\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\ndata: [DONE]\n\n";
-            push(c, ev, sizeof ev - 1, 1);
-        } else dsi__router_fail_request(c, 502, "the decode instance failed before answering");
-    } else if (dc.status != 200 || !stream) {
+    if (dc.status != 200 || !stream) {
         dsi_rbuf b = {0};
         if (dsi__hc_read_all(&dc, &b, 64u << 20, 600.0)) {
             note_failure(r, d);
@@ -406,10 +413,7 @@ static void run_request(rconn *c) {
         push(c, NULL, 0, 1);
     }
     dsi__hc_close(&dc);
-    pthread_mutex_lock(&r->mu);
-    r->in[d].inflight--;
-    r->in[d].inflight_tokens -= dtokens;
-    pthread_mutex_unlock(&r->mu);
+    release_decode(r, d, dtokens);
     atomic_fetch_add(outcome == 0 ? &r->n_ok : outcome == 1 ? &r->n_decode_lost : &r->n_client_err, 1);
 }
 

@@ -536,6 +536,20 @@ static void *listener(void *arg) {
 
 /* ---------------------------------------------------------------- lifecycle */
 
+void dsi__pd_wait_parked(dsi_server *s, double timeout_s) {
+    struct dsi_pd_state *pd = s->pd;
+    if (!pd) return;
+    double end = dsi_now() + timeout_s;
+    for (;;) {
+        pthread_mutex_lock(&pd->mu);
+        int any = pd->parked != NULL;
+        pthread_mutex_unlock(&pd->mu);
+        if (!any || dsi_now() >= end) return;
+        struct timespec ts = {0, 5 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 int dsi__pd_start(dsi_server *s) {
     struct dsi_pd_state *pd = calloc(1, sizeof *pd);
     if (!pd) return dsi_error(DSI_ENOMEM, "out of memory");

@@ -515,7 +515,10 @@ void dsi_server_stop(dsi_server *s, double drain_timeout_s) {
     if (lfd != MHD_INVALID_SOCKET) close(lfd);
     /* in-flight requests finish (or are cancelled at the deadline); every
      * suspended connection is resumed by its FINISH */
-    dsi_sched_stop(s->sched, drain_timeout_s > 0, drain_timeout_s);
+    double t0 = dsi_now();
+    dsi__pd_wait_parked(s, drain_timeout_s); /* decode role: KV on its way still makes it in */
+    dsi_sched_stop(s->sched, drain_timeout_s > 0, DSI_MAX(0.0, drain_timeout_s - (dsi_now() - t0)));
+    dsi__pd_stop(s); /* what is still parked finishes with an error before MHD flushes */
     /* let MHD send what the finished requests queued */
     double end = dsi_now() + 5.0;
     while (atomic_load(&s->n_conns) > 0 && dsi_now() < end) {
