@@ -112,7 +112,7 @@ static double one_transfer(dsi_server *dec, int n, int salt, size_t *bytes) {
         dsi_pd_block b = {(uint32_t)i, layers, bt, dim};
         if (dsi_pd_send_msg(fd, DSI_PD_BLOCK, &b, sizeof b, kv, bb)) die("send block");
     }
-    dsi_pd_first f = {5, 0, 1, 0, 0};
+    dsi_pd_first f = {.token = 5, .sampler_rng = 1};
     dsi_pd_send_msg(fd, DSI_PD_FIRST, &f, sizeof f, NULL, 0);
     dsi_pd_ack ack;
     if (dsi_pd_recv_hdr(fd, &type, &len, 30) || dsi_pd_recv_all(fd, &ack, sizeof ack, 30) || ack.status) die("ACK");

@@ -53,12 +53,16 @@ typedef struct dsi_pd_block {
     uint32_t n_layers, block_tokens, kv_dim;
 } dsi_pd_block;
 
+#define DSI_PD_MAX_TOP 20
+
 typedef struct dsi_pd_first {
     int32_t token;
     float logprob;
     uint64_t sampler_rng;
     uint32_t cached_tokens;    /* prompt tokens P found in its prefix cache */
-    uint32_t pad;
+    uint32_t n_top;            /* top alternatives that follow (requests with top_logprobs) */
+    int32_t top_ids[DSI_PD_MAX_TOP];
+    float top_logprobs[DSI_PD_MAX_TOP];
 } dsi_pd_first;
 
 typedef struct dsi_pd_ack {

@@ -76,6 +76,9 @@ typedef struct dsi_kv_import {
     float first_logprob;     /* its log-probability (reported when params.logprobs) */
     uint64_t sampler_rng;    /* the prefill side's sampler state after that pick */
     int cached_tokens;       /* prompt tokens the prefill side had cached (reported in usage) */
+    int n_top;               /* the first token's top alternatives (params.top_logprobs of them) */
+    int32_t top_ids[DSI_SCHED_MAX_TOP_LOGPROBS];
+    float top_logprobs[DSI_SCHED_MAX_TOP_LOGPROBS];
 } dsi_kv_import;
 
 typedef struct dsi_request_params {

@@ -593,7 +593,9 @@ static void apply_imports(dsi_sched *s) {
         if (!done) {
             r->tokens[r->n_tokens++] = tok;
             dsi_sched_event ev = {.type = DSI_SCHED_TOKEN, .token = tok, .logprob = r->imp.first_logprob,
-                                  .sampler_rng = r->smp.rng};
+                                  .sampler_rng = r->smp.rng, .top_ids = r->imp.top_ids,
+                                  .top_logprobs = r->imp.top_logprobs,
+                                  .n_top = DSI_MIN(DSI_MAX(r->imp.n_top, 0), r->p.top_logprobs)};
             fill_event(r, &ev);
             if (r->cb(r->user, &ev)) { why = DSI_FINISH_STOP; done = 1; }
             else if (r->n_gen >= r->p.max_tokens) done = 1;

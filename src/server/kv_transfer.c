@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #define PARK_TIMEOUT_S 60.0      /* a parked decode request waits this long for its KV */
+_Static_assert(DSI_PD_MAX_TOP == DSI_SCHED_MAX_TOP_LOGPROBS, "FIRST carries every top alternative");
 #define HELLO_WAIT_S 5.0         /* the HELLO may beat /internal/decode by this much */
 #define IO_TIMEOUT_S 30.0
 
@@ -103,6 +104,9 @@ typedef struct pf_job {
     int32_t token;
     float logprob;
     uint64_t rng;
+    int n_top;
+    int32_t top_ids[DSI_PD_MAX_TOP];
+    float top_lp[DSI_PD_MAX_TOP];
     int got_token, cached_tokens, n_prompt;
     atomic_int refs;             /* scheduler (until FINISH) + sender */
     double t0;
@@ -148,6 +152,11 @@ static int pf_on_event(void *user, const dsi_sched_event *ev) {
         j->token = ev->token;
         j->logprob = ev->logprob;
         j->rng = ev->sampler_rng;
+        j->n_top = DSI_MIN(ev->n_top, DSI_PD_MAX_TOP);
+        for (int i = 0; i < j->n_top; i++) {
+            j->top_ids[i] = ev->top_ids[i];
+            j->top_lp[i] = ev->top_logprobs[i];
+        }
         j->got_token = 1;
         return 0;
     }
@@ -159,7 +168,10 @@ static int pf_on_event(void *user, const dsi_sched_event *ev) {
         msg *m = malloc(sizeof *m);
         if (m) {
             m->type = DSI_PD_FIRST;
-            m->h.f = (dsi_pd_first){j->token, j->logprob, j->rng, (uint32_t)ev->cached_tokens, 0};
+            m->h.f = (dsi_pd_first){.token = j->token, .logprob = j->logprob, .sampler_rng = j->rng,
+                                    .cached_tokens = (uint32_t)ev->cached_tokens, .n_top = (uint32_t)j->n_top};
+            memcpy(m->h.f.top_ids, j->top_ids, sizeof j->top_ids);
+            memcpy(m->h.f.top_logprobs, j->top_lp, sizeof j->top_lp);
             m->hdr_len = sizeof m->h.f;
             m->len = 0;
             enqueue(j, m);
@@ -289,7 +301,8 @@ int dsi__pd_prefill(dsi_conn *c, const char *decode, uint64_t xfer) {
     /* max_tokens 1, no stop ids: the first token always comes back, the
      * decode side applies the request's own stops to it */
     dsi_request_params p = {.prompt = r->prompt, .n_prompt = (int)r->n_prompt, .max_tokens = 1,
-                            .sampling = r->sampling, .logprobs = r->logprobs, .kv_export = 1};
+                            .sampling = r->sampling, .logprobs = r->logprobs, .top_logprobs = r->top_logprobs,
+                            .kv_export = 1};
     atomic_fetch_add(&j->refs, 1);  /* the sender's */
     atomic_fetch_add(&c->refs, 1);  /* the job's */
     pthread_mutex_lock(&c->mu);
@@ -446,7 +459,9 @@ static void *receiver(void *arg) {
         if (dsi_pd_recv_all(fd, &f, sizeof f, IO_TIMEOUT_S) || got != n_data) goto out;
         /* all here: hand the request to the scheduler */
         dsi_kv_import imp = {n_data ? data : NULL, (int)skip, (int)n_data, f.token, f.logprob, f.sampler_rng,
-                             (int)f.cached_tokens};
+                             (int)f.cached_tokens, (int)DSI_MIN(f.n_top, DSI_PD_MAX_TOP), {0}, {0}};
+        memcpy(imp.top_ids, f.top_ids, sizeof imp.top_ids);
+        memcpy(imp.top_logprobs, f.top_logprobs, sizeof imp.top_logprobs);
         dsi_request_params p = pk->p;
         p.kv_import = &imp;
         unpark(pd, pk);
