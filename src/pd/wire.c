@@ -116,17 +116,21 @@ int dsi_pd_recv_all(int fd, void *buf, size_t n, double timeout_s) {
     char *p = buf;
     double end = dsi_now() + timeout_s;
     while (n > 0) {
+        /* take what is there first: poll only when the socket is empty */
+        ssize_t k = recv(fd, p, n, MSG_DONTWAIT);
+        if (k > 0) {
+            p += k;
+            n -= k;
+            continue;
+        }
+        if (k == 0) return dsi_error(DSI_EPEER, "recv: peer closed the connection");
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return dsi_error(DSI_EPEER, "recv: %s", strerror(errno));
         double left = end - dsi_now();
         if (left <= 0) return dsi_error(DSI_ETIMEOUT, "recv: timed out");
         struct pollfd pf = {.fd = fd, .events = POLLIN};
         int pr = poll(&pf, 1, (int)(left * 1000) + 1);
         if (pr < 0 && errno == EINTR) continue;
-        if (pr == 0) continue;
-        ssize_t k = recv(fd, p, n, 0);
-        if (k < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-        if (k <= 0) return dsi_error(DSI_EPEER, "recv: %s", k < 0 ? strerror(errno) : "peer closed the connection");
-        p += k;
-        n -= k;
     }
     return DSI_OK;
 }
