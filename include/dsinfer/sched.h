@@ -68,8 +68,11 @@ typedef struct dsi_sched_opts {
  * disaggregation"): the prompt's blocks and the first token sampled there. */
 typedef struct dsi_kv_import {
     void *data;              /* [n_blocks][dsi_kv_block_bytes]: blocks first_block.. of the prompt, the
-                                last one possibly partial; malloc'ed, owned by the scheduler once
-                                submit succeeds (it free()s it) */
+                                last one possibly partial; owned by the scheduler once submit
+                                succeeds: it calls release(release_ctx, data), or free() when
+                                release is NULL, as soon as the blocks are in the pool */
+    void (*release)(void *release_ctx, void *data);
+    void *release_ctx;
     int first_block;         /* blocks before it are expected in the prefix cache (else recomputed) */
     int n_blocks;            /* first_block + n_blocks == ceil(n_prompt / block_tokens) */
     int32_t first_token;     /* sampled at the end of the prompt by the prefill side */

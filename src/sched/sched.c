@@ -114,12 +114,21 @@ int dsi_sched_create(dsi_engine *e, const dsi_sched_opts *opts, dsi_sched **out)
     return DSI_OK;
 }
 
+/* Gives the imported KV buffer back to its owner. */
+static void drop_import(req *r) {
+    if (r->imp.data) {
+        if (r->imp.release) r->imp.release(r->imp.release_ctx, r->imp.data);
+        else free(r->imp.data);
+    }
+    r->imp.data = NULL;
+}
+
 static void req_free(req *r) {
     if (!r) return;
     free(r->tokens);
     free(r->blocks);
     free(r->hashes);
-    free(r->imp.data);
+    drop_import(r);
     free(r);
 }
 
@@ -568,16 +577,14 @@ static void apply_imports(dsi_sched *s) {
         r->cached_tokens = r->imp.cached_tokens;
         if (matched < r->imp.first_block) {
             r->forced_first = r->imp.first_token;
-            free(r->imp.data);
-            r->imp.data = NULL;
+            drop_import(r);
             continue;
         }
         size_t bb = dsi_kv_block_bytes(s->kv);
         for (int b = matched; b < r->imp.first_block + r->imp.n_blocks; b++)
             memcpy(dsi_kv_block_data(s->kv, r->blocks[b]), (char *)r->imp.data + (size_t)(b - r->imp.first_block) * bb,
                    bb);
-        free(r->imp.data);
-        r->imp.data = NULL;
+        drop_import(r);
         s->computed_tokens += r->n_tokens - r->n_computed;
         r->n_computed = r->n_tokens;
         publish_full_blocks(s, r);

@@ -53,7 +53,49 @@ struct dsi_pd_state {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     parked *parked;
+    /* receive buffers kept for reuse: a fresh multi-MiB buffer per transfer
+     * costs a page fault per 4 KiB, as much as the copy itself */
+    pthread_mutex_t buf_mu;
+    void *bufs[4];
+    size_t buf_cap[4];
+    int n_bufs;
 };
+
+/* A buffer of at least n bytes (its capacity in *cap): a kept one, or new. */
+static void *buf_get(struct dsi_pd_state *pd, size_t n, size_t *cap) {
+    pthread_mutex_lock(&pd->buf_mu);
+    for (int i = 0; i < pd->n_bufs; i++)
+        if (pd->buf_cap[i] >= n) {
+            void *b = pd->bufs[i];
+            *cap = pd->buf_cap[i];
+            pd->bufs[i] = pd->bufs[--pd->n_bufs];
+            pd->buf_cap[i] = pd->buf_cap[pd->n_bufs];
+            pthread_mutex_unlock(&pd->buf_mu);
+            return b;
+        }
+    pthread_mutex_unlock(&pd->buf_mu);
+    *cap = n;
+    return malloc(n);
+}
+
+/* Keeps a buffer (with its capacity stored just before the data) or frees it. */
+static void buf_put(struct dsi_pd_state *pd, void *b, size_t cap) {
+    pthread_mutex_lock(&pd->buf_mu);
+    if (pd->n_bufs < 4 && !atomic_load(&pd->stop)) {
+        pd->bufs[pd->n_bufs] = b;
+        pd->buf_cap[pd->n_bufs++] = cap;
+        b = NULL;
+    }
+    pthread_mutex_unlock(&pd->buf_mu);
+    free(b);
+}
+
+/* dsi_kv_import.release: the data pointer sits 64 bytes into a buffer whose
+ * first word holds its capacity. */
+static void import_release(void *ctx, void *data) {
+    char *base = (char *)data - 64;
+    buf_put(ctx, base, *(size_t *)base);
+}
 
 /* ---------------------------------------------------------------- shared */
 
@@ -438,7 +480,10 @@ static void *receiver(void *arg) {
     /* the scheduler looks on disk for at most (n - 1) / 64 blocks: never skip past that */
     if (skip > 0 && skip > (h.n_prompt - 1) / (uint32_t)pd->bt) skip = (h.n_prompt - 1) / (uint32_t)pd->bt;
     uint32_t n_data = h.n_blocks - skip, got = 0;
-    data = malloc(pd->block_bytes * (n_data ? n_data : 1));
+    size_t cap;
+    char *base = buf_get(pd, 64 + pd->block_bytes * (n_data ? n_data : 1), &cap);
+    if (base) *(size_t *)base = cap;
+    data = base ? base + 64 : NULL;
     have = calloc(n_data + 1, 1);
     if (!data || !have) { send_skip(fd, DSI_ENOMEM, 0); goto out; }
     send_skip(fd, DSI_OK, skip);
@@ -458,7 +503,7 @@ static void *receiver(void *arg) {
         dsi_pd_first f;
         if (dsi_pd_recv_all(fd, &f, sizeof f, IO_TIMEOUT_S) || got != n_data) goto out;
         /* all here: hand the request to the scheduler */
-        dsi_kv_import imp = {n_data ? data : NULL, (int)skip, (int)n_data, f.token, f.logprob, f.sampler_rng,
+        dsi_kv_import imp = {data, import_release, pd, (int)skip, (int)n_data, f.token, f.logprob, f.sampler_rng,
                              (int)f.cached_tokens, (int)DSI_MIN(f.n_top, DSI_PD_MAX_TOP), {0}, {0}};
         memcpy(imp.top_ids, f.top_ids, sizeof imp.top_ids);
         memcpy(imp.top_logprobs, f.top_logprobs, sizeof imp.top_logprobs);
@@ -488,7 +533,7 @@ static void *receiver(void *arg) {
 out:
     if (pk) release_claim(pd, pk); /* stays parked: another prefill instance may retry */
     free(hashes);
-    free(data);
+    if (data) import_release(pd, data);
     free(have);
     close(fd);
     atomic_fetch_sub(&pd->n_receivers, 1);
@@ -571,6 +616,7 @@ int dsi__pd_start(dsi_server *s) {
     s->pd = pd;
     pd->listen_fd = -1;
     pthread_mutex_init(&pd->mu, NULL);
+    pthread_mutex_init(&pd->buf_mu, NULL);
     pthread_cond_init(&pd->cv, NULL);
     pd->fingerprint = dsi_model_fingerprint(s->model);
     pd->n_layers = dsi_kv_n_layers(s->kv);
@@ -589,8 +635,7 @@ int dsi__pd_start(dsi_server *s) {
 
 void dsi__pd_stop(dsi_server *s) {
     struct dsi_pd_state *pd = s->pd;
-    if (!pd) return;
-    atomic_store(&pd->stop, 1);
+    if (!pd || atomic_exchange(&pd->stop, 1)) return;
     if (pd->listener_started) pthread_join(pd->listener, NULL);
     if (pd->listen_fd >= 0) close(pd->listen_fd);
     /* receivers end within their I/O timeouts; wait for them briefly */
@@ -600,8 +645,16 @@ void dsi__pd_stop(dsi_server *s) {
         nanosleep(&ts, NULL);
     }
     if (pd->held && s->sched) reap(s, 1);
+}
+
+void dsi__pd_free(dsi_server *s) {
+    struct dsi_pd_state *pd = s->pd;
+    if (!pd) return;
+    dsi__pd_stop(s);
     if (atomic_load(&pd->n_receivers) == 0) {
         dsi_pd_hashset_destroy(pd->held);
+        for (int i = 0; i < pd->n_bufs; i++) free(pd->bufs[i]);
+        pthread_mutex_destroy(&pd->buf_mu);
         pthread_mutex_destroy(&pd->mu);
         pthread_cond_destroy(&pd->cv);
         free(pd);

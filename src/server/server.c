@@ -434,6 +434,7 @@ static void server_free(dsi_server *s) {
         pthread_join(s->watchdog, NULL);
     }
     dsi_sched_destroy(s->sched); /* waits for its disk loads and writes */
+    dsi__pd_free(s);
     dsi_kvdisk_close(s->disk);
     dsi_engine_destroy(s->engine);
     dsi_kv_pool_destroy(s->kv);

@@ -192,6 +192,8 @@ void dsi__conn_wake(dsi_conn *c);
 /* Starts the hint set and (decode/both) the KV listener thread. */
 int dsi__pd_start(dsi_server *s);
 void dsi__pd_stop(dsi_server *s);
+/* Frees what dsi__pd_start made (after the scheduler is gone: it may hold imported buffers). */
+void dsi__pd_free(dsi_server *s);
 /* Drain: waits (up to timeout_s) until no decode request waits for its KV. */
 void dsi__pd_wait_parked(dsi_server *s, double timeout_s);
 int dsi__pd_kv_port(const dsi_server *s);
