@@ -101,8 +101,10 @@ for round in 1 2; do
     curl -s "$R/v1/completions" -d "$LONG" >"$WORK/lr$round"
     curl -s "$B/v1/completions" -d "$LONG" >"$WORK/lb$round"
 done
+# a third time: with two decode instances, some instance now sees it twice
+curl -s "$R/v1/completions" -d "$LONG" >"$WORK/lr3"
 [ "$(usage_of "$WORK/lr2")" = "$(usage_of "$WORK/lb2")" ] && grep -q '"prompt_cache_hit_tokens":192' "$WORK/lr2" \
-    && [ "$(body_ids "$WORK/lr2")" = "$(body_ids "$WORK/lb2")" ] \
+    && [ "$(body_ids "$WORK/lr2")" = "$(body_ids "$WORK/lb2")" ] && [ "$(body_ids "$WORK/lr3")" = "$(body_ids "$WORK/lb2")" ] \
     && pass "repeated prompt through the router: 192 cached tokens, as the single server" \
     || fail "prefix cache: $(usage_of "$WORK/lr2") vs $(usage_of "$WORK/lb2")"
 
