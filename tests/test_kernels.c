@@ -185,6 +185,15 @@ static void test_avx512_block_sizes(void **state) {
     g_block_rows = g_block_cols = 128;
 }
 
+/* The opt-in BF16 dot-product GEMVs (DSI_BF16_GEMV=1) against the reference. */
+static void test_avx512_bf16_gemv(void **state) {
+    const dsi_kernels *k = dsi_kernels_by_name("avx512");
+    if (!k || !k->matmul_q8) { printf("  AVX512_BF16 not supported on this CPU: skipped\n"); skip(); }
+    setenv("DSI_BF16_GEMV", "1", 1);
+    check_impl(k);
+    unsetenv("DSI_BF16_GEMV");
+}
+
 static void test_avx512(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx512");
     if (!k) { printf("  avx512 not supported on this CPU: skipped\n"); skip(); }
@@ -245,6 +254,7 @@ int main(void) {
         cmocka_unit_test(test_e4m3_codes),
         cmocka_unit_test(test_avx512),
         cmocka_unit_test(test_avx512_block_sizes),
+        cmocka_unit_test(test_avx512_bf16_gemv),
         cmocka_unit_test(test_q8),
         cmocka_unit_test(test_avx2),
     };

@@ -70,6 +70,26 @@ typedef struct dsi_sched_opts {
     double heartbeat_s;
 } dsi_sched_opts;
 
+/* KV computed elsewhere (a prefill instance, see ARCHITECTURE "Prefill/decode
+ * disaggregation"): the prompt's blocks and the first token sampled there. */
+typedef struct dsi_kv_import {
+    void *data;              /* [n_blocks][dsi_kv_block_bytes]: blocks first_block.. of the prompt, the
+                                last one possibly partial; owned by the scheduler once submit
+                                succeeds: it calls release(release_ctx, data), or free() when
+                                release is NULL, as soon as the blocks are in the pool */
+    void (*release)(void *release_ctx, void *data);
+    void *release_ctx;
+    int first_block;         /* blocks before it are expected in the prefix cache (else recomputed) */
+    int n_blocks;            /* first_block + n_blocks == ceil(n_prompt / block_tokens) */
+    int32_t first_token;     /* sampled at the end of the prompt by the prefill side */
+    float first_logprob;     /* its log-probability (reported when params.logprobs) */
+    uint64_t sampler_rng;    /* the prefill side's sampler state after that pick */
+    int cached_tokens;       /* prompt tokens the prefill side had cached (reported in usage) */
+    int n_top;               /* the first token's top alternatives (params.top_logprobs of them) */
+    int32_t top_ids[DSI_SCHED_MAX_TOP_LOGPROBS];
+    float top_logprobs[DSI_SCHED_MAX_TOP_LOGPROBS];
+} dsi_kv_import;
+
 typedef struct dsi_request_params {
     const int32_t *prompt;   /* [n_prompt], copied */
     int n_prompt;
@@ -79,6 +99,8 @@ typedef struct dsi_request_params {
     int n_stop_ids;
     int logprobs;            /* 1: report the chosen token's log-probability */
     int top_logprobs;        /* 0..DSI_SCHED_MAX_TOP_LOGPROBS alternatives per token */
+    int kv_export;           /* 1: report the prompt's KV blocks as they fill (DSI_SCHED_KV events) */
+    const dsi_kv_import *kv_import; /* non-NULL: start decoding from imported KV (copied; see above) */
 } dsi_request_params;
 
 typedef enum dsi_finish_reason {
@@ -88,7 +110,9 @@ typedef enum dsi_finish_reason {
     DSI_FINISH_ERROR,        /* the engine failed; see status/message */
 } dsi_finish_reason;
 
-typedef enum { DSI_SCHED_TOKEN = 0, DSI_SCHED_FINISH } dsi_sched_event_type;
+/* DSI_SCHED_KV comes only to requests with kv_export: after each step that
+ * computed some of the prompt, before that step's TOKEN. */
+typedef enum { DSI_SCHED_TOKEN = 0, DSI_SCHED_FINISH, DSI_SCHED_KV } dsi_sched_event_type;
 
 typedef struct dsi_sched_event {
     dsi_sched_event_type type;
@@ -99,6 +123,12 @@ typedef struct dsi_sched_event {
     int n_top;                  /* top alternatives, best first (borrowed) */
     const int32_t *top_ids;
     const float *top_logprobs;
+    uint64_t sampler_rng;       /* the request's sampler state after this pick */
+    /* KV: the prompt's first kv_n_blocks blocks are final (the last one is
+     * partial once kv_tokens == prompt_tokens); ids in the engine's pool,
+     * borrowed for the callback's duration: copy the data there */
+    const int32_t *kv_blocks;
+    int kv_n_blocks, kv_tokens;
     /* FINISH (also filled, so far, on TOKEN) */
     dsi_finish_reason finish;
     int status;                 /* DSI_OK or the error for DSI_FINISH_ERROR */

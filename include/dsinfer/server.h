@@ -41,6 +41,8 @@ typedef struct dsi_server_opts {
     size_t max_body_bytes;         /* 0: 8 MiB */
     int default_max_tokens;        /* cap when max_tokens is absent; 0: 4096 */
     int no_prefix_cache;
+    int role;                      /* DSI_ROLE_BOTH (a whole server), _PREFILL or _DECODE (behind dsinfer router) */
+    int kv_port;                   /* decode/both: KV transfer listen port on `host`; 0: any free port */
     dsi_kvdisk_opts kv_disk;       /* .dir NULL: no disk KV tier */
     /* economics (include/dsinfer/econ.h): with a pricing file, every request
      * is billed at the price in force at its admission, /metrics carries
@@ -54,6 +56,13 @@ typedef struct dsi_server_opts {
      * steps run across the group; the other ranks call dsi_server_follow */
     const dsi_ep_opts *ep;         /* NULL: defaults */
 } dsi_server_opts;
+
+/* What an instance does behind `dsinfer router` (ARCHITECTURE: "Prefill/decode
+ * disaggregation"). Every role still answers the /v1 API; prefill instances take
+ * POST /internal/prefill, decode ones POST /internal/decode and KV over TCP. */
+enum { DSI_ROLE_BOTH = 0, DSI_ROLE_PREFILL = 1, DSI_ROLE_DECODE = 2 };
+/* "both", "prefill", "decode" -> DSI_ROLE_*, or -1. */
+int dsi_server_role_parse(const char *s);
 
 /* Extra lines for /metrics (econ counters, ...): write Prometheus text with
  * the given function; called on an HTTP thread while rendering /metrics. */
@@ -75,6 +84,8 @@ dsi_server_opts dsi_server_default_opts(void);
 int dsi_server_start(const dsi_server_opts *o, dsi_server **out);
 /* The port actually bound. */
 int dsi_server_port(const dsi_server *s);
+/* The KV transfer port (decode/both roles), or 0. */
+int dsi_server_kv_port(const dsi_server *s);
 const char *dsi_server_model_name(const dsi_server *s);
 /* Adds a /metrics hook (at most 8). Call before requests arrive. */
 int dsi_server_add_metrics_hook(dsi_server *s, dsi_metrics_hook fn, void *ctx);

@@ -31,5 +31,6 @@ int dsi_cmd_serve(int argc, char **argv);
 int dsi_cli_device(int argc, char **argv);
 int dsi_cmd_logits_cuda(int argc, char **argv);
 int dsi_cmd_generate_cuda(int argc, char **argv);
+int dsi_cmd_router(int argc, char **argv);
 
 #endif

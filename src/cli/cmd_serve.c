@@ -49,7 +49,10 @@ static void usage(FILE *f) {
             "  --placement FILE             EPLB placement file (default: expert e in slot e)\n"
             "  --no-overlap                 one micro-batch per step\n"
             "  --ep-timeout-ms N            a rank silent this long fails the group (default 30000)\n"
-            "  --eplb-every N               online EPLB every N steps\n");
+            "  --eplb-every N               online EPLB every N steps\n"
+            "  --role both|prefill|decode   behind 'dsinfer router': prefill computes prompts' KV and first\n"
+            "                               tokens and ships the KV to decode instances (default both)\n"
+            "  --kv-port P                  decode/both: KV transfer listen port (default 0 = any free)\n");
 }
 
 int dsi_cmd_serve(int argc, char **argv) {
@@ -102,11 +105,18 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--ep-timeout-ms", &missing))) ep.timeout_ms = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--eplb-every", &missing))) ep.eplb_every = atoi(v);
         else if (!strcmp(argv[i], "--no-overlap")) ep.no_overlap = 1;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-port", &missing))) o.kv_port = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--role", &missing))) {
+            if ((o.role = dsi_server_role_parse(v)) < 0) {
+                fprintf(stderr, "dsinfer serve: --role must be both, prefill or decode\n");
+                return 2;
+            }
+        }
         else { fprintf(stderr, "dsinfer serve: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer serve: %s needs a value\n", argv[i]); return 2; }
     }
     if (o.port < 0 || o.port > 65535 || o.max_model_len < 0 || o.kv_blocks < 0 || o.kv_cache_gb < 0 ||
-        o.max_num_seqs < 0 || o.max_num_batched_tokens < 0 || o.max_queue < 0 || o.threads < 0 || o.http_threads < 0 || drain < 0) {
+        o.max_num_seqs < 0 || o.max_num_batched_tokens < 0 || o.max_queue < 0 || o.threads < 0 || o.http_threads < 0 || drain < 0 || o.kv_port < 0 || o.kv_port > 65535) {
         fprintf(stderr, "dsinfer serve: numeric options must be non-negative (and the port below 65536)\n");
         return 2;
     }
@@ -141,6 +151,7 @@ int dsi_cmd_serve(int argc, char **argv) {
     }
     fprintf(stderr, "dsinfer serve: model %s on http://%s:%d (Ctrl-C or SIGTERM drains and stops)\n",
             dsi_server_model_name(srv), o.host, dsi_server_port(srv));
+    if (dsi_server_kv_port(srv)) fprintf(stderr, "dsinfer serve: KV transfers on port %d\n", dsi_server_kv_port(srv));
     int sig = 0;
     sigwait(&set, &sig);
     fprintf(stderr, "dsinfer serve: %s: draining in-flight requests (up to %.0f s)\n",

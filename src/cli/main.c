@@ -13,6 +13,7 @@ static const dsi_command COMMANDS[] = {
     {"make-model", "write a random-weight checkpoint in the real format", dsi_cmd_make_model},
     {"inspect", "validate a checkpoint and print its shape", dsi_cmd_inspect},
     {"serve", "OpenAI-compatible HTTP server (built-in demo model without --model)", dsi_cmd_serve},
+    {"router", "prefill/decode router with DeepSeek's load balancers", dsi_cmd_router},
     {"tokenize", "text on stdin -> token ids", dsi_cmd_tokenize},
     {"detokenize", "token ids on stdin -> text", dsi_cmd_detokenize},
     {"chat-render", "messages JSON on stdin -> chat prompt", dsi_cmd_chat_render},

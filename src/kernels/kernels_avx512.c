@@ -475,17 +475,22 @@ static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, cons
  * float32: 10 instructions per 64 weight bytes instead of 15, which lets the
  * loads run further ahead of the arithmetic. Needs K % 64 == 0. */
 static __m512i g_tab_lo0, g_tab_lo1, g_tab_hi0, g_tab_hi1;
-/* AVX512_BF16 present? (the _nobf16 vtable shares this code) */
-static int have_bf16(void) {
-    static int v = -1;
-    if (v < 0) {
-        __builtin_cpu_init();
-        /* DSI_NO_BF16_GEMV=1 keeps the float32 GEMV, for A/B measurements */
-        v = __builtin_cpu_supports("avx512bf16") && !getenv("DSI_NO_BF16_GEMV") ? 1 : 0;
-    }
-    return v;
-}
 static pthread_once_t g_tab_once = PTHREAD_ONCE_INIT;
+/* The BF16 dot-product GEMVs are opt-in (DSI_BF16_GEMV=1): they are faster
+ * on cache-resident weights, but their activation split (exact to ~2^-17)
+ * makes a row's result depend on whether it was computed alone (M = 1) or in
+ * a batch at the 1e-6 level, 100x more than the float32 paths differ; with
+ * random weights that flips near-tied greedy tokens, and prefill/decode
+ * disaggregation must reproduce a single server token for token. */
+static int have_bf16(void) {
+    static int cpu = -1;
+    if (cpu < 0) {
+        __builtin_cpu_init();
+        cpu = __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+    }
+    const char *env = getenv("DSI_BF16_GEMV"); /* read per call: tests switch it */
+    return cpu && env && !strcmp(env, "1");
+}
 
 static void make_tables(void) {
     uint8_t lo[128], hi[128];

@@ -20,6 +20,10 @@ typedef struct req {
     int cached_tokens, admitted;
     int n_loads, load_from, load_fail, cancelled; /* disk loads in flight; blocks [load_from, load_fail) loaded */
     dsi_sampler smp;
+    int kv_export;
+    int has_import;            /* imported KV waits to be copied in at admission */
+    dsi_kv_import imp;         /* imp.data owned here until copied */
+    int32_t forced_first;      /* >= 0: the first token is this (imported), not sampled */
     dsi_sched_callback cb;
     void *user;
     struct req *next;          /* inbox / waiting list link */
@@ -110,11 +114,21 @@ int dsi_sched_create(dsi_engine *e, const dsi_sched_opts *opts, dsi_sched **out)
     return DSI_OK;
 }
 
+/* Gives the imported KV buffer back to its owner. */
+static void drop_import(req *r) {
+    if (r->imp.data) {
+        if (r->imp.release) r->imp.release(r->imp.release_ctx, r->imp.data);
+        else free(r->imp.data);
+    }
+    r->imp.data = NULL;
+}
+
 static void req_free(req *r) {
     if (!r) return;
     free(r->tokens);
     free(r->blocks);
     free(r->hashes);
+    drop_import(r);
     free(r);
 }
 
@@ -234,6 +248,11 @@ int dsi_sched_submit(dsi_sched *s, const dsi_request_params *p, dsi_sched_callba
     if (p->top_logprobs < 0 || p->top_logprobs > DSI_SCHED_MAX_TOP_LOGPROBS)
         return dsi_error(DSI_EINVAL, "top_logprobs must be between 0 and %d", DSI_SCHED_MAX_TOP_LOGPROBS);
     if (p->n_stop_ids < 0 || p->n_stop_ids > DSI_SCHED_MAX_STOP_IDS) return dsi_error(DSI_EINVAL, "too many stop ids");
+    const dsi_kv_import *im = p->kv_import;
+    if (im && (im->first_block < 0 || im->n_blocks < 0 || im->first_token < 0 || im->first_token >= s->vocab ||
+               im->first_block + im->n_blocks != DSI_CEIL_DIV(p->n_prompt, s->bt) || (im->n_blocks > 0 && !im->data)))
+        return dsi_error(DSI_EINVAL, "kv import: blocks %d+%d do not cover a %d-token prompt, or bad first token",
+                         im->first_block, im->n_blocks, p->n_prompt);
     req *r = calloc(1, sizeof *r);
     int cap = p->n_prompt + p->max_tokens, nb = DSI_CEIL_DIV(cap, s->bt);
     if (r) {
@@ -247,6 +266,8 @@ int dsi_sched_submit(dsi_sched *s, const dsi_request_params *p, dsi_sched_callba
     memcpy(r->tokens, p->prompt, sizeof(int32_t) * p->n_prompt);
     r->n_tokens = r->n_prompt = p->n_prompt;
     dsi_sampler_init(&r->smp, &p->sampling);
+    r->kv_export = p->kv_export;
+    r->forced_first = -1;
     r->cb = cb;
     r->user = user;
     pthread_mutex_lock(&s->mu);
@@ -262,6 +283,10 @@ int dsi_sched_submit(dsi_sched *s, const dsi_request_params *p, dsi_sched_callba
         s->n_inbox++;
         s->stats.n_waiting++; /* visible at once in the stats */
         pthread_cond_signal(&s->wake);
+    }
+    if (rc == DSI_OK && im) { /* the data is ours from here on */
+        r->imp = *im;
+        r->has_import = 1;
     }
     pthread_mutex_unlock(&s->mu);
     if (rc) req_free(r);
@@ -428,7 +453,8 @@ static void admit(dsi_sched *s) {
     while (s->wait_head && s->n_running + s->n_loading < s->o.max_num_seqs) {
         req *r = s->wait_head;
         if (!s->o.no_prefix_cache && r->n_blocks == 0) {
-            int max_match = (r->n_tokens - 1) / s->bt; /* leave a token to compute: it gives the logits */
+            /* leave a token to compute: it gives the logits (imported KV brings its first token) */
+            int max_match = r->has_import ? r->n_tokens / s->bt : (r->n_tokens - 1) / s->bt;
             int m = dsi_prefix_cache_match(s->pc, r->tokens, r->n_tokens, max_match, r->blocks, r->hashes);
             r->n_blocks = r->n_hashed = m;
             r->n_computed = m * s->bt;
@@ -491,6 +517,11 @@ static void top_logprobs(const float *l, int V, int k, float lse, int32_t *ids, 
 static int emit_token(dsi_sched *s, req *r, const float *l, dsi_finish_reason *why) {
     int V = s->vocab;
     int32_t tok = dsi_sampler_pick(&r->smp, l, V, s->sample_scratch);
+    if (r->forced_first >= 0) { /* imported KV that had to be recomputed: keep the prefill side's pick */
+        tok = r->forced_first;
+        r->smp.rng = r->imp.sampler_rng;
+        r->forced_first = -1;
+    }
     r->n_gen++;
     s->generated_tokens++;
     for (int i = 0; i < r->p.n_stop_ids; i++)
@@ -512,6 +543,7 @@ static int emit_token(dsi_sched *s, req *r, const float *l, dsi_finish_reason *w
             ev.top_logprobs = top_lp;
         }
     }
+    ev.sampler_rng = r->smp.rng;
     fill_event(r, &ev);
     if (r->cb(r->user, &ev)) { *why = DSI_FINISH_STOP; return 1; }
     if (r->n_gen >= r->p.max_tokens) { *why = DSI_FINISH_LENGTH; return 1; }
@@ -530,10 +562,73 @@ static void publish_full_blocks(dsi_sched *s, req *r) {
     }
 }
 
+/* Running requests whose KV was imported: copy the blocks the prefix cache
+ * did not supply, publish them, and report the first token the prefill side
+ * sampled. When the cache lacks blocks the prefill side skipped (evicted since
+ * the decode side said it held them), the prompt is recomputed from the cached
+ * part instead and the imported first token is kept. */
+static void apply_imports(dsi_sched *s) {
+    for (int i = 0; i < s->n_running; i++) {
+        req *r = s->running[i];
+        if (!r->has_import) continue;
+        r->has_import = 0;
+        int matched = r->n_computed / s->bt;
+        /* usage reports the prefill side's cache hits, as a single server would */
+        s->cached_total += (uint64_t)r->imp.cached_tokens - (uint64_t)r->cached_tokens;
+        r->cached_tokens = r->imp.cached_tokens;
+        if (matched < r->imp.first_block) {
+            r->forced_first = r->imp.first_token;
+            drop_import(r);
+            continue;
+        }
+        size_t bb = dsi_kv_block_bytes(s->kv);
+        for (int b = matched; b < r->imp.first_block + r->imp.n_blocks; b++)
+            memcpy(dsi_kv_block_data(s->kv, r->blocks[b]), (char *)r->imp.data + (size_t)(b - r->imp.first_block) * bb,
+                   bb);
+        drop_import(r);
+        s->computed_tokens += r->n_tokens - r->n_computed;
+        r->n_computed = r->n_tokens;
+        publish_full_blocks(s, r);
+        /* the first token, as emit_token reports a sampled one */
+        int32_t tok = r->imp.first_token;
+        r->smp.rng = r->imp.sampler_rng;
+        r->n_gen++;
+        s->generated_tokens++;
+        dsi_finish_reason why = DSI_FINISH_LENGTH;
+        int done = 0;
+        for (int k = 0; k < r->p.n_stop_ids; k++)
+            if (tok == r->p.stop_ids[k]) { why = DSI_FINISH_STOP; done = 1; }
+        if (!done) {
+            r->tokens[r->n_tokens++] = tok;
+            dsi_sched_event ev = {.type = DSI_SCHED_TOKEN, .token = tok, .logprob = r->imp.first_logprob,
+                                  .sampler_rng = r->smp.rng, .top_ids = r->imp.top_ids,
+                                  .top_logprobs = r->imp.top_logprobs,
+                                  .n_top = DSI_MIN(DSI_MAX(r->imp.n_top, 0), r->p.top_logprobs)};
+            fill_event(r, &ev);
+            if (r->cb(r->user, &ev)) { why = DSI_FINISH_STOP; done = 1; }
+            else if (r->n_gen >= r->p.max_tokens) done = 1;
+        }
+        if (done) {
+            remove_running(s, i--);
+            finish(s, r, why, DSI_OK, NULL);
+        }
+    }
+}
+
+/* Tells a kv_export request which of its prompt blocks are final. */
+static void report_kv(dsi_sched *s, req *r) {
+    int ready = r->n_computed >= r->n_prompt ? DSI_CEIL_DIV(r->n_prompt, s->bt) : r->n_computed / s->bt;
+    dsi_sched_event ev = {.type = DSI_SCHED_KV, .kv_blocks = r->blocks, .kv_n_blocks = ready,
+                          .kv_tokens = DSI_MIN(r->n_computed, r->n_prompt)};
+    fill_event(r, &ev);
+    r->cb(r->user, &ev);
+}
+
 int dsi_sched_step(dsi_sched *s) {
     take_inbox_and_cancels(s);
     disk_poll(s);
     admit(s);
+    apply_imports(s);
     grow_blocks(s);
     int budget = s->o.max_batched_tokens, n = 0, V = s->vocab;
     /* decodes first (one token each: latency), then prefill chunks in admission order */
@@ -571,6 +666,7 @@ int dsi_sched_step(dsi_sched *s) {
                 r->n_computed += s->batch_chunk[k];
                 s->computed_tokens += s->batch_chunk[k];
                 publish_full_blocks(s, r);
+                if (r->kv_export && r->n_gen == 0) report_kv(s, r);
                 dsi_finish_reason why;
                 if (s->batch[k].logits == DSI_LOGITS_LAST && emit_token(s, r, s->logits + (size_t)k * V, &why)) {
                     for (int i = 0; i < s->n_running; i++)

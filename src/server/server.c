@@ -196,7 +196,8 @@ static enum MHD_Result handle_generate(dsi_server *s, dsi_conn *c, int chat) {
     atomic_fetch_add(&c->refs, 1); /* the scheduler's */
     conn_register(c);
     atomic_fetch_add(&s->metrics.in_flight, 1);
-    int rc = dsi_sched_submit(s->sched, &p, dsi__conn_on_event, c, &c->sched_id);
+    /* /internal/decode: submitted once the prefill instance's KV has arrived */
+    int rc = c->pd_xfer ? dsi__pd_await(c, &p) : dsi_sched_submit(s->sched, &p, dsi__conn_on_event, c, &c->sched_id);
     if (rc) {
         atomic_fetch_sub(&s->metrics.in_flight, 1);
         dsi__conn_unregister(c);
@@ -324,6 +325,15 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
         if (!is_get) return send_error(s, mc, 405, "use GET for this endpoint", NULL);
         return handle_get(s, c, url);
     }
+    if (!strcmp(url, "/internal/decode") && is_post) { /* prefill/decode disaggregation (kv_transfer.c) */
+        const char *api = MHD_lookup_connection_value(mc, MHD_GET_ARGUMENT_KIND, "api");
+        const char *xfer = MHD_lookup_connection_value(mc, MHD_GET_ARGUMENT_KIND, "xfer");
+        c->pd_xfer = xfer ? strtoull(xfer, NULL, 16) : 0;
+        if (!c->pd_xfer || s->o.role == DSI_ROLE_PREFILL)
+            return send_error(s, mc, 400, "/internal/decode needs xfer=ID and a decode or both role", NULL);
+        return handle_generate(s, c, api && !strcmp(api, "chat"));
+    }
+    if (!strncmp(url, "/internal/", 10)) return (enum MHD_Result)dsi__pd_route(s, c, url, method);
     char msg[160];
     snprintf(msg, sizeof msg, "no such endpoint: %.100s", url);
     return send_error(s, mc, 404, msg, NULL);
@@ -446,12 +456,14 @@ static int bind_addr(const char *host, int port, struct sockaddr_storage *ss, in
 }
 
 static void server_free(dsi_server *s) {
+    dsi__pd_stop(s); /* parked decode requests finish (their connections resume) before MHD stops */
     if (s->mhd) MHD_stop_daemon(s->mhd);
     if (s->watchdog_started) {
         atomic_store(&s->watchdog_stop, 1);
         pthread_join(s->watchdog, NULL);
     }
     dsi_sched_destroy(s->sched); /* waits for its disk loads and writes */
+    dsi__pd_free(s);
     dsi_kvdisk_close(s->disk);
     if (s->ep) {
         /* the scheduler thread has stopped: release the other ranks */
@@ -520,6 +532,7 @@ int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
     struct sockaddr_storage ss;
     int v6 = 0;
     if (!rc) rc = bind_addr(o->host, o->port, &ss, &v6);
+    if (!rc) rc = dsi__pd_start(s);
     if (!rc) rc = dsi_sched_start(s->sched);
     if (rc) { server_free(s); return rc; }
     unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ITC | MHD_USE_ERROR_LOG |
@@ -566,7 +579,10 @@ void dsi_server_stop(dsi_server *s, double drain_timeout_s) {
     if (lfd != MHD_INVALID_SOCKET) close(lfd);
     /* in-flight requests finish (or are cancelled at the deadline); every
      * suspended connection is resumed by its FINISH */
-    dsi_sched_stop(s->sched, drain_timeout_s > 0, drain_timeout_s);
+    double t0 = dsi_now();
+    dsi__pd_wait_parked(s, drain_timeout_s); /* decode role: KV on its way still makes it in */
+    dsi_sched_stop(s->sched, drain_timeout_s > 0, DSI_MAX(0.0, drain_timeout_s - (dsi_now() - t0)));
+    dsi__pd_stop(s); /* what is still parked finishes with an error before MHD flushes */
     /* let MHD send what the finished requests queued */
     double end = dsi_now() + 5.0;
     while (atomic_load(&s->n_conns) > 0 && dsi_now() < end) {

@@ -152,6 +152,7 @@ typedef struct dsi_conn {
     double charge_usd;         /* what the finished request was billed */
     char id[48];
     long created;
+    uint64_t pd_xfer;          /* /internal/decode: the KV transfer this request waits for */
     struct dsi_conn *next, *prev; /* registry of submitted requests */
 } dsi_conn;
 
@@ -183,6 +184,7 @@ struct dsi_server {
     pthread_t watchdog;
     int watchdog_started;
     atomic_int watchdog_stop;
+    struct dsi_pd_state *pd;   /* kv_transfer.c: hint set, KV listener, pending imports */
 };
 
 /* billing.c: pricing, the live account and GET /v1/pricing */
@@ -206,5 +208,29 @@ void dsi__conn_unref(dsi_conn *c);
 void dsi__conn_unregister(dsi_conn *c);
 /* Wakes the connection after new output (call with c->mu held). */
 void dsi__conn_wake(dsi_conn *c);
+
+/* ---------------------------------------------------------------- kv_transfer.c, pd_endpoints.c */
+/* Starts the hint set and (decode/both) the KV listener thread. */
+int dsi__pd_start(dsi_server *s);
+void dsi__pd_stop(dsi_server *s);
+/* Frees what dsi__pd_start made (after the scheduler is gone: it may hold imported buffers). */
+void dsi__pd_free(dsi_server *s);
+/* Drain: waits (up to timeout_s) until no decode request waits for its KV. */
+void dsi__pd_wait_parked(dsi_server *s, double timeout_s);
+int dsi__pd_kv_port(const dsi_server *s);
+/* /internal/decode: parks a parsed request until its KV arrives (takes over
+ * the scheduler's reference to c; FINISH comes as from the scheduler). */
+int dsi__pd_await(dsi_conn *c, const dsi_request_params *p);
+/* /internal/prefill after parsing: runs the prompt, streams its KV to
+ * `decode` (host:port); answers when the decode side has it. */
+int dsi__pd_prefill(dsi_conn *c, const char *decode, uint64_t xfer);
+/* Chain hashes of the prompt's full blocks into out[n_prompt / 64]; returns the count. */
+int dsi__pd_prompt_hashes(const dsi_server *s, const int32_t *prompt, int n_prompt, uint64_t *out);
+/* Leading full blocks of `hashes` this instance probably holds (hint set). */
+int dsi__pd_held_blocks(dsi_server *s, const uint64_t *hashes, int n);
+/* Does the shared disk KV tier hold this block? (0 until the disk tier is wired.) */
+int dsi__pd_disk_has(dsi_server *s, uint64_t hash);
+/* GET/POST /internal/... (everything but /internal/decode); returns an MHD_Result. */
+int dsi__pd_route(dsi_server *s, dsi_conn *c, const char *url, const char *method);
 
 #endif
