@@ -195,6 +195,8 @@ g1=$(curl -s "$R3/metrics" | awk '$1 == "dsinfer_gpus" {print $2}')
 [ "$joined" = 1 ] && [ "$g0" = 16 ] && [ "$g1" = 24 ] && pass "autoscaler: standby decode joined, GPUs $g0 -> $g1 on /metrics" \
     || fail "autoscaler: joined=$joined gpus $g0 -> $g1"
 curl -s "$R3/metrics" | grep -q '^dsinfer_gpu_cost_usd_total' && pass "GPU cost on the router's /metrics" || fail "no GPU cost metric"
+curl -s "$R3/v1/pricing" | grep -q '"object":"pricing".*"next_change"' && pass "GET /v1/pricing on the router" ||
+    fail "router /v1/pricing: $(curl -s "$R3/v1/pricing" | head -c 200)"
 wait_jobs
 kill "$PID_R3" 2>/dev/null
 sleep 0.5   # fresh heartbeats: the decode LB then sees both instances idle

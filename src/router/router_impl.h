@@ -79,6 +79,7 @@ typedef struct inst {
 
 struct dsi_router {
     dsi_router_opts o;
+    pthread_mutex_t pricing_mu; /* the pricing engine's band state (GET /v1/pricing) */
     struct MHD_Daemon *mhd;
     int port;
     pthread_mutex_t mu;        /* guards in[], rr cursors, autoscale state */

@@ -258,6 +258,26 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
     } else if (!strcmp(url, "/metrics")) {
         metrics(r, &b);
         ok = send_text(mc, 200, "text/plain; version=0.0.4; charset=utf-8", b.p ? b.p : "", b.len);
+    } else if (!strcmp(url, "/v1/pricing")) {
+        /* prices in force for the cluster: utilisation = mean over routable
+         * instances of max(batch slots in use, KV blocks in use) */
+        double util = 0;
+        int n = 0;
+        pthread_mutex_lock(&r->mu);
+        for (int i = 0; i < r->n_in; i++) {
+            inst *x = &r->in[i];
+            if (!dsi__router_routable(x)) continue;
+            util += dsi_pricing_utilisation(x->running + x->waiting, x->max_num_seqs > 0 ? x->max_num_seqs : 64,
+                                            x->kv_blocks_used, x->kv_blocks_total);
+            n++;
+        }
+        pthread_mutex_unlock(&r->mu);
+        char buf[16384];
+        pthread_mutex_lock(&r->pricing_mu);
+        int len = dsi_pricing_write_json(r->pricing, dsi__router_wall_now(), n ? util / n : -1.0, buf, sizeof buf);
+        pthread_mutex_unlock(&r->pricing_mu);
+        ok = len > 0 ? send_text(mc, 200, "application/json", buf, (size_t)len)
+                     : send_json_error(mc, 500, dsi_last_error());
     } else if (!strcmp(url, "/health")) {
         int np = 0, nd = 0;
         pthread_mutex_lock(&r->mu);
@@ -425,6 +445,7 @@ static void router_free(dsi_router *r) {
     if (r->acct) dsi_account_checkpoint(r->acct, dsi__router_wall_now());
     dsi_account_destroy(r->acct);
     dsi_pricing_destroy(r->pricing);
+    pthread_mutex_destroy(&r->pricing_mu);
     pthread_mutex_destroy(&r->mu);
     free(r);
 }
@@ -451,6 +472,7 @@ int dsi_router_start(const dsi_router_opts *opts, dsi_router **out) {
     for (int l = 0; l < 4 && !rc; l++)
         for (int i = 0; i < lists[l].n && !rc; i++)
             if (dsi__router_add_inst(r, lists[l].urls[i], lists[l].role, lists[l].member) < 0) rc = DSI_EINVAL;
+    pthread_mutex_init(&r->pricing_mu, NULL);
     if (!rc) rc = r->o.pricing_path ? dsi_pricing_load(r->o.pricing_path, &r->pricing)
                                     : dsi_pricing_parse(DEFAULT_PRICING, "built-in pricing", &r->pricing);
     if (!rc) rc = dsi_account_create(r->pricing, r->o.journal_path, &r->acct);

@@ -34,6 +34,12 @@ static void metrics_hook(void *ctx, void (*write)(void *w, const char *text, siz
 
 int dsi__billing_start(dsi_server *s) {
     if (!s->o.pricing_path) return DSI_OK;
+    if (s->o.role == DSI_ROLE_PREFILL) {
+        /* behind the router a request passes a prefill and a decode instance;
+         * the decode instance reports its usage (cache hits included), so it bills */
+        DSI_LOG_INFO("pricing: prefill instances do not bill; decode instances do, the router accounts GPUs");
+        return DSI_OK;
+    }
     int rc = !strcmp(s->o.pricing_path, "deepseek")
                  ? dsi_pricing_parse((const char *)dsi_default_pricing_json, "built-in DeepSeek pricing", &s->pricing)
                  : dsi_pricing_load(s->o.pricing_path, &s->pricing);
