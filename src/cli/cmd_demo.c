@@ -1,13 +1,23 @@
 /* dsinfer demo: the main job on the built-in model, nothing downloaded.
- * Today: the engine generates; then the OpenAI server runs in-process and a
- * short load of concurrent chat requests goes through it over loopback,
- * billed at DeepSeek's R1 prices, and the demo prints throughput, latency,
- * prefix-cache hits and the cost/revenue account. */
+ * The engine generates; then the whole disaggregated system starts on this
+ * machine as separate processes: a prefill instance, a decode instance (an
+ * expert-parallel group of 2 MPI ranks when mpirun is there), both on a
+ * shared disk KV tier, and the router with DeepSeek's prefill and decode load
+ * balancers in front. A short load of concurrent chat requests goes through
+ * the router over loopback, billed at DeepSeek's R1 prices by the decode
+ * instance, GPU-hours accounted by the router; the demo prints throughput,
+ * latency, cache hits and the cost/revenue account. Without the processes
+ * (no fork, a start that fails) it serves the same load in-process. */
 #include "cli/cli.h"
 #include "dsinfer/econ.h"
 #include "dsinfer/server.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -83,6 +93,176 @@ static void *client_main(void *arg) {
     return NULL;
 }
 
+/* Runs the client load against 127.0.0.1:port; fills *sum; returns wall seconds. */
+static double run_load(int port, client *sum) {
+    client cl[CLIENTS];
+    pthread_t th[CLIENTS];
+    double t0 = dsi_now();
+    for (int i = 0; i < CLIENTS; i++) {
+        cl[i] = (client){.port = port, .index = i};
+        pthread_create(&th[i], NULL, client_main, &cl[i]);
+    }
+    memset(sum, 0, sizeof *sum);
+    for (int i = 0; i < CLIENTS; i++) {
+        pthread_join(th[i], NULL);
+        sum->ok += cl[i].ok;
+        sum->failed += cl[i].failed;
+        sum->completion_tokens += cl[i].completion_tokens;
+        sum->prompt_tokens += cl[i].prompt_tokens;
+        sum->cached_tokens += cl[i].cached_tokens;
+        sum->latency_s += cl[i].latency_s;
+    }
+    return dsi_now() - t0;
+}
+
+static void print_load(const client *sum, double wall) {
+    printf("  %d requests ok, %d failed in %.2f s: %.1f req/s, %.0f generated tok/s, mean latency %.0f ms\n", sum->ok,
+           sum->failed, wall, sum->ok / wall, sum->completion_tokens / wall,
+           sum->ok + sum->failed ? 1000 * sum->latency_s / (sum->ok + sum->failed) : 0.0);
+    printf("  prompt tokens %ld, of which %ld (%.0f%%) from the KV cache\n", sum->prompt_tokens, sum->cached_tokens,
+           sum->prompt_tokens ? 100.0 * sum->cached_tokens / sum->prompt_tokens : 0.0);
+}
+
+/* ---- the disaggregated system as child processes ---- */
+
+typedef struct child {
+    pid_t pid;
+    char log[512];
+    int port;
+} child;
+
+/* Starts argv (argv[0] a program on PATH or a path) with stderr into log. */
+static int spawn(child *c, char *const argv[]) {
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        int fd = open(c->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) { dup2(fd, 2); dup2(fd, 1); close(fd); }
+        setpgid(0, 0); /* its own group: the demo ends mpirun and its ranks together */
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    c->pid = pid;
+    return 0;
+}
+
+/* Waits for "... http://127.0.0.1:PORT" after `marker` in the child's log. */
+static int wait_port(child *c, const char *marker, double timeout_s) {
+    double end = dsi_now() + timeout_s;
+    while (dsi_now() < end) {
+        FILE *f = fopen(c->log, "r");
+        char line[1024];
+        while (f && fgets(line, sizeof line, f)) {
+            const char *m = strstr(line, marker), *h = m ? strstr(m, "http://127.0.0.1:") : NULL;
+            if (h) { c->port = atoi(h + 17); fclose(f); return c->port > 0 ? 0 : -1; }
+        }
+        if (f) fclose(f);
+        int st;
+        if (waitpid(c->pid, &st, WNOHANG) == c->pid) { c->pid = 0; return -1; }
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return -1;
+}
+
+static void stop_child(child *c) {
+    if (c->pid <= 0) return;
+    kill(-c->pid, SIGTERM);
+    double end = dsi_now() + 10;
+    int st;
+    while (dsi_now() < end && waitpid(c->pid, &st, WNOHANG) == 0) {
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    if (waitpid(c->pid, &st, WNOHANG) == 0) {
+        kill(-c->pid, SIGKILL);
+        waitpid(c->pid, &st, 0);
+    }
+    c->pid = 0;
+}
+
+static int have_mpirun(void) {
+#ifdef DSI_HAVE_MPI
+    return system("command -v mpirun >/dev/null 2>&1") == 0;
+#else
+    return 0;
+#endif
+}
+
+static void rmtree(const char *dir) {
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (system(cmd) != 0) DSI_LOG_WARN("demo: could not remove %s", dir);
+}
+
+/* 0: ran; 1: failed after starting (reported); -1: could not start (caller falls back). */
+static int run_cluster(void) {
+    char self[1024];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) return -1;
+    self[n] = 0;
+    char dir[] = "/tmp/dsinfer-demo-XXXXXX";
+    if (!mkdtemp(dir)) return -1;
+    char kv[1100], rev[1100], cost[1100], url_p[64], url_d[64];
+    snprintf(kv, sizeof kv, "%s/kv", dir);
+    snprintf(rev, sizeof rev, "%s/revenue.jsonl", dir);
+    snprintf(cost, sizeof cost, "%s/gpus.jsonl", dir);
+    child pf = {0}, dc = {0}, rt = {0};
+    snprintf(pf.log, sizeof pf.log, "%s/prefill.log", dir);
+    snprintf(dc.log, sizeof dc.log, "%s/decode.log", dir);
+    snprintf(rt.log, sizeof rt.log, "%s/router.log", dir);
+    int ep = have_mpirun();
+    if (ep) {
+        setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+        setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    }
+    char *pargv[] = {self, "serve", "--role", "prefill", "--port", "0", "--threads", "1", "--kv-disk", kv, NULL};
+    char *dargv_ep[] = {"mpirun", "--oversubscribe", "-np", "2", self, "serve", "--role", "decode", "--port", "0",
+                        "--threads", "1", "--kv-disk", kv, "--pricing", "deepseek", "--pricing-model", "deepseek-r1",
+                        "--account-journal", rev, NULL};
+    char **dargv = ep ? dargv_ep : dargv_ep + 4;
+    int rc = -1;
+    if (spawn(&pf, pargv) || spawn(&dc, dargv)) goto out;
+    if (wait_port(&pf, "dsinfer serve", 60) || wait_port(&dc, "dsinfer serve", 60)) {
+        fprintf(stderr, "dsinfer demo: an instance did not start (logs in %s); serving in-process instead\n", dir);
+        goto out;
+    }
+    snprintf(url_p, sizeof url_p, "http://127.0.0.1:%d", pf.port);
+    snprintf(url_d, sizeof url_d, "http://127.0.0.1:%d", dc.port);
+    char *rargv[] = {self, "router", "--port", "0", "--prefill", url_p, "--decode", url_d,
+                     "--econ-journal", cost, "--gpus-per-instance", "8", NULL};
+    if (spawn(&rt, rargv) || wait_port(&rt, "instances", 30)) {
+        fprintf(stderr, "dsinfer demo: the router did not start (logs in %s); serving in-process instead\n", dir);
+        goto out;
+    }
+    printf("cluster: router http://127.0.0.1:%d (DeepSeek prefill/decode load balancers) -> prefill %s,\n"
+           "         decode %s%s; shared disk KV tier %s\n",
+           rt.port, url_p, url_d, ep ? " (expert-parallel group: 2 MPI ranks, FP8 dispatch)" : "", kv);
+    printf("  %d clients x %d chat requests through the router\n", CLIENTS, PER_CLIENT);
+    client sum;
+    double wall = run_load(rt.port, &sum);
+    print_load(&sum, wall);
+    stop_child(&rt); /* writes its last GPU-count checkpoint */
+    stop_child(&pf);
+    stop_child(&dc);
+    dsi_econ_report r, g;
+    if (dsi_econ_report_journal(rev, -1e300, 1e300, &r) == DSI_OK &&
+        dsi_econ_report_journal(cost, -1e300, 1e300, &g) == DSI_OK) {
+        double margin = g.cost_usd > 0 ? (r.revenue_usd - g.cost_usd) / g.cost_usd : 0;
+        printf("account: revenue $%.6f at R1 prices (billed by the decode instance: cache hits $0.14/M, misses $0.55/M,\n"
+               "         output $2.19/M); cost $%.6f for %.4f GPU-hours (router: 2 instances x 8 GPUs at $2/GPU-hour);\n"
+               "         cost-profit margin %.0f%%\n",
+               r.revenue_usd, g.cost_usd, g.gpu_hours, 100 * margin);
+    }
+    rc = sum.failed ? 1 : 0;
+out:
+    stop_child(&rt);
+    stop_child(&pf);
+    stop_child(&dc);
+    if (rc >= 0) rmtree(dir);
+    return rc;
+}
+
 int dsi_cmd_demo(int argc, char **argv) {
     if (argc > 1 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
         printf("usage: dsinfer demo\n"
@@ -100,6 +280,12 @@ int dsi_cmd_demo(int argc, char **argv) {
     printf("dsinfer demo\n");
     if (dsi__demo_engine()) return 1;
 
+    int crc = run_cluster();
+    if (crc >= 0) {
+        printf("(the same account on DeepSeek's published day: `dsinfer sim`)\n");
+        return crc;
+    }
+    /* fallback: the same load on an in-process server */
     char journal[] = "/tmp/dsinfer-demo-journal-XXXXXX";
     int jfd = mkstemp(journal);
     if (jfd < 0) { perror("dsinfer demo: journal"); return 1; }
@@ -119,30 +305,10 @@ int dsi_cmd_demo(int argc, char **argv) {
     int port = dsi_server_port(srv);
     printf("server: model %s on http://127.0.0.1:%d, %d clients x %d chat requests\n", dsi_server_model_name(srv),
            port, CLIENTS, PER_CLIENT);
-    client cl[CLIENTS];
-    pthread_t th[CLIENTS];
-    double t0 = dsi_now();
-    for (int i = 0; i < CLIENTS; i++) {
-        cl[i] = (client){.port = port, .index = i};
-        pthread_create(&th[i], NULL, client_main, &cl[i]);
-    }
-    client sum = {0};
-    for (int i = 0; i < CLIENTS; i++) {
-        pthread_join(th[i], NULL);
-        sum.ok += cl[i].ok;
-        sum.failed += cl[i].failed;
-        sum.completion_tokens += cl[i].completion_tokens;
-        sum.prompt_tokens += cl[i].prompt_tokens;
-        sum.cached_tokens += cl[i].cached_tokens;
-        sum.latency_s += cl[i].latency_s;
-    }
-    double wall = dsi_now() - t0;
+    client sum;
+    double wall = run_load(port, &sum);
     dsi_server_stop(srv, 10.0);
-    printf("  %d requests ok, %d failed in %.2f s: %.1f req/s, %.0f generated tok/s, mean latency %.0f ms\n", sum.ok,
-           sum.failed, wall, sum.ok / wall, sum.completion_tokens / wall,
-           sum.ok ? 1000 * sum.latency_s / (sum.ok + sum.failed) : 0.0);
-    printf("  prompt tokens %ld, of which %ld (%.0f%%) from the prefix cache\n", sum.prompt_tokens, sum.cached_tokens,
-           sum.prompt_tokens ? 100.0 * sum.cached_tokens / sum.prompt_tokens : 0.0);
+    print_load(&sum, wall);
     dsi_econ_report r;
     if (dsi_econ_report_journal(journal, -1e300, 1e300, &r) == DSI_OK)
         printf("account: revenue $%.6f at R1 prices (cache hits at $0.14/M, misses $0.55/M, output $2.19/M), "
