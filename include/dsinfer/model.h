@@ -74,6 +74,11 @@ static inline int dsi_config_is_moe_layer(const dsi_config *c, int l) {
     return c->n_experts > 0 && l >= c->first_k_dense && (l % (c->moe_layer_freq ? c->moe_layer_freq : 1)) == 0;
 }
 
+/* RoPE constants for `c`: inv_freq [qk_rope_dim/2] (YaRN-scaled when
+ * configured), the factor on cos and sin, and the attention softmax scale
+ * (qk_head_dim^-0.5 x mscale(factor, mscale_all_dim)^2), as HF computes them. */
+void dsi_config_rope(const dsi_config *c, float *inv_freq, float *rope_mscale, float *softmax_scale);
+
 typedef struct dsi_model dsi_model;
 
 typedef struct dsi_load_opts {

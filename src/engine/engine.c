@@ -155,50 +155,6 @@ void dsi__rope(const dsi_engine *e, float *v, int pos) {
     }
 }
 
-static double yarn_get_mscale(double scale, double mscale) {
-    return scale <= 1.0 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
-}
-
-static double yarn_correction_dim(double rot, int dim, double base, double max_pos) {
-    return (dim * log(max_pos / (rot * 2 * M_PI))) / (2 * log(base));
-}
-
-/* inv_freq, cos/sin factor and softmax scale, following HF's YaRN. */
-static void rope_init(dsi_engine *e) {
-    const dsi_config *c = e->c;
-    int dim = c->qk_rope_dim, half = dim / 2;
-    e->softmax_scale = (float)(1.0 / sqrt((double)dsi_config_qk_head_dim(c)));
-    e->rope_mscale = 1.0f;
-    for (int i = 0; i < half; i++) {
-        float pos_freq = (float)pow(c->rope_theta, (double)(float)(2 * i) / dim);
-        float extra = 1.0f / pos_freq;
-        e->inv_freq[i] = extra;
-        if (c->yarn) {
-            float inter = 1.0f / ((float)c->yarn_factor * pos_freq);
-            double low = floor(yarn_correction_dim(c->yarn_beta_fast, dim, c->rope_theta, c->yarn_orig_max_pos));
-            double high = ceil(yarn_correction_dim(c->yarn_beta_slow, dim, c->rope_theta, c->yarn_orig_max_pos));
-            if (low < 0) low = 0;
-            if (high > dim - 1) high = dim - 1;
-            if (low == high) high += 0.001;
-            float ramp = (float)(((float)i - low) / (high - low));
-            ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
-            float extra_factor = 1.0f - ramp;
-            e->inv_freq[i] = inter * (1.0f - extra_factor) + extra * extra_factor;
-        }
-    }
-    if (c->yarn) {
-        double f = c->yarn_factor;
-        if (c->yarn_mscale != 0 && c->yarn_mscale_all_dim != 0)
-            e->rope_mscale = (float)(yarn_get_mscale(f, c->yarn_mscale) / yarn_get_mscale(f, c->yarn_mscale_all_dim));
-        else
-            e->rope_mscale = (float)yarn_get_mscale(f, 1.0);
-        if (c->yarn_mscale_all_dim != 0) {
-            double ms = yarn_get_mscale(f, c->yarn_mscale_all_dim);
-            e->softmax_scale = (float)(e->softmax_scale * ms * ms);
-        }
-    }
-}
-
 /* ------------------------------------------------------------ lifecycle */
 
 /* Frees a scratch set. The per-thread attention buffers belong to the
@@ -319,7 +275,7 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     e->inv_freq = calloc(c->qk_rope_dim / 2, sizeof(float));
     e->seqs = calloc(e->max_tokens, sizeof(dsi_step_seq));
     if (!e->pool || !e->inv_freq || !e->seqs) { dsi_engine_destroy(e); return dsi_error(DSI_ENOMEM, "out of memory"); }
-    rope_init(e);
+    dsi_config_rope(c, e->inv_freq, &e->rope_mscale, &e->softmax_scale);
     e->max_ctx = dsi_kv_n_blocks(kv) * dsi_kv_block_tokens(kv);
 
     if (scratch_alloc(e, &e->s, 1) != DSI_OK) {
