@@ -57,6 +57,9 @@ typedef struct absorbed_job {
     const dsi_step_seq *ss;
 } absorbed_job;
 
+/* A task is one token and a group of up to ATTN_HEAD_GROUP heads: each KV
+ * block (64 rows of 576 floats, 147 KB) is read once per group while it sits
+ * in L2, instead of once per head from L3 or memory. */
 static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
     const absorbed_job *j = ctx;
     dsi_engine *e = j->e;
@@ -64,38 +67,51 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
     const dsi_kernels *k = e->k;
     int H = c->n_heads, qk = dsi_config_qk_head_dim(c), nope = c->qk_nope_dim, rope = c->qk_rope_dim;
     int lora = c->kv_lora_rank, vd = c->v_head_dim, kvd = dsi_config_kv_dim(c), bt = dsi_kv_block_tokens(e->kv);
-    float *scores = e->s.th_scores[tid];
-    float *q_abs = e->s.th_vec[tid], *o_lat = q_abs + lora;
+    int groups = DSI_CEIL_DIV(H, ATTN_HEAD_GROUP);
+    float *scores = e->s.th_scores[tid];          /* [group][max_ctx] */
+    float *q_abs = e->s.th_vec[tid];              /* [group][lora] */
+    float *o_lat = q_abs + (size_t)ATTN_HEAD_GROUP * lora; /* [group][lora] */
     for (int64_t task = b; task < end; task++) {
-        int i = (int)(task / H), h = (int)(task % H);
+        int i = (int)(task / groups), h0 = (int)(task % groups) * ATTN_HEAD_GROUP;
+        int G = DSI_MIN(ATTN_HEAD_GROUP, H - h0);
         int t = j->ss->t0 + i, P = j->ss->pos + i;
-        const float *q = e->s.q + ((size_t)t * H + h) * qk;
-        int r0 = h * (nope + vd);
-        k->matmul_t(&j->L->kv_b, r0, r0 + nope, q, 1, nope, q_abs, lora, 0, lora);
-        /* scores block by block: each KV block holds bt contiguous 576-wide rows */
+        const float *q = e->s.q + ((size_t)t * H + h0) * qk;
+        for (int g = 0; g < G; g++) {
+            int r0 = (h0 + g) * (nope + vd);
+            k->matmul_t(&j->L->kv_b, r0, r0 + nope, q + (size_t)g * qk, 1, nope, q_abs + (size_t)g * lora, lora, 0, lora);
+        }
         for (int p0 = 0; p0 <= P; p0 += bt) {
             int n = DSI_MIN(bt, P + 1 - p0);
             const float *rows = dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt], j->layer);
-            k->dots(q_abs, rows, n, kvd, lora, scores + p0, 0);
-            k->dots(q + nope, rows + lora, n, kvd, rope, scores + p0, 1);
+            for (int g = 0; g < G; g++) {
+                float *sc = scores + (size_t)g * e->max_ctx + p0;
+                k->dots(q_abs + (size_t)g * lora, rows, n, kvd, lora, sc, 0);
+                k->dots(q + (size_t)g * qk + nope, rows + lora, n, kvd, rope, sc, 1);
+            }
         }
-        float mx = -FLT_MAX;
-        for (int p = 0; p <= P; p++) {
-            scores[p] *= e->softmax_scale;
-            if (scores[p] > mx) mx = scores[p];
+        for (int g = 0; g < G; g++) {
+            float *sc = scores + (size_t)g * e->max_ctx, mx = -FLT_MAX;
+            for (int p = 0; p <= P; p++) {
+                sc[p] *= e->softmax_scale;
+                if (sc[p] > mx) mx = sc[p];
+            }
+            double sum = 0;
+            for (int p = 0; p <= P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
+            float inv = (float)(1.0 / sum);
+            for (int p = 0; p <= P; p++) sc[p] *= inv;
         }
-        double sum = 0;
-        for (int p = 0; p <= P; p++) { scores[p] = expf(scores[p] - mx); sum += scores[p]; }
-        float inv = (float)(1.0 / sum);
-        for (int p = 0; p <= P; p++) scores[p] *= inv;
-        memset(o_lat, 0, sizeof(float) * lora);
+        memset(o_lat, 0, sizeof(float) * lora * G);
         for (int p0 = 0; p0 <= P; p0 += bt) {
             int n = DSI_MIN(bt, P + 1 - p0);
             const float *rows = dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt], j->layer);
-            k->wsum(scores + p0, rows, n, kvd, lora, o_lat);
+            for (int g = 0; g < G; g++)
+                k->wsum(scores + (size_t)g * e->max_ctx + p0, rows, n, kvd, lora, o_lat + (size_t)g * lora);
         }
-        float *out = e->s.attn + ((size_t)t * H + h) * vd;
-        k->matmul(&j->L->kv_b, o_lat, 1, lora, out, vd, r0 + nope, r0 + nope, r0 + nope + vd, 0);
+        for (int g = 0; g < G; g++) {
+            int r0 = (h0 + g) * (nope + vd);
+            float *out = e->s.attn + ((size_t)t * H + h0 + g) * vd;
+            k->matmul(&j->L->kv_b, o_lat + (size_t)g * lora, 1, lora, out, vd, r0 + nope, r0 + nope, r0 + nope + vd, 0);
+        }
     }
 }
 
@@ -194,7 +210,8 @@ int dsi__stage_attn1(dsi_engine *e, int layer) {
             double work = 2.0 * ss->n * H *
                           ((double)c->kv_lora_rank * (c->qk_nope_dim + c->v_head_dim) +
                            (double)(ss->pos + ss->n) * (2 * c->kv_lora_rank + c->qk_rope_dim));
-            dsi_pool_for(dsi__pool_for_work(e, work), (int64_t)ss->n * H, 1, absorbed_task, &j);
+            dsi_pool_for(dsi__pool_for_work(e, work), (int64_t)ss->n * DSI_CEIL_DIV(H, ATTN_HEAD_GROUP), 1,
+                         absorbed_task, &j);
         } else {
             prefill_attention(e, layer, L, ss);
         }

@@ -235,8 +235,8 @@ static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
              s->topk_w && s->exp_count && s->exp_offset && s->exp_tokens && s->exp_wts && s->ex && s->eh1 && s->eh2 &&
              s->tok_pos && s->kvdec && s->ostate && s->router && s->th_scores && s->th_vec;
     for (int t = 0; ok && own_threads && t < nt; t++) {
-        s->th_scores[t] = dsi_alloc((size_t)e->max_ctx * 4 + 64);
-        s->th_vec[t] = dsi_alloc(((size_t)c->kv_lora_rank * 2 + qk + c->v_head_dim + 64) * 4);
+        s->th_scores[t] = dsi_alloc((size_t)ATTN_HEAD_GROUP * e->max_ctx * 4 + 64);
+        s->th_vec[t] = dsi_alloc(((size_t)ATTN_HEAD_GROUP * c->kv_lora_rank * 2 + 64) * 4);
         ok = s->th_scores[t] && s->th_vec[t];
     }
     if (!ok) {

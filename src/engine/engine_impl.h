@@ -7,6 +7,9 @@
 #include "kernels/kernels.h"
 #include "model/model_impl.h"
 
+/* Heads that share one pass over the latent KV cache in absorbed attention. */
+#define ATTN_HEAD_GROUP 8
+
 /* One sequence of the current step, as the stages see it. */
 typedef struct dsi_step_seq {
     int t0, n;              /* its tokens are rows [t0, t0+n) of the step's matrices */
@@ -34,8 +37,8 @@ typedef struct dsi_scratch {
     float *eh1, *eh2;/* [T*topk][moe_inter] */
     int *tok_pos;    /* [T] position of each row */
     /* attention, per thread */
-    float **th_scores; /* [threads][max_ctx_chunk...] */
-    float **th_vec;    /* [threads][kv_lora * 2 + ...] */
+    float **th_scores; /* [threads][ATTN_HEAD_GROUP][max_ctx] attention probabilities */
+    float **th_vec;    /* [threads][2][ATTN_HEAD_GROUP][kv_lora] absorbed q, latent output */
     /* prefill-form attention */
     float *kvdec;    /* [chunk][H][nope+v] */
     float *ostate;   /* [T][H][v+2] online-softmax state */
