@@ -168,80 +168,61 @@ int dsi_account_totals_get(dsi_account *a, double now, dsi_account_totals *t) {
     return DSI_OK;
 }
 
-typedef struct {
-    char *buf;
-    size_t cap, len;
-    int overflow;
-} mbuf;
-
-static void mb_printf(mbuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void mb_printf(mbuf *s, const char *fmt, ...) {
-    if (s->overflow) return;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(s->buf + s->len, s->cap - s->len, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= s->cap - s->len) {
-        s->overflow = 1;
-        return;
-    }
-    s->len += n;
-}
 
 /* Prometheus label values escape backslash, quote and newline. */
-static void mb_label(mbuf *s, const char *v) {
+static void mb_label(dsi_ebuf *s, const char *v) {
     for (const char *c = v; *c; c++) {
-        if (*c == '\\') mb_printf(s, "\\\\");
-        else if (*c == '"') mb_printf(s, "\\\"");
-        else if (*c == '\n') mb_printf(s, "\\n");
-        else mb_printf(s, "%c", *c);
+        if (*c == '\\') dsi__ebuf_printf(s, "\\\\");
+        else if (*c == '"') dsi__ebuf_printf(s, "\\\"");
+        else if (*c == '\n') dsi__ebuf_printf(s, "\\n");
+        else dsi__ebuf_printf(s, "%c", *c);
     }
 }
 
 int dsi_account_write_metrics(dsi_account *a, double now, char *buf, size_t cap) {
     if (!a || !buf || cap == 0) return dsi_error(DSI_EINVAL, "account: NULL argument");
-    mbuf s = {buf, cap, 0, 0};
+    dsi_ebuf s = {buf, cap, 0, 0};
     const dsi_pricing *p = a->pricing;
     pthread_mutex_lock(&a->mu);
-    mb_printf(&s, "# HELP dsinfer_tokens_total Tokens served, by model and billing class (paying or not).\n"
+    dsi__ebuf_printf(&s, "# HELP dsinfer_tokens_total Tokens served, by model and billing class (paying or not).\n"
                   "# TYPE dsinfer_tokens_total counter\n");
     for (int i = 0; i < p->n_models; i++)
         for (int c = 0; c < DSI_TOK_N; c++) {
-            mb_printf(&s, "dsinfer_tokens_total{model=\"");
+            dsi__ebuf_printf(&s, "dsinfer_tokens_total{model=\"");
             mb_label(&s, p->models[i].name);
-            mb_printf(&s, "\",class=\"%s\"} %llu\n", dsi_token_class_name(c),
+            dsi__ebuf_printf(&s, "\",class=\"%s\"} %llu\n", dsi_token_class_name(c),
                       (unsigned long long)a->models[i].tokens[c]);
         }
-    mb_printf(&s, "# HELP dsinfer_paid_tokens_total Tokens billed to paying customers.\n"
+    dsi__ebuf_printf(&s, "# HELP dsinfer_paid_tokens_total Tokens billed to paying customers.\n"
                   "# TYPE dsinfer_paid_tokens_total counter\n");
     for (int i = 0; i < p->n_models; i++)
         for (int c = 0; c < DSI_TOK_N; c++) {
-            mb_printf(&s, "dsinfer_paid_tokens_total{model=\"");
+            dsi__ebuf_printf(&s, "dsinfer_paid_tokens_total{model=\"");
             mb_label(&s, p->models[i].name);
-            mb_printf(&s, "\",class=\"%s\"} %llu\n", dsi_token_class_name(c),
+            dsi__ebuf_printf(&s, "\",class=\"%s\"} %llu\n", dsi_token_class_name(c),
                       (unsigned long long)a->models[i].paid_tokens[c]);
         }
-    mb_printf(&s, "# HELP dsinfer_revenue_usd_total Revenue at admission-time prices.\n"
+    dsi__ebuf_printf(&s, "# HELP dsinfer_revenue_usd_total Revenue at admission-time prices.\n"
                   "# TYPE dsinfer_revenue_usd_total counter\n");
     double rev = 0;
     for (int i = 0; i < p->n_models; i++) {
         for (int c = 0; c < DSI_TOK_N; c++) {
-            mb_printf(&s, "dsinfer_revenue_usd_total{model=\"");
+            dsi__ebuf_printf(&s, "dsinfer_revenue_usd_total{model=\"");
             mb_label(&s, p->models[i].name);
-            mb_printf(&s, "\",class=\"%s\"} %.6f\n", dsi_token_class_name(c), a->models[i].revenue[c]);
+            dsi__ebuf_printf(&s, "\",class=\"%s\"} %.6f\n", dsi_token_class_name(c), a->models[i].revenue[c]);
             rev += a->models[i].revenue[c];
         }
     }
-    mb_printf(&s, "# HELP dsinfer_billed_requests_total Requests billed.\n"
+    dsi__ebuf_printf(&s, "# HELP dsinfer_billed_requests_total Requests billed.\n"
                   "# TYPE dsinfer_billed_requests_total counter\n");
     for (int i = 0; i < p->n_models; i++) {
-        mb_printf(&s, "dsinfer_billed_requests_total{model=\"");
+        dsi__ebuf_printf(&s, "dsinfer_billed_requests_total{model=\"");
         mb_label(&s, p->models[i].name);
-        mb_printf(&s, "\"} %llu\n", (unsigned long long)a->models[i].requests);
+        dsi__ebuf_printf(&s, "\"} %llu\n", (unsigned long long)a->models[i].requests);
     }
     double secs, cost;
     accrue(a, now, &secs, &cost);
-    mb_printf(&s,
+    dsi__ebuf_printf(&s,
               "# HELP dsinfer_gpus GPUs currently provisioned (all instances).\n# TYPE dsinfer_gpus gauge\n"
               "dsinfer_gpus %d\n"
               "# HELP dsinfer_gpu_seconds_total GPU time provisioned (GPU-seconds).\n"

@@ -570,14 +570,7 @@ int dsi_pricing_current(dsi_pricing *p, const char *model, double now, double ut
 
 /* ---- GET /v1/pricing body ---------------------------------------------------------------- */
 
-typedef struct {
-    char *buf;
-    size_t cap, len;
-    int overflow;
-} sbuf;
-
-static void sb_printf(sbuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *s, const char *fmt, ...) {
+void dsi__ebuf_printf(dsi_ebuf *s, const char *fmt, ...) {
     if (s->overflow) return;
     va_list ap;
     va_start(ap, fmt);
@@ -592,79 +585,79 @@ static void sb_printf(sbuf *s, const char *fmt, ...) {
 
 /* Names come from our own validated file, but escape anyway: a quote in a
  * model name must not break the JSON. */
-static void sb_str(sbuf *s, const char *str) {
-    sb_printf(s, "\"");
+static void sb_str(dsi_ebuf *s, const char *str) {
+    dsi__ebuf_printf(s, "\"");
     for (const unsigned char *c = (const unsigned char *)str; *c; c++) {
-        if (*c == '"' || *c == '\\') sb_printf(s, "\\%c", *c);
-        else if (*c < 0x20) sb_printf(s, "\\u%04x", *c);
-        else sb_printf(s, "%c", *c);
+        if (*c == '"' || *c == '\\') dsi__ebuf_printf(s, "\\%c", *c);
+        else if (*c < 0x20) dsi__ebuf_printf(s, "\\u%04x", *c);
+        else dsi__ebuf_printf(s, "%c", *c);
     }
-    sb_printf(s, "\"");
+    dsi__ebuf_printf(s, "\"");
 }
 
-static void sb_prices(sbuf *s, const double *usd) {
-    sb_printf(s, "{");
+static void sb_prices(dsi_ebuf *s, const double *usd) {
+    dsi__ebuf_printf(s, "{");
     for (int c = 0; c < DSI_TOK_N; c++)
-        sb_printf(s, "%s\"%s\":%.10g", c ? "," : "", dsi_token_class_name(c), usd[c]);
-    sb_printf(s, "}");
+        dsi__ebuf_printf(s, "%s\"%s\":%.10g", c ? "," : "", dsi_token_class_name(c), usd[c]);
+    dsi__ebuf_printf(s, "}");
 }
 
 int dsi_pricing_write_json(dsi_pricing *p, double now, double utilisation, char *buf, size_t cap) {
     if (!p || !buf || cap == 0) return dsi_error(DSI_EINVAL, "pricing: NULL argument");
-    sbuf s = {buf, cap, 0, 0};
+    dsi_ebuf s = {buf, cap, 0, 0};
     char t[40];
     dsi_econ_format_time(now, t, sizeof t);
-    sb_printf(&s, "{\"object\":\"pricing\",\"time\":\"%s\",\"currency\":\"%s\",\"unit\":\"per 1M tokens\"", t,
+    dsi__ebuf_printf(&s, "{\"object\":\"pricing\",\"time\":\"%s\",\"currency\":\"%s\",\"unit\":\"per 1M tokens\"", t,
               p->currency);
-    if (utilisation >= 0) sb_printf(&s, ",\"utilisation\":%.4f", utilisation);
-    sb_printf(&s, ",\"models\":[");
+    if (utilisation >= 0) dsi__ebuf_printf(&s, ",\"utilisation\":%.4f", utilisation);
+    dsi__ebuf_printf(&s, ",\"models\":[");
     for (int m = 0; m < p->n_models; m++) {
         dsi_price_quote q;
         int rc = dsi_pricing_current(p, p->models[m].name, now, m == 0 ? utilisation : -1, &q);
         if (rc) return rc;
-        sb_printf(&s, "%s{\"model\":", m ? "," : "");
+        dsi__ebuf_printf(&s, "%s{\"model\":", m ? "," : "");
         sb_str(&s, q.model_name);
-        sb_printf(&s, ",\"prices\":");
+        dsi__ebuf_printf(&s, ",\"prices\":");
         sb_prices(&s, q.usd_per_mtok);
-        sb_printf(&s, ",\"multiplier\":%.10g,\"window\":", q.multiplier);
+        dsi__ebuf_printf(&s, ",\"multiplier\":%.10g,\"window\":", q.multiplier);
         if (q.window >= 0) sb_str(&s, q.window_name);
-        else sb_printf(&s, "null");
-        sb_printf(&s, ",\"band\":");
+        else dsi__ebuf_printf(&s, "null");
+        dsi__ebuf_printf(&s, ",\"band\":");
         if (q.band >= 0) sb_str(&s, q.band_name);
-        else sb_printf(&s, "null");
+        else dsi__ebuf_printf(&s, "null");
         dsi_econ_format_time(q.effective_from, t, sizeof t);
-        sb_printf(&s, ",\"effective_from\":\"%s\",\"next_change\":", t);
+        dsi__ebuf_printf(&s, ",\"effective_from\":\"%s\",\"next_change\":", t);
         if (isfinite(q.next_change)) {
             dsi_econ_format_time(q.next_change, t, sizeof t);
-            sb_printf(&s, "{\"at\":\"%s\",\"prices\":", t);
+            dsi__ebuf_printf(&s, "{\"at\":\"%s\",\"prices\":", t);
             sb_prices(&s, q.next_usd_per_mtok);
-            sb_printf(&s, "}");
+            dsi__ebuf_printf(&s, "}");
         } else {
-            sb_printf(&s, "null");
+            dsi__ebuf_printf(&s, "null");
         }
-        sb_printf(&s, "}");
+        dsi__ebuf_printf(&s, "}");
     }
-    sb_printf(&s, "]}");
+    dsi__ebuf_printf(&s, "]}");
     if (s.overflow) return dsi_error(DSI_ERANGE, "pricing: output buffer of %zu bytes too small", cap);
     return (int)s.len;
 }
 
 int dsi_price_quote_write_json(const dsi_price_quote *q, char *buf, size_t cap) {
     if (!q || !buf || cap == 0) return dsi_error(DSI_EINVAL, "quote: NULL argument");
-    sbuf s = {buf, cap, 0, 0};
+    dsi_ebuf s = {buf, cap, 0, 0};
     char t[40];
-    sb_printf(&s, "{\"model\":");
+    dsi__ebuf_printf(&s, "{\"model\":");
     sb_str(&s, q->model_name);
-    sb_printf(&s, ",\"unit\":\"per 1M tokens\",\"prices\":");
+    dsi__ebuf_printf(&s, ",\"unit\":\"per 1M tokens\",\"prices\":");
     sb_prices(&s, q->usd_per_mtok);
-    sb_printf(&s, ",\"multiplier\":%.10g,\"window\":", q->multiplier);
+    dsi__ebuf_printf(&s, ",\"multiplier\":%.10g,\"window\":", q->multiplier);
     if (q->window >= 0) sb_str(&s, q->window_name);
-    else sb_printf(&s, "null");
-    sb_printf(&s, ",\"band\":");
+    else dsi__ebuf_printf(&s, "null");
+    dsi__ebuf_printf(&s, ",\"band\":");
     if (q->band >= 0) sb_str(&s, q->band_name);
-    else sb_printf(&s, "null");
+    else dsi__ebuf_printf(&s, "null");
     dsi_econ_format_time(q->quoted_at, t, sizeof t);
-    sb_printf(&s, ",\"quoted_at\":\"%s\"}", t);
+    dsi__ebuf_printf(&s, ",\"quoted_at\":\"%s\"}", t);
     if (s.overflow) return dsi_error(DSI_ERANGE, "quote: output buffer of %zu bytes too small", cap);
     return (int)s.len;
 }

@@ -56,4 +56,13 @@ int dsi__pricing_eval_window(const dsi_pricing *p, int model, double now);
 /* Advances the band state machine and returns the band and its start time. */
 int dsi__pricing_step(dsi_pricing *p, double now, double utilisation, int *band, double *since);
 
+/* A text writer into a caller's fixed buffer (metrics, JSON bodies): stops
+ * writing and sets `overflow` when the buffer is full. */
+typedef struct dsi_ebuf {
+    char *buf;
+    size_t cap, len;
+    int overflow;
+} dsi_ebuf;
+void dsi__ebuf_printf(dsi_ebuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 #endif
