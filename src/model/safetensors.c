@@ -567,9 +567,17 @@ int dsi_st_make_resident(dsi_st_set *set, int huge_pages) {
     for (int f = 0; f < set->n_files; f++) {
         st_file *sf = &set->files[f];
         if (!sf->mapped || sf->len == 0) continue;
-        void *mem = mmap(NULL, sf->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (mem == MAP_FAILED)
+        /* 2 MiB-aligned, so that transparent huge pages can back all of it
+         * (an unaligned mapping got none here) */
+        size_t huge = (size_t)2 << 20, span = sf->len + huge;
+        uint8_t *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (raw == MAP_FAILED)
             return dsi_error(DSI_ENOMEM, "%s: cannot allocate %zu bytes for a resident copy", sf->path, sf->len);
+        uint8_t *mem = (uint8_t *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
+        if (mem > raw) munmap(raw, (size_t)(mem - raw));                     /* trim the head */
+        size_t len_pg = (sf->len + 4095) & ~(size_t)4095;
+        size_t tail = (size_t)(raw + span - (mem + len_pg));
+        if (tail) munmap(mem + len_pg, tail);                                  /* and the tail */
         if (huge_pages) madvise(mem, sf->len, MADV_HUGEPAGE);
         memcpy(mem, sf->base, sf->len);
         mprotect(mem, sf->len, PROT_READ);
