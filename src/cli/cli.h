@@ -3,6 +3,8 @@
 #ifndef DSI_CLI_H
 #define DSI_CLI_H
 
+#include <stdint.h>
+
 typedef struct dsi_command {
     const char *name;
     const char *summary;
@@ -12,6 +14,10 @@ typedef struct dsi_command {
 /* Returns the value of --name=value / --name value at argv[*i], advancing *i,
  * or NULL when argv[*i] is not that flag. Sets *missing when the value is absent. */
 const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing);
+
+/* "1,2,3" (commas or spaces) -> token ids in *out (malloc'ed, caller frees).
+ * Returns the count, or -1 on a malformed list or out of memory. */
+int dsi_cli_parse_ids(const char *s, int32_t **out);
 int dsi_cmd_eplb(int argc, char **argv);
 
 int dsi_cmd_sim(int argc, char **argv);

@@ -74,27 +74,6 @@ static int parse_flag(int argc, char **argv, int *i, cuda_flags *f, const char *
     return 1;
 }
 
-static int parse_ids(const char *s, int32_t **out) {
-    int cap = 16, n = 0;
-    int32_t *ids = malloc(sizeof(int32_t) * cap);
-    const char *p = s;
-    while (ids && *p) {
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v > 0x7fffffff) { free(ids); return -1; }
-        if (n == cap) {
-            int32_t *grown = realloc(ids, sizeof(int32_t) * (cap *= 2));
-            if (!grown) { free(ids); return -1; }
-            ids = grown;
-        }
-        ids[n++] = (int32_t)v;
-        p = end;
-        while (*p == ',' || *p == ' ') p++;
-    }
-    *out = ids;
-    return ids ? n : -1;
-}
 
 /* Loads the model (or builds the demo) and the CUDA engine. */
 static int open_cuda(cuda_flags *f, int need_tokens, dsi_model **m, dsi_cuda_engine **e) {
@@ -151,7 +130,7 @@ int dsi_cmd_logits_cuda(int argc, char **argv) {
     if (!f.ids || !f.out) { fprintf(stderr, "dsinfer logits: --ids and --out are required (see --help)\n"); return 2; }
     if (f.chunk < 0 || f.decode_from < -1) { fprintf(stderr, "dsinfer logits: bad --chunk or --decode-from\n"); return 2; }
     int32_t *ids;
-    int n = parse_ids(f.ids, &ids);
+    int n = dsi_cli_parse_ids(f.ids, &ids);
     if (n <= 0) { fprintf(stderr, "dsinfer logits: --ids must be a comma-separated list of token ids\n"); return 2; }
     dsi_model *m;
     dsi_cuda_engine *e;
@@ -196,7 +175,7 @@ int dsi_cmd_generate_cuda(int argc, char **argv) {
     if (!f.ids) { fprintf(stderr, "dsinfer generate: --ids is required (see --help)\n"); return 2; }
     if (f.n_new <= 0) { fprintf(stderr, "dsinfer generate: -n must be positive\n"); return 2; }
     int32_t *ids;
-    int n = parse_ids(f.ids, &ids);
+    int n = dsi_cli_parse_ids(f.ids, &ids);
     if (n <= 0) { fprintf(stderr, "dsinfer generate: --ids must be a comma-separated list of token ids\n"); return 2; }
     dsi_model *m;
     dsi_cuda_engine *e;

@@ -146,24 +146,6 @@ static void close_engine(dsi_model *m, dsi_kv_pool *kv, dsi_engine *e) {
     dsi_model_destroy(m);
 }
 
-/* "1,2,3" -> ids (malloc'ed). Returns count or -1. */
-static int parse_ids(const char *s, int32_t **out) {
-    int cap = 16, n = 0;
-    int32_t *ids = malloc(sizeof(int32_t) * cap);
-    const char *p = s;
-    while (ids && *p) {
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v > 0x7fffffff) { free(ids); return -1; }
-        if (n == cap) { cap *= 2; ids = realloc(ids, sizeof(int32_t) * cap); if (!ids) return -1; }
-        ids[n++] = (int32_t)v;
-        p = end;
-        while (*p == ',' || *p == ' ') p++;
-    }
-    *out = ids;
-    return ids ? n : -1;
-}
 
 /* Runs several sequences batched, each step bringing every unfinished
  * sequence's next chunk (prefill) or token (after decode_from). Under EP only
@@ -256,7 +238,7 @@ int dsi_cmd_logits(int argc, char **argv) {
     int bad = !ids || !lens || !outs || !copy;
     char *save = NULL, *tok = bad ? NULL : strtok_r(copy, ";", &save);
     for (int s = 0; !bad && s < n_seq; s++, tok = strtok_r(NULL, ";", &save)) {
-        if (!tok || (lens[s] = parse_ids(tok, &ids[s])) <= 0) bad = 1;
+        if (!tok || (lens[s] = dsi_cli_parse_ids(tok, &ids[s])) <= 0) bad = 1;
         else total += lens[s];
     }
     free(copy);
@@ -372,7 +354,7 @@ int dsi_cmd_generate(int argc, char **argv) {
     if (!ids_s) { fprintf(stderr, "dsinfer generate: --ids is required (see --help)\n"); return 2; }
     if (n_new <= 0) { fprintf(stderr, "dsinfer generate: -n must be positive\n"); return 2; }
     int32_t *ids;
-    int n = parse_ids(ids_s, &ids);
+    int n = dsi_cli_parse_ids(ids_s, &ids);
     if (n <= 0) { fprintf(stderr, "dsinfer generate: --ids must be a comma-separated list of token ids\n"); return 2; }
     if (n_new > (1 << 30) - n) { /* n + n_new must not overflow */
         fprintf(stderr, "dsinfer generate: -n %d is too large\n", n_new);

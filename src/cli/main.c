@@ -2,6 +2,8 @@
 #include "cli/cli.h"
 #include "dsinfer/common.h"
 
+#include <errno.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -42,6 +44,28 @@ const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *m
         return NULL;
     }
     return argv[++*i];
+}
+
+int dsi_cli_parse_ids(const char *s, int32_t **out) {
+    int cap = 16, n = 0;
+    int32_t *ids = malloc(sizeof(int32_t) * cap);
+    const char *p = s;
+    while (ids && *p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > 0x7fffffff) { free(ids); return -1; }
+        if (n == cap) {
+            int32_t *grown = realloc(ids, sizeof(int32_t) * (cap *= 2));
+            if (!grown) { free(ids); return -1; }
+            ids = grown;
+        }
+        ids[n++] = (int32_t)v;
+        p = end;
+        while (*p == ',' || *p == ' ') p++;
+    }
+    *out = ids;
+    return ids ? n : -1;
 }
 
 static void print_version(void) {
