@@ -114,6 +114,40 @@ static void test_chunked_equals_oneshot(void **state) {
     dsi_engine_destroy(e);
 }
 
+/* --batch-invariant: still the oracle's logits, and the same bits however
+ * the prompt is chunked and on any thread count (each token's numbers do
+ * not depend on what else its step holds). */
+static void test_batch_invariant(void **state) {
+    fixture *f = *state;
+    const dsi_tensor *ids = golden_tensor(f->gold, "prompt3.ids");
+    const dsi_tensor *ref = golden_tensor(f->gold, "prompt3.logits");
+    int n = (int)ids->shape[0], V = dsi_model_config(f->m)->vocab_size;
+    float *a = malloc(sizeof(float) * n * V), *b = malloc(sizeof(float) * n * V);
+    dsi_engine_opts o = {.n_threads = 2, .max_tokens = 256, .batch_invariant = 1};
+    dsi_engine *e = NULL;
+    assert_int_equal(dsi_engine_create(f->m, f->kv, &o, &e), DSI_OK);
+    assert_int_equal(dsi_engine_logits(e, ids->data, n, 0, -1, a), DSI_OK);
+    double err = rel_err(a, ref->data, (size_t)n * V);
+    printf("  %s batch-invariant prompt3: %.2e vs the oracle\n", f->name, err);
+    assert_true(err <= TOL);
+    int chunks[] = {1, 7, 33, 100};
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(dsi_engine_logits(e, ids->data, n, chunks[i], -1, b), DSI_OK);
+        assert_memory_equal(a, b, sizeof(float) * n * V);
+    }
+    assert_int_equal(dsi_engine_logits(e, ids->data, n, 0, 50, b), DSI_OK); /* decode from 50 */
+    assert_memory_equal(a, b, sizeof(float) * n * V);
+    dsi_engine_destroy(e);
+    o.n_threads = 1;
+    assert_int_equal(dsi_engine_create(f->m, f->kv, &o, &e), DSI_OK);
+    assert_int_equal(dsi_engine_logits(e, ids->data, n, 13, -1, b), DSI_OK);
+    assert_memory_equal(a, b, sizeof(float) * n * V);
+    printf("  %s batch-invariant: chunks 1/7/33/100, decode from 50, 1 thread: bit-identical\n", f->name);
+    dsi_engine_destroy(e);
+    free(a);
+    free(b);
+}
+
 /* Greedy tokens equal the oracle's wherever its margin exceeds our error. */
 static void test_greedy_tokens(void **state) {
     fixture *f = *state;
@@ -238,6 +272,7 @@ int main(void) {
         cmocka_unit_test(test_greedy_tokens),
         cmocka_unit_test(test_mixed_batch),
         cmocka_unit_test(test_hidden_states),
+        cmocka_unit_test(test_batch_invariant),
     };
     const struct CMUnitTest fp8[] = {
         cmocka_unit_test(test_golden_best),
@@ -246,6 +281,7 @@ int main(void) {
         cmocka_unit_test(test_greedy_tokens),
         cmocka_unit_test(test_mixed_batch),
         cmocka_unit_test(test_hidden_states),
+        cmocka_unit_test(test_batch_invariant),
         cmocka_unit_test(test_fp8_activations),
     };
     int rc = cmocka_run_group_tests_name("golden-bf16", bf16, setup_bf16, teardown);

@@ -243,6 +243,54 @@ static void test_q8(void **state) {
     g_block_rows = 128;
 }
 
+/* matmul_rowwise: near the reference, and every output row the same bits as
+ * that row computed alone, at another place in a batch, over another row
+ * range split (batch invariance: what --batch-invariant relies on). */
+static void check_rowwise(const dsi_kernels *k) {
+    dsi_dtype dts[] = {DSI_F8_E4M3, DSI_BF16, DSI_F16, DSI_F32};
+    for (int iter = 0; iter < 40; iter++) {
+        dsi_dtype dt = dts[iter % 4];
+        int rows = rint_(1, 300), cols = iter % 3 ? 64 * rint_(1, 8) : rint_(1, 500), M = rint_(2, 40);
+        void *data;
+        float *scale;
+        dsi_mat W = random_mat(dt, rows, cols, &data, &scale);
+        float *x = malloc(sizeof(float) * M * cols), *y = malloc(sizeof(float) * M * rows);
+        float *r = malloc(sizeof(float) * M * rows), *one = malloc(sizeof(float) * (M + 3) * rows);
+        for (int i = 0; i < M * cols; i++) x[i] = unif();
+        dsi_kernels_ref.matmul(&W, x, M, cols, r, rows, 0, 0, rows, 0);
+        k->matmul_rowwise(&W, x, M, cols, y, rows, 0, 0, rows, 0);
+        for (int i = 0; i < M * rows; i++)
+            if (!(fabs(y[i] - r[i]) <= 1e-4 * (1 + fabs(r[i])) * sqrt(cols))) {
+                fprintf(stderr, "%s rowwise dtype %d rows %d cols %d M %d: [%d] %g vs %g\n", k->name, dt, rows, cols, M, i,
+                        y[i], r[i]);
+                fail();
+            }
+        int m = rint_(0, M - 1), at = rint_(0, 3), split = rint_(1, rows);
+        /* row m alone, then as row `at` of a batch of (at + 1), in two row ranges */
+        k->matmul_rowwise(&W, x + (size_t)m * cols, 1, cols, one, rows, 0, 0, rows, 0);
+        assert_memory_equal(one, y + (size_t)m * rows, sizeof(float) * rows);
+        float *xb = malloc(sizeof(float) * (at + 1) * cols);
+        for (int i = 0; i < (at + 1) * cols; i++) xb[i] = unif();
+        memcpy(xb + (size_t)at * cols, x + (size_t)m * cols, sizeof(float) * cols);
+        k->matmul_rowwise(&W, xb, at + 1, cols, one, rows, 0, 0, split, 0);
+        k->matmul_rowwise(&W, xb, at + 1, cols, one, rows, 0, split, rows, 0);
+        assert_memory_equal(one + (size_t)at * rows, y + (size_t)m * rows, sizeof(float) * rows);
+        free(xb); free(x); free(y); free(r); free(one); free(data); free(scale);
+    }
+}
+
+static void test_rowwise(void **state) {
+    const char *names[] = {"ref", "avx2", "avx512"};
+    int ran = 0;
+    for (int i = 0; i < 3; i++) {
+        const dsi_kernels *k = dsi_kernels_by_name(names[i]);
+        if (!k) continue;
+        check_rowwise(k);
+        ran++;
+    }
+    assert_true(ran >= 1);
+}
+
 static void test_avx2(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx2");
     if (!k) { printf("  avx2 not supported on this CPU: skipped\n"); skip(); }
@@ -257,6 +305,7 @@ int main(void) {
         cmocka_unit_test(test_avx512_bf16_gemv),
         cmocka_unit_test(test_q8),
         cmocka_unit_test(test_avx2),
+        cmocka_unit_test(test_rowwise),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

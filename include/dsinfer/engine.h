@@ -31,6 +31,18 @@ typedef enum dsi_attn_mode {
     DSI_ATTN_ABSORBED,   /* kv_b absorbed into q and output: attention over the latent */
 } dsi_attn_mode;
 
+/* Precision of a routed expert's input and output as they travel between
+ * ranks under expert parallelism (ep.h). A single process can reproduce it,
+ * so that one process and an EP group compute the same numbers: the input
+ * row is rounded as it would be dispatched, each expert's output to BF16 as
+ * it would be combined (FP8 and BF16 modes), and the weighted sum is taken
+ * in float32 at the token's home. EXACT (default) rounds nothing. */
+typedef enum dsi_moe_io {
+    DSI_MOE_IO_EXACT = 0,
+    DSI_MOE_IO_BF16,     /* input BF16, output BF16 */
+    DSI_MOE_IO_FP8,      /* input e4m3 with one float scale per 128 channels, output BF16 */
+} dsi_moe_io;
+
 typedef struct dsi_engine_opts {
     int n_threads;          /* compute threads; 0 = all online CPUs */
     int max_tokens;         /* most tokens in one step (scratch size); 0 = 2048 */
@@ -38,6 +50,10 @@ typedef struct dsi_engine_opts {
     int absorb_max_tokens;  /* AUTO: absorbed when a sequence brings <= this many tokens; 0 = 32 */
     int fp8_activations;    /* quantise activations to e4m3 per 1x128 tile before FP8 matmuls */
     const char *kernels;    /* "ref", "avx2", "avx512"; NULL = best for this CPU */
+    dsi_moe_io moe_io;      /* routed experts' I/O rounding in this process (see above) */
+    int batch_invariant;    /* every token's numbers independent of what else is in its batch (and of
+                             * how a batch is split: EP micro-batches): one matmul tile shape for every
+                             * M, no packed panels, no M = 1 GEMV. Deterministic; slower prefill. */
 } dsi_engine_opts;
 
 enum { DSI_LOGITS_NONE = 0, DSI_LOGITS_LAST = 1, DSI_LOGITS_ALL = 2 };

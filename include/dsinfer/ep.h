@@ -6,8 +6,12 @@
  * the placement (an EPLB placement file, or expert e in slot e). Every MoE
  * layer sends each token to the ranks holding its chosen experts (DISPATCH,
  * FP8 with per-128 scales or BF16), runs the experts there (MLP) and returns
- * the weighted sums in BF16 (COMBINE). With overlap on, each rank splits its
- * batch into two micro-batches whose transfers fly while the other computes.
+ * each (token, expert) output in BF16, weighted and summed at home in float32
+ * (COMBINE, DeepEP's low-latency layout). No rounding depends on the
+ * placement, so one process with the matching dsi_moe_io (engine.h; the CLI's
+ * --dispatch) computes the same numbers as the group. With overlap on, each
+ * rank splits its batch into two micro-batches whose transfers fly while the
+ * other computes.
  *
  *     if (dsi_ep_launched()) {
  *         dsi_ep_init();
@@ -40,6 +44,11 @@ typedef enum dsi_ep_dispatch {
     DSI_EP_BF16 = 1,
     DSI_EP_F32 = 2,  /* lossless, for checking the plumbing (combine is then float32 too) */
 } dsi_ep_dispatch;
+
+/* The engine rounding that reproduces a dispatch format in one process. */
+static inline dsi_moe_io dsi_ep_moe_io(dsi_ep_dispatch d) {
+    return d == DSI_EP_BF16 ? DSI_MOE_IO_BF16 : d == DSI_EP_FP8 ? DSI_MOE_IO_FP8 : DSI_MOE_IO_EXACT;
+}
 
 typedef struct dsi_ep_opts {
     const char *placement;   /* EPLB placement file (JSON, phy2log [L][R]); NULL = expert e in slot e.

@@ -36,6 +36,7 @@ typedef struct dsi_server_opts {
     int max_num_batched_tokens;    /* tokens per step (chunked prefill budget); 0: 512 */
     int max_queue;                 /* waiting requests before 429; 0: 1024 */
     int threads;                   /* compute threads; 0: all cores */
+    int batch_invariant;           /* deterministic: a request's tokens do not depend on its batch */
     int http_threads;              /* libmicrohttpd threads; 0: 2 */
     const char *api_key;           /* NULL: no authentication */
     size_t max_body_bytes;         /* 0: 8 MiB */

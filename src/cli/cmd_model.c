@@ -19,10 +19,12 @@ typedef struct engine_flags {
     const char *kernels;
     dsi_attn_mode attn;
     int fp8_act;
+    int batch_invariant;
     int max_tokens;
     int kv_tokens;
     int no_mmap;
     dsi_ep_opts ep;         /* used when started by mpirun with more than one rank */
+    int dispatch_given;     /* --dispatch named: one process rounds expert I/O the same way */
 } engine_flags;
 
 /* Parses one engine flag at argv[*i]; returns 1 if consumed, -1 on error. */
@@ -43,12 +45,14 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
         return 1;
     }
     if (!strcmp(argv[*i], "--fp8-act")) { f->fp8_act = 1; return 1; }
+    if (!strcmp(argv[*i], "--batch-invariant")) { f->batch_invariant = 1; return 1; }
     if (!strcmp(argv[*i], "--no-mmap")) { f->no_mmap = 1; return 1; }
     if ((v = dsi_cli_flag(argc, argv, i, "--dispatch", &missing))) {
         if (!strcmp(v, "fp8")) f->ep.dispatch = DSI_EP_FP8;
         else if (!strcmp(v, "bf16")) f->ep.dispatch = DSI_EP_BF16;
         else if (!strcmp(v, "f32")) f->ep.dispatch = DSI_EP_F32;
         else { fprintf(stderr, "dsinfer: --dispatch must be fp8, bf16 or f32\n"); return -1; }
+        f->dispatch_given = 1;
         return 1;
     }
     if ((v = dsi_cli_flag(argc, argv, i, "--placement", &missing))) { f->ep.placement = v; return 1; }
@@ -67,12 +71,15 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
     "  --kernels K            ref | avx2 | avx512 (default: best for this CPU)\n"                  \
     "  --attn MODE            auto | prefill | absorbed attention form (default auto)\n"           \
     "  --fp8-act              quantise activations to FP8 per 1x128 tile (as DeepSeek serves)\n"   \
+    "  --batch-invariant      a token's numbers do not depend on its batch or on how EP splits it\n" \
+    "                         (deterministic; one matmul tile shape for all batch sizes, slower)\n" \
     "  --max-batch-tokens N   tokens per forward step (default 2048)\n"                            \
     "  --kv-tokens N          KV pool capacity in tokens (default: enough for the request)\n"         \
     "  --no-mmap              copy weights into resident memory (faster decode than page-cache maps)\n" \
     "  --device cpu|cuda      engine (default cpu; see --device cuda --help)\n"                       \
     "expert parallelism (under mpirun -np N, N > 1):\n"                                             \
-    "  --dispatch fp8|bf16|f32  dispatch as FP8 per-128 scaled (default), BF16, or f32 (lossless)\n"       \
+    "  --dispatch fp8|bf16|f32  dispatch as FP8 per-128 scaled (default), BF16, or f32 (lossless);\n"      \
+    "                         in one process, round expert inputs/outputs the same way (default: exact)\n" \
     "  --placement FILE       EPLB placement (phy2log); default: expert e in slot e\n"               \
     "  --no-overlap           one micro-batch, transfers waited for at once (for comparison)\n"      \
     "  --ep-timeout-ms N      fail the group when a transfer is pending this long (default 30000)\n" \
@@ -103,7 +110,9 @@ static int open_engine(const engine_flags *f, int need_tokens, dsi_model **m, ds
     rc = dsi_kv_pool_create(c->n_layers, dsi_config_kv_dim(c), DSI_KV_BLOCK_TOKENS, (int)blocks, kv);
     if (!rc) {
         dsi_engine_opts o = {.n_threads = f->threads, .max_tokens = f->max_tokens, .attn = f->attn,
-                             .fp8_activations = f->fp8_act, .kernels = f->kernels};
+                             .fp8_activations = f->fp8_act, .kernels = f->kernels,
+                             .batch_invariant = f->batch_invariant,
+                             .moe_io = f->dispatch_given ? dsi_ep_moe_io(f->ep.dispatch) : DSI_MOE_IO_EXACT};
         rc = dsi_engine_create(*m, *kv, &o, e);
     }
     if (rc) {

@@ -26,6 +26,8 @@ static void usage(FILE *f) {
             "  --max-queue N                waiting requests before answering 429 (default 1024)\n"
             "  --max-tokens-default N       completion cap when a request gives none (default 4096)\n"
             "  --threads N                  compute threads (default: all cores)\n"
+            "  --batch-invariant            deterministic: a request's tokens do not depend on what it is\n"
+            "                               batched with (one matmul tile shape for all batch sizes; slower)\n"
             "  --http-threads N             HTTP event-loop threads (default 2)\n"
             "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/*\n"
             "  --no-prefix-cache            never share KV blocks between requests\n"
@@ -76,6 +78,7 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--max-queue", &missing))) o.max_queue = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--max-tokens-default", &missing))) o.default_max_tokens = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--threads", &missing))) o.threads = atoi(v);
+        else if (!strcmp(argv[i], "--batch-invariant")) o.batch_invariant = 1;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--http-threads", &missing))) o.http_threads = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing))) drain = atof(v);

@@ -11,6 +11,7 @@
 
 typedef struct mm_job {
     const dsi_engine *e;
+    dsi_matmul_fn fn;
     const dsi_mat *W;
     const float *x;
     int M, ldx, ldy, n_base, accumulate;
@@ -19,8 +20,7 @@ typedef struct mm_job {
 
 static void mm_task(void *ctx, int64_t b, int64_t end, int tid) {
     const mm_job *j = ctx;
-    j->e->k->matmul(j->W, j->x, j->M, j->ldx, j->y, j->ldy, j->n_base, j->n_base + (int)b, j->n_base + (int)end,
-                    j->accumulate);
+    j->fn(j->W, j->x, j->M, j->ldx, j->y, j->ldy, j->n_base, j->n_base + (int)b, j->n_base + (int)end, j->accumulate);
 }
 
 /* Quantises rows of x to e4m3 per 1x128 tile (scale = amax/448) and back:
@@ -73,7 +73,8 @@ static void q8_task(void *ctx, int64_t b, int64_t end, int tid) {
  * GEMM. Returns 0 when that path does not apply. */
 static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y, int ldy,
                   int y_col0, int accumulate) {
-    if (!e->opts.fp8_activations || W->dtype != DSI_F8_E4M3 || W->block_cols != 128 || !e->k->matmul_q8 || M < 8)
+    if (!e->opts.fp8_activations || W->dtype != DSI_F8_E4M3 || W->block_cols != 128 || !e->k->matmul_q8 || M < 8 ||
+        e->opts.batch_invariant)
         return 0;
     int K = W->cols, ldq = DSI_CEIL_DIV(K, 128) * 128, lds = ldq / 128;
     uint16_t *xq = (uint16_t *)e->s.xq;
@@ -97,12 +98,16 @@ static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *
     return 1;
 }
 
+static dsi_matmul_fn matmul_fn(const dsi_engine *e) {
+    return e->opts.batch_invariant ? e->k->matmul_rowwise : e->k->matmul;
+}
+
 static void matmul_rows_impl(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
                              int ldy) {
     if (M <= 0 || n1 <= n0) return;
     if (try_q8(e, W, n0, n1, x, M, ldx, y, ldy, n0, 0)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
-    mm_job j = {e, W, x, M, ldx, ldy, n0, 0, y};
+    mm_job j = {e, matmul_fn(e), W, x, M, ldx, ldy, n0, 0, y};
     /* grain: 16 rows keeps tiles 4-aligned; bigger when M is large so each
      * task streams a useful share of the activations */
     int64_t grain = M >= 64 ? 64 : 16;
@@ -113,7 +118,7 @@ static void matmul_impl(dsi_engine *e, const dsi_mat *W, const float *x, int M, 
     if (M <= 0) return;
     if (try_q8(e, W, 0, W->rows, x, M, ldx, y, ldy, 0, accumulate)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
-    mm_job j = {e, W, x, M, ldx, ldy, 0, accumulate, y};
+    mm_job j = {e, matmul_fn(e), W, x, M, ldx, ldy, 0, accumulate, y};
     int64_t grain = M >= 64 ? 64 : 16;
     dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * W->rows * W->cols), W->rows, grain, mm_task, &j);
 }
@@ -265,6 +270,9 @@ int dsi_engine_create(const dsi_model *m, dsi_kv_pool *kv, const dsi_engine_opts
     e->max_tokens = e->opts.max_tokens > 0 ? e->opts.max_tokens : 2048;
     e->profile = getenv("DSI_PROFILE") != NULL;
     if (e->opts.absorb_max_tokens <= 0) e->opts.absorb_max_tokens = 32;
+    /* AUTO picks the form by how many tokens a sequence brings to a step,
+     * which chunking and EP's micro-batch split change: fix it */
+    if (e->opts.batch_invariant && e->opts.attn == DSI_ATTN_AUTO) e->opts.attn = DSI_ATTN_ABSORBED;
     e->k = e->opts.kernels ? dsi_kernels_by_name(e->opts.kernels) : dsi_kernels_select();
     if (!e->k) {
         int rc = dsi_error(DSI_EUNSUPPORTED, "engine: kernels '%s' are not available on this CPU", e->opts.kernels);

@@ -3,6 +3,7 @@
  * one process) + MLP (routed experts) + COMBINE (weighted sum back into the
  * residual). */
 #include "engine/engine_impl.h"
+#include "kernels/dtype.h"
 
 #include <float.h>
 #include <math.h>
@@ -106,6 +107,29 @@ void dsi__expert_mlp(dsi_engine *e, int layer, int x, float *rows, int n, int ld
     mlp_accumulate(e, &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], rows, n, ldx, h1, h2, rows, ldx, 0);
 }
 
+void dsi__moe_io_round_in(dsi_moe_io mode, float *x, int D) {
+    if (mode == DSI_MOE_IO_BF16) {
+        for (int i = 0; i < D; i++) x[i] = dsi_bf16_to_f32(dsi_f32_to_bf16(x[i]));
+    } else if (mode == DSI_MOE_IO_FP8) {
+        for (int k0 = 0; k0 < D; k0 += 128) {
+            int k1 = DSI_MIN(D, k0 + 128);
+            float s = dsi__moe_io_fp8_scale(x + k0, k1 - k0);
+            for (int k = k0; k < k1; k++) x[k] = dsi_e4m3_to_f32(dsi_f32_to_e4m3(x[k] / s)) * s;
+        }
+    }
+}
+
+float dsi__moe_io_fp8_scale(const float *x, int n) {
+    float amax = 0;
+    for (int k = 0; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
+    return amax > 0 ? amax / 448.0f : 1.0f;
+}
+
+void dsi__moe_io_round_out(dsi_moe_io mode, float *y, int D) {
+    if (mode == DSI_MOE_IO_EXACT) return;
+    for (int i = 0; i < D; i++) y[i] = dsi_bf16_to_f32(dsi_f32_to_bf16(y[i]));
+}
+
 int dsi__stage_routed_local(dsi_engine *e, int layer) {
     const dsi_config *c = e->c;
     dsi_scratch *s = &e->s;
@@ -124,6 +148,7 @@ int dsi__stage_routed_local(dsi_engine *e, int layer) {
             s->exp_tokens[slot] = t;
             s->exp_wts[slot] = s->topk_w[t * K + r];
             memcpy(s->ex + (size_t)slot * D, s->xn + (size_t)t * D, sizeof(float) * D);
+            dsi__moe_io_round_in(e->opts.moe_io, s->ex + (size_t)slot * D, D);
         }
     /* MLP: each expert over its rows; outputs overwrite the gathered inputs */
     for (int x = 0; x < E; x++) {
@@ -134,6 +159,7 @@ int dsi__stage_routed_local(dsi_engine *e, int layer) {
     /* COMBINE: weighted sum into the residual */
     for (int i = 0; i < T * K; i++) {
         float *xr = s->x + (size_t)s->exp_tokens[i] * D;
+        dsi__moe_io_round_out(e->opts.moe_io, s->ex + (size_t)i * D, D);
         e->k->axpy(s->exp_wts[i], s->ex + (size_t)i * D, xr, D);
     }
     return DSI_OK;

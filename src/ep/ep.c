@@ -141,6 +141,7 @@ static int placement_setup(dsi_ep *ep) {
 static void ub_free(dsi_ep *ep, ep_ub *b) {
     dsi__ubatch_free(ep->e, &b->st);
     free(b->steps); free(b->T_peer); free(b->send_rows); free(b->send_tok); free(b->cnt_in);
+    free(b->cout_off); free(b->cin_off);
     dsi_free(b->sbuf); dsi_free(b->rbuf); dsi_free(b->cbuf_out); dsi_free(b->cbuf_in);
     dsi__ep_xchg_free(&b->disp);
     dsi__ep_xchg_free(&b->comb);
@@ -158,10 +159,10 @@ static int ub_alloc(dsi_ep *ep, ep_ub *b) {
     b->cnt_in = calloc(P, sizeof(int));
     b->sbuf = dsi_alloc(rows * ep->row_bytes);
     b->rbuf = dsi_alloc(rows * ep->row_bytes);
-    b->cbuf_out = dsi_alloc(rows * ep->comb_row_bytes);
-    b->cbuf_in = dsi_alloc(rows * ep->comb_row_bytes);
+    b->cout_off = calloc(P + 1, sizeof(int));
+    b->cin_off = calloc(P + 1, sizeof(int));
     if (!b->steps || !b->T_peer || !b->send_rows || !b->send_tok || !b->cnt_in || !b->sbuf || !b->rbuf ||
-        !b->cbuf_out || !b->cbuf_in || dsi__ep_xchg_alloc(&b->disp, P) || dsi__ep_xchg_alloc(&b->comb, P))
+        !b->cout_off || !b->cin_off || dsi__ep_xchg_alloc(&b->disp, P) || dsi__ep_xchg_alloc(&b->comb, P))
         return DSI_ENOMEM;
     b->stage = ST_FINISHED;
     return DSI_OK;
@@ -178,8 +179,8 @@ void dsi_ep_destroy(dsi_ep *ep) {
     free(ep->mom_after);
     pthread_mutex_destroy(&ep->eplb_mu);
     free(ep->moe_index); free(ep->rr); free(ep->slot_count); free(ep->slot_off); free(ep->pair_row);
-    free(ep->pair_w); free(ep->tmp_row); free(ep->st); free(ep->rows_pairs); free(ep->hdr_all); free(ep->hdr_rq);
-    dsi_free(ep->acc); dsi_free(ep->ex); dsi_free(ep->h1); dsi_free(ep->h2);
+    free(ep->pair_out); free(ep->comb_src); free(ep->comb_tmp); free(ep->tmp_row); free(ep->st); free(ep->rows_pairs); free(ep->hdr_all); free(ep->hdr_rq);
+    dsi_free(ep->ex); dsi_free(ep->h1); dsi_free(ep->h2);
     free(ep);
 }
 
@@ -251,21 +252,22 @@ int dsi_ep_create(dsi_engine *e, const dsi_ep_opts *opts, dsi_ep **out) {
     ep->rr = calloc((size_t)ep->n_moe * ep->E, sizeof(uint64_t));
     for (size_t i = 0; ep->rr && i < (size_t)ep->n_moe * ep->E; i++) ep->rr[i] = ep->rank;
     size_t rows = (size_t)P * Tm;
-    ep->acc = dsi_alloc(rows * D * 4);
     ep->ex = dsi_alloc((size_t)Tm * D * 4);
     ep->h1 = dsi_alloc((size_t)Tm * c->moe_inter * 4);
     ep->h2 = dsi_alloc((size_t)Tm * c->moe_inter * 4);
     ep->slot_count = calloc(ep->spr, sizeof(int));
     ep->slot_off = calloc(ep->spr + 1, sizeof(int));
     ep->pair_row = malloc(sizeof(int) * rows * K);
-    ep->pair_w = malloc(sizeof(float) * rows * K);
+    ep->pair_out = malloc(sizeof(int) * rows * K);
+    ep->comb_src = malloc(sizeof(*ep->comb_src) * Tm * K);
+    ep->comb_tmp = malloc(sizeof(float) * D);
     ep->tmp_row = malloc(ep->row_bytes);
     ep->hdr_all = malloc(sizeof(int) * HDR * P);
     ep->hdr_rq = malloc(sizeof(int) * 2 * P);
     ep->st = calloc(c->n_layers, sizeof(dsi_ep_layer_stats));
     ep->rows_pairs = calloc(ep->n_moe, sizeof(double));
-    if (!ep->rr || !ep->acc || !ep->ex || !ep->h1 || !ep->h2 || !ep->slot_count || !ep->slot_off || !ep->pair_row ||
-        !ep->pair_w || !ep->tmp_row || !ep->hdr_all || !ep->hdr_rq || !ep->st || !ep->rows_pairs || ub_alloc(ep, &ep->ub[0]) ||
+    if (!ep->rr || !ep->ex || !ep->h1 || !ep->h2 || !ep->slot_count || !ep->slot_off || !ep->pair_row ||
+        !ep->pair_out || !ep->comb_src || !ep->comb_tmp || !ep->tmp_row || !ep->hdr_all || !ep->hdr_rq || !ep->st || !ep->rows_pairs || ub_alloc(ep, &ep->ub[0]) ||
         ub_alloc(ep, &ep->ub[1])) {
         dsi_ep_destroy(ep);
         return dsi_error(DSI_ENOMEM, "ep: cannot allocate buffers for %d ranks x %d tokens", P, Tm);

@@ -39,8 +39,11 @@ typedef struct ep_ub {
     /* expert side: rows received, by source rank */
     int *cnt_in;           /* [P] */
     uint8_t *rbuf;         /* [P][Tm][row_bytes] */
-    uint8_t *cbuf_out;     /* [P][Tm][comb_row_bytes] bf16 weighted sums to return to each source */
-    uint8_t *cbuf_in;      /* [P][Tm][comb_row_bytes] sums returned by each destination */
+    /* combine: one row per (token, expert) pair, grouped by peer; grown as needed */
+    uint8_t *cbuf_out;     /* [cout_off[P]][comb_row_bytes] expert outputs to return, by source */
+    uint8_t *cbuf_in;      /* [cin_off[P]][comb_row_bytes] outputs returned, by destination */
+    size_t cout_cap, cin_cap; /* bytes */
+    int *cout_off, *cin_off;  /* [P+1] first pair row of each peer */
     ep_xchg disp, comb;
 } ep_ub;
 
@@ -61,11 +64,12 @@ struct dsi_ep {
     ep_ub ub[2];
     int cur;               /* micro-batch whose state the engine holds, -1 = the engine's own */
     /* expert-side scratch shared by both micro-batches (MLP runs one at a time) */
-    float *acc;            /* [P*Tm][D] */
     float *ex, *h1, *h2;   /* [Tm][D], [Tm][moe_inter] x2 */
     int *slot_count, *slot_off; /* [spr], [spr+1] */
     int *pair_row;         /* [P*Tm*K] received row of each (row, slot) pair, grouped by slot */
-    float *pair_w;         /* [P*Tm*K] */
+    int *pair_out;         /* [P*Tm*K] its row in cbuf_out */
+    const uint8_t **comb_src; /* [Tm*K] home side: combined row of each (token, k) */
+    float *comb_tmp;       /* [D] */
     uint8_t *tmp_row;      /* [row_bytes] */
     int *hdr_all, *hdr_rq; /* step header: [P][HDR] received, [2P] requests */
     int err;               /* first error of the step (reported after it) */

@@ -4,9 +4,12 @@
  * weight) pairs (slot -1 = unused) followed by the activation, FP8 (one
  * float scale per 128 channels, then e4m3 bytes) or BF16. A token whose
  * experts share a rank travels there once. The expert side runs each local
- * slot over its rows, sums the weighted outputs per row, and returns one BF16
- * row per received row, in the order received; the home rank adds them into
- * its residual stream in destination-rank order.
+ * slot over its rows and returns each (row, slot) output as its own BF16 row
+ * (f32 in the lossless mode), in the order received and, within a row, in
+ * top-k order: DeepEP's low-latency combine layout. The home rank weights
+ * them by the gate and adds them into its residual stream in float32. No
+ * rounding depends on which rank holds which expert, so one process with the
+ * same dsi_moe_io computes the same numbers (to float32 summation order).
  *
  * Messages per (layer, micro-batch): a count (int32) from every rank with
  * tokens to every other rank, the rows when there are any, and the combine
@@ -55,15 +58,13 @@ static void encode_row(const dsi_ep *ep, const float *x, uint8_t *out) {
         for (int i = 0; i < D; i++) h[i] = dsi_f32_to_bf16(x[i]);
         return;
     }
-    /* The engine's FP8 activation quantiser (amax / 448 per 128 channels):
-     * re-quantising a decoded row gives it back unchanged. */
+    /* The engine's FP8 activation quantiser (amax / 448 per 128 channels),
+     * the same as dsi__moe_io_round_in: one process can reproduce it. */
     float *sc = (float *)out;
     uint8_t *q = out + sizeof(float) * ep->n_blk;
     for (int b = 0; b < ep->n_blk; b++) {
         int k0 = b * 128, k1 = DSI_MIN(D, k0 + 128);
-        float amax = 0;
-        for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
-        float s = amax > 0 ? amax / 448.0f : 1.0f;
+        float s = dsi__moe_io_fp8_scale(x + k0, k1 - k0);
         sc[b] = s;
         for (int k = k0; k < k1; k++) q[k] = dsi_f32_to_e4m3(x[k] / s);
     }
@@ -157,6 +158,18 @@ void dsi__ep_poll(dsi_ep *ep) {
 
 /* ------------------------------------------------------------ dispatch */
 
+/* Grows a combine buffer to hold `rows` rows (contents not kept). */
+static int grow(uint8_t **buf, size_t *cap, size_t rows, size_t row_bytes) {
+    if (rows * row_bytes <= *cap) return DSI_OK;
+    size_t want = rows * row_bytes + rows * row_bytes / 2;
+    uint8_t *n = dsi_alloc(want);
+    if (!n) return dsi_error(DSI_ENOMEM, "ep: cannot allocate %zu bytes for the combine", want);
+    dsi_free(*buf);
+    *buf = n, *cap = want;
+    return DSI_OK;
+}
+
+
 int dsi__ep_dispatch_post(dsi_ep *ep, int u, int layer) {
     ep_ub *b = &ep->ub[u];
     dsi_engine *e = ep->e;
@@ -168,6 +181,7 @@ int dsi__ep_dispatch_post(dsi_ep *ep, int u, int layer) {
     cx->posted = 0;
     memset(b->send_rows, 0, sizeof(int) * P);
     memset(b->cnt_in, 0, sizeof(int) * P);
+    memset(b->cin_off, 0, sizeof(int) * (P + 1));
     /* the engine holds this micro-batch's state: gate results and xn */
     const int *ids = e->s.topk_ids;
     const float *w = e->s.topk_w;
@@ -180,6 +194,7 @@ int dsi__ep_dispatch_post(dsi_ep *ep, int u, int layer) {
             lslot[k] = slot % ep->spr;
         }
         int encoded = 0;
+        for (int k = 0; k < K; k++) b->cin_off[dest[k] + 1]++; /* one combined row per (token, expert) */
         for (int k = 0; k < K; k++) {
             int d = dest[k], seen = 0;
             for (int j = 0; j < k; j++) seen |= dest[j] == d;
@@ -199,7 +214,8 @@ int dsi__ep_dispatch_post(dsi_ep *ep, int u, int layer) {
             memcpy(r + sizeof(row_meta) * K, ep->tmp_row, ep->payload_bytes);
         }
     }
-    int rc = DSI_OK;
+    for (int p = 0; p < P; p++) b->cin_off[p + 1] += b->cin_off[p];
+    int rc = grow(&b->cbuf_in, &b->cin_cap, (size_t)b->cin_off[P], cr);
     for (int p = 0; p < P && rc == DSI_OK; p++) {
         if (p == me) continue;
         if (b->T > 0) {
@@ -213,8 +229,9 @@ int dsi__ep_dispatch_post(dsi_ep *ep, int u, int layer) {
                     ep->st[layer].sent_bytes += (double)b->send_rows[p] * rb;
                 /* the combine comes back into its own buffer: post it now */
                 if (rc == DSI_OK)
-                    rc = ep->tp->irecv(ep->tp, b->cbuf_in + (size_t)p * Tm * cr, (size_t)b->send_rows[p] * cr, p,
-                                       TAG(m, u, K_COMBINE), &cx->rq_data_in[p]);
+                    rc = ep->tp->irecv(ep->tp, b->cbuf_in + (size_t)b->cin_off[p] * cr,
+                                       (size_t)(b->cin_off[p + 1] - b->cin_off[p]) * cr, p, TAG(m, u, K_COMBINE),
+                                       &cx->rq_data_in[p]);
                 if (rc == DSI_OK) cx->pending++;
             }
         }
@@ -238,36 +255,41 @@ int dsi__ep_mlp_and_combine(dsi_ep *ep, int u, int layer) {
     dsi_engine *e = ep->e;
     int P = ep->P, Tm = ep->Tm, K = ep->K, D = ep->D, me = ep->rank, m = ep->moe_index[layer], spr = ep->spr;
     size_t rb = ep->row_bytes, cr = ep->comb_row_bytes;
-    /* group the received (row, slot) pairs by local slot */
+    /* group the received (row, slot) pairs by local slot; each pair's output
+     * row goes back at its place among its source's pairs */
     memset(ep->slot_count, 0, sizeof(int) * spr);
-    for (int p = 0; p < P; p++)
+    b->cout_off[0] = 0;
+    for (int p = 0; p < P; p++) {
+        int n = 0;
         for (int i = 0; i < b->cnt_in[p]; i++) {
             const row_meta *meta = (const row_meta *)(b->rbuf + ((size_t)p * Tm + i) * rb);
             for (int k = 0; k < K; k++) {
                 int s = meta[k].slot;
                 if (s >= spr) return dsi_error(DSI_EPEER, "ep: rank %d sent a row for slot %d of %d", p, s, spr);
-                if (s >= 0) ep->slot_count[s]++;
+                if (s >= 0) ep->slot_count[s]++, n++;
             }
         }
+        b->cout_off[p + 1] = b->cout_off[p] + n;
+    }
+    int rc = grow(&b->cbuf_out, &b->cout_cap, (size_t)b->cout_off[P], cr);
+    if (rc != DSI_OK) return rc;
     ep->slot_off[0] = 0;
     for (int s = 0; s < spr; s++) ep->slot_off[s + 1] = ep->slot_off[s] + ep->slot_count[s];
     memset(ep->slot_count, 0, sizeof(int) * spr);
-    double pairs = 0;
-    for (int p = 0; p < P; p++)
+    for (int p = 0; p < P; p++) {
+        int g = b->cout_off[p];
         for (int i = 0; i < b->cnt_in[p]; i++) {
             const row_meta *meta = (const row_meta *)(b->rbuf + ((size_t)p * Tm + i) * rb);
-            int r = p * Tm + i;
-            memset(ep->acc + (size_t)r * D, 0, sizeof(float) * D);
             for (int k = 0; k < K; k++) {
                 int s = meta[k].slot;
                 if (s < 0) continue;
                 int at = ep->slot_off[s] + ep->slot_count[s]++;
-                ep->pair_row[at] = r;
-                ep->pair_w[at] = meta[k].w;
-                pairs++;
+                ep->pair_row[at] = p * Tm + i;
+                ep->pair_out[at] = g++;
             }
         }
-    ep->rows_pairs[m] += pairs;
+    }
+    ep->rows_pairs[m] += b->cout_off[P];
     /* each local slot's expert over its rows, in chunks the engine's scratch holds */
     for (int s = 0; s < spr; s++) {
         int expert = ep->pl.phy2log[(size_t)m * ep->pl.n_slots + me * spr + s];
@@ -278,35 +300,32 @@ int dsi__ep_mlp_and_combine(dsi_ep *ep, int u, int layer) {
                 decode_row(ep, b->rbuf + (size_t)r * rb + sizeof(row_meta) * K, ep->ex + (size_t)j * D);
             }
             dsi__expert_mlp(e, layer, expert, ep->ex, n, D, ep->h1, ep->h2);
-            for (int j = 0; j < n; j++)
-                e->k->axpy(ep->pair_w[a + j], ep->ex + (size_t)j * D, ep->acc + (size_t)ep->pair_row[a + j] * D, D);
+            for (int j = 0; j < n; j++) {
+                const float *y = ep->ex + (size_t)j * D;
+                uint8_t *o = b->cbuf_out + (size_t)ep->pair_out[a + j] * cr;
+                if (ep->o.dispatch == DSI_EP_F32) memcpy(o, y, sizeof(float) * D);
+                else
+                    for (int d = 0; d < D; d++) ((uint16_t *)o)[d] = dsi_f32_to_bf16(y[d]);
+            }
         }
     }
     int rows = 0;
-    for (int p = 0; p < P; p++) {
-        rows += b->cnt_in[p];
-        for (int i = 0; i < b->cnt_in[p]; i++) {
-            const float *a = ep->acc + ((size_t)p * Tm + i) * D;
-            uint8_t *o = b->cbuf_out + ((size_t)p * Tm + i) * cr;
-            if (ep->o.dispatch == DSI_EP_F32) memcpy(o, a, sizeof(float) * D);
-            else
-                for (int d = 0; d < D; d++) ((uint16_t *)o)[d] = dsi_f32_to_bf16(a[d]);
-        }
-    }
+    for (int p = 0; p < P; p++) rows += b->cnt_in[p];
     ep->st[layer].expert_rows += rows;
     /* COMBINE: receives were posted with the dispatch */
     ep_xchg *cx = &b->comb;
     cx->posted = 1;
     cx->t_post = dsi_now();
-    int rc = DSI_OK;
     for (int p = 0; p < P && rc == DSI_OK; p++) {
-        if (p == me || b->cnt_in[p] == 0) continue;
-        rc = ep->tp->isend(ep->tp, b->cbuf_out + (size_t)p * Tm * cr, (size_t)b->cnt_in[p] * cr, p,
-                           TAG(m, u, K_COMBINE), &cx->rq_data_out[p]);
+        size_t n = (size_t)(b->cout_off[p + 1] - b->cout_off[p]);
+        if (p == me || n == 0) continue;
+        rc = ep->tp->isend(ep->tp, b->cbuf_out + (size_t)b->cout_off[p] * cr, n * cr, p, TAG(m, u, K_COMBINE),
+                           &cx->rq_data_out[p]);
         if (rc == DSI_OK) cx->pending++;
-        ep->st[layer].sent_bytes += (double)b->cnt_in[p] * cr;
+        ep->st[layer].sent_bytes += (double)n * cr;
     }
-    memcpy(b->cbuf_in + (size_t)me * Tm * cr, b->cbuf_out + (size_t)me * Tm * cr, (size_t)b->cnt_in[me] * cr);
+    memcpy(b->cbuf_in + (size_t)b->cin_off[me] * cr, b->cbuf_out + (size_t)b->cout_off[me] * cr,
+           (size_t)(b->cout_off[me + 1] - b->cout_off[me]) * cr);
     if (rc != DSI_OK) return rc;
     poll_combine(ep, u);
     return ep->err;
@@ -315,17 +334,40 @@ int dsi__ep_mlp_and_combine(dsi_ep *ep, int u, int layer) {
 void dsi__ep_combine_finish(dsi_ep *ep, int u) {
     ep_ub *b = &ep->ub[u];
     dsi_engine *e = ep->e;
-    int D = ep->D, Tm = ep->Tm;
-    size_t cr = ep->comb_row_bytes;
-    for (int d = 0; d < ep->P; d++)
+    int D = ep->D, Tm = ep->Tm, K = ep->K;
+    size_t cr = ep->comb_row_bytes, rb = ep->row_bytes;
+    /* where each (token, k) output landed */
+    for (int d = 0; d < ep->P; d++) {
+        const uint8_t *r = b->cbuf_in + (size_t)b->cin_off[d] * cr;
         for (int i = 0; i < b->send_rows[d]; i++) {
-            const uint8_t *r = b->cbuf_in + ((size_t)d * Tm + i) * cr;
-            float *xr = e->s.x + (size_t)b->send_tok[(size_t)d * Tm + i] * D;
-            if (ep->o.dispatch == DSI_EP_F32)
-                for (int k = 0; k < D; k++) xr[k] += ((const float *)r)[k];
-            else
-                for (int k = 0; k < D; k++) xr[k] += dsi_bf16_to_f32(((const uint16_t *)r)[k]);
+            const row_meta *meta = (const row_meta *)(b->sbuf + ((size_t)d * Tm + i) * rb);
+            int t = b->send_tok[(size_t)d * Tm + i];
+            for (int k = 0; k < K; k++)
+                if (meta[k].slot >= 0) ep->comb_src[t * K + k] = r, r += cr;
         }
+    }
+    /* per token in ascending expert order with the engine's axpy: the order
+     * and rounding of dsi__stage_routed_local, so one process matches bit
+     * for bit when the expert outputs do */
+    const int *ids = e->s.topk_ids;
+    const float *w = e->s.topk_w;
+    for (int t = 0; t < b->T; t++) {
+        float *xr = e->s.x + (size_t)t * D;
+        int done = 0;
+        for (int n = 0; n < K; n++) {
+            int best = -1;
+            for (int k = 0; k < K; k++)
+                if (!(done >> k & 1) && (best < 0 || ids[t * K + k] < ids[t * K + best])) best = k;
+            done |= 1 << best;
+            const uint8_t *r = ep->comb_src[t * K + best];
+            const float *y = (const float *)r;
+            if (ep->o.dispatch != DSI_EP_F32) {
+                for (int c = 0; c < D; c++) ep->comb_tmp[c] = dsi_bf16_to_f32(((const uint16_t *)r)[c]);
+                y = ep->comb_tmp;
+            }
+            e->k->axpy(w[t * K + best], y, xr, D);
+        }
+    }
 }
 
 /* ------------------------------------------------------------ timeouts */

@@ -42,6 +42,10 @@ typedef struct dsi_kernels {
     void (*dots)(const float *q, const float *k, int n, size_t ldk, int d, float *out, int accumulate);
     void (*wsum)(const float *p, const float *v, int n, size_t ldv, int d, float *out);
     dsi_matmul_q8_fn matmul_q8; /* NULL when this CPU path has no fast form */
+    /* matmul whose every output row is the same bits whatever M and the row's
+     * place in x (batch-invariant): one tile shape for all M, no panels, no
+     * separate M = 1 form. Slower for large M; for deterministic runs. */
+    dsi_matmul_fn matmul_rowwise;
 } dsi_kernels;
 
 extern const dsi_kernels dsi_kernels_ref;

@@ -649,22 +649,12 @@ static void gemv_bf16_path(const dsi_mat *W, const float *x, float *y, int y_col
     }
 }
 
-static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
-                          int n1, int accumulate) {
-    if (M >= PANEL_MIN_ROWS) {
-        panel_matmul(W, x, M, ldx, y, ldy, y_col0, n0, n1, accumulate);
-        return;
-    }
+/* Micro-tiles over any M. `rowwise`: a lone last row takes the 1-row
+ * micro-tile (the same sums as in a 4-row tile) instead of the GEMV. */
+static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
+                         int n1, int accumulate, int rowwise) {
     int K = W->cols;
     float out[NR][MR] = {{0}};
-    if (W->dtype == DSI_F8_E4M3 && M == 1 && K % 64 == 0 && W->block_cols % 64 == 0 && have_bf16()) {
-        gemv_bf16_path(W, x, y, y_col0, n0, n1, accumulate);
-        return;
-    }
-    if (W->dtype == DSI_BF16 && M == 1 && K % 32 == 0 && have_bf16()) {
-        gemv_bf16w_path(W, x, y, y_col0, n0, n1, accumulate);
-        return;
-    }
     if (W->dtype == DSI_F8_E4M3) {
         float *xs = xs_buffer((size_t)MR * K);
         if (!xs) return;
@@ -684,7 +674,10 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
                     case 4: micro_e4m3(w, K, nr, xs, K, 4, K, out); break;
                     case 3: micro_e4m3(w, K, nr, xs, K, 3, K, out); break;
                     case 2: micro_e4m3(w, K, nr, xs, K, 2, K, out); break;
-                    default: gemv_e4m3(w, K, nr, xs, K, out); break;
+                    default:
+                        if (rowwise) micro_e4m3(w, K, nr, xs, K, 1, K, out);
+                        else gemv_e4m3(w, K, nr, xs, K, out);
+                        break;
                     }
                     store_tile(out, nr, mr, y + (size_t)m * ldy, ldy, n - y_col0, accumulate);
                     if (nr < NR && n + nr < nb_end) n -= NR - nr; /* resume right after a straddle split */
@@ -718,6 +711,29 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
             }
         }
     }
+}
+
+static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
+                          int n1, int accumulate) {
+    if (M >= PANEL_MIN_ROWS) {
+        panel_matmul(W, x, M, ldx, y, ldy, y_col0, n0, n1, accumulate);
+        return;
+    }
+    int K = W->cols;
+    if (W->dtype == DSI_F8_E4M3 && M == 1 && K % 64 == 0 && W->block_cols % 64 == 0 && have_bf16()) {
+        gemv_bf16_path(W, x, y, y_col0, n0, n1, accumulate);
+        return;
+    }
+    if (W->dtype == DSI_BF16 && M == 1 && K % 32 == 0 && have_bf16()) {
+        gemv_bf16w_path(W, x, y, y_col0, n0, n1, accumulate);
+        return;
+    }
+    tiles_matmul(W, x, M, ldx, y, ldy, y_col0, n0, n1, accumulate, 0);
+}
+
+static void avx512_matmul_rowwise(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0,
+                                  int n0, int n1, int accumulate) {
+    tiles_matmul(W, x, M, ldx, y, ldy, y_col0, n0, n1, accumulate, 1);
 }
 
 /* y[m][c] = sum_r x[m][r-r0] W[r][c]: row-by-row axpy into up to 8 vector
@@ -884,7 +900,8 @@ static void avx512_wsum(const float *p, const float *v, int n, size_t ldv, int d
 }
 
 const dsi_kernels dsi_kernels_avx512 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy,
-                                        avx512_dots, avx512_wsum, avx512_matmul_q8};
+                                        avx512_dots, avx512_wsum, avx512_matmul_q8,
+                                        avx512_matmul_rowwise};
 /* The same kernels without the BF16 dot-product form, for CPUs lacking AVX512_BF16. */
 const dsi_kernels dsi_kernels_avx512_nobf16 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy,
-                                               avx512_dots, avx512_wsum, NULL};
+                                               avx512_dots, avx512_wsum, NULL, avx512_matmul_rowwise};
