@@ -563,27 +563,50 @@ int dsi_st_writer_save(const dsi_st_writer *w, const char *path) {
 
 /* ------------------------------------------------------- resident copies */
 
+static int by_data(const void *a, const void *b) {
+    const dsi_tensor *x = *(const dsi_tensor *const *)a, *y = *(const dsi_tensor *const *)b;
+    return (const uint8_t *)x->data < (const uint8_t *)y->data ? -1 : (const uint8_t *)x->data > (const uint8_t *)y->data;
+}
+
 int dsi_st_make_resident(dsi_st_set *set, int huge_pages) {
+    dsi_tensor **mine = malloc(sizeof(*mine) * (set->n_tensors ? set->n_tensors : 1));
+    if (!mine) return dsi_error(DSI_ENOMEM, "out of memory");
     for (int f = 0; f < set->n_files; f++) {
         st_file *sf = &set->files[f];
         if (!sf->mapped || sf->len == 0) continue;
+        /* Each tensor goes to a 64-byte boundary: a checkpoint's tensors sit
+         * wherever its header length puts them (8 mod 64 in ours), and a
+         * weight row that straddles cache lines makes every 64-byte load a
+         * split load: the decode GEMV fell from 35 to 26 GB/s. */
+        int n = 0;
+        for (int i = 0; i < set->n_tensors; i++)
+            if (set->tensors[i].file == sf->path) mine[n++] = &set->tensors[i];
+        qsort(mine, n, sizeof(*mine), by_data);
+        size_t head = n ? (size_t)((const uint8_t *)mine[0]->data - sf->base) : sf->len;
+        size_t need = (head + 63) & ~(size_t)63;
+        for (int i = 0; i < n; i++) need = ((need + mine[i]->size_bytes + 63) & ~(size_t)63);
         /* 2 MiB-aligned, so that transparent huge pages can back all of it
          * (an unaligned mapping got none here) */
-        size_t huge = (size_t)2 << 20, span = sf->len + huge;
+        size_t huge = (size_t)2 << 20, span = need + huge;
         uint8_t *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (raw == MAP_FAILED)
-            return dsi_error(DSI_ENOMEM, "%s: cannot allocate %zu bytes for a resident copy", sf->path, sf->len);
+        if (raw == MAP_FAILED) {
+            free(mine);
+            return dsi_error(DSI_ENOMEM, "%s: cannot allocate %zu bytes for a resident copy", sf->path, need);
+        }
         uint8_t *mem = (uint8_t *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
         if (mem > raw) munmap(raw, (size_t)(mem - raw));                     /* trim the head */
-        size_t len_pg = (sf->len + 4095) & ~(size_t)4095;
+        size_t len_pg = (need + 4095) & ~(size_t)4095;
         size_t tail = (size_t)(raw + span - (mem + len_pg));
         if (tail) munmap(mem + len_pg, tail);                                  /* and the tail */
-        if (huge_pages) madvise(mem, sf->len, MADV_HUGEPAGE);
-        memcpy(mem, sf->base, sf->len);
-        mprotect(mem, sf->len, PROT_READ);
-        ptrdiff_t delta = (const uint8_t *)mem - sf->base;
-        for (int i = 0; i < set->n_tensors; i++)
-            if (set->tensors[i].file == sf->path) set->tensors[i].data = (const uint8_t *)set->tensors[i].data + delta;
+        if (huge_pages) madvise(mem, need, MADV_HUGEPAGE);
+        memcpy(mem, sf->base, head); /* the header, as read */
+        size_t at = (head + 63) & ~(size_t)63;
+        for (int i = 0; i < n; i++) {
+            memcpy(mem + at, mine[i]->data, mine[i]->size_bytes);
+            mine[i]->data = mem + at;
+            at = (at + mine[i]->size_bytes + 63) & ~(size_t)63;
+        }
+        mprotect(mem, need, PROT_READ);
         /* the page-cache copy is no longer needed: let the kernel drop it */
         int fd = open(sf->path, O_RDONLY | O_CLOEXEC);
         if (fd >= 0) {
@@ -592,6 +615,8 @@ int dsi_st_make_resident(dsi_st_set *set, int huge_pages) {
         }
         munmap((void *)sf->base, sf->len);
         sf->base = mem;
+        sf->len = need;
     }
+    free(mine);
     return DSI_OK;
 }
