@@ -174,22 +174,24 @@ fail:
 #undef NAME
 }
 
+/* Independent of the order tensors are stored in (shards, or one in-memory
+ * image, lay them out differently): per-tensor hashes are summed. */
 static uint64_t fingerprint(const dsi_model *m) {
     XXH3_state_t *st = XXH3_createState();
     if (!st) return 0; /* out of memory: an identity that matches nothing cached */
-    XXH3_64bits_reset(st);
-    XXH3_64bits_update(st, &m->cfg, sizeof m->cfg);
+    uint64_t h = XXH3_64bits(&m->cfg, sizeof m->cfg);
     int n = dsi_st_count(m->set);
     for (int i = 0; i < n; i++) {
         const dsi_tensor *t = dsi_st_at(m->set, i);
+        XXH3_64bits_reset(st);
         XXH3_64bits_update(st, t->name, strlen(t->name));
         XXH3_64bits_update(st, t->shape, sizeof t->shape);
         /* sample the first and last 64 bytes of each tensor: cheap, catches re-quantised weights */
         size_t k = t->size_bytes < 64 ? t->size_bytes : 64;
         XXH3_64bits_update(st, t->data, k);
         XXH3_64bits_update(st, (const uint8_t *)t->data + t->size_bytes - k, k);
+        h += XXH3_64bits_digest(st);
     }
-    uint64_t h = XXH3_64bits_digest(st);
     XXH3_freeState(st);
     return h;
 }

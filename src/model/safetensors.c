@@ -493,11 +493,25 @@ size_t dsi_st_writer_bytes(const dsi_st_writer *w) { return w->bytes; }
 int dsi_st_writer_count(const dsi_st_writer *w) { return w->n; }
 const char *dsi_st_writer_name(const dsi_st_writer *w, int i) { return w->e[i].name; }
 
-static char *writer_header(const dsi_st_writer *w, size_t *hlen_out) {
+/* The order tensors are laid out in the data section: those whose size is a
+ * multiple of 64 bytes first (the weight matrices), so that with the data
+ * section starting on a 64-byte boundary every one of them does; the format
+ * allows no holes between tensors, so padding inside the data is not an
+ * option. Returns a malloc'd permutation of [0, n). */
+static int *writer_order(const dsi_st_writer *w) {
+    int *ord = malloc(sizeof(int) * (w->n ? w->n : 1)), k = 0;
+    if (!ord) return NULL;
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < w->n; i++)
+            if ((w->e[i].size % 64 == 0) == (pass == 0)) ord[k++] = i;
+    return ord;
+}
+
+static char *writer_header(const dsi_st_writer *w, const int *ord, size_t *hlen_out) {
     cJSON *root = cJSON_CreateObject();
     size_t off = 0;
-    for (int i = 0; i < w->n; i++) {
-        const w_entry *e = &w->e[i];
+    for (int oi = 0; oi < w->n; oi++) {
+        const w_entry *e = &w->e[ord[oi]];
         cJSON *t = cJSON_AddObjectToObject(root, e->name);
         cJSON_AddStringToObject(t, "dtype", dsi_dtype_name(e->dtype));
         cJSON *s = cJSON_AddArrayToObject(t, "shape");
@@ -510,7 +524,9 @@ static char *writer_header(const dsi_st_writer *w, size_t *hlen_out) {
     char *txt = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     if (!txt) return NULL;
-    size_t l = strlen(txt), padded = (l + 7) & ~(size_t)7; /* keep data 8-byte aligned */
+    /* pad with spaces so that the data section (after the 8-byte length)
+     * starts on a 64-byte boundary: mapped weights then load whole cache lines */
+    size_t l = strlen(txt), padded = ((8 + l + 63) & ~(size_t)63) - 8;
     char *h = malloc(padded + 1);
     if (h) {
         memcpy(h, txt, l);
@@ -524,16 +540,18 @@ static char *writer_header(const dsi_st_writer *w, size_t *hlen_out) {
 
 int dsi_st_writer_serialize(const dsi_st_writer *w, void **out_buf, size_t *out_len) {
     size_t hlen;
-    char *h = writer_header(w, &hlen);
-    if (!h) return dsi_error(DSI_ENOMEM, "out of memory");
+    int *ord = writer_order(w);
+    char *h = ord ? writer_header(w, ord, &hlen) : NULL;
+    if (!h) { free(ord); return dsi_error(DSI_ENOMEM, "out of memory"); }
     size_t total = 8 + hlen + w->bytes;
     uint8_t *buf = malloc(total);
-    if (!buf) { free(h); return dsi_error(DSI_ENOMEM, "out of memory (%zu bytes)", total); }
+    if (!buf) { free(h); free(ord); return dsi_error(DSI_ENOMEM, "out of memory (%zu bytes)", total); }
     for (int i = 0; i < 8; i++) buf[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
     memcpy(buf + 8, h, hlen);
     size_t off = 8 + hlen;
-    for (int i = 0; i < w->n; i++) { memcpy(buf + off, w->e[i].data, w->e[i].size); off += w->e[i].size; }
+    for (int i = 0; i < w->n; i++) { memcpy(buf + off, w->e[ord[i]].data, w->e[ord[i]].size); off += w->e[ord[i]].size; }
     free(h);
+    free(ord);
     *out_buf = buf;
     *out_len = total;
     return DSI_OK;
@@ -541,17 +559,19 @@ int dsi_st_writer_serialize(const dsi_st_writer *w, void **out_buf, size_t *out_
 
 int dsi_st_writer_save(const dsi_st_writer *w, const char *path) {
     size_t hlen;
-    char *h = writer_header(w, &hlen);
-    if (!h) return dsi_error(DSI_ENOMEM, "out of memory");
+    int *ord = writer_order(w);
+    char *h = ord ? writer_header(w, ord, &hlen) : NULL;
+    if (!h) { free(ord); return dsi_error(DSI_ENOMEM, "out of memory"); }
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
     FILE *f = fopen(tmp, "wb");
-    if (!f) { free(h); return dsi_error(DSI_EIO, "%s: %s", tmp, strerror(errno)); }
+    if (!f) { free(h); free(ord); return dsi_error(DSI_EIO, "%s: %s", tmp, strerror(errno)); }
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)hlen >> (8 * i));
     int ok = fwrite(len8, 1, 8, f) == 8 && fwrite(h, 1, hlen, f) == hlen;
-    for (int i = 0; ok && i < w->n; i++) ok = fwrite(w->e[i].data, 1, w->e[i].size, f) == w->e[i].size;
+    for (int i = 0; ok && i < w->n; i++) ok = fwrite(w->e[ord[i]].data, 1, w->e[ord[i]].size, f) == w->e[ord[i]].size;
     free(h);
+    free(ord);
     if (fclose(f) != 0) ok = 0;
     if (!ok || rename(tmp, path) != 0) {
         int e = errno;
