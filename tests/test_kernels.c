@@ -291,6 +291,32 @@ static void test_rowwise(void **state) {
     assert_true(ran >= 1);
 }
 
+/* The multi-head attention loops: the same bits as dots/wsum per head, on
+ * random head counts, row counts, widths and strides. */
+static void test_multi_head(void **state) {
+    const dsi_kernels *k = dsi_kernels_by_name("avx512");
+    if (!k || !k->dots_mh) { printf("  no multi-head kernels on this CPU: skipped\n"); skip(); }
+    for (int iter = 0; iter < 60; iter++) {
+        int nh = rint_(1, 11), n = rint_(1, 70), d = iter % 3 ? rint_(1, 600) : 64 * rint_(1, 9);
+        size_t ldk = d + rint_(0, 9), ldq = d + rint_(0, 5), ldo = n + rint_(0, 5), ldw = d + rint_(0, 5);
+        float *kk = malloc(sizeof(float) * n * ldk), *q = malloc(sizeof(float) * nh * ldq);
+        float *o1 = malloc(sizeof(float) * nh * ldo), *o2 = malloc(sizeof(float) * nh * ldo);
+        float *w1 = malloc(sizeof(float) * nh * ldw), *w2 = malloc(sizeof(float) * nh * ldw);
+        for (size_t i = 0; i < (size_t)n * ldk; i++) kk[i] = unif();
+        for (size_t i = 0; i < (size_t)nh * ldq; i++) q[i] = unif();
+        for (size_t i = 0; i < (size_t)nh * ldo; i++) o1[i] = o2[i] = unif();
+        for (size_t i = 0; i < (size_t)nh * ldw; i++) w1[i] = w2[i] = unif();
+        int acc = iter & 1;
+        k->dots_mh(q, ldq, nh, kk, n, ldk, d, o1, ldo, acc);
+        for (int h = 0; h < nh; h++) k->dots(q + h * ldq, kk, n, ldk, d, o2 + h * ldo, acc);
+        assert_memory_equal(o1, o2, sizeof(float) * nh * ldo);
+        k->wsum_mh(o1, ldo, nh, kk, n, ldk, d, w1, ldw);
+        for (int h = 0; h < nh; h++) k->wsum(o1 + h * ldo, kk, n, ldk, d, w2 + h * ldw);
+        assert_memory_equal(w1, w2, sizeof(float) * nh * ldw);
+        free(kk); free(q); free(o1); free(o2); free(w1); free(w2);
+    }
+}
+
 static void test_avx2(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx2");
     if (!k) { printf("  avx2 not supported on this CPU: skipped\n"); skip(); }
@@ -306,6 +332,7 @@ int main(void) {
         cmocka_unit_test(test_q8),
         cmocka_unit_test(test_avx2),
         cmocka_unit_test(test_rowwise),
+        cmocka_unit_test(test_multi_head),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,3 +1,5 @@
+#include <stdio.h>
+#include <stdlib.h>
 /* MLA: ATTN-0 (projections, latent KV written to the pool) and ATTN-1 (core
  * attention in either form, o_proj, residual, FFN norm).
  *
@@ -60,6 +62,7 @@ typedef struct absorbed_job {
 /* A task is one token and a group of up to ATTN_HEAD_GROUP heads: each KV
  * block (64 rows of 576 floats, 147 KB) is read once per group while it sits
  * in L2, instead of once per head from L3 or memory. */
+double g_tq, g_td, g_ts, g_tw;
 static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
     const absorbed_job *j = ctx;
     dsi_engine *e = j->e;
@@ -69,43 +72,68 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
     int lora = c->kv_lora_rank, vd = c->v_head_dim, kvd = dsi_config_kv_dim(c), bt = dsi_kv_block_tokens(e->kv);
     int groups = DSI_CEIL_DIV(H, ATTN_HEAD_GROUP);
     float *scores = e->s.th_scores[tid];          /* [group][max_ctx] */
-    float *q_abs = e->s.th_vec[tid];              /* [group][lora] */
-    float *o_lat = q_abs + (size_t)ATTN_HEAD_GROUP * lora; /* [group][lora] */
+    float *q_abs = e->s.th_vec[tid];              /* [group][kvd]: absorbed nope part | rope part */
+    float *o_lat = q_abs + (size_t)ATTN_HEAD_GROUP * kvd; /* [group][lora] */
     for (int64_t task = b; task < end; task++) {
         int i = (int)(task / groups), h0 = (int)(task % groups) * ATTN_HEAD_GROUP;
         int G = DSI_MIN(ATTN_HEAD_GROUP, H - h0);
         int t = j->ss->t0 + i, P = j->ss->pos + i;
         const float *q = e->s.q + ((size_t)t * H + h0) * qk;
+        double T0 = dsi_now();
         for (int g = 0; g < G; g++) {
             int r0 = (h0 + g) * (nope + vd);
-            k->matmul_t(&j->L->kv_b, r0, r0 + nope, q + (size_t)g * qk, 1, nope, q_abs + (size_t)g * lora, lora, 0, lora);
+            k->matmul_t(&j->L->kv_b, r0, r0 + nope, q + (size_t)g * qk, 1, nope, q_abs + (size_t)g * kvd, lora, 0, lora);
+            memcpy(q_abs + (size_t)g * kvd + lora, q + (size_t)g * qk + nope, sizeof(float) * rope);
         }
-        for (int p0 = 0; p0 <= P; p0 += bt) {
-            int n = DSI_MIN(bt, P + 1 - p0);
-            const float *rows = dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt], j->layer);
-            for (int g = 0; g < G; g++) {
-                float *sc = scores + (size_t)g * e->max_ctx + p0;
-                k->dots(q_abs + (size_t)g * lora, rows, n, kvd, lora, sc, 0);
-                k->dots(q + (size_t)g * qk + nope, rows + lora, n, kvd, rope, sc, 1);
-            }
-        }
-        for (int g = 0; g < G; g++) {
-            float *sc = scores + (size_t)g * e->max_ctx, mx = -FLT_MAX;
-            for (int p = 0; p <= P; p++) {
-                sc[p] *= e->softmax_scale;
-                if (sc[p] > mx) mx = sc[p];
-            }
-            double sum = 0;
-            for (int p = 0; p <= P; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
-            float inv = (float)(1.0 / sum);
-            for (int p = 0; p <= P; p++) sc[p] *= inv;
-        }
+        /* One pass over the context, block by block with an online softmax:
+         * the block's scores over whole 576-float rows (latent | rope key),
+         * then its weighted sum while the rows are still in L2. */
+        g_tq += dsi_now() - T0;
+        float m_run[ATTN_HEAD_GROUP], l_run[ATTN_HEAD_GROUP];
+        for (int g = 0; g < G; g++) m_run[g] = -FLT_MAX, l_run[g] = 0;
         memset(o_lat, 0, sizeof(float) * lora * G);
         for (int p0 = 0; p0 <= P; p0 += bt) {
             int n = DSI_MIN(bt, P + 1 - p0);
             const float *rows = dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt], j->layer);
-            for (int g = 0; g < G; g++)
-                k->wsum(scores + (size_t)g * e->max_ctx + p0, rows, n, kvd, lora, o_lat + (size_t)g * lora);
+            if (p0 + bt <= P) { /* the next block's first rows: the kernel prefetches ahead within a block */
+                const char *nx = (const char *)dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt + 1], j->layer);
+                for (size_t off = 0; off < (size_t)8 * kvd * sizeof(float); off += 64) __builtin_prefetch(nx + off);
+            }
+            double T1 = dsi_now();
+            if (k->dots_mh)
+                k->dots_mh(q_abs, kvd, G, rows, n, kvd, kvd, scores, e->max_ctx, 0);
+            else
+                for (int g = 0; g < G; g++)
+                    k->dots(q_abs + (size_t)g * kvd, rows, n, kvd, kvd, scores + (size_t)g * e->max_ctx, 0);
+            double T2 = dsi_now(); g_td += T2 - T1;
+            for (int g = 0; g < G; g++) {
+                float *sc = scores + (size_t)g * e->max_ctx, mx = m_run[g];
+                for (int p = 0; p < n; p++) {
+                    sc[p] *= e->softmax_scale;
+                    if (sc[p] > mx) mx = sc[p];
+                }
+                if (mx > m_run[g]) { /* rescale what was summed under the old maximum */
+                    float corr = l_run[g] > 0 ? expf(m_run[g] - mx) : 0.0f;
+                    l_run[g] *= corr;
+                    float *o = o_lat + (size_t)g * lora;
+                    for (int d = 0; d < lora; d++) o[d] *= corr;
+                    m_run[g] = mx;
+                }
+                double sum = 0;
+                for (int p = 0; p < n; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
+                l_run[g] += (float)sum;
+            }
+            double T3 = dsi_now(); g_ts += T3 - T2;
+            if (k->wsum_mh)
+                k->wsum_mh(scores, e->max_ctx, G, rows, n, kvd, lora, o_lat, lora);
+            else
+                for (int g = 0; g < G; g++)
+                    k->wsum(scores + (size_t)g * e->max_ctx, rows, n, kvd, lora, o_lat + (size_t)g * lora);
+            g_tw += dsi_now() - T3;
+        }
+        for (int g = 0; g < G; g++) {
+            float inv = 1.0f / l_run[g], *o = o_lat + (size_t)g * lora;
+            for (int d = 0; d < lora; d++) o[d] *= inv;
         }
         for (int g = 0; g < G; g++) {
             int r0 = (h0 + g) * (nope + vd);
@@ -222,3 +250,4 @@ int dsi__stage_attn1(dsi_engine *e, int layer) {
     for (int t = 0; t < T; t++) dsi__rmsnorm(s->x + (size_t)t * D, L->ffn_norm, D, eps, s->xn + (size_t)t * D);
     return DSI_OK;
 }
+__attribute__((destructor)) static void pr_tt(void) { if (getenv("DSI_PROFILE")) fprintf(stderr, "absorbed: q_abs %.3f dots %.3f softmax %.3f wsum %.3f\n", g_tq, g_td, g_ts, g_tw); }

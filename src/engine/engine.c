@@ -241,7 +241,8 @@ static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
              s->tok_pos && s->kvdec && s->ostate && s->router && s->th_scores && s->th_vec;
     for (int t = 0; ok && own_threads && t < nt; t++) {
         s->th_scores[t] = dsi_alloc((size_t)ATTN_HEAD_GROUP * e->max_ctx * 4 + 64);
-        s->th_vec[t] = dsi_alloc(((size_t)ATTN_HEAD_GROUP * c->kv_lora_rank * 2 + 64) * 4);
+        /* per head: the absorbed query with its rope part [kv dim], the latent output [lora] */
+        s->th_vec[t] = dsi_alloc(((size_t)ATTN_HEAD_GROUP * (dsi_config_kv_dim(c) + c->kv_lora_rank) + 64) * 4);
         ok = s->th_scores[t] && s->th_vec[t];
     }
     if (!ok) {

@@ -46,6 +46,16 @@ typedef struct dsi_kernels {
      * place in x (batch-invariant): one tile shape for all M, no panels, no
      * separate M = 1 form. Slower for large M; for deterministic runs. */
     dsi_matmul_fn matmul_rowwise;
+    /* dots and wsum for nh heads sharing the same rows (absorbed attention:
+     * every head of a token attends over the same latent cache), so each row
+     * is loaded once per few heads instead of once per head. Per (head, row)
+     * the sums are those of dots/wsum. NULL: loop over heads.
+     * dots_mh: out[h*ldo + j] (+)= q[h*ldq ..] . k[j*ldk ..] over d
+     * wsum_mh: out[h*ldo + c] += sum_j p[h*ldp + j] * v[j*ldv + c], c < d */
+    void (*dots_mh)(const float *q, size_t ldq, int nh, const float *k, int n, size_t ldk, int d, float *out,
+                    size_t ldo, int accumulate);
+    void (*wsum_mh)(const float *p, size_t ldp, int nh, const float *v, int n, size_t ldv, int d, float *out,
+                    size_t ldo);
 } dsi_kernels;
 
 extern const dsi_kernels dsi_kernels_ref;

@@ -878,6 +878,11 @@ static void matmul_t_e4m3_64(const dsi_mat *W, int r0, int r1, const float *xm, 
             _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[g][i] = _mm512_setzero_ps();
         for (int r = r0; r < r1; r++) {
             const uint8_t *row = (const uint8_t *)W->data + r * K + cc;
+            /* the first pass fetches the whole column range of a row 32 rows
+             * ahead (later passes find it in L2): a strided row walk left to
+             * the hardware prefetcher streamed ~10 GB/s */
+            if (cc == c0 && r + 32 < r1)
+                for (int c = c0; c < c1; c += 64) _mm_prefetch((const char *)W->data + (size_t)(r + 32) * K + c, _MM_HINT_T0);
             const float *srow = W->scale_inv + (size_t)(r / W->block_rows) * W->scale_cols;
             float a = xm[r - r0] * TWO_POW_120;
             _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
@@ -1014,9 +1019,90 @@ static void avx512_wsum(const float *p, const float *v, int n, size_t ldv, int d
     }
 }
 
+/* Four heads x four rows per pass: per 16 columns, 4 row loads and 4 query
+ * loads feed 16 FMAs, where dots spends one row load per FMA (L2-bound on
+ * the 147 KB KV blocks). Each (head, row) is one accumulator over the
+ * columns in order, then reduced: the sums of avx512_dots' 4-row path. */
+static void avx512_dots_mh(const float *q, size_t ldq, int nh, const float *k, int n, size_t ldk, int d, float *out,
+                           size_t ldo, int accumulate) {
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+        /* the rows two passes ahead, one line of each per 16 columns during
+         * the first head pass (a burst of all 144 lines at once stalled on the
+         * miss buffers): the first touch of a KV block waited on memory */
+        const char *pf = j + 12 <= n ? (const char *)(k + (size_t)(j + 8) * ldk) : NULL;
+        int h = 0;
+        for (; h + 4 <= nh; h += 4) {
+            const float *q0 = q + h * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
+            __m512 a[4][4];
+            _Pragma("GCC unroll 4") for (int x = 0; x < 4; x++)
+                _Pragma("GCC unroll 4") for (int y = 0; y < 4; y++) a[x][y] = _mm512_setzero_ps();
+            for (int c = 0; c < d; c += 16) {
+                __mmask16 km = d - c >= 16 ? 0xffff : (__mmask16)((1u << (d - c)) - 1);
+                if (pf && h == 0) {
+                    const char *pc = pf + (size_t)c * sizeof(float);
+                    _mm_prefetch(pc, _MM_HINT_T0);
+                    _mm_prefetch(pc + ldk * sizeof(float), _MM_HINT_T0);
+                    _mm_prefetch(pc + 2 * ldk * sizeof(float), _MM_HINT_T0);
+                    _mm_prefetch(pc + 3 * ldk * sizeof(float), _MM_HINT_T0);
+                }
+                __m512 kv[4] = {_mm512_maskz_loadu_ps(km, k0 + c), _mm512_maskz_loadu_ps(km, k1 + c),
+                                _mm512_maskz_loadu_ps(km, k2 + c), _mm512_maskz_loadu_ps(km, k3 + c)};
+                __m512 qv[4] = {_mm512_maskz_loadu_ps(km, q0 + c), _mm512_maskz_loadu_ps(km, q1 + c),
+                                _mm512_maskz_loadu_ps(km, q2 + c), _mm512_maskz_loadu_ps(km, q3 + c)};
+                _Pragma("GCC unroll 4") for (int x = 0; x < 4; x++)
+                    _Pragma("GCC unroll 4") for (int y = 0; y < 4; y++) a[x][y] = _mm512_fmadd_ps(qv[x], kv[y], a[x][y]);
+            }
+            for (int x = 0; x < 4; x++)
+                for (int y = 0; y < 4; y++) {
+                    float v = _mm512_reduce_add_ps(a[x][y]), *o = out + (size_t)(h + x) * ldo + j + y;
+                    *o = accumulate ? *o + v : v;
+                }
+        }
+        for (; h < nh; h++) avx512_dots(q + h * ldq, k0, 4, ldk, d, out + (size_t)h * ldo + j, accumulate);
+    }
+    if (j < n)
+        for (int h = 0; h < nh; h++) avx512_dots(q + h * ldq, k + j * ldk, n - j, ldk, d, out + (size_t)h * ldo + j, accumulate);
+}
+
+/* Four heads x 64 columns in registers over all rows: each row's 64 columns
+ * are loaded once for four heads. Per output the rows are added in order,
+ * as avx512_wsum does. */
+static void avx512_wsum_mh(const float *p, size_t ldp, int nh, const float *v, int n, size_t ldv, int d, float *out,
+                           size_t ldo) {
+    int h = 0;
+    for (; h + 4 <= nh; h += 4) {
+        const float *p0 = p + h * ldp, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;
+        float *o[4] = {out + (size_t)h * ldo, out + (size_t)(h + 1) * ldo, out + (size_t)(h + 2) * ldo,
+                       out + (size_t)(h + 3) * ldo};
+        int c = 0;
+        for (; c + 64 <= d; c += 64) {
+            __m512 a[4][4];
+            _Pragma("GCC unroll 4") for (int x = 0; x < 4; x++)
+                _Pragma("GCC unroll 4") for (int y = 0; y < 4; y++) a[x][y] = _mm512_loadu_ps(o[x] + c + 16 * y);
+            for (int j = 0; j < n; j++) {
+                const float *vj = v + j * ldv + c;
+                __m512 vv[4] = {_mm512_loadu_ps(vj), _mm512_loadu_ps(vj + 16), _mm512_loadu_ps(vj + 32),
+                                _mm512_loadu_ps(vj + 48)};
+                __m512 pb[4] = {_mm512_set1_ps(p0[j]), _mm512_set1_ps(p1[j]), _mm512_set1_ps(p2[j]),
+                                _mm512_set1_ps(p3[j])};
+                _Pragma("GCC unroll 4") for (int x = 0; x < 4; x++)
+                    _Pragma("GCC unroll 4") for (int y = 0; y < 4; y++) a[x][y] = _mm512_fmadd_ps(pb[x], vv[y], a[x][y]);
+            }
+            _Pragma("GCC unroll 4") for (int x = 0; x < 4; x++)
+                _Pragma("GCC unroll 4") for (int y = 0; y < 4; y++) _mm512_storeu_ps(o[x] + c + 16 * y, a[x][y]);
+        }
+        if (c < d)
+            for (int x = 0; x < 4; x++) avx512_wsum(p + (h + x) * ldp, v + c, n, ldv, d - c, o[x] + c);
+    }
+    for (; h < nh; h++) avx512_wsum(p + h * ldp, v, n, ldv, d, out + (size_t)h * ldo);
+}
+
 const dsi_kernels dsi_kernels_avx512 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy,
                                         avx512_dots, avx512_wsum, avx512_matmul_q8,
-                                        avx512_matmul_rowwise};
+                                        avx512_matmul_rowwise, avx512_dots_mh, avx512_wsum_mh};
 /* The same kernels without the BF16 dot-product form, for CPUs lacking AVX512_BF16. */
 const dsi_kernels dsi_kernels_avx512_nobf16 = {"avx512", avx512_matmul, avx512_matmul_t, avx512_dot, avx512_axpy,
-                                               avx512_dots, avx512_wsum, NULL, avx512_matmul_rowwise};
+                                               avx512_dots, avx512_wsum, NULL, avx512_matmul_rowwise,
+                                               avx512_dots_mh, avx512_wsum_mh};
