@@ -317,6 +317,32 @@ static void test_multi_head(void **state) {
     }
 }
 
+/* expsum against expf: within 2 ulp-ish (3e-7 relative) over the softmax
+ * range, exactly 0 far below it, the sum of what it wrote. */
+static void test_expsum(void **state) {
+    const dsi_kernels *k = dsi_kernels_by_name("avx512");
+    if (!k || !k->expsum) { printf("  no vector exp on this CPU: skipped\n"); skip(); }
+    double worst = 0;
+    for (int iter = 0; iter < 200; iter++) {
+        int n = rint_(1, 100);
+        float x[100], y[100], sub = (float)(unif() * 10);
+        for (int i = 0; i < n; i++) x[i] = y[i] = sub - (float)(fabs(unif()) * (iter % 4 == 0 ? 120 : 30));
+        float s = k->expsum(x, n, sub);
+        double ref_sum = 0, got_sum = 0;
+        for (int i = 0; i < n; i++) {
+            double r = expf(y[i] - sub);
+            if (y[i] - sub < -104) assert_true(x[i] == 0.0f);
+            else if (r > 1e-30) worst = fmax(worst, fabs(x[i] - r) / r);
+            ref_sum += r;
+            got_sum += x[i];
+        }
+        assert_true(fabs(s - got_sum) <= 1e-6 * got_sum + 1e-30);
+        assert_true(fabs(s - ref_sum) <= 1e-5 * ref_sum + 1e-30);
+    }
+    printf("  expsum: worst relative error vs expf %.2e\n", worst);
+    assert_true(worst <= 3e-7);
+}
+
 static void test_avx2(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx2");
     if (!k) { printf("  avx2 not supported on this CPU: skipped\n"); skip(); }
@@ -333,6 +359,7 @@ int main(void) {
         cmocka_unit_test(test_avx2),
         cmocka_unit_test(test_rowwise),
         cmocka_unit_test(test_multi_head),
+        cmocka_unit_test(test_expsum),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -119,9 +119,13 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
                     for (int d = 0; d < lora; d++) o[d] *= corr;
                     m_run[g] = mx;
                 }
-                double sum = 0;
-                for (int p = 0; p < n; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
-                l_run[g] += (float)sum;
+                if (k->expsum) {
+                    l_run[g] += k->expsum(sc, n, mx);
+                } else {
+                    double sum = 0;
+                    for (int p = 0; p < n; p++) { sc[p] = expf(sc[p] - mx); sum += sc[p]; }
+                    l_run[g] += (float)sum;
+                }
             }
             double T3 = dsi_now(); g_ts += T3 - T2;
             if (k->wsum_mh)

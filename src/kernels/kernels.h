@@ -56,6 +56,9 @@ typedef struct dsi_kernels {
                     size_t ldo, int accumulate);
     void (*wsum_mh)(const float *p, size_t ldp, int nh, const float *v, int n, size_t ldv, int d, float *out,
                     size_t ldo);
+    /* x[i] = exp(x[i] - sub) for i < n, returns the sum (softmax weights);
+     * within 2 ulp of expf. NULL: expf in a loop. */
+    float (*expsum)(float *x, int n, float sub);
 } dsi_kernels;
 
 extern const dsi_kernels dsi_kernels_ref;

@@ -185,4 +185,4 @@ static void avx2_wsum(const float *p, const float *v, int n, size_t ldv, int d, 
 }
 
 const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy, avx2_dots, avx2_wsum,
-                                      NULL, avx2_matmul /* already one tile shape for every M */, NULL, NULL};
+                                      NULL, avx2_matmul /* already one tile shape for every M */, NULL, NULL, NULL};

@@ -92,7 +92,7 @@ void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const floa
 }
 
 const dsi_kernels dsi_kernels_ref = {"ref", ref_matmul, ref_matmul_t, ref_dot, ref_axpy, ref_dots, ref_wsum,
-                                     dsi_matmul_q8_ref, ref_matmul, NULL, NULL};
+                                     dsi_matmul_q8_ref, ref_matmul, NULL, NULL, NULL};
 
 const dsi_kernels *dsi_kernels_by_name(const char *name) {
     if (!strcmp(name, "ref")) return &dsi_kernels_ref;
