@@ -824,6 +824,35 @@ static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
     }
 }
 
+/* M = 1, FP8, K a multiple of 64: per scale row-block the scaled, permuted
+ * activation row once, then its 4-row tiles straight into gemv4_e4m3 (the
+ * general tile loop recomputed the row every 64 rows and went through the
+ * tile bookkeeping per tile: ~8% of decode GEMV time). */
+static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
+    int K = W->cols, br = W->block_rows;
+    float *xs = xs_buffer((size_t)MR * K);
+    if (!xs) return;
+    const uint8_t *base = W->data;
+    size_t pf = pf_elems(K, 1);
+    for (int n = n0; n < n1;) {
+        int rb = n / br, end = DSI_MIN(n1, (rb + 1) * br);
+        scale_rows(W, rb, x, K, 1, xs);
+        for (; n + NR <= end; n += NR) {
+            float o4[4];
+            gemv4_e4m3(base + (size_t)n * K, (size_t)K, xs, pf, o4);
+            float *d = y + (n - y_col0);
+            if (accumulate) d[0] += o4[0], d[1] += o4[1], d[2] += o4[2], d[3] += o4[3];
+            else d[0] = o4[0], d[1] = o4[1], d[2] = o4[2], d[3] = o4[3];
+        }
+        if (n < end) {
+            float out[NR][MR] = {{0}};
+            gemv_e4m3(base + (size_t)n * K, K, end - n, xs, K, out);
+            store_tile(out, end - n, 1, y, 0, n - y_col0, accumulate);
+            n = end;
+        }
+    }
+}
+
 static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                           int n1, int accumulate) {
     if (M >= PANEL_MIN_ROWS) {
@@ -841,6 +870,10 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
     }
     if (NR == 4 && W->dtype == DSI_BF16 && M == 1 && K % 64 == 0) {
         gemv_bf16f32_path(W, x, y, y_col0, n0, n1, accumulate);
+        return;
+    }
+    if (NR == 4 && W->dtype == DSI_F8_E4M3 && M == 1 && K % 64 == 0) {
+        gemv_e4m3_path(W, x, y, y_col0, n0, n1, accumulate);
         return;
     }
     tiles_matmul(W, x, M, ldx, y, ldy, y_col0, n0, n1, accumulate, 0);
