@@ -276,6 +276,28 @@ static void test_decode_and_no_overlap(void **state) {
     assert_true(a <= 1e-5 && b <= 1e-5 && c <= 1e-5 && d <= 1e-5 && l <= 1e-5);
 }
 
+/* Launched from a hostfile, as across hosts (every slot on this one: the
+ * only host here), with the checkpoint at the same path on every host. */
+static void test_hostfile(void **state) {
+    NEED_MPI();
+    reference("ref.bin", 1, 0, "");
+    char hosts[512], out[512], refp[512];
+    snprintf(hosts, sizeof hosts, "%s/hosts", g_tmp);
+    snprintf(out, sizeof out, "%s/hostfile.bin", g_tmp);
+    snprintf(refp, sizeof refp, "%s/ref.bin", g_tmp);
+    FILE *f = fopen(hosts, "w");
+    assert_non_null(f);
+    fprintf(f, "localhost slots=4\n");
+    fclose(f);
+    assert_int_equal(run("timeout 60 mpirun --hostfile %s -np 4 %s --model %s --ids '%s' --out %s --dispatch f32 "
+                         "--ep-timeout-ms 20000", hosts, DSI, model(1), g_ids[0], out),
+                     0);
+    double mx;
+    compare(out, refp, &mx, NULL);
+    printf("  mpirun --hostfile (4 slots): %.2e (tol 1e-5)\n", mx);
+    assert_true(mx <= 1e-5);
+}
+
 /* Three sequences: rank i % N runs sequence i's attention; every rank's
  * logits match the single-process batched run. */
 static void test_dp_sequences(void **state) {
@@ -448,7 +470,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_bf16_and_f32_dispatch), cmocka_unit_test(test_redundant_slots),
         cmocka_unit_test(test_fp8_dispatch),          cmocka_unit_test(test_decode_and_no_overlap),
         cmocka_unit_test(test_dp_sequences),          cmocka_unit_test(test_generate),
-        cmocka_unit_test(test_rank_failure),
+        cmocka_unit_test(test_rank_failure),          cmocka_unit_test(test_hostfile),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
