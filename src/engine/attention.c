@@ -1,5 +1,3 @@
-#include <stdio.h>
-#include <stdlib.h>
 /* MLA: ATTN-0 (projections, latent KV written to the pool) and ATTN-1 (core
  * attention in either form, o_proj, residual, FFN norm).
  *
@@ -62,7 +60,6 @@ typedef struct absorbed_job {
 /* A task is one token and a group of up to ATTN_HEAD_GROUP heads: each KV
  * block (64 rows of 576 floats, 147 KB) is read once per group while it sits
  * in L2, instead of once per head from L3 or memory. */
-double g_tq, g_td, g_ts, g_tw;
 static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
     const absorbed_job *j = ctx;
     dsi_engine *e = j->e;
@@ -79,7 +76,6 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
         int G = DSI_MIN(ATTN_HEAD_GROUP, H - h0);
         int t = j->ss->t0 + i, P = j->ss->pos + i;
         const float *q = e->s.q + ((size_t)t * H + h0) * qk;
-        double T0 = dsi_now();
         for (int g = 0; g < G; g++) {
             int r0 = (h0 + g) * (nope + vd);
             k->matmul_t(&j->L->kv_b, r0, r0 + nope, q + (size_t)g * qk, 1, nope, q_abs + (size_t)g * kvd, lora, 0, lora);
@@ -88,7 +84,6 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
         /* One pass over the context, block by block with an online softmax:
          * the block's scores over whole 576-float rows (latent | rope key),
          * then its weighted sum while the rows are still in L2. */
-        g_tq += dsi_now() - T0;
         float m_run[ATTN_HEAD_GROUP], l_run[ATTN_HEAD_GROUP];
         for (int g = 0; g < G; g++) m_run[g] = -FLT_MAX, l_run[g] = 0;
         memset(o_lat, 0, sizeof(float) * lora * G);
@@ -99,13 +94,11 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
                 const char *nx = (const char *)dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt + 1], j->layer);
                 for (size_t off = 0; off < (size_t)8 * kvd * sizeof(float); off += 64) __builtin_prefetch(nx + off);
             }
-            double T1 = dsi_now();
             if (k->dots_mh)
                 k->dots_mh(q_abs, kvd, G, rows, n, kvd, kvd, scores, e->max_ctx, 0);
             else
                 for (int g = 0; g < G; g++)
                     k->dots(q_abs + (size_t)g * kvd, rows, n, kvd, kvd, scores + (size_t)g * e->max_ctx, 0);
-            double T2 = dsi_now(); g_td += T2 - T1;
             for (int g = 0; g < G; g++) {
                 float *sc = scores + (size_t)g * e->max_ctx, mx = m_run[g];
                 for (int p = 0; p < n; p++) {
@@ -127,13 +120,11 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
                     l_run[g] += (float)sum;
                 }
             }
-            double T3 = dsi_now(); g_ts += T3 - T2;
             if (k->wsum_mh)
                 k->wsum_mh(scores, e->max_ctx, G, rows, n, kvd, lora, o_lat, lora);
             else
                 for (int g = 0; g < G; g++)
                     k->wsum(scores + (size_t)g * e->max_ctx, rows, n, kvd, lora, o_lat + (size_t)g * lora);
-            g_tw += dsi_now() - T3;
         }
         for (int g = 0; g < G; g++) {
             float inv = 1.0f / l_run[g], *o = o_lat + (size_t)g * lora;
@@ -254,4 +245,3 @@ int dsi__stage_attn1(dsi_engine *e, int layer) {
     for (int t = 0; t < T; t++) dsi__rmsnorm(s->x + (size_t)t * D, L->ffn_norm, D, eps, s->xn + (size_t)t * D);
     return DSI_OK;
 }
-__attribute__((destructor)) static void pr_tt(void) { if (getenv("DSI_PROFILE")) fprintf(stderr, "absorbed: q_abs %.3f dots %.3f softmax %.3f wsum %.3f\n", g_tq, g_td, g_ts, g_tw); }
