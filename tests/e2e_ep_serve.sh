@@ -2,7 +2,8 @@
 # dsinfer serve as an EP group: `mpirun -np 2 dsinfer serve` answers like one
 # process (greedy, lossless f32 dispatch), stays up while idle for longer than
 # its EP timeout (the scheduler's heartbeat steps), serves concurrent requests,
-# and drains and exits 0 on SIGTERM to rank 0.
+# and drains and exits 0 on SIGTERM to rank 0; with BF16 dispatch it answers
+# like one process given the same --dispatch (both --batch-invariant).
 # usage: bash e2e_ep_serve.sh <dsinfer> <tests/data>
 set -u
 BIN=$1
@@ -13,7 +14,10 @@ fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 TMP=$(mktemp -d)
 PIDS=""
-cleanup() { for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done; rm -rf "$TMP"; }
+killtree() { for c in $(pgrep -P "$1"); do killtree "$c"; done; kill -KILL "$1" 2>/dev/null; }
+# the whole tree (timeout -> mpirun -> ranks): an orphaned rank would keep
+# ctest waiting on its output
+cleanup() { for p in $PIDS; do killtree "$p"; done; rm -rf "$TMP"; }
 trap cleanup EXIT
 fail=0
 port_of() { # waits for the "on http://host:PORT" line in a log
@@ -58,10 +62,12 @@ if grep -q '^dsinfer_eplb_max_over_mean{moe_layer="0",placement="before"} ' "$TM
     grep -q '^dsinfer_eplb_rebalances_total ' "$TMP/metrics"; then echo "ok   EPLB balancedness in /metrics"; else
     echo "FAIL no EPLB metrics: $(grep eplb "$TMP/metrics")"; fail=1; fi
 # stop: SIGTERM to rank 0 drains, releases the other rank, everything exits 0
-R0=""
-for p in $(pgrep -P "$EP") $(pgrep -P "$(pgrep -P "$EP" | head -1)" 2>/dev/null); do
-    tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -q '^OMPI_COMM_WORLD_RANK=0$' && R0=$p
-done
+rank0() { # rank 0 of the group started as $1 (timeout -> mpirun -> ranks)
+    for p in $(pgrep -P "$1") $(pgrep -P "$(pgrep -P "$1" | head -1)" 2>/dev/null); do
+        tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -q '^OMPI_COMM_WORLD_RANK=0$' && echo "$p"
+    done
+}
+R0=$(rank0 "$EP")
 if [ -z "$R0" ]; then echo "FAIL cannot find rank 0"; exit 1; fi
 kill -TERM "$R0"
 wait "$EP"
@@ -70,4 +76,22 @@ if [ "$rc" = 0 ] && grep -q "stopped" "$TMP/ep.err"; then echo "ok   SIGTERM to 
     echo "FAIL group exit $rc: $(cat "$TMP/ep.err")"; fail=1; fi
 kill -TERM "$ONE"
 wait "$ONE"
+# BF16 dispatch: the group answers like one process that rounds expert inputs
+# and outputs the same way, both batch-invariant (bit-identical logits)
+BF="--dispatch bf16 --batch-invariant"
+"$BIN" serve $FLAGS $BF 2>"$TMP/one_bf.err" &
+ONE=$!
+timeout 120 mpirun --oversubscribe -np 2 "$BIN" serve $FLAGS $BF --ep-timeout-ms 20000 2>"$TMP/ep_bf.err" &
+EP=$!
+PIDS="$PIDS $ONE $EP"
+P1=$(port_of "$TMP/one_bf.err") || { echo "FAIL bf16 single server did not start: $(cat "$TMP/one_bf.err")"; exit 1; }
+P2=$(port_of "$TMP/ep_bf.err") || { echo "FAIL bf16 EP server did not start: $(cat "$TMP/ep_bf.err")"; exit 1; }
+a=$(curl -s "http://127.0.0.1:$P1/v1/completions" -d "$REQ" | text)
+b=$(curl -s "http://127.0.0.1:$P2/v1/completions" -d "$REQ" | text)
+if [ -n "$a" ] && [ "$a" = "$b" ]; then echo "ok   bf16 dispatch: same greedy completion as one process"; else
+    echo "FAIL bf16 completions differ: '$a' vs '$b'; $(cat "$TMP/ep_bf.err")"; fail=1; fi
+kill -TERM "$ONE"
+R0=$(rank0 "$EP")
+[ -n "$R0" ] && kill -TERM "$R0"
+wait "$EP" "$ONE"
 exit $fail

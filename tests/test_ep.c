@@ -320,24 +320,38 @@ static void test_dp_sequences(void **state) {
     }
 }
 
+/* First line of a file (the generated ids). */
+static void first_line(const char *path, char *line, size_t cap) {
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    line[0] = 0;
+    assert_non_null(fgets(line, (int)cap, f));
+    fclose(f);
+}
+
 static void test_generate(void **state) {
     NEED_MPI();
-    char a[600], b[600];
+    char a[600], b[600], la[4096], lb[4096];
     snprintf(a, sizeof a, "%s/gen_ref.txt", g_tmp);
     snprintf(b, sizeof b, "%s/gen_ep.txt", g_tmp);
     assert_int_equal(run("%s generate --threads 1 --model %s --ids '%s' -n 16 >%s", DSI_BINARY, model(1), g_ids[0], a), 0);
     assert_int_equal(run("%s 4 %s generate --threads 1 --model %s --ids '%s' -n 16 --dispatch f32 >%s", MPIRUN,
                          DSI_BINARY, model(1), g_ids[0], b),
                      0);
-    char la[4096] = "", lb[4096] = "";
-    FILE *fa = fopen(a, "r"), *fb = fopen(b, "r");
-    assert_non_null(fa);
-    assert_non_null(fb);
-    assert_non_null(fgets(la, sizeof la, fa));
-    assert_non_null(fgets(lb, sizeof lb, fb));
-    fclose(fa);
-    fclose(fb);
+    first_line(a, la, sizeof la);
+    first_line(b, lb, sizeof lb);
     printf("  generate: %s", lb);
+    assert_string_equal(la, lb);
+    /* BF16 dispatch: the same tokens as one process rounding the same way */
+    assert_int_equal(run("%s generate --threads 1 --model %s --ids '%s' -n 16 --dispatch bf16 --batch-invariant >%s",
+                         DSI_BINARY, model(1), g_ids[0], a),
+                     0);
+    assert_int_equal(run("%s 2 %s generate --threads 1 --model %s --ids '%s' -n 16 --dispatch bf16 --batch-invariant >%s",
+                         MPIRUN, DSI_BINARY, model(1), g_ids[0], b),
+                     0);
+    first_line(a, la, sizeof la);
+    first_line(b, lb, sizeof lb);
+    printf("  generate, bf16 dispatch: %s", lb);
     assert_string_equal(la, lb);
 }
 

@@ -37,6 +37,7 @@ typedef struct dsi_server_opts {
     int max_queue;                 /* waiting requests before 429; 0: 1024 */
     int threads;                   /* compute threads; 0: all cores */
     int batch_invariant;           /* deterministic: a request's tokens do not depend on its batch */
+    dsi_moe_io moe_io;             /* one process: round expert I/O as EP dispatch would (--dispatch) */
     int http_threads;              /* libmicrohttpd threads; 0: 2 */
     const char *api_key;           /* NULL: no authentication */
     size_t max_body_bytes;         /* 0: 8 MiB */

@@ -47,7 +47,8 @@ static void usage(FILE *f) {
             "  --account-journal FILE       append bills and scale events (read by 'dsinfer report')\n"
             "  --account-gpus N             GPUs this instance costs (default: the file's gpus_per_node)\n"
             "expert parallelism (under mpirun -np N: rank 0 serves HTTP, every rank serves experts):\n"
-            "  --dispatch fp8|bf16|f32      dispatch format (default fp8)\n"
+            "  --dispatch fp8|bf16|f32      dispatch format (default fp8); without mpirun, round expert\n"
+            "                               inputs/outputs the same way (default: exact)\n"
             "  --placement FILE             EPLB placement file (default: expert e in slot e)\n"
             "  --no-overlap                 one micro-batch per step\n"
             "  --ep-timeout-ms N            a rank silent this long fails the group (default 30000)\n"
@@ -103,6 +104,7 @@ int dsi_cmd_serve(int argc, char **argv) {
             else if (!strcmp(v, "bf16")) ep.dispatch = DSI_EP_BF16;
             else if (!strcmp(v, "f32")) ep.dispatch = DSI_EP_F32;
             else { fprintf(stderr, "dsinfer serve: --dispatch must be fp8, bf16 or f32\n"); return 2; }
+            o.moe_io = dsi_ep_moe_io(ep.dispatch); /* one process rounds expert I/O the same way */
         }
         else if ((v = dsi_cli_flag(argc, argv, &i, "--placement", &missing))) ep.placement = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--ep-timeout-ms", &missing))) ep.timeout_ms = atoi(v);

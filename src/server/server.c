@@ -413,7 +413,7 @@ static int open_model(dsi_server *s) {
     if ((rc = dsi_kv_pool_create(cfg->n_layers, dsi_config_kv_dim(cfg), DSI_KV_BLOCK_TOKENS, blocks, &s->kv)))
         return rc;
     dsi_engine_opts eo = {.n_threads = o->threads, .max_tokens = o->max_num_batched_tokens,
-                          .batch_invariant = o->batch_invariant};
+                          .batch_invariant = o->batch_invariant, .moe_io = o->moe_io};
     if ((rc = dsi_engine_create(s->model, s->kv, &eo, &s->engine))) return rc;
     if (o->kv_disk.dir && *o->kv_disk.dir) {
         if ((rc = dsi_kvdisk_open(&o->kv_disk, dsi_model_fingerprint(s->model), cfg->n_layers, dsi_config_kv_dim(cfg),
