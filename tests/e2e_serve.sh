@@ -16,10 +16,13 @@ fail() { echo "FAIL: $*"; FAILS=$((FAILS + 1)); }
 pass() { echo "ok: $*"; }
 
 start_server() { # args: extra flags; sets SRV_PID, URL
+    # the child truncates the log only once forked: without this the loop
+    # below could read the previous server's port (a rare flake under load)
+    rm -f "$WORK/server.log"
     "$BIN" serve --port 0 --threads 1 "$@" 2>"$WORK/server.log" &
     SRV_PID=$!
     for _ in $(seq 1 100); do
-        PORT=$(sed -n 's/.*on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/server.log")
+        PORT=$(sed -n 's/.*on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/server.log" 2>/dev/null)
         [ -n "$PORT" ] && break
         sleep 0.1
     done
@@ -220,7 +223,8 @@ done
 wait_jobs
 n_ok=$(grep -l '"completion_tokens":150' "$WORK"/p? | wc -l)
 pre=$(metric dsinfer_preemptions_total)
-[ "$n_ok" = 6 ] && pass "small KV pool: 6/6 completed ($pre preemptions)" || fail "small KV pool: $n_ok/6 completed"
+[ "$n_ok" = 6 ] && pass "small KV pool: 6/6 completed ($pre preemptions)" ||
+    fail "small KV pool: $n_ok/6 completed; first reply: $(head -c 300 "$WORK/p1"); server: $(tail -5 "$WORK/server.log")"
 idle_check "small KV pool"
 kill -TERM "$SRV_PID"; wait "$SRV_PID"; SRV_PID=
 
