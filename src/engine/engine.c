@@ -31,15 +31,8 @@ static const float *maybe_quantise(dsi_engine *e, const dsi_mat *W, const float 
     int K = W->cols;
     float *q = e->s.xq;
     for (int m = 0; m < M; m++) {
-        const float *xm = x + (size_t)m * ldx;
-        float *qm = q + (size_t)m * K;
-        for (int k0 = 0; k0 < K; k0 += 128) {
-            int k1 = DSI_MIN(K, k0 + 128);
-            float amax = 0;
-            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xm[k]));
-            float s = amax > 0 ? amax / 448.0f : 1.0f;
-            for (int k = k0; k < k1; k++) qm[k] = dsi_e4m3_to_f32(dsi_f32_to_e4m3(xm[k] / s)) * s;
-        }
+        memcpy(q + (size_t)m * K, x + (size_t)m * ldx, sizeof(float) * K);
+        dsi__moe_io_round_in(DSI_MOE_IO_FP8, q + (size_t)m * K, K); /* the one FP8 activation quantiser */
     }
     *ldx_out = K;
     return q;
@@ -84,9 +77,7 @@ static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *
         uint16_t *qm = xq + (size_t)m * ldq;
         for (int t = 0; t < lds; t++) {
             int k0 = t * 128, k1 = DSI_MIN(K, k0 + 128);
-            float amax = 0;
-            for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(xm[k]));
-            float s = amax > 0 ? amax / 448.0f : 1.0f;
+            float s = dsi__moe_io_fp8_scale(xm + k0, k1 - k0);
             for (int k = k0; k < k1; k++) qm[k] = dsi_f32_to_bf16(dsi_e4m3_to_f32(dsi_f32_to_e4m3(xm[k] / s)));
             for (int k = k1; k < k0 + 128; k++) qm[k] = 0;
             xs[(size_t)m * lds + t] = s;

@@ -209,10 +209,19 @@ static inline void store_tile(float out[NR][MR], int nr, int mr, float *y, int l
  * and permutes each full 64-column group so that sub-vector i, lane l holds
  * column 4l + i: the order in which micro_e4m3 decodes a 64-byte weight load
  * (byte i of each dword). Columns past the last full group keep their order. */
+/* Lanes 4l+i of the 64 floats at x, in lane order l: sub-vector i of the
+ * in-dword FP8 decode order. */
+static inline __m512 lanes_4l_plus(const float *x, int i) {
+    const __m512i pi = _mm512_add_epi32(_mm512_set_epi32(60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0),
+                                        _mm512_set1_epi32(i));
+    __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(x), pi, _mm512_loadu_ps(x + 16));      /* indices < 32 */
+    __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32), pi, _mm512_loadu_ps(x + 48)); /* same, into the rest */
+    return _mm512_mask_blend_ps(0xff00, lo, hi);                                               /* lanes 8-15 from there */
+}
+
 static void scale_rows(const dsi_mat *W, int rb, const float *x, int ldx, int mr, float *xs) {
     int K = W->cols, bc = W->block_cols, K64 = K & ~63;
     const float *s = W->scale_inv + (size_t)rb * W->scale_cols;
-    const __m512i perm = _mm512_set_epi32(60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
     for (int m = 0; m < mr; m++) {
         const float *xm = x + (size_t)m * ldx;
         float *o = xs + (size_t)m * K;
@@ -220,16 +229,7 @@ static void scale_rows(const dsi_mat *W, int rb, const float *x, int ldx, int mr
         if (bc % 64 == 0) {
             for (; k < K64; k += 64) {
                 __m512 sv = _mm512_set1_ps(s[k / bc] * TWO_POW_120);
-                __m512 a = _mm512_loadu_ps(xm + k), b = _mm512_loadu_ps(xm + k + 16);
-                __m512 c = _mm512_loadu_ps(xm + k + 32), d = _mm512_loadu_ps(xm + k + 48);
-                for (int i = 0; i < 4; i++) {
-                    __m512i pi = _mm512_add_epi32(perm, _mm512_set1_epi32(i));
-                    /* gather lanes 4l+i from the 64 values a|b|c|d */
-                    __m512 lo = _mm512_permutex2var_ps(a, pi, b);               /* indices < 32 */
-                    __m512 hi = _mm512_permutex2var_ps(c, pi, d);               /* same indices into c|d */
-                    __m512 v = _mm512_mask_blend_ps(0xff00, lo, hi);            /* lanes 8-15 come from c|d */
-                    _mm512_storeu_ps(o + k + 16 * i, _mm512_mul_ps(v, sv));
-                }
+                for (int i = 0; i < 4; i++) _mm512_storeu_ps(o + k + 16 * i, _mm512_mul_ps(lanes_4l_plus(xm + k, i), sv));
             }
         } else {
             for (; k < K64; k += 64)
@@ -834,18 +834,10 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
     float *xs = xs_buffer((size_t)MR * K);
     if (!xs) return;
     float *xp = xs + K; /* x permuted once; each row-block only rescales it */
-    const __m512i perm = _mm512_set_epi32(60, 56, 52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
     int fast = bc % 64 == 0;
     if (fast)
-        for (int k = 0; k < K; k += 64) {
-            __m512 a = _mm512_loadu_ps(x + k), b = _mm512_loadu_ps(x + k + 16);
-            __m512 c = _mm512_loadu_ps(x + k + 32), d = _mm512_loadu_ps(x + k + 48);
-            for (int i = 0; i < 4; i++) {
-                __m512i pi = _mm512_add_epi32(perm, _mm512_set1_epi32(i));
-                __m512 lo = _mm512_permutex2var_ps(a, pi, b), hi = _mm512_permutex2var_ps(c, pi, d);
-                _mm512_storeu_ps(xp + k + 16 * i, _mm512_mask_blend_ps(0xff00, lo, hi));
-            }
-        }
+        for (int k = 0; k < K; k += 64)
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(xp + k + 16 * i, lanes_4l_plus(x + k, i));
     const uint8_t *base = W->data;
     size_t pf = pf_elems(K, 1);
     for (int n = n0; n < n1;) {
