@@ -205,10 +205,6 @@ static inline void store_tile(float out[NR][MR], int nr, int mr, float *y, int l
         }
 }
 
-/* Scales MR rows of x by the FP8 block scales of row-block `rb` (x 2^120)
- * and permutes each full 64-column group so that sub-vector i, lane l holds
- * column 4l + i: the order in which micro_e4m3 decodes a 64-byte weight load
- * (byte i of each dword). Columns past the last full group keep their order. */
 /* Lanes 4l+i of the 64 floats at x, in lane order l: sub-vector i of the
  * in-dword FP8 decode order. */
 static inline __m512 lanes_4l_plus(const float *x, int i) {
@@ -219,6 +215,10 @@ static inline __m512 lanes_4l_plus(const float *x, int i) {
     return _mm512_mask_blend_ps(0xff00, lo, hi);                                               /* lanes 8-15 from there */
 }
 
+/* Scales MR rows of x by the FP8 block scales of row-block `rb` (x 2^120)
+ * and permutes each full 64-column group so that sub-vector i, lane l holds
+ * column 4l + i: the order in which micro_e4m3 decodes a 64-byte weight load
+ * (byte i of each dword). Columns past the last full group keep their order. */
 static void scale_rows(const dsi_mat *W, int rb, const float *x, int ldx, int mr, float *xs) {
     int K = W->cols, bc = W->block_cols, K64 = K & ~63;
     const float *s = W->scale_inv + (size_t)rb * W->scale_cols;
