@@ -34,6 +34,17 @@ static inline size_t pf_elems(size_t ldw, size_t elem) {
     return (size_t)NR * ldw * ((PF_MIN_BYTES + tile - 1) / tile);
 }
 
+/* One 64-byte weight load kept in a register. Left alone, GCC folds the
+ * load into each of the four shifts that decode it (four loads of the line);
+ * from memory the waiting duplicates fill the load queue and fewer lines are
+ * in flight: the same GEMV streamed 37 vs 39 GB/s on one core (71.9 vs 76.1
+ * on two) against a plain read's 41.7 (80.6). */
+static inline __m512i load_line(const void *p) {
+    __m512i d = _mm512_loadu_si512(p);
+    __asm__("" : "+v"(d));
+    return d;
+}
+
 static const float TWO_POW_120 = 1.329227995784916e+36f;
 
 static inline __m512 cvt_e4m3(const uint8_t *p) {
@@ -137,7 +148,7 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
         _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {
             if (j >= nr) break;
             _mm_prefetch((const char *)(w + j * ldw + pf_elems(ldw, 1) + k), _MM_HINT_T0);
-            __m512i d = _mm512_loadu_si512((const void *)(w + j * ldw + k));
+            __m512i d = load_line(w + j * ldw + k);
             _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
                 __m512i t = i == 3 ? d : _mm512_slli_epi32(d, 24 - 8 * i);
                 __m512 wv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(t, 4), mask));
@@ -157,41 +168,41 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
                                                            _mm512_add_ps(acc[j][2], acc[j][3])));
 }
 
-/* The decode GEMV's inner loop on its own: four full rows, K a multiple of
- * 64, the same sums in the same order as gemv_e4m3 (so results are
- * bit-identical to it). Kept out of line with nothing else live: inlined in
- * the general tile loop, GCC spilled the weight vector and row pointers to
- * the stack and re-tested the row count every step, ~15% below what this
- * loop streams (31 vs 35-36 GB/s on one core here). */
-static __attribute__((noinline)) void gemv4_e4m3(const uint8_t *w, size_t K, const float *xs, size_t pf, float *out) {
-    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+/* The decode GEMV: one FP8 weight row against the scaled, permuted
+ * activations, K a multiple of 64. A chunk of rows is one contiguous
+ * stream, read a row at a time with a prefetch ROW_PF_BYTES ahead (clamped
+ * to the chunk's last line, `pf_last`, so no thread fetches its neighbour's
+ * rows). Four rows interleaved (the tile form) are four short streams that
+ * restart every tile, and the hardware prefetcher follows them badly: 37 vs
+ * 40.7 GB/s on one core against a plain read's 42 (bench-like synthetic,
+ * 768x2048 matrices). Eight accumulators (even and odd 64-byte lines, each
+ * line's four decoded sub-vectors) keep the FMAs off each other's latency.
+ * Out of line with nothing else live (inlined, GCC spilled to the stack). */
+#define ROW_PF_BYTES 8192
+static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
-    const uint8_t *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+    size_t k = 0;
 #define DEC(d, i) _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32((i) == 3 ? (d) : _mm512_slli_epi32((d), 24 - 8 * (i)), 4), mask))
-#define ROW(wr, A0, A1, A2, A3)                                          \
-    {                                                                    \
-        _mm_prefetch((const char *)(wr + pf + k), _MM_HINT_T0);          \
-        __m512i d = _mm512_loadu_si512((const void *)(wr + k));          \
-        A0 = _mm512_fmadd_ps(x0, DEC(d, 0), A0);                         \
-        A1 = _mm512_fmadd_ps(x1, DEC(d, 1), A1);                         \
-        A2 = _mm512_fmadd_ps(x2, DEC(d, 2), A2);                         \
-        A3 = _mm512_fmadd_ps(x3, DEC(d, 3), A3);                         \
+#define LINE(off, A0, A1, A2, A3)                                                  \
+    {                                                                              \
+        const uint8_t *pf = w + k + (off) + ROW_PF_BYTES;                          \
+        _mm_prefetch((const char *)(pf < pf_last ? pf : pf_last), _MM_HINT_T0);    \
+        __m512i d = load_line(w + k + (off));                                      \
+        A0 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off)), DEC(d, 0), A0);      \
+        A1 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 16), DEC(d, 1), A1); \
+        A2 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 32), DEC(d, 2), A2); \
+        A3 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 48), DEC(d, 3), A3); \
     }
-    for (size_t k = 0; k < K; k += 64) {
-        __m512 x0 = _mm512_loadu_ps(xs + k), x1 = _mm512_loadu_ps(xs + k + 16);
-        __m512 x2 = _mm512_loadu_ps(xs + k + 32), x3 = _mm512_loadu_ps(xs + k + 48);
-        ROW(w0, a00, a01, a02, a03)
-        ROW(w1, a10, a11, a12, a13)
-        ROW(w2, a20, a21, a22, a23)
-        ROW(w3, a30, a31, a32, a33)
+    for (; k + 128 <= K; k += 128) {
+        LINE(0, a0, a1, a2, a3)
+        LINE(64, b0, b1, b2, b3)
     }
-#undef ROW
+    if (k < K) LINE(0, a0, a1, a2, a3)
+#undef LINE
 #undef DEC
-    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a00, a01), _mm512_add_ps(a02, a03)));
-    out[1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a10, a11), _mm512_add_ps(a12, a13)));
-    out[2] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a20, a21), _mm512_add_ps(a22, a23)));
-    out[3] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a30, a31), _mm512_add_ps(a32, a33)));
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(a1, b1)),
+                                              _mm512_add_ps(_mm512_add_ps(a2, b2), _mm512_add_ps(a3, b3))));
 }
 
 /* Per-thread scratch for the scaled activation tile (grown, never shrunk). */
@@ -256,7 +267,7 @@ static inline __attribute__((always_inline)) void micro_e4m3(const uint8_t *w, s
         __m512i d[NR];
         _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) if (j < nr) {
             _mm_prefetch((const char *)(w + j * ldw + pf_elems(ldw, 1) + k), _MM_HINT_T0);
-            d[j] = _mm512_loadu_si512((const void *)(w + j * ldw + k));
+            d[j] = load_line(w + j * ldw + k);
         }
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
             __m512 xv[MR];
@@ -603,7 +614,7 @@ static inline __attribute__((always_inline)) void gemv_e4m3_bf16(const uint8_t *
             _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {
                 if (j >= nr) break;
                 _mm_prefetch((const char *)(w + j * ldw + pf_elems(ldw, 1) + k), _MM_HINT_T0);
-                __m512i d = _mm512_loadu_si512((const void *)(w + j * ldw + k));
+                __m512i d = load_line(w + j * ldw + k);
                 __m512i lo = _mm512_permutex2var_epi8(tl0, d, tl1);
                 __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(th0, d, th1), d, sign, 0xF8);
                 __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
@@ -670,43 +681,27 @@ static void gemv_bf16w_path(const dsi_mat *W, const float *x, float *y, int y_co
 /* BF16 weights, one activation row, float32 products (the default; the
  * vdpbf16ps form above is opt-in). A 64-byte load holds 32 bf16: the even
  * ones become float32 by a 16-bit left shift, the odd ones by masking the
- * low half, against a copy of x split into even and odd columns per 32. Four
- * full rows, K a multiple of 64, out of line like gemv4_e4m3 (this is the
- * LM head: 18% of a small model's bytes per token, and it ran at ~60% of the
- * FP8 rate through the generic tile with its vpmovzxwd widening). */
-static __attribute__((noinline)) void gemv4_bf16(const uint16_t *w, size_t K, const float *xp, size_t pf, float *out) {
-    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+ * low half, against a copy of x split into even and odd columns per 32. One
+ * row at a time like gemv1_e4m3, K a multiple of 64 (this is the LM head:
+ * 18% of a small model's bytes per token; four interleaved 4 KB rows
+ * streamed 29 GB/s, one row 38 against a plain read's 38.6). */
+static __attribute__((noinline)) float gemv1_bf16(const uint16_t *w, size_t K, const float *xp, const uint16_t *pf_last) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
-    const uint16_t *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
-#define ROW(wr, A0, A1, A2, A3)                                                                  \
-    {                                                                                            \
-        _mm_prefetch((const char *)(wr + pf + k), _MM_HINT_T0);                                  \
-        _mm_prefetch((const char *)(wr + pf + k + 32), _MM_HINT_T0);                             \
-        __m512i d = _mm512_loadu_si512((const void *)(wr + k));                                  \
-        __m512i e = _mm512_loadu_si512((const void *)(wr + k + 32));                             \
-        A0 = _mm512_fmadd_ps(x0, _mm512_castsi512_ps(_mm512_slli_epi32(d, 16)), A0);             \
-        A1 = _mm512_fmadd_ps(x1, _mm512_castsi512_ps(_mm512_and_si512(d, hi)), A1);              \
-        A2 = _mm512_fmadd_ps(x2, _mm512_castsi512_ps(_mm512_slli_epi32(e, 16)), A2);             \
-        A3 = _mm512_fmadd_ps(x3, _mm512_castsi512_ps(_mm512_and_si512(e, hi)), A3);              \
-    }
     for (size_t k = 0; k < K; k += 64) {
-        __m512 x0 = _mm512_loadu_ps(xp + k), x1 = _mm512_loadu_ps(xp + k + 16);
-        __m512 x2 = _mm512_loadu_ps(xp + k + 32), x3 = _mm512_loadu_ps(xp + k + 48);
-        ROW(w0, a00, a01, a02, a03)
-        ROW(w1, a10, a11, a12, a13)
-        ROW(w2, a20, a21, a22, a23)
-        ROW(w3, a30, a31, a32, a33)
+        const uint16_t *pf = w + k + ROW_PF_BYTES / 2;
+        _mm_prefetch((const char *)(pf < pf_last ? pf : pf_last), _MM_HINT_T0);
+        _mm_prefetch((const char *)(pf + 32 < pf_last ? pf + 32 : pf_last), _MM_HINT_T0);
+        __m512i d = load_line(w + k), e = load_line(w + k + 32);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xp + k), _mm512_castsi512_ps(_mm512_slli_epi32(d, 16)), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xp + k + 16), _mm512_castsi512_ps(_mm512_and_si512(d, hi)), a1);
+        b0 = _mm512_fmadd_ps(_mm512_loadu_ps(xp + k + 32), _mm512_castsi512_ps(_mm512_slli_epi32(e, 16)), b0);
+        b1 = _mm512_fmadd_ps(_mm512_loadu_ps(xp + k + 48), _mm512_castsi512_ps(_mm512_and_si512(e, hi)), b1);
     }
-#undef ROW
-    out[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a00, a01), _mm512_add_ps(a02, a03)));
-    out[1] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a10, a11), _mm512_add_ps(a12, a13)));
-    out[2] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a20, a21), _mm512_add_ps(a22, a23)));
-    out[3] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a30, a31), _mm512_add_ps(a32, a33)));
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(b0, b1)));
 }
 
-/* M = 1, BF16 weights, K a multiple of 64: full 4-row tiles by gemv4_bf16,
- * a last partial tile by the generic micro-tile. */
+/* M = 1, BF16 weights, K a multiple of 64: row by row through gemv1_bf16. */
 static void gemv_bf16f32_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
     int K = W->cols;
     float *xp = dsi__tls_buffer(DSI_TLS_XS, sizeof(float) * (size_t)K);
@@ -719,21 +714,10 @@ static void gemv_bf16f32_path(const dsi_mat *W, const float *x, float *y, int y_
         _mm512_storeu_ps(xp + k, _mm512_permutex2var_ps(a, ev, b));
         _mm512_storeu_ps(xp + k + 16, _mm512_permutex2var_ps(a, od, b));
     }
-    const uint16_t *base = W->data;
-    size_t pf = pf_elems(K, 2);
-    int n = n0;
-    for (; n + NR <= n1; n += NR) {
-        float o4[4];
-        gemv4_bf16(base + (size_t)n * K, (size_t)K, xp, pf, o4);
-        for (int j = 0; j < 4; j++) {
-            float *d = &y[n + j - y_col0];
-            *d = accumulate ? *d + o4[j] : o4[j];
-        }
-    }
-    if (n < n1) {
-        float out[NR][MR] = {{0}};
-        micro_bf16(base + (size_t)n * K, K, n1 - n, x, K, 1, K, out);
-        store_tile(out, n1 - n, 1, y, 0, n - y_col0, accumulate);
+    const uint16_t *base = W->data, *last = base + (size_t)n1 * K - 32;
+    for (int n = n0; n < n1; n++) {
+        float v = gemv1_bf16(base + (size_t)n * K, (size_t)K, xp, last), *d = &y[n - y_col0];
+        *d = accumulate ? *d + v : v;
     }
 }
 
@@ -783,10 +767,9 @@ static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
                     case 2: micro_e4m3(w, K, nr, xs, K, 2, K, out); break;
                     default:
                         if (rowwise) micro_e4m3(w, K, nr, xs, K, 1, K, out);
-                        else if (NR == 4 && nr == NR && K % 64 == 0) {
-                            float o4[NR];
-                            gemv4_e4m3(w, (size_t)K, xs, pf_elems(K, 1), o4);
-                            for (int j = 0; j < NR; j++) out[j][0] = o4[j];
+                        else if (K % 64 == 0) { /* the same sums as an M = 1 GEMV */
+                            const uint8_t *last = (const uint8_t *)W->data + (size_t)n1 * K - 64;
+                            for (int j = 0; j < nr; j++) out[j][0] = gemv1_e4m3(w + (size_t)j * K, (size_t)K, xs, last);
                         } else gemv_e4m3(w, K, nr, xs, K, out);
                         break;
                     }
@@ -826,7 +809,7 @@ static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
 
 /* M = 1, FP8, K a multiple of 64: the activation row permuted once, scaled
  * once per scale row-block (one multiply per element, the same product as
- * scale_rows), then the block's 4-row tiles straight into gemv4_e4m3. The
+ * scale_rows), then the block's rows one by one through gemv1_e4m3. The
  * general tile loop re-permuted the row every 64 rows and went through the
  * tile bookkeeping per tile: ~8% of decode GEMV time. */
 static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
@@ -838,8 +821,7 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
     if (fast)
         for (int k = 0; k < K; k += 64)
             for (int i = 0; i < 4; i++) _mm512_storeu_ps(xp + k + 16 * i, lanes_4l_plus(x + k, i));
-    const uint8_t *base = W->data;
-    size_t pf = pf_elems(K, 1);
+    const uint8_t *base = W->data, *last = base + (size_t)n1 * K - 64;
     for (int n = n0; n < n1;) {
         int rb = n / br, end = DSI_MIN(n1, (rb + 1) * br);
         if (fast) { /* the same product as scale_rows: x times (scale x 2^120) */
@@ -851,18 +833,9 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
         } else {
             scale_rows(W, rb, x, K, 1, xs);
         }
-        for (; n + NR <= end; n += NR) {
-            float o4[4];
-            gemv4_e4m3(base + (size_t)n * K, (size_t)K, xs, pf, o4);
-            float *d = y + (n - y_col0);
-            if (accumulate) d[0] += o4[0], d[1] += o4[1], d[2] += o4[2], d[3] += o4[3];
-            else d[0] = o4[0], d[1] = o4[1], d[2] = o4[2], d[3] = o4[3];
-        }
-        if (n < end) {
-            float out[NR][MR] = {{0}};
-            gemv_e4m3(base + (size_t)n * K, K, end - n, xs, K, out);
-            store_tile(out, end - n, 1, y, 0, n - y_col0, accumulate);
-            n = end;
+        for (; n < end; n++) {
+            float v = gemv1_e4m3(base + (size_t)n * K, (size_t)K, xs, last), *d = &y[n - y_col0];
+            *d = accumulate ? *d + v : v;
         }
     }
 }
@@ -882,11 +855,11 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
         gemv_bf16w_path(W, x, y, y_col0, n0, n1, accumulate);
         return;
     }
-    if (NR == 4 && W->dtype == DSI_BF16 && M == 1 && K % 64 == 0) {
+    if (W->dtype == DSI_BF16 && M == 1 && K % 64 == 0) {
         gemv_bf16f32_path(W, x, y, y_col0, n0, n1, accumulate);
         return;
     }
-    if (NR == 4 && W->dtype == DSI_F8_E4M3 && M == 1 && K % 64 == 0) {
+    if (W->dtype == DSI_F8_E4M3 && M == 1 && K % 64 == 0) {
         gemv_e4m3_path(W, x, y, y_col0, n0, n1, accumulate);
         return;
     }
@@ -935,7 +908,7 @@ static void matmul_t_e4m3_64(const dsi_mat *W, int r0, int r1, const float *xm, 
             _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
                 if (g >= ng) break;
                 __m512 av = _mm512_set1_ps(a * srow[(cc + 64 * g) / W->block_cols]);
-                __m512i d = _mm512_loadu_si512((const void *)(row + 64 * g));
+                __m512i d = load_line(row + 64 * g);
                 _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
                     __m512i t = i == 3 ? d : _mm512_slli_epi32(d, 24 - 8 * i);
                     __m512 wv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srai_epi32(t, 4), mask));
