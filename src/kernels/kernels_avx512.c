@@ -896,6 +896,12 @@ static void matmul_t_e4m3_64(const dsi_mat *W, int r0, int r1, const float *xm, 
         __m512 acc[4][4];
         _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++)
             _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[g][i] = _mm512_setzero_ps();
+        /* the groups' scale columns and the row's scale row, without a
+         * division per row (two idivs per 64 bytes held this loop to 18 GB/s) */
+        int sc[4];
+        for (int g = 0; g < 4; g++) sc[g] = (cc + 64 * g) / W->block_cols;
+        int rb = r0 / W->block_rows, rb_end = (rb + 1) * W->block_rows;
+        const float *srow = W->scale_inv + (size_t)rb * W->scale_cols;
         for (int r = r0; r < r1; r++) {
             const uint8_t *row = (const uint8_t *)W->data + r * K + cc;
             /* the first pass fetches the whole column range of a row 32 rows
@@ -903,11 +909,11 @@ static void matmul_t_e4m3_64(const dsi_mat *W, int r0, int r1, const float *xm, 
              * the hardware prefetcher streamed ~10 GB/s */
             if (cc == c0 && r + 32 < r1)
                 for (int c = c0; c < c1; c += 64) _mm_prefetch((const char *)W->data + (size_t)(r + 32) * K + c, _MM_HINT_T0);
-            const float *srow = W->scale_inv + (size_t)(r / W->block_rows) * W->scale_cols;
+            if (r == rb_end) srow += W->scale_cols, rb_end += W->block_rows;
             float a = xm[r - r0] * TWO_POW_120;
             _Pragma("GCC unroll 4") for (int g = 0; g < 4; g++) {
                 if (g >= ng) break;
-                __m512 av = _mm512_set1_ps(a * srow[(cc + 64 * g) / W->block_cols]);
+                __m512 av = _mm512_set1_ps(a * srow[sc[g]]);
                 __m512i d = load_line(row + 64 * g);
                 _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
                     __m512i t = i == 3 ? d : _mm512_slli_epi32(d, 24 - 8 * i);
