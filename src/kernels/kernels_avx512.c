@@ -346,10 +346,18 @@ static inline void load_block16(const dsi_mat *W, int r, int k, __m512 v[16]) {
     size_t K = W->cols;
     switch (W->dtype) {
     case DSI_F8_E4M3: {
-        int kb = k / W->block_cols;
-        for (int i = 0; i < 16; i++) {
-            float s = W->scale_inv[(size_t)((r + i) / W->block_rows) * W->scale_cols + kb] * TWO_POW_120;
-            v[i] = _mm512_mul_ps(cvt_e4m3((const uint8_t *)W->data + (r + i) * K + k), _mm512_set1_ps(s));
+        /* one scale for all 16 rows unless they straddle a row block (an
+         * integer division per row was a measurable part of packing) */
+        int kb = k / W->block_cols, br = W->block_rows, rb = r / br;
+        const float *sc = W->scale_inv + kb;
+        if ((r + 15) / br == rb) {
+            __m512 sv = _mm512_set1_ps(sc[(size_t)rb * W->scale_cols] * TWO_POW_120);
+            for (int i = 0; i < 16; i++) v[i] = _mm512_mul_ps(cvt_e4m3((const uint8_t *)W->data + (r + i) * K + k), sv);
+        } else {
+            for (int i = 0; i < 16; i++) {
+                float s = sc[(size_t)((r + i) / br) * W->scale_cols] * TWO_POW_120;
+                v[i] = _mm512_mul_ps(cvt_e4m3((const uint8_t *)W->data + (r + i) * K + k), _mm512_set1_ps(s));
+            }
         }
         break;
     }
