@@ -125,6 +125,10 @@ void dsi_pool_destroy(dsi_pool *p) {
 int dsi_pool_size(const dsi_pool *p) { return p ? p->n : 1; }
 
 void dsi_pool_for(dsi_pool *p, int64_t n, int64_t grain, dsi_pool_fn fn, void *ctx) {
+    dsi_pool_for_chunks(p, n, grain, 0, fn, ctx);
+}
+
+void dsi_pool_for_chunks(dsi_pool *p, int64_t n, int64_t grain, int min_chunks, dsi_pool_fn fn, void *ctx) {
     if (n <= 0) return;
     if (grain < 1) grain = 1;
     if (!p || p->n == 1 || n <= grain) {
@@ -136,7 +140,7 @@ void dsi_pool_for(dsi_pool *p, int64_t n, int64_t grain, dsi_pool_fn fn, void *c
     p->ctx = ctx;
     p->n_items = n;
     p->grain = grain;
-    p->n_chunks = (int)DSI_MIN(units, (int64_t)p->n * CHUNKS_PER_THREAD);
+    p->n_chunks = (int)DSI_MIN(units, DSI_MAX((int64_t)p->n * CHUNKS_PER_THREAD, (int64_t)min_chunks));
     atomic_store_explicit(&p->done, 0, memory_order_relaxed);
     uint32_t gen = (uint32_t)(atomic_load(&p->claim) >> 32) + 1;
     atomic_store(&p->claim, (uint64_t)gen << 32); /* seq_cst: pairs with the sleepers check below */

@@ -24,5 +24,8 @@ int dsi_pool_size(const dsi_pool *p);
 /* Runs fn over [0, n) in chunks aligned to `grain` items. p may be NULL
  * (runs inline on the caller). */
 void dsi_pool_for(dsi_pool *p, int64_t n, int64_t grain, dsi_pool_fn fn, void *ctx);
+/* Same with at least `min_chunks` chunks (dsi_pool_for takes 4 per thread):
+ * for a big job, smaller chunks keep the threads' finishing times close. */
+void dsi_pool_for_chunks(dsi_pool *p, int64_t n, int64_t grain, int min_chunks, dsi_pool_fn fn, void *ctx);
 
 #endif

@@ -89,7 +89,7 @@ static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *
     return 1;
 }
 
-static dsi_matmul_fn matmul_fn(const dsi_engine *e) {
+dsi_matmul_fn dsi__matmul_fn(const dsi_engine *e) {
     return e->opts.batch_invariant ? e->k->matmul_rowwise : e->k->matmul;
 }
 
@@ -98,7 +98,7 @@ static void matmul_rows_impl(dsi_engine *e, const dsi_mat *W, int n0, int n1, co
     if (M <= 0 || n1 <= n0) return;
     if (try_q8(e, W, n0, n1, x, M, ldx, y, ldy, n0, 0)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
-    mm_job j = {e, matmul_fn(e), W, x, M, ldx, ldy, n0, 0, y};
+    mm_job j = {e, dsi__matmul_fn(e), W, x, M, ldx, ldy, n0, 0, y};
     /* grain: 16 rows keeps tiles 4-aligned; bigger when M is large so each
      * task streams a useful share of the activations */
     int64_t grain = M >= 64 ? 64 : 16;
@@ -109,7 +109,7 @@ static void matmul_impl(dsi_engine *e, const dsi_mat *W, const float *x, int M, 
     if (M <= 0) return;
     if (try_q8(e, W, 0, W->rows, x, M, ldx, y, ldy, 0, accumulate)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
-    mm_job j = {e, matmul_fn(e), W, x, M, ldx, ldy, 0, accumulate, y};
+    mm_job j = {e, dsi__matmul_fn(e), W, x, M, ldx, ldy, 0, accumulate, y};
     int64_t grain = M >= 64 ? 64 : 16;
     dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * W->rows * W->cols), W->rows, grain, mm_task, &j);
 }

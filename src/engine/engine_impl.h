@@ -98,6 +98,9 @@ void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx
 void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
                       int ldy);
 
+/* The kernel entry dsi__matmul uses (row-wise under batch invariance). */
+dsi_matmul_fn dsi__matmul_fn(const dsi_engine *e);
+
 /* The thread pool for a job of about `flops` work, or NULL (run inline) when
  * waking the other threads would cost more than it saves: a wake-up is
  * microseconds, and a thread the OS has descheduled costs a time slice. */

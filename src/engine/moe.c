@@ -2,6 +2,7 @@
  * SHARED (shared experts) + DISPATCH (group rows by expert; a permutation in
  * one process) + MLP (routed experts) + COMBINE (weighted sum back into the
  * residual). */
+#include "core/threadpool.h"
 #include "engine/engine_impl.h"
 #include "kernels/dtype.h"
 
@@ -130,13 +131,12 @@ void dsi__moe_io_round_out(dsi_moe_io mode, float *y, int D) {
     for (int i = 0; i < D; i++) y[i] = dsi_bf16_to_f32(dsi_f32_to_bf16(y[i]));
 }
 
-int dsi__stage_routed_local(dsi_engine *e, int layer) {
+/* DISPATCH: the step's (token, expert) rows grouped by expert, rounded as
+ * dispatch would round them */
+static void dispatch_local(dsi_engine *e) {
     const dsi_config *c = e->c;
     dsi_scratch *s = &e->s;
-    int T = e->T, D = c->hidden;
-    if (!e->m->layers[layer].is_moe) return DSI_OK;
-    int E = c->n_experts, K = c->n_experts_per_tok;
-    /* DISPATCH: rows grouped by expert */
+    int T = e->T, D = c->hidden, E = c->n_experts, K = c->n_experts_per_tok;
     memset(s->exp_count, 0, sizeof(int) * E);
     for (int i = 0; i < T * K; i++) s->exp_count[s->topk_ids[i]]++;
     s->exp_offset[0] = 0;
@@ -150,24 +150,139 @@ int dsi__stage_routed_local(dsi_engine *e, int layer) {
             memcpy(s->ex + (size_t)slot * D, s->xn + (size_t)t * D, sizeof(float) * D);
             dsi__moe_io_round_in(e->opts.moe_io, s->ex + (size_t)slot * D, D);
         }
-    /* MLP: each expert over its rows; outputs overwrite the gathered inputs */
-    for (int x = 0; x < E; x++) {
-        int n = s->exp_count[x];
-        if (!n) continue;
-        dsi__expert_mlp(e, layer, x, s->ex + (size_t)s->exp_offset[x] * D, n, D, s->eh1, s->eh2);
-    }
-    /* COMBINE: weighted sum into the residual */
-    for (int i = 0; i < T * K; i++) {
+}
+
+/* COMBINE: weighted sum into the residual */
+static void combine_local(dsi_engine *e) {
+    dsi_scratch *s = &e->s;
+    int D = e->c->hidden, TK = e->T * e->c->n_experts_per_tok;
+    for (int i = 0; i < TK; i++) {
         float *xr = s->x + (size_t)s->exp_tokens[i] * D;
         dsi__moe_io_round_out(e->opts.moe_io, s->ex + (size_t)i * D, D);
         e->k->axpy(s->exp_wts[i], s->ex + (size_t)i * D, xr, D);
     }
+}
+
+int dsi__stage_routed_local(dsi_engine *e, int layer) {
+    const dsi_config *c = e->c;
+    dsi_scratch *s = &e->s;
+    int D = c->hidden;
+    if (!e->m->layers[layer].is_moe) return DSI_OK;
+    dispatch_local(e);
+    /* MLP: each expert over its rows; outputs overwrite the gathered inputs */
+    for (int x = 0; x < c->n_experts; x++) {
+        int n = s->exp_count[x];
+        if (!n) continue;
+        dsi__expert_mlp(e, layer, x, s->ex + (size_t)s->exp_offset[x] * D, n, D, s->eh1, s->eh2);
+    }
+    combine_local(e);
+    return DSI_OK;
+}
+
+/* ---- one-row decode: every MLP of the layer in two parallel jobs ----
+ * With one token per step the shared (or dense) MLP and each routed expert
+ * are one-row GEMVs of ~1.5 MB: three fork/joins per MLP, each ending with
+ * a thread waiting on the other's last chunk (~3 us, 5% of a 2-thread decode
+ * token). Instead the gate and up rows of all the layer's MLPs (SwiGLU on
+ * each chunk's rows as it finishes) form one job, and all down rows a
+ * second. Every output row is the same kernel call on the same inputs, so
+ * the results are those of the per-expert path, bit for bit. */
+typedef struct mlp_row {
+    const dsi_mat *g, *u, *d;
+    const float *x; /* [D] */
+    float *h1, *h2; /* [inter] */
+    float *out;     /* [D], written, or added to when accumulate */
+    int accumulate;
+} mlp_row;
+
+#define FUSED_MAX 64
+#define FUSED_CHUNK_BYTES (384 << 10) /* ~10 us of one core's streaming */
+
+typedef struct fused_job {
+    dsi_matmul_fn mm;
+    const mlp_row *it;
+    int n;
+    int64_t off[FUSED_MAX + 1]; /* item i's rows are [off[i], off[i + 1]) of the job */
+} fused_job;
+
+static void fused_gate_up_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const fused_job *j = ctx;
+    (void)tid;
+    for (int i = 0; i < j->n && b < end; i++) {
+        if (b >= j->off[i + 1]) continue;
+        const mlp_row *r = &j->it[i];
+        int r0 = (int)(b - j->off[i]), r1 = (int)(DSI_MIN(end, j->off[i + 1]) - j->off[i]);
+        j->mm(r->g, r->x, 1, r->g->cols, r->h1, r->g->rows, 0, r0, r1, 0);
+        j->mm(r->u, r->x, 1, r->u->cols, r->h2, r->u->rows, 0, r0, r1, 0);
+        swiglu(r->h1 + r0, r->h2 + r0, (size_t)(r1 - r0));
+        b = j->off[i + 1];
+    }
+}
+
+static void fused_down_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const fused_job *j = ctx;
+    (void)tid;
+    for (int i = 0; i < j->n && b < end; i++) {
+        if (b >= j->off[i + 1]) continue;
+        const mlp_row *r = &j->it[i];
+        int r0 = (int)(b - j->off[i]), r1 = (int)(DSI_MIN(end, j->off[i + 1]) - j->off[i]);
+        j->mm(r->d, r->h1, 1, r->d->cols, r->out, r->d->rows, 0, r0, r1, r->accumulate);
+        b = j->off[i + 1];
+    }
+}
+
+static void run_fused(dsi_engine *e, fused_job *j, int down) {
+    double bytes = 0, flops = 0;
+    j->off[0] = 0;
+    for (int i = 0; i < j->n; i++) {
+        const dsi_mat *W = down ? j->it[i].d : j->it[i].g;
+        int mats = down ? 1 : 2;
+        j->off[i + 1] = j->off[i] + W->rows;
+        bytes += (double)mats * W->rows * W->cols * dsi_dtype_size(W->dtype);
+        flops += 2.0 * mats * W->rows * W->cols;
+    }
+    dsi_pool_for_chunks(dsi__pool_for_work(e, flops), j->off[j->n], 16, (int)(bytes / FUSED_CHUNK_BYTES),
+                        down ? fused_down_task : fused_gate_up_task, j);
+}
+
+/* Applies when the step is one token, the engine runs in one process (no
+ * transfers to poll between matmuls) and activations stay float32. */
+static int fused_ok(const dsi_engine *e) {
+    return e->T == 1 && !e->poll_hook && !e->opts.fp8_activations && e->c->n_experts_per_tok + 1 <= FUSED_MAX;
+}
+
+static int ffn_fused(dsi_engine *e, int layer) {
+    const dsi_config *c = e->c;
+    const dsi_layer *L = &e->m->layers[layer];
+    dsi_scratch *s = &e->s;
+    int D = c->hidden, n = 0, rc;
+    mlp_row it[FUSED_MAX];
+    if ((rc = dsi__stage_gate(e, layer)) != DSI_OK) return rc;
+    if (!L->is_moe)
+        it[n++] = (mlp_row){&L->gate, &L->up, &L->down, s->xn, s->h1, s->h2, s->x, 1};
+    else if (c->n_shared_experts > 0)
+        it[n++] = (mlp_row){&L->sh_gate, &L->sh_up, &L->sh_down, s->xn, s->h1, s->h2, s->x, 1};
+    if (L->is_moe) {
+        dispatch_local(e);
+        /* one row per chosen expert, in expert order (the per-expert path's) */
+        for (int x = 0; x < c->n_experts; x++)
+            for (int r = s->exp_offset[x]; r < s->exp_offset[x + 1]; r++) {
+                float *row = s->ex + (size_t)r * D;
+                it[n++] = (mlp_row){&L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], row,
+                                    s->eh1 + (size_t)r * c->moe_inter, s->eh2 + (size_t)r * c->moe_inter, row, 0};
+            }
+    }
+    fused_job j = {dsi__matmul_fn(e), it, n, {0}};
+    run_fused(e, &j, 0);
+    run_fused(e, &j, 1);
+    if (L->is_moe) combine_local(e);
     return DSI_OK;
 }
 
 /* Gate, then SHARED before the routed experts: the order the single-process
  * engine has always summed in (the residual gets shared, then routed). */
 int dsi__stage_ffn(dsi_engine *e, int layer) {
+    if (fused_ok(e)) return ffn_fused(e, layer);
     int rc;
     if ((rc = dsi__stage_gate(e, layer)) != DSI_OK) return rc;
     if ((rc = dsi__stage_shared(e, layer)) != DSI_OK) return rc;
