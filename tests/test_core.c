@@ -29,10 +29,14 @@ static void test_pool_covers_each_item_once(void **state) {
         assert_non_null(p);
         for (int n = 1; n < 1000; n += 97) {
             for (int g = 1; g <= 16; g *= 4) {
-                memset(hits, 0, sizeof hits);
-                dsi_pool_for(p, n, g, mark, NULL);
-                for (int i = 0; i < n; i++) assert_int_equal(atomic_load(&hits[i]), 1);
-                for (int i = n; i < 1000; i++) assert_int_equal(atomic_load(&hits[i]), 0);
+                /* the default chunking, then more chunks than items */
+                for (int min_chunks = 0; min_chunks <= 2000; min_chunks += 1000) {
+                    memset(hits, 0, sizeof hits);
+                    if (min_chunks) dsi_pool_for_chunks(p, n, g, min_chunks, mark, NULL);
+                    else dsi_pool_for(p, n, g, mark, NULL);
+                    for (int i = 0; i < n; i++) assert_int_equal(atomic_load(&hits[i]), 1);
+                    for (int i = n; i < 1000; i++) assert_int_equal(atomic_load(&hits[i]), 0);
+                }
             }
         }
         dsi_pool_destroy(p);
