@@ -307,7 +307,7 @@ static void test_multi_head(void **state) {
         for (size_t i = 0; i < (size_t)nh * ldo; i++) o1[i] = o2[i] = unif();
         for (size_t i = 0; i < (size_t)nh * ldw; i++) w1[i] = w2[i] = unif();
         int acc = iter & 1;
-        k->dots_mh(q, ldq, nh, kk, n, ldk, d, o1, ldo, acc);
+        k->dots_mh(q, ldq, nh, kk, n, ldk, d, o1, ldo, acc, iter % 4 == 3 ? kk : NULL); /* `next` only prefetches */
         for (int h = 0; h < nh; h++) k->dots(q + h * ldq, kk, n, ldk, d, o2 + h * ldo, acc);
         assert_memory_equal(o1, o2, sizeof(float) * nh * ldo);
         k->wsum_mh(o1, ldo, nh, kk, n, ldk, d, w1, ldw);

@@ -86,6 +86,10 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
                 for (size_t off = 0; off < 32 * row && off < (size_t)nope * row; off += 64) __builtin_prefetch(w + off);
             }
         }
+        { /* the context's first rows, which the scores kernel reads before its prefetch runs ahead */
+            const char *r0 = (const char *)dsi_kv_block_layer(e->kv, j->ss->blocks[0], j->layer);
+            for (size_t off = 0; off < (size_t)DSI_MIN(P + 1, 8) * kvd * sizeof(float); off += 64) __builtin_prefetch(r0 + off);
+        }
         for (int g = 0; g < G; g++) {
             int r0 = (h0 + g) * (nope + vd);
             k->matmul_t(&j->L->kv_b, r0, r0 + nope, q + (size_t)g * qk, 1, nope, q_abs + (size_t)g * kvd, lora, 0, lora);
@@ -100,12 +104,9 @@ static void absorbed_task(void *ctx, int64_t b, int64_t end, int tid) {
         for (int p0 = 0; p0 <= P; p0 += bt) {
             int n = DSI_MIN(bt, P + 1 - p0);
             const float *rows = dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt], j->layer);
-            if (p0 + bt <= P) { /* the next block's first rows: the kernel prefetches ahead within a block */
-                const char *nx = (const char *)dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt + 1], j->layer);
-                for (size_t off = 0; off < (size_t)8 * kvd * sizeof(float); off += 64) __builtin_prefetch(nx + off);
-            }
+            const float *next = p0 + bt <= P ? dsi_kv_block_layer(e->kv, j->ss->blocks[p0 / bt + 1], j->layer) : NULL;
             if (k->dots_mh)
-                k->dots_mh(q_abs, kvd, G, rows, n, kvd, kvd, scores, e->max_ctx, 0);
+                k->dots_mh(q_abs, kvd, G, rows, n, kvd, kvd, scores, e->max_ctx, 0, next); /* prefetches into next */
             else
                 for (int g = 0; g < G; g++)
                     k->dots(q_abs + (size_t)g * kvd, rows, n, kvd, kvd, scores + (size_t)g * e->max_ctx, 0);

@@ -50,10 +50,12 @@ typedef struct dsi_kernels {
      * every head of a token attends over the same latent cache), so each row
      * is loaded once per few heads instead of once per head. Per (head, row)
      * the sums are those of dots/wsum. NULL: loop over heads.
-     * dots_mh: out[h*ldo + j] (+)= q[h*ldq ..] . k[j*ldk ..] over d
+     * dots_mh: out[h*ldo + j] (+)= q[h*ldq ..] . k[j*ldk ..] over d; `next`
+     *          (or NULL): the rows that will be read after these, same
+     *          stride, only prefetched
      * wsum_mh: out[h*ldo + c] += sum_j p[h*ldp + j] * v[j*ldv + c], c < d */
     void (*dots_mh)(const float *q, size_t ldq, int nh, const float *k, int n, size_t ldk, int d, float *out,
-                    size_t ldo, int accumulate);
+                    size_t ldo, int accumulate, const float *next);
     void (*wsum_mh)(const float *p, size_t ldp, int nh, const float *v, int n, size_t ldv, int d, float *out,
                     size_t ldo);
     /* x[i] = exp(x[i] - sub) for i < n, returns the sum (softmax weights);
