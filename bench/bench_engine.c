@@ -28,32 +28,19 @@
 #include "dsinfer/model.h"
 #include "dsinfer/sampler.h"
 
-/* ---- memory bandwidth: streaming reads of a buffer much larger than the caches */
-typedef struct { const float *buf; size_t n; double sum; } bw_arg;
+/* ---- memory bandwidth: streaming reads of a buffer much larger than the caches.
+ * `pf`: with a software prefetch 8 KB ahead, as the GEMVs issue: when the
+ * memory bus is contended the hardware prefetcher alone keeps fewer lines in
+ * flight, and the plain loop measured less than the decode itself streamed
+ * (ratios over 100%). The bound takes the faster of the two. */
+typedef struct { const float *buf; size_t n; int pf; } bw_arg;
 
 __attribute__((target("avx512f"))) static void bw_task(void *ctx, int64_t b, int64_t e, int t) {
     bw_arg *a = ctx;
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-    for (int64_t i = b * 64; i < e * 64; i += 64) {
-        s0 = _mm512_add_ps(s0, _mm512_load_ps(a->buf + i));
-        s1 = _mm512_add_ps(s1, _mm512_load_ps(a->buf + i + 16));
-        s2 = _mm512_add_ps(s2, _mm512_load_ps(a->buf + i + 32));
-        s3 = _mm512_add_ps(s3, _mm512_load_ps(a->buf + i + 48));
-    }
-    volatile float sink = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-    (void)sink;
-}
-
-/* The same read with a software prefetch 8 KB ahead, as the GEMVs issue:
- * when the memory bus is contended the hardware prefetcher alone keeps
- * fewer lines in flight, and the plain loop measured less than the decode
- * itself streamed (ratios over 100%). The bound takes the faster of the two. */
-__attribute__((target("avx512f"))) static void bw_task_pf(void *ctx, int64_t b, int64_t e, int t) {
-    bw_arg *a = ctx;
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
     int64_t end = e * 64;
     for (int64_t i = b * 64; i < end; i += 64) {
-        if (i + 2048 < end) _mm_prefetch((const char *)(a->buf + i + 2048), _MM_HINT_T0);
+        if (a->pf && i + 2048 < end) _mm_prefetch((const char *)(a->buf + i + 2048), _MM_HINT_T0);
         s0 = _mm512_add_ps(s0, _mm512_load_ps(a->buf + i));
         s1 = _mm512_add_ps(s1, _mm512_load_ps(a->buf + i + 16));
         s2 = _mm512_add_ps(s2, _mm512_load_ps(a->buf + i + 32));
@@ -66,11 +53,11 @@ __attribute__((target("avx512f"))) static void bw_task_pf(void *ctx, int64_t b, 
 /* Best of `reps` streaming reads of buf (bytes much larger than the caches),
  * each rep once without and once with software prefetch. */
 static double measure_bandwidth_buf(dsi_pool *pool, const float *buf, size_t bytes, int reps) {
-    bw_arg a = {buf, bytes / 4, 0};
     double best = 0;
     for (int rep = 0; rep < 2 * reps; rep++) {
+        bw_arg a = {buf, bytes / 4, rep % 2};
         double t0 = dsi_now();
-        dsi_pool_for(pool, (int64_t)(bytes / 4 / 64), 4096, rep % 2 ? bw_task_pf : bw_task, &a);
+        dsi_pool_for(pool, (int64_t)(bytes / 4 / 64), 4096, bw_task, &a);
         double gbs = bytes / (dsi_now() - t0) / 1e9;
         if (gbs > best) best = gbs;
     }

@@ -201,38 +201,33 @@ typedef struct mlp_row {
 typedef struct fused_job {
     dsi_matmul_fn mm;
     const mlp_row *it;
-    int n;
+    int n, down;                /* down: the down rows, else gate and up */
     int64_t off[FUSED_MAX + 1]; /* item i's rows are [off[i], off[i + 1]) of the job */
 } fused_job;
 
-static void fused_gate_up_task(void *ctx, int64_t b, int64_t end, int tid) {
+/* Items' row ranges within [b, end): gate and up (then SwiGLU on those
+ * rows), or down. */
+static void fused_task(void *ctx, int64_t b, int64_t end, int tid) {
     const fused_job *j = ctx;
     (void)tid;
     for (int i = 0; i < j->n && b < end; i++) {
         if (b >= j->off[i + 1]) continue;
         const mlp_row *r = &j->it[i];
         int r0 = (int)(b - j->off[i]), r1 = (int)(DSI_MIN(end, j->off[i + 1]) - j->off[i]);
-        j->mm(r->g, r->x, 1, r->g->cols, r->h1, r->g->rows, 0, r0, r1, 0);
-        j->mm(r->u, r->x, 1, r->u->cols, r->h2, r->u->rows, 0, r0, r1, 0);
-        swiglu(r->h1 + r0, r->h2 + r0, (size_t)(r1 - r0));
-        b = j->off[i + 1];
-    }
-}
-
-static void fused_down_task(void *ctx, int64_t b, int64_t end, int tid) {
-    const fused_job *j = ctx;
-    (void)tid;
-    for (int i = 0; i < j->n && b < end; i++) {
-        if (b >= j->off[i + 1]) continue;
-        const mlp_row *r = &j->it[i];
-        int r0 = (int)(b - j->off[i]), r1 = (int)(DSI_MIN(end, j->off[i + 1]) - j->off[i]);
-        j->mm(r->d, r->h1, 1, r->d->cols, r->out, r->d->rows, 0, r0, r1, r->accumulate);
+        if (j->down) {
+            j->mm(r->d, r->h1, 1, r->d->cols, r->out, r->d->rows, 0, r0, r1, r->accumulate);
+        } else {
+            j->mm(r->g, r->x, 1, r->g->cols, r->h1, r->g->rows, 0, r0, r1, 0);
+            j->mm(r->u, r->x, 1, r->u->cols, r->h2, r->u->rows, 0, r0, r1, 0);
+            swiglu(r->h1 + r0, r->h2 + r0, (size_t)(r1 - r0));
+        }
         b = j->off[i + 1];
     }
 }
 
 static void run_fused(dsi_engine *e, fused_job *j, int down) {
     double bytes = 0, flops = 0;
+    j->down = down;
     j->off[0] = 0;
     for (int i = 0; i < j->n; i++) {
         const dsi_mat *W = down ? j->it[i].d : j->it[i].g;
@@ -241,8 +236,7 @@ static void run_fused(dsi_engine *e, fused_job *j, int down) {
         bytes += (double)mats * W->rows * W->cols * dsi_dtype_size(W->dtype);
         flops += 2.0 * mats * W->rows * W->cols;
     }
-    dsi_pool_for_chunks(dsi__pool_for_work(e, flops), j->off[j->n], 16, (int)(bytes / FUSED_CHUNK_BYTES),
-                        down ? fused_down_task : fused_gate_up_task, j);
+    dsi_pool_for_chunks(dsi__pool_for_work(e, flops), j->off[j->n], 16, (int)(bytes / FUSED_CHUNK_BYTES), fused_task, j);
 }
 
 /* Applies when the step is one token, the engine runs in one process (no
@@ -272,7 +266,7 @@ static int ffn_fused(dsi_engine *e, int layer) {
                                     s->eh1 + (size_t)r * c->moe_inter, s->eh2 + (size_t)r * c->moe_inter, row, 0};
             }
     }
-    fused_job j = {dsi__matmul_fn(e), it, n, {0}};
+    fused_job j = {dsi__matmul_fn(e), it, n, 0, {0}};
     run_fused(e, &j, 0);
     run_fused(e, &j, 1);
     if (L->is_moe) combine_local(e);
