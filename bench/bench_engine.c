@@ -35,18 +35,22 @@
  * (ratios over 100%). The bound takes the faster of the two. */
 typedef struct { const float *buf; size_t n; int pf; } bw_arg;
 
-__attribute__((target("avx512f"))) static void bw_task(void *ctx, int64_t b, int64_t e, int t) {
+/* 256-bit loads: enough to stream memory on every x86 this runs on (the
+ * bus, not the load ports, limits it), and AVX2 is the common ISA */
+__attribute__((target("avx2"))) static void bw_task(void *ctx, int64_t b, int64_t e, int t) {
     bw_arg *a = ctx;
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
     int64_t end = e * 64;
     for (int64_t i = b * 64; i < end; i += 64) {
         if (a->pf && i + 2048 < end) _mm_prefetch((const char *)(a->buf + i + 2048), _MM_HINT_T0);
-        s0 = _mm512_add_ps(s0, _mm512_load_ps(a->buf + i));
-        s1 = _mm512_add_ps(s1, _mm512_load_ps(a->buf + i + 16));
-        s2 = _mm512_add_ps(s2, _mm512_load_ps(a->buf + i + 32));
-        s3 = _mm512_add_ps(s3, _mm512_load_ps(a->buf + i + 48));
+        s0 = _mm256_add_ps(s0, _mm256_add_ps(_mm256_load_ps(a->buf + i), _mm256_load_ps(a->buf + i + 8)));
+        s1 = _mm256_add_ps(s1, _mm256_add_ps(_mm256_load_ps(a->buf + i + 16), _mm256_load_ps(a->buf + i + 24)));
+        s2 = _mm256_add_ps(s2, _mm256_add_ps(_mm256_load_ps(a->buf + i + 32), _mm256_load_ps(a->buf + i + 40)));
+        s3 = _mm256_add_ps(s3, _mm256_add_ps(_mm256_load_ps(a->buf + i + 48), _mm256_load_ps(a->buf + i + 56)));
     }
-    volatile float sink = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+    float f[8];
+    _mm256_storeu_ps(f, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    volatile float sink = f[0] + f[7];
     (void)sink;
 }
 
@@ -116,28 +120,46 @@ static int decode_windows(dsi_engine *e, dsi_pool *pool, const float *bwbuf, con
     return 0;
 }
 
-/* ---- peak FMA rate: independent FMA chains in registers */
-__attribute__((target("avx512f"))) static void fma_task(void *ctx, int64_t b, int64_t e, int t) {
-    __m512 a[12];
-    for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps(1.0f + i * 1e-3f);
+/* ---- peak FMA rate: independent FMA chains in registers, at the widest
+ * vector width this CPU has (lanes: 16 or 8) */
+#define FMA_CHAINS 12
+__attribute__((target("avx512f"))) static void fma_task512(void *ctx, int64_t b, int64_t e, int t) {
+    __m512 a[FMA_CHAINS];
+    for (int i = 0; i < FMA_CHAINS; i++) a[i] = _mm512_set1_ps(1.0f + i * 1e-3f);
     __m512 m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
     for (int64_t it = b; it < e; it++)
         for (int r = 0; r < 1000; r++) {
-            _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) a[i] = _mm512_fmadd_ps(a[i], m, c);
+            _Pragma("GCC unroll 12") for (int i = 0; i < FMA_CHAINS; i++) a[i] = _mm512_fmadd_ps(a[i], m, c);
         }
     __m512 s = a[0];
-    for (int i = 1; i < 12; i++) s = _mm512_add_ps(s, a[i]);
+    for (int i = 1; i < FMA_CHAINS; i++) s = _mm512_add_ps(s, a[i]);
     volatile float sink = _mm512_reduce_add_ps(s);
+    (void)sink;
+}
+__attribute__((target("avx2,fma"))) static void fma_task256(void *ctx, int64_t b, int64_t e, int t) {
+    __m256 a[FMA_CHAINS];
+    for (int i = 0; i < FMA_CHAINS; i++) a[i] = _mm256_set1_ps(1.0f + i * 1e-3f);
+    __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    for (int64_t it = b; it < e; it++)
+        for (int r = 0; r < 1000; r++) {
+            _Pragma("GCC unroll 12") for (int i = 0; i < FMA_CHAINS; i++) a[i] = _mm256_fmadd_ps(a[i], m, c);
+        }
+    __m256 s = a[0];
+    for (int i = 1; i < FMA_CHAINS; i++) s = _mm256_add_ps(s, a[i]);
+    float f[8];
+    _mm256_storeu_ps(f, s);
+    volatile float sink = f[0];
     (void)sink;
 }
 
 static double measure_peak_flops(dsi_pool *pool) {
     int64_t iters = 2000 * dsi_pool_size(pool);
+    int wide = __builtin_cpu_supports("avx512f");
     double best = 0;
     for (int rep = 0; rep < 3; rep++) {
         double t0 = dsi_now();
-        dsi_pool_for(pool, iters, 1, fma_task, NULL);
-        double f = iters * 1000.0 * 12 * 16 * 2 / (dsi_now() - t0);
+        dsi_pool_for(pool, iters, 1, wide ? fma_task512 : fma_task256, NULL);
+        double f = iters * 1000.0 * FMA_CHAINS * (wide ? 16 : 8) * 2 / (dsi_now() - t0);
         if (f > best) best = f;
     }
     return best;

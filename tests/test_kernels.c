@@ -173,16 +173,24 @@ static void check_impl(const dsi_kernels *k) {
 }
 
 /* Scale blocks other than DeepSeek's 128x128 (config weight_block_size). */
-static void test_avx512_block_sizes(void **state) {
-    const dsi_kernels *k = dsi_kernels_by_name("avx512");
-    if (!k) { printf("  avx512 not supported on this CPU: skipped\n"); skip(); }
-    int sizes[][2] = {{1, 1}, {4, 4}, {32, 64}, {64, 32}, {100, 60}, {128, 16}};
-    for (int i = 0; i < 6; i++) {
-        g_block_rows = sizes[i][0];
-        g_block_cols = sizes[i][1];
-        check_impl(k);
+/* The SIMD paths this CPU runs (AVX-512 machines run both). */
+static const char *const simd_names[] = {"avx2", "avx512"};
+
+static void test_block_sizes(void **state) {
+    int sizes[][2] = {{1, 1}, {4, 4}, {32, 64}, {64, 32}, {100, 60}, {128, 16}, {8, 8}, {96, 32}};
+    int ran = 0;
+    for (int n = 0; n < 2; n++) {
+        const dsi_kernels *k = dsi_kernels_by_name(simd_names[n]);
+        if (!k) continue;
+        for (int i = 0; i < 8; i++) {
+            g_block_rows = sizes[i][0];
+            g_block_cols = sizes[i][1];
+            check_impl(k);
+        }
+        ran++;
     }
     g_block_rows = g_block_cols = 128;
+    if (!ran) { printf("  no SIMD path on this CPU: skipped\n"); skip(); }
 }
 
 /* The opt-in BF16 dot-product GEMVs (DSI_BF16_GEMV=1) against the reference. */
@@ -293,9 +301,7 @@ static void test_rowwise(void **state) {
 
 /* The multi-head attention loops: the same bits as dots/wsum per head, on
  * random head counts, row counts, widths and strides. */
-static void test_multi_head(void **state) {
-    const dsi_kernels *k = dsi_kernels_by_name("avx512");
-    if (!k || !k->dots_mh) { printf("  no multi-head kernels on this CPU: skipped\n"); skip(); }
+static void check_multi_head(const dsi_kernels *k) {
     for (int iter = 0; iter < 60; iter++) {
         int nh = rint_(1, 11), n = rint_(1, 70), d = iter % 3 ? rint_(1, 600) : 64 * rint_(1, 9);
         size_t ldk = d + rint_(0, 9), ldq = d + rint_(0, 5), ldo = n + rint_(0, 5), ldw = d + rint_(0, 5);
@@ -317,11 +323,22 @@ static void test_multi_head(void **state) {
     }
 }
 
+static void test_multi_head(void **state) {
+    int ran = 0;
+    for (int n = 0; n < 2; n++) {
+        const dsi_kernels *k = dsi_kernels_by_name(simd_names[n]);
+        if (!k) continue;
+        assert_non_null(k->dots_mh);
+        assert_non_null(k->wsum_mh);
+        check_multi_head(k);
+        ran++;
+    }
+    if (!ran) { printf("  no multi-head kernels on this CPU: skipped\n"); skip(); }
+}
+
 /* expsum against expf: within 2 ulp-ish (3e-7 relative) over the softmax
  * range, exactly 0 far below it, the sum of what it wrote. */
-static void test_expsum(void **state) {
-    const dsi_kernels *k = dsi_kernels_by_name("avx512");
-    if (!k || !k->expsum) { printf("  no vector exp on this CPU: skipped\n"); skip(); }
+static void check_expsum(const dsi_kernels *k) {
     double worst = 0;
     for (int iter = 0; iter < 200; iter++) {
         int n = rint_(1, 100);
@@ -339,8 +356,20 @@ static void test_expsum(void **state) {
         assert_true(fabs(s - got_sum) <= 1e-6 * got_sum + 1e-30);
         assert_true(fabs(s - ref_sum) <= 1e-5 * ref_sum + 1e-30);
     }
-    printf("  expsum: worst relative error vs expf %.2e\n", worst);
+    printf("  %s expsum: worst relative error vs expf %.2e\n", k->name, worst);
     assert_true(worst <= 3e-7);
+}
+
+static void test_expsum(void **state) {
+    int ran = 0;
+    for (int n = 0; n < 2; n++) {
+        const dsi_kernels *k = dsi_kernels_by_name(simd_names[n]);
+        if (!k) continue;
+        assert_non_null(k->expsum);
+        check_expsum(k);
+        ran++;
+    }
+    if (!ran) { printf("  no vector exp on this CPU: skipped\n"); skip(); }
 }
 
 static void test_avx2(void **state) {
@@ -353,7 +382,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_e4m3_codes),
         cmocka_unit_test(test_avx512),
-        cmocka_unit_test(test_avx512_block_sizes),
+        cmocka_unit_test(test_block_sizes),
         cmocka_unit_test(test_avx512_bf16_gemv),
         cmocka_unit_test(test_q8),
         cmocka_unit_test(test_avx2),
