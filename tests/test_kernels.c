@@ -176,22 +176,29 @@ static void check_impl(const dsi_kernels *k) {
 /* The SIMD paths this CPU runs (AVX-512 machines run both). */
 static const char *const simd_names[] = {"avx2", "avx512"};
 
-static void test_block_sizes(void **state) {
-    int sizes[][2] = {{1, 1}, {4, 4}, {32, 64}, {64, 32}, {100, 60}, {128, 16}, {8, 8}, {96, 32}};
+/* Runs check on each SIMD path this CPU has; skips the test when none. */
+static void for_each_simd(void (*check)(const dsi_kernels *)) {
     int ran = 0;
     for (int n = 0; n < 2; n++) {
         const dsi_kernels *k = dsi_kernels_by_name(simd_names[n]);
         if (!k) continue;
-        for (int i = 0; i < 8; i++) {
-            g_block_rows = sizes[i][0];
-            g_block_cols = sizes[i][1];
-            check_impl(k);
-        }
+        check(k);
         ran++;
     }
-    g_block_rows = g_block_cols = 128;
     if (!ran) { printf("  no SIMD path on this CPU: skipped\n"); skip(); }
 }
+
+static void check_block_sizes(const dsi_kernels *k) {
+    int sizes[][2] = {{1, 1}, {4, 4}, {32, 64}, {64, 32}, {100, 60}, {128, 16}, {8, 8}, {96, 32}};
+    for (int i = 0; i < 8; i++) {
+        g_block_rows = sizes[i][0];
+        g_block_cols = sizes[i][1];
+        check_impl(k);
+    }
+    g_block_rows = g_block_cols = 128;
+}
+
+static void test_block_sizes(void **state) { for_each_simd(check_block_sizes); }
 
 /* The opt-in BF16 dot-product GEMVs (DSI_BF16_GEMV=1) against the reference. */
 static void test_avx512_bf16_gemv(void **state) {
@@ -302,6 +309,8 @@ static void test_rowwise(void **state) {
 /* The multi-head attention loops: the same bits as dots/wsum per head, on
  * random head counts, row counts, widths and strides. */
 static void check_multi_head(const dsi_kernels *k) {
+    assert_non_null(k->dots_mh);
+    assert_non_null(k->wsum_mh);
     for (int iter = 0; iter < 60; iter++) {
         int nh = rint_(1, 11), n = rint_(1, 70), d = iter % 3 ? rint_(1, 600) : 64 * rint_(1, 9);
         size_t ldk = d + rint_(0, 9), ldq = d + rint_(0, 5), ldo = n + rint_(0, 5), ldw = d + rint_(0, 5);
@@ -323,22 +332,12 @@ static void check_multi_head(const dsi_kernels *k) {
     }
 }
 
-static void test_multi_head(void **state) {
-    int ran = 0;
-    for (int n = 0; n < 2; n++) {
-        const dsi_kernels *k = dsi_kernels_by_name(simd_names[n]);
-        if (!k) continue;
-        assert_non_null(k->dots_mh);
-        assert_non_null(k->wsum_mh);
-        check_multi_head(k);
-        ran++;
-    }
-    if (!ran) { printf("  no multi-head kernels on this CPU: skipped\n"); skip(); }
-}
+static void test_multi_head(void **state) { for_each_simd(check_multi_head); }
 
 /* expsum against expf: within 2 ulp-ish (3e-7 relative) over the softmax
  * range, exactly 0 far below it, the sum of what it wrote. */
 static void check_expsum(const dsi_kernels *k) {
+    assert_non_null(k->expsum);
     double worst = 0;
     for (int iter = 0; iter < 200; iter++) {
         int n = rint_(1, 100);
@@ -360,17 +359,7 @@ static void check_expsum(const dsi_kernels *k) {
     assert_true(worst <= 3e-7);
 }
 
-static void test_expsum(void **state) {
-    int ran = 0;
-    for (int n = 0; n < 2; n++) {
-        const dsi_kernels *k = dsi_kernels_by_name(simd_names[n]);
-        if (!k) continue;
-        assert_non_null(k->expsum);
-        check_expsum(k);
-        ran++;
-    }
-    if (!ran) { printf("  no vector exp on this CPU: skipped\n"); skip(); }
-}
+static void test_expsum(void **state) { for_each_simd(check_expsum); }
 
 static void test_avx2(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx2");
