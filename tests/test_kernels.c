@@ -172,7 +172,6 @@ static void check_impl(const dsi_kernels *k) {
     }
 }
 
-/* Scale blocks other than DeepSeek's 128x128 (config weight_block_size). */
 /* The SIMD paths this CPU runs (AVX-512 machines run both). */
 static const char *const simd_names[] = {"avx2", "avx512"};
 
@@ -188,6 +187,7 @@ static void for_each_simd(void (*check)(const dsi_kernels *)) {
     if (!ran) { printf("  no SIMD path on this CPU: skipped\n"); skip(); }
 }
 
+/* Scale blocks other than DeepSeek's 128x128 (config weight_block_size). */
 static void check_block_sizes(const dsi_kernels *k) {
     int sizes[][2] = {{1, 1}, {4, 4}, {32, 64}, {64, 32}, {100, 60}, {128, 16}, {8, 8}, {96, 32}};
     for (int i = 0; i < 8; i++) {
