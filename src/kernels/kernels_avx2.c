@@ -117,29 +117,23 @@ static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, co
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const __m256i mask = E4M3_MASK;
     size_t k = 0;
+#define LINE(off, A0, A1, A2, A3)                                               \
+    {                                                                           \
+        __m256 v[4];                                                            \
+        dec4(load_line(w + k + (off)), mask, v);                                \
+        A0 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + (off)), v[0], A0);        \
+        A1 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + (off) + 8), v[1], A1);    \
+        A2 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + (off) + 16), v[2], A2);   \
+        A3 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + (off) + 24), v[3], A3);   \
+    }
     for (; k + 64 <= K; k += 64) {
         const uint8_t *pf = w + k + ROW_PF_BYTES;
         _mm_prefetch((const char *)(pf < pf_last ? pf : pf_last), _MM_HINT_T0);
-        __m256 v[4], u[4];
-        dec4(load_line(w + k), mask, v);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k), v[0], a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 8), v[1], a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 16), v[2], a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 24), v[3], a3);
-        dec4(load_line(w + k + 32), mask, u);
-        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 32), u[0], b0);
-        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 40), u[1], b1);
-        b2 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 48), u[2], b2);
-        b3 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 56), u[3], b3);
+        LINE(0, a0, a1, a2, a3)
+        LINE(32, b0, b1, b2, b3)
     }
-    if (k < K) {
-        __m256 v[4];
-        dec4(load_line(w + k), mask, v);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k), v[0], a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 8), v[1], a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 16), v[2], a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + k + 24), v[3], a3);
-    }
+    if (k < K) LINE(0, a0, a1, a2, a3)
+#undef LINE
     return hsum(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1)),
                               _mm256_add_ps(_mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3))));
 }
