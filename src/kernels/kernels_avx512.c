@@ -221,6 +221,14 @@ static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, co
                                               _mm512_add_ps(_mm512_add_ps(a2, b2), _mm512_add_ps(a3, b3))));
 }
 
+/* The first ROW_PF_BYTES of a row range, into L2 at once: the GEMVs'
+ * prefetch runs that far ahead of their loads, so without this each call
+ * (one matrix, or one thread's chunk of it) starts on demand misses. */
+static inline void prefetch_start(const void *p, size_t bytes) {
+    const char *c = p;
+    for (size_t off = 0; off < bytes && off < ROW_PF_BYTES; off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+}
+
 /* Per-thread scratch for the scaled activation tile (grown, never shrunk). */
 static float *xs_buffer(size_t n) { return dsi__tls_buffer(DSI_TLS_XS, n * sizeof(float)); }
 
@@ -729,6 +737,7 @@ static __attribute__((noinline)) float gemv1_bf16(const uint16_t *w, size_t K, c
 /* M = 1, BF16 weights, K a multiple of 64: row by row through gemv1_bf16. */
 static void gemv_bf16f32_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
     int K = W->cols;
+    prefetch_start((const uint16_t *)W->data + (size_t)n0 * K, (size_t)(n1 - n0) * K * 2);
     float *xp = dsi__tls_buffer(DSI_TLS_XS, sizeof(float) * (size_t)K);
     if (!xp) return;
     /* per 32 columns: the 16 even ones, then the 16 odd ones */
@@ -841,6 +850,7 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
     int K = W->cols, br = W->block_rows, bc = W->block_cols;
     float *xs = xs_buffer((size_t)MR * K);
     if (!xs) return;
+    prefetch_start((const uint8_t *)W->data + (size_t)n0 * K, (size_t)(n1 - n0) * K);
     float *xp = xs + K; /* x permuted once; each row-block only rescales it */
     int fast = bc % 64 == 0;
     if (fast)
@@ -1087,7 +1097,8 @@ static void avx512_dots_mh(const float *q, size_t ldq, int nh, const float *k, i
          * one contiguous run of lines, four per 16 columns (a burst of all
          * 144 lines at once stalled on the miss buffers; one line of each of
          * the four rows per step, four short streams, read 17 GB/s from
-         * memory with 8 heads, the contiguous run 34) */
+         * memory with 8 heads, the contiguous run 34). Into L2: on Zen 4,
+         * decode at 512 context ran 2.5-3% faster than with T0. */
         int r = j + DOTS_PF_ROWS;
         const char *pf = r + 4 <= n ? (const char *)(k + (size_t)r * ldk)
                          : next && r >= n ? (const char *)(next + (size_t)(r - n) * ldk)
@@ -1102,10 +1113,10 @@ static void avx512_dots_mh(const float *q, size_t ldq, int nh, const float *k, i
                 __mmask16 km = d - c >= 16 ? 0xffff : (__mmask16)((1u << (d - c)) - 1);
                 if (pf && h == 0) {
                     const char *pc = pf + (size_t)c * 4 * sizeof(float);
-                    _mm_prefetch(pc, _MM_HINT_T0);
-                    _mm_prefetch(pc + 64, _MM_HINT_T0);
-                    _mm_prefetch(pc + 128, _MM_HINT_T0);
-                    _mm_prefetch(pc + 192, _MM_HINT_T0);
+                    _mm_prefetch(pc, _MM_HINT_T1);
+                    _mm_prefetch(pc + 64, _MM_HINT_T1);
+                    _mm_prefetch(pc + 128, _MM_HINT_T1);
+                    _mm_prefetch(pc + 192, _MM_HINT_T1);
                 }
                 __m512 kv[4] = {_mm512_maskz_loadu_ps(km, k0 + c), _mm512_maskz_loadu_ps(km, k1 + c),
                                 _mm512_maskz_loadu_ps(km, k2 + c), _mm512_maskz_loadu_ps(km, k3 + c)};
