@@ -82,6 +82,14 @@ void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const floa
 void *dsi__tls_buffer(int slot, size_t bytes);
 enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2 };
 
+/* Panel GEMMs: prefetches into L2 the weights the next pack reads, rows
+ * [n, n + pn) x columns [k0, k0 + kc) of W, or, past the last column, the
+ * next panel's first block (none past row n1). The micro-kernels of the
+ * current block run meanwhile; without it packing waited on memory row by
+ * row (prefill of 512 tokens on AVX-512: +2.5-5% on one thread, +16% on two;
+ * the AVX2 kernels on the same Zen 4: +4% and +11%). */
+void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc);
+
 /* Element of a weight as float32 (scalar helper used by references). */
 float dsi_mat_get(const dsi_mat *W, int r, int c);
 /* Converts row r, columns [c0, c1) of W to float32 in out (scale applied). */

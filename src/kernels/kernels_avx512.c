@@ -456,6 +456,7 @@ static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = DSI_MIN(KC, K - k0);
             pack_panel(W, n, nr, k0, kc, P);
+            dsi__prefetch_panel(W, n, n1, k0 + KC, PN, KC);
             int load_y = k0 > 0 || accumulate;
             for (int m = 0; m < M; m += PM) {
                 int mr = DSI_MIN(PM, M - m);

@@ -39,3 +39,17 @@ void *dsi__tls_buffer(int slot, size_t bytes) {
     }
     return b->p[slot];
 }
+
+void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc) {
+    int K = W->cols;
+    if (k0 >= K) {
+        n += pn;
+        k0 = 0;
+    }
+    if (n >= n1) return;
+    size_t es = dsi_dtype_size(W->dtype), bytes = (size_t)DSI_MIN(kc, K - k0) * es;
+    for (int j = n; j < DSI_MIN(n + pn, n1); j++) {
+        const char *row = (const char *)W->data + ((size_t)j * K + k0) * es;
+        for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2); /* prefetcht1 */
+    }
+}
