@@ -1086,7 +1086,7 @@ static void avx512_wsum(const float *p, const float *v, int n, size_t ldv, int d
 }
 
 #ifndef DOTS_PF_ROWS
-#define DOTS_PF_ROWS 4 /* one 4-row step ahead: 8 rows (18 KB more in L1 beside the 8 heads' 18 KB of queries) read 30 GB/s, 4 rows 34 */
+#define DOTS_PF_ROWS 4 /* one 4-row step ahead (Zen 5, into L1: 8 rows read 30 GB/s, 4 rows 34; Zen 4, into L2: 8 rows 1% slower) */
 #endif
 /* Four heads x four rows per pass: per 16 columns, 4 row loads and 4 query
  * loads feed 16 FMAs, where dots spends one row load per FMA (L2-bound on
