@@ -1,5 +1,6 @@
 /* Per-thread kernel scratch (scaled activation tiles, packed panels), grown on
- * demand and freed when the thread exits (pthread key destructor). */
+ * demand and freed when the thread exits (pthread key destructor); and the
+ * panel GEMMs' weight prefetch, which both SIMD files share. */
 #include "kernels/kernels.h"
 
 #include <pthread.h>
