@@ -96,6 +96,11 @@ static void check_impl(const dsi_kernels *k) {
         int rows = rint_(1, 300), cols = rint_(1, 700), M = iter % 3 == 2 ? rint_(10, 40) : rint_(1, 9);
         if (iter % 5 == 0) { rows = 256 + rint_(0, 3); cols = 512; } /* aligned */
         if (iter % 8 == 0 || iter % 8 == 5) { M = 1; cols = 64 * rint_(1, 10); } /* the decode GEMV paths (FP8, BF16) */
+        if (iter % 8 == 4) { /* FP8 rows longer than 4096: the GEMV's segments, alone or as a tile's last row */
+            M = iter % 16 == 4 ? 1 : 5;
+            cols = 64 * rint_(65, 160);
+            rows = rint_(1, 100);
+        }
         void *data;
         float *scale;
         dsi_mat W = random_mat(dt, rows, cols, &data, &scale);

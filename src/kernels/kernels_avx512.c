@@ -187,10 +187,14 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * same floats (25.4 vs 24.6 tok/s; 33 vs 27 GB/s with the weights in L2).
  * A second prefetch, ROW_NEAR_BYTES ahead into L1, moves each line from L2
  * before its load asks: synthetic 26.4 -> 28.5 GB/s (read 29.3), decode
- * +1.4% on one thread and +1.8% on two. */
+ * +1.4% on one thread and +1.8% on two.
+ * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
+ * for a whole row (gemv1_e4m3), the segment read later for a segment of a
+ * long row (gemv1_e4m3_seg, which takes no near prefetch). */
 #define ROW_PF_BYTES 8192
 #define ROW_NEAR_BYTES 1024
-static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last) {
+static inline __attribute__((always_inline)) float gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
+                                                                   const uint8_t *pfw, const uint8_t *pf_last, int near) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
     size_t k = 0;
@@ -199,10 +203,10 @@ static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, co
 #define DEC(v) _mm512_castsi512_ps(_mm512_and_si512((v), mask))
 #define LINE(off, A0, A1, A2, A3)                                                                      \
     {                                                                                                  \
-        const uint8_t *pf = w + k + (off) + ROW_PF_BYTES;                                              \
+        const uint8_t *pf = pfw + k + (off);                                                           \
         _mm_prefetch((const char *)(pf < pf_last ? pf : pf_last), _MM_HINT_T1);                        \
         const uint8_t *pn = w + k + (off) + ROW_NEAR_BYTES;                                            \
-        _mm_prefetch((const char *)(pn < pf_last ? pn : pf_last), _MM_HINT_T0);                        \
+        if (near) _mm_prefetch((const char *)(pn < pf_last ? pn : pf_last), _MM_HINT_T0);              \
         __m512i d = load_line(w + k + (off));                                                          \
         __m512i u = _mm512_srai_epi16(d, 4), t = _mm512_srai_epi16(_mm512_slli_epi16(d, 8), 4);        \
         A0 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off)), DEC(_mm512_slli_epi32(t, 16)), A0);      \
@@ -219,6 +223,57 @@ static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, co
 #undef DEC
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(a1, b1)),
                                               _mm512_add_ps(_mm512_add_ps(a2, b2), _mm512_add_ps(a3, b3))));
+}
+
+static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last) {
+    return gemv1_e4m3_body(w, K, xs, w + ROW_PF_BYTES, pf_last, 1);
+}
+/* A segment of a long row (see SEG_BYTES): the far prefetch goes to `pfw`,
+ * the segment read SEG_PF_AHEAD segments later, and there is no near
+ * prefetch. */
+static __attribute__((noinline)) float gemv1_e4m3_seg(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
+                                                       const uint8_t *pf_last) {
+    return gemv1_e4m3_body(w, K, xs, pfw, pf_last, 0);
+}
+
+/* Rows longer than SEG_BYTES (K > 4096: DeepSeek-V3's hidden 7168, a dense
+ * down projection's 8192 or 18432) are read in equal segments of at most
+ * SEG_BYTES, segment by segment over groups of SEG_ROWS rows, each row's
+ * segments summed in order. One whole long row needs 4K bytes of scaled
+ * activations, which no longer fit in L1 beside the weight stream (32 KB for
+ * K = 8192: every activation load went to L2); a segment's 16 KB stay in L1
+ * while SEG_ROWS rows use them. The far prefetch targets the segment read
+ * SEG_PF_AHEAD segments (16 KB) later, and the segments take no near
+ * prefetch: with it, the segmented GEMV streamed 16-17 GB/s, without it
+ * 25 (Zen 4, one core, rows from memory: K = 8192 13 -> 25 GB/s,
+ * K = 7168 18 -> 25, K = 16384 12 -> 22; K <= 4096 stays whole, 28-29). */
+#define SEG_BYTES 4096
+#define SEG_ROWS 32
+#define SEG_PF_AHEAD 4
+
+/* Segment length for rows of K bytes: K itself up to SEG_BYTES, else equal
+ * 64-byte multiples of at most SEG_BYTES. */
+static inline int seg_bytes(int K) {
+    int nseg = DSI_CEIL_DIV(K, SEG_BYTES);
+    return DSI_CEIL_DIV(DSI_CEIL_DIV(K, nseg), 64) * 64;
+}
+
+/* out[r] = row r . xs for g <= SEG_ROWS rows of K bytes from w (K a multiple
+ * of 64), whole or in `seg`-byte segments (seg_bytes). */
+static void gemv1_e4m3_rows(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out) {
+    if (seg >= K) {
+        for (int r = 0; r < g; r++) out[r] = gemv1_e4m3(w + (size_t)r * K, (size_t)K, xs, last);
+        return;
+    }
+    int total = DSI_CEIL_DIV(K, seg) * g;
+    for (int r = 0; r < g; r++) out[r] = 0;
+    for (int i = 0; i < total; i++) { /* i = segment * g + row */
+        int r = i % g, k0 = (i / g) * seg, ia = i + SEG_PF_AHEAD;
+        /* past the last segment: the following rows' first ones */
+        const uint8_t *pf = ia < total ? w + (size_t)(ia % g) * K + (size_t)(ia / g) * seg
+                                       : w + (size_t)(g + ia - total) * K;
+        out[r] += gemv1_e4m3_seg(w + (size_t)r * K + k0, (size_t)DSI_MIN(seg, K - k0), xs + k0, pf, last);
+    }
 }
 
 /* The first ROW_PF_BYTES of a row range, into L2 at once: the GEMVs'
@@ -808,7 +863,9 @@ static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
                         if (rowwise) micro_e4m3(w, K, nr, xs, K, 1, K, out);
                         else if (K % 64 == 0) { /* the same sums as an M = 1 GEMV */
                             const uint8_t *last = (const uint8_t *)W->data + (size_t)n1 * K - 64;
-                            for (int j = 0; j < nr; j++) out[j][0] = gemv1_e4m3(w + (size_t)j * K, (size_t)K, xs, last);
+                            float o1[NR];
+                            gemv1_e4m3_rows(w, K, seg_bytes(K), nr, xs, last, o1);
+                            for (int j = 0; j < nr; j++) out[j][0] = o1[j];
                         } else gemv_e4m3(w, K, nr, xs, K, out);
                         break;
                     }
@@ -862,6 +919,7 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
         for (int k = 0; k < K; k += 64)
             for (int i = 0; i < 4; i++) _mm512_storeu_ps(xp + k + 16 * i, lanes_4l_plus(x + k, i));
     const uint8_t *base = W->data, *last = base + (size_t)n1 * K - 64;
+    int seg = seg_bytes(K);
     for (int n = n0; n < n1;) {
         int rb = n / br, end = DSI_MIN(n1, (rb + 1) * br);
         if (fast) { /* the same product as scale_rows: x times (scale x 2^120) */
@@ -873,9 +931,14 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
         } else {
             scale_rows(W, rb, x, K, 1, xs);
         }
-        for (; n < end; n++) {
-            float v = gemv1_e4m3(base + (size_t)n * K, (size_t)K, xs, last), *d = &y[n - y_col0];
-            *d = accumulate ? *d + v : v;
+        while (n < end) {
+            float out[SEG_ROWS];
+            int g = DSI_MIN(SEG_ROWS, end - n);
+            gemv1_e4m3_rows(base + (size_t)n * K, K, seg, g, xs, last, out);
+            for (int r = 0; r < g; r++, n++) {
+                float *d = &y[n - y_col0];
+                *d = accumulate ? *d + out[r] : out[r];
+            }
         }
     }
 }
