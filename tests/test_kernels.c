@@ -366,6 +366,35 @@ static void check_expsum(const dsi_kernels *k) {
 
 static void test_expsum(void **state) { for_each_simd(check_expsum); }
 
+/* silu_mul against the reference (glibc expf): within 1e-6 relative of each
+ * product, over SwiGLU's range and far outside it (+-120: exp's clamps),
+ * any length (masked tails), and nothing written past n. */
+static void check_silu_mul(const dsi_kernels *k) {
+    assert_non_null(k->silu_mul);
+    double worst = 0;
+    for (int iter = 0; iter < 200; iter++) {
+        int n = rint_(1, 100);
+        float g[101], r[101], u[100];
+        for (int i = 0; i < n; i++) {
+            g[i] = r[i] = (float)(unif() * (iter % 4 == 0 ? 240 : 16));
+            u[i] = (float)unif();
+        }
+        g[n] = r[n] = 12345.0f;
+        k->silu_mul(g, u, (size_t)n);
+        dsi_kernels_ref.silu_mul(r, u, (size_t)n);
+        assert_true(g[n] == 12345.0f);
+        for (int i = 0; i < n; i++) {
+            double d = fabs((double)g[i] - r[i]), m = fabs((double)r[i]);
+            if (m > 1e-30) worst = fmax(worst, d / m);
+            else assert_true(d <= 1e-30);
+        }
+    }
+    printf("  %s silu_mul: worst relative error vs the reference %.2e\n", k->name, worst);
+    assert_true(worst <= 1e-6);
+}
+
+static void test_silu_mul(void **state) { for_each_simd(check_silu_mul); }
+
 static void test_avx2(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx2");
     if (!k) { printf("  avx2 not supported on this CPU: skipped\n"); skip(); }
@@ -383,6 +412,7 @@ int main(void) {
         cmocka_unit_test(test_rowwise),
         cmocka_unit_test(test_multi_head),
         cmocka_unit_test(test_expsum),
+        cmocka_unit_test(test_silu_mul),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -61,6 +61,9 @@ typedef struct dsi_kernels {
     /* x[i] = exp(x[i] - sub) for i < n, returns the sum (softmax weights);
      * within 2 ulp of expf. NULL: expf in a loop. */
     float (*expsum)(float *x, int n, float sub);
+    /* SwiGLU's product: g[i] = silu(g[i]) * u[i], silu(x) = x / (1 + exp(-x)),
+     * exp within 2 ulp of expf (the reference's expf). */
+    void (*silu_mul)(float *g, const float *u, size_t n);
 } dsi_kernels;
 
 extern const dsi_kernels dsi_kernels_ref;

@@ -802,39 +802,54 @@ static void avx2_wsum_mh(const float *p, size_t ldp, int nh, const float *v, int
  * Cephes expf polynomial (~1 ulp), times 2^k as two exact power-of-two
  * factors (k in [-151, 128]: results below FLT_MIN come out subnormal as
  * expf's do, or 0 below -104 as the AVX-512 form flushes them). */
-static float avx2_expsum(float *x, int n, float sub) {
-    const __m256 vsub = _mm256_set1_ps(sub), lo = _mm256_set1_ps(-104.0f), hi = _mm256_set1_ps(88.7f);
+static inline __m256 exp8(__m256 raw) {
+    const __m256 lo = _mm256_set1_ps(-104.0f), hi = _mm256_set1_ps(88.7f);
     const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), c1 = _mm256_set1_ps(0.693359375f),
                  c2 = _mm256_set1_ps(-2.12194440e-4f);
     const __m256 p0 = _mm256_set1_ps(1.9875691500E-4f), p1 = _mm256_set1_ps(1.3981999507E-3f),
                  p2 = _mm256_set1_ps(8.3334519073E-3f), p3 = _mm256_set1_ps(4.1665795894E-2f),
                  p4 = _mm256_set1_ps(1.6666665459E-1f), p5 = _mm256_set1_ps(5.0000001201E-1f), one = _mm256_set1_ps(1.0f);
     const __m256i bias = _mm256_set1_epi32(127);
+    __m256 v = _mm256_min_ps(_mm256_max_ps(raw, lo), hi);
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, c1, v);
+    r = _mm256_fnmadd_ps(k, c2, r);
+    __m256 pp = _mm256_fmadd_ps(p0, r, p1);
+    pp = _mm256_fmadd_ps(pp, r, p2);
+    pp = _mm256_fmadd_ps(pp, r, p3);
+    pp = _mm256_fmadd_ps(pp, r, p4);
+    pp = _mm256_fmadd_ps(pp, r, p5);
+    pp = _mm256_fmadd_ps(pp, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    /* 2^k = 2^(k/2) * 2^(k - k/2), each half a normal float */
+    __m256i ki = _mm256_cvtps_epi32(k), kh = _mm256_srai_epi32(ki, 1), kl = _mm256_sub_epi32(ki, kh);
+    __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(kh, bias), 23));
+    __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(kl, bias), 23));
+    __m256 e = _mm256_mul_ps(_mm256_mul_ps(pp, f1), f2);
+    return _mm256_and_ps(e, _mm256_cmp_ps(raw, lo, _CMP_GE_OQ)); /* below -104: 0 */
+}
+
+static float avx2_expsum(float *x, int n, float sub) {
+    const __m256 vsub = _mm256_set1_ps(sub);
     __m256 acc = _mm256_setzero_ps();
     for (int i = 0; i < n; i += 8) {
         __m256i km = lane_mask(n - i);
-        __m256 raw = _mm256_sub_ps(_mm256_maskload_ps(x + i, km), vsub);
-        __m256 v = _mm256_min_ps(_mm256_max_ps(raw, lo), hi);
-        __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256 r = _mm256_fnmadd_ps(k, c1, v);
-        r = _mm256_fnmadd_ps(k, c2, r);
-        __m256 pp = _mm256_fmadd_ps(p0, r, p1);
-        pp = _mm256_fmadd_ps(pp, r, p2);
-        pp = _mm256_fmadd_ps(pp, r, p3);
-        pp = _mm256_fmadd_ps(pp, r, p4);
-        pp = _mm256_fmadd_ps(pp, r, p5);
-        pp = _mm256_fmadd_ps(pp, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
-        /* 2^k = 2^(k/2) * 2^(k - k/2), each half a normal float */
-        __m256i ki = _mm256_cvtps_epi32(k), kh = _mm256_srai_epi32(ki, 1), kl = _mm256_sub_epi32(ki, kh);
-        __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(kh, bias), 23));
-        __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(kl, bias), 23));
-        __m256 e = _mm256_mul_ps(_mm256_mul_ps(pp, f1), f2);
-        e = _mm256_and_ps(e, _mm256_cmp_ps(raw, lo, _CMP_GE_OQ)); /* below -104: 0 */
+        __m256 e = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i, km), vsub));
         _mm256_maskstore_ps(x + i, km, e);
         acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(km)));
     }
     return hsum(acc);
 }
 
+static void avx2_silu_mul(float *g, const float *u, size_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (size_t i = 0; i < n; i += 8) {
+        __m256i km = lane_mask(n - i >= 8 ? 8 : (int)(n - i));
+        __m256 x = _mm256_maskload_ps(g + i, km);
+        __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        _mm256_maskstore_ps(g + i, km, _mm256_mul_ps(s, _mm256_maskload_ps(u + i, km)));
+    }
+}
+
 const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy, avx2_dots, avx2_wsum,
-                                      NULL, avx2_matmul_rowwise, avx2_dots_mh, avx2_wsum_mh, avx2_expsum};
+                                      NULL, avx2_matmul_rowwise, avx2_dots_mh, avx2_wsum_mh, avx2_expsum,
+                                      avx2_silu_mul};

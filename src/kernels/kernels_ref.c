@@ -3,6 +3,7 @@
 #include "kernels/kernels.h"
 
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 float dsi_mat_get(const dsi_mat *W, int r, int c) {
@@ -91,8 +92,12 @@ void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const floa
         }
 }
 
+static void ref_silu_mul(float *g, const float *u, size_t n) {
+    for (size_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 const dsi_kernels dsi_kernels_ref = {"ref", ref_matmul, ref_matmul_t, ref_dot, ref_axpy, ref_dots, ref_wsum,
-                                     dsi_matmul_q8_ref, ref_matmul, NULL, NULL, NULL};
+                                     dsi_matmul_q8_ref, ref_matmul, NULL, NULL, NULL, ref_silu_mul};
 
 const dsi_kernels *dsi_kernels_by_name(const char *name) {
     if (!strcmp(name, "ref")) return &dsi_kernels_ref;
