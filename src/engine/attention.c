@@ -14,37 +14,56 @@
 #include <math.h>
 #include <string.h>
 
+typedef struct rope_job {
+    dsi_engine *e;
+    const dsi_layer *L;
+    int layer;
+} rope_job;
+
+/* Rows [b, end) of the step: rope on every head's query, the latent
+ * (kv_a_layernorm) and the roped key written to the row's KV slot. */
+static void rope_kv_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const rope_job *j = ctx;
+    dsi_engine *e = j->e;
+    const dsi_config *c = e->c;
+    dsi_scratch *s = &e->s;
+    int H = c->n_heads, qk = dsi_config_qk_head_dim(c), kvd = dsi_config_kv_dim(c);
+    int lora = c->kv_lora_rank, rope = c->qk_rope_dim, nope = c->qk_nope_dim, bt = dsi_kv_block_tokens(e->kv);
+    (void)tid;
+    int si = 0;
+    for (int64_t t = b; t < end; t++) {
+        while (t >= e->seqs[si].t0 + e->seqs[si].n) si++; /* rows are laid out sequence by sequence */
+        const dsi_step_seq *ss = &e->seqs[si];
+        int pos = s->tok_pos[t];
+        const float *cs = s->rope_cs + (size_t)t * rope;
+        float *q = s->q + (size_t)t * H * qk;
+        for (int h = 0; h < H; h++) dsi__rope(e, q + (size_t)h * qk + nope, cs);
+        float *row = dsi_kv_token(e->kv, ss->blocks[pos / bt], j->layer, pos % bt);
+        const float *kv = s->kva + (size_t)t * kvd;
+        dsi__rmsnorm(kv, j->L->kv_a_norm, lora, (float)c->rms_norm_eps, row);
+        memcpy(row + lora, kv + lora, sizeof(float) * rope);
+        dsi__rope(e, row + lora, cs);
+    }
+}
+
 int dsi__stage_attn0(dsi_engine *e, int layer) {
     const dsi_config *c = e->c;
     const dsi_layer *L = &e->m->layers[layer];
     dsi_scratch *s = &e->s;
     int T = e->T, D = c->hidden, H = c->n_heads, qk = dsi_config_qk_head_dim(c), kvd = dsi_config_kv_dim(c);
-    int lora = c->kv_lora_rank, rope = c->qk_rope_dim, nope = c->qk_nope_dim;
     float eps = (float)c->rms_norm_eps;
-    for (int t = 0; t < T; t++) dsi__rmsnorm(s->x + (size_t)t * D, L->attn_norm, D, eps, s->xn + (size_t)t * D);
+    dsi__rmsnorm_rows(e, s->x, D, L->attn_norm, D, eps, s->xn, D, T);
     if (c->q_lora_rank > 0) {
         int ql = c->q_lora_rank;
         dsi__matmul(e, &L->q_a, s->xn, T, D, s->qa, ql, 0);
-        for (int t = 0; t < T; t++) dsi__rmsnorm(s->qa + (size_t)t * ql, L->q_a_norm, ql, eps, s->qa + (size_t)t * ql);
+        dsi__rmsnorm_rows(e, s->qa, ql, L->q_a_norm, ql, eps, s->qa, ql, T);
         dsi__matmul(e, &L->q_b, s->qa, T, ql, s->q, H * qk, 0);
     } else {
         dsi__matmul(e, &L->q_proj, s->xn, T, D, s->q, H * qk, 0);
     }
     dsi__matmul(e, &L->kv_a, s->xn, T, D, s->kva, kvd, 0);
-    int bt = dsi_kv_block_tokens(e->kv);
-    for (int si = 0; si < e->n_seqs; si++) {
-        const dsi_step_seq *ss = &e->seqs[si];
-        for (int i = 0; i < ss->n; i++) {
-            int t = ss->t0 + i, pos = ss->pos + i;
-            float *q = s->q + (size_t)t * H * qk;
-            for (int h = 0; h < H; h++) dsi__rope(e, q + (size_t)h * qk + nope, pos);
-            float *row = dsi_kv_token(e->kv, ss->blocks[pos / bt], layer, pos % bt);
-            const float *kv = s->kva + (size_t)t * kvd;
-            dsi__rmsnorm(kv, L->kv_a_norm, lora, eps, row);
-            memcpy(row + lora, kv + lora, sizeof(float) * rope);
-            dsi__rope(e, row + lora, pos);
-        }
-    }
+    rope_job j = {e, L, layer};
+    dsi_pool_for(T >= ROWS_PARALLEL_MIN ? e->pool : NULL, T, 8, rope_kv_task, &j);
     return DSI_OK;
 }
 
@@ -289,6 +308,6 @@ int dsi__stage_attn1(dsi_engine *e, int layer) {
     /* o_proj straight into the residual stream */
     dsi__matmul(e, &L->o_proj, s->attn, T, H * c->v_head_dim, s->x, D, 1);
     float eps = (float)c->rms_norm_eps;
-    for (int t = 0; t < T; t++) dsi__rmsnorm(s->x + (size_t)t * D, L->ffn_norm, D, eps, s->xn + (size_t)t * D);
+    dsi__rmsnorm_rows(e, s->x, D, L->ffn_norm, D, eps, s->xn, D, T);
     return DSI_OK;
 }

@@ -135,19 +135,47 @@ void dsi__rmsnorm(const float *x, const float *w, int n, float eps, float *out) 
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
-/* Rotates v [rope] for position pos. Interleaved pairs (2i, 2i+1) as
- * DeepSeek's reference (HF's rope_interleave permutes q and k alike, so dot
- * products match); otherwise the rotate-half pairing (i, i+d/2). Angles are
- * float32 products as in both references. */
-void dsi__rope(const dsi_engine *e, float *v, int pos) {
+typedef struct norm_job {
+    const float *x, *w;
+    size_t ldx, ldo;
+    int n;
+    float eps, *out;
+} norm_job;
+
+static void norm_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const norm_job *j = ctx;
+    (void)tid;
+    for (int64_t t = b; t < end; t++) dsi__rmsnorm(j->x + (size_t)t * j->ldx, j->w, j->n, j->eps, j->out + (size_t)t * j->ldo);
+}
+
+void dsi__rmsnorm_rows(dsi_engine *e, const float *x, size_t ldx, const float *w, int n, float eps, float *out,
+                       size_t ldo, int T) {
+    norm_job j = {x, w, ldx, ldo, n, eps, out};
+    dsi_pool_for(T >= ROWS_PARALLEL_MIN ? e->pool : NULL, T, 8, norm_task, &j);
+}
+
+/* The rotation of position pos: cs[i] = cos, cs[half + i] = sin of angle i,
+ * both times the yarn mscale. Angles are float32 products as in both
+ * references. Once per row per step: every head of every layer reuses it. */
+static void rope_angles(const dsi_engine *e, int pos, float *cs) {
     int half = e->c->qk_rope_dim / 2;
     for (int i = 0; i < half; i++) {
         float ang = e->inv_freq[i] * (float)pos;
-        float cs = (float)cos((double)ang) * e->rope_mscale, sn = (float)sin((double)ang) * e->rope_mscale;
+        cs[i] = (float)cos((double)ang) * e->rope_mscale;
+        cs[half + i] = (float)sin((double)ang) * e->rope_mscale;
+    }
+}
+
+/* Interleaved pairs (2i, 2i+1) as DeepSeek's reference (HF's rope_interleave
+ * permutes q and k alike, so dot products match); otherwise the rotate-half
+ * pairing (i, i+d/2). */
+void dsi__rope(const dsi_engine *e, float *v, const float *cs) {
+    int half = e->c->qk_rope_dim / 2;
+    for (int i = 0; i < half; i++) {
         int a = e->c->rope_interleave ? 2 * i : i, b = e->c->rope_interleave ? 2 * i + 1 : i + half;
         float x0 = v[a], x1 = v[b];
-        v[a] = x0 * cs - x1 * sn;
-        v[b] = x1 * cs + x0 * sn;
+        v[a] = x0 * cs[i] - x1 * cs[half + i];
+        v[b] = x1 * cs[i] + x0 * cs[half + i];
     }
 }
 
@@ -158,7 +186,7 @@ void dsi__rope(const dsi_engine *e, float *v, int pos) {
  * they are used within one stage at a time. */
 static void scratch_free(dsi_engine *e, dsi_scratch *s, int own_threads) {
     float **fs[] = {&s->x, &s->xn, &s->qa, &s->q, &s->kva, &s->attn, &s->y, &s->h1, &s->h2, &s->xq, &s->topk_w,
-                    &s->exp_wts, &s->ex, &s->eh1, &s->eh2, &s->kvdec, &s->ostate, &s->router};
+                    &s->exp_wts, &s->ex, &s->eh1, &s->eh2, &s->kvdec, &s->ostate, &s->router, &s->rope_cs};
     for (size_t i = 0; i < sizeof fs / sizeof fs[0]; i++) { dsi_free(*fs[i]); *fs[i] = NULL; }
     dsi_free(s->topk_ids); dsi_free(s->exp_count); dsi_free(s->exp_offset); dsi_free(s->exp_tokens);
     dsi_free(s->tok_pos);
@@ -216,6 +244,7 @@ static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
     s->eh1 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
     s->eh2 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
     s->tok_pos = dsi_alloc(T * sizeof(int));
+    s->rope_cs = dsi_alloc(T * DSI_MAX(2, c->qk_rope_dim) * 4);
     s->kvdec = dsi_alloc((size_t)ATTN_CHUNK * H * (c->qk_nope_dim + c->v_head_dim) * 4);
     s->ostate = dsi_alloc(T * H * (c->v_head_dim + 2) * 4);
     s->router = dsi_alloc(T * E * 4);
@@ -229,7 +258,7 @@ static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
     }
     int ok = s->x && s->xn && s->qa && s->q && s->kva && s->attn && s->y && s->h1 && s->h2 && s->xq && s->topk_ids &&
              s->topk_w && s->exp_count && s->exp_offset && s->exp_tokens && s->exp_wts && s->ex && s->eh1 && s->eh2 &&
-             s->tok_pos && s->kvdec && s->ostate && s->router && s->th_scores && s->th_vec;
+             s->tok_pos && s->rope_cs && s->kvdec && s->ostate && s->router && s->th_scores && s->th_vec;
     for (int t = 0; ok && own_threads && t < nt; t++) {
         s->th_scores[t] = dsi_alloc((size_t)ATTN_HEAD_GROUP * e->max_ctx * 4 + 64);
         /* per head: the absorbed query with its rope part [kv dim], the latent output [lora] */
@@ -348,7 +377,10 @@ int dsi__step_begin(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
         ss->blocks = q->blocks;
         ss->absorbed = e->opts.attn == DSI_ATTN_ABSORBED ||
                        (e->opts.attn == DSI_ATTN_AUTO && q->n_tokens <= e->opts.absorb_max_tokens);
-        for (int i = 0; i < q->n_tokens; i++) e->s.tok_pos[T + i] = q->pos + i;
+        for (int i = 0; i < q->n_tokens; i++) {
+            e->s.tok_pos[T + i] = q->pos + i;
+            rope_angles(e, q->pos + i, e->s.rope_cs + (size_t)(T + i) * c->qk_rope_dim);
+        }
         T += q->n_tokens;
     }
     e->n_seqs = n_seqs;
@@ -362,7 +394,7 @@ void dsi__step_end(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs) {
     const dsi_config *c = e->c;
     int D = c->hidden, V = c->vocab_size, T = e->T;
     double tl = e->profile ? dsi_now() : 0;
-    for (int t = 0; t < T; t++) dsi__rmsnorm(e->s.x + (size_t)t * D, e->m->final_norm, D, (float)c->rms_norm_eps, e->s.xn + (size_t)t * D);
+    dsi__rmsnorm_rows(e, e->s.x, D, e->m->final_norm, D, (float)c->rms_norm_eps, e->s.xn, D, T);
     capture(e, c->n_layers, e->s.xn);
     for (int s = 0; s < n_seqs; s++) {
         const dsi_seq_step *q = &seqs[s];

@@ -36,6 +36,7 @@ typedef struct dsi_scratch {
     float *ex;       /* [T*topk][hidden] gathered expert inputs / outputs */
     float *eh1, *eh2;/* [T*topk][moe_inter] */
     int *tok_pos;    /* [T] position of each row */
+    float *rope_cs;  /* [T][rope] each row's rotation: cos x mscale [rope/2], then sin x mscale */
     /* attention, per thread */
     float **th_scores; /* [threads][ATTN_HEAD_GROUP][max_ctx] attention probabilities */
     float **th_vec;    /* [threads][2][ATTN_HEAD_GROUP][kv_lora] absorbed q, latent output */
@@ -107,7 +108,14 @@ dsi_matmul_fn dsi__matmul_fn(const dsi_engine *e);
 dsi_pool *dsi__pool_for_work(const dsi_engine *e, double flops);
 
 void dsi__rmsnorm(const float *x, const float *w, int n, float eps, float *out);
-void dsi__rope(const dsi_engine *e, float *v, int pos); /* in place, [rope] */
+/* dsi__rmsnorm on T rows (x [T][ldx] -> out [T][ldo], out may be x), split
+ * over the pool from ROWS_PARALLEL_MIN rows on. */
+void dsi__rmsnorm_rows(dsi_engine *e, const float *x, size_t ldx, const float *w, int n, float eps, float *out,
+                       size_t ldo, int T);
+#define ROWS_PARALLEL_MIN 32
+/* Rotates v [rope] in place by a row's s.rope_cs entry (filled by
+ * dsi__step_begin for its position). */
+void dsi__rope(const dsi_engine *e, float *v, const float *cs);
 
 /* Stages (ARCHITECTURE-SKETCH): each works on the whole step's rows. */
 int dsi__stage_attn0(dsi_engine *e, int layer);
