@@ -101,10 +101,17 @@ static void check_impl(const dsi_kernels *k) {
             cols = 64 * rint_(65, 160);
             rows = rint_(1, 100);
         }
+        int panel_copy = iter % 8 == 6; /* panel GEMM: x rows 2 KB-multiples apart (its x copy), several row groups */
+        if (panel_copy) {
+            dt = dts[(iter / 8) % 4];
+            M = rint_(8, 40);
+            cols = 512 * rint_(1, 3);
+            rows = rint_(130, 300);
+        }
         void *data;
         float *scale;
         dsi_mat W = random_mat(dt, rows, cols, &data, &scale);
-        int ldx = cols + rint_(0, 5), ldy = rows + rint_(0, 5);
+        int ldx = panel_copy ? cols : cols + rint_(0, 5), ldy = rows + rint_(0, 5);
         float *x = malloc(sizeof(float) * M * ldx), *y = malloc(sizeof(float) * M * ldy), *r = malloc(sizeof(float) * M * ldy);
         for (int i = 0; i < M * ldx; i++) x[i] = unif();
         for (int i = 0; i < M * ldy; i++) y[i] = r[i] = NAN;

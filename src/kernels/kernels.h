@@ -83,7 +83,7 @@ void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const floa
 /* A per-thread scratch buffer of at least `bytes` (64-byte aligned), one per
  * slot (0-3), reused across calls and freed at thread exit. NULL on OOM. */
 void *dsi__tls_buffer(int slot, size_t bytes);
-enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2 };
+enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2, DSI_TLS_XBLOCK = 3 };
 
 /* Panel GEMMs: prefetches into L2 the weights the next pack reads, rows
  * [n, n + pn) x columns [k0, k0 + kc) of W, or, past the last column, the
@@ -92,6 +92,15 @@ enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2 };
  * row (prefill of 512 tokens on AVX-512: +2.5-5% on one thread, +16% on two;
  * the AVX2 kernels on the same Zen 4: +4% and +11%). */
 void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc);
+
+/* Panel GEMM (AVX-512): the activation block x[0..M)[k0, k0 + kc) its micro-kernels
+ * read, at *ldb floats per row: x itself, or, when x's rows are a multiple of
+ * 2 KB apart, a per-thread copy with rows 16 floats longer than the block.
+ * A micro-kernel reads PM rows at once; at an 8 KB stride (K = 2048) all of
+ * them fall in the same few L1 sets, more lines than the sets' ways beside
+ * the packed panel, and were re-fetched from L2 on every reuse. NULL on OOM. */
+const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *ldb);
+#define DSI_PANEL_GROUP 128 /* weight rows swept per activation block (AVX-512 panel GEMM) */
 
 /* Element of a weight as float32 (scalar helper used by references). */
 float dsi_mat_get(const dsi_mat *W, int r, int c);

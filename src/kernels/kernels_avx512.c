@@ -499,26 +499,42 @@ static inline __attribute__((always_inline)) void panel_kernel(const float *P, i
     }
 }
 
+/* Weight rows in groups of DSI_PANEL_GROUP; per group, k-block by k-block,
+ * the activation block (dsi__panel_x) serves every panel of the group, and
+ * the y tiles of the group (M x 128 floats) stay in L2 across k-blocks.
+ * Against panel by panel over all k-blocks reading x in place (Zen 4, one
+ * core, interleaved): M = 48, N = 768, K = 2048 (a routed expert's gate in
+ * a 512-token prefill of `small`) 68 -> 78 GFLOP/s mean, 70 -> 85 best;
+ * M = 96 55 -> 85 best; K = 768 and M = 512 unchanged. 512-token prefill:
+ * +3-6% on one thread, +5-14% on two. The AVX2 kernels (PM = 6) measured
+ * mixed on this Zen 4 (K = 8192 +15%, M = 512 at K = 2048 -8%) and keep
+ * the old order. */
 static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                          int n1, int accumulate) {
     int K = W->cols;
     float *P = dsi__tls_buffer(DSI_TLS_PANEL, sizeof(float) * KC * PN);
     if (!P) return;
-    for (int n = n0; n < n1; n += PN) {
-        int nr = DSI_MIN(PN, n1 - n);
-        __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
-        __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+    for (int g0 = n0; g0 < n1; g0 += DSI_PANEL_GROUP) {
+        int g1 = DSI_MIN(n1, g0 + DSI_PANEL_GROUP);
         for (int k0 = 0; k0 < K; k0 += KC) {
-            int kc = DSI_MIN(KC, K - k0);
-            pack_panel(W, n, nr, k0, kc, P);
-            dsi__prefetch_panel(W, n, n1, k0 + KC, PN, KC);
-            int load_y = k0 > 0 || accumulate;
-            for (int m = 0; m < M; m += PM) {
-                int mr = DSI_MIN(PM, M - m);
-                const float *xm = x + (size_t)m * ldx + k0;
-                float *ym = y + (size_t)m * ldy + (n - y_col0);
-                if (mr == PM) panel_kernel(P, kc, xm, ldx, PM, ym, ldy, m0, m1, load_y);
-                else panel_kernel(P, kc, xm, ldx, mr, ym, ldy, m0, m1, load_y);
+            int kc = DSI_MIN(KC, K - k0), ldb, load_y = k0 > 0 || accumulate;
+            const float *xb = dsi__panel_x(x, M, ldx, k0, kc, &ldb);
+            if (!xb) return;
+            for (int n = g0; n < g1; n += PN) {
+                int nr = DSI_MIN(PN, g1 - n);
+                __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+                __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+                pack_panel(W, n, nr, k0, kc, P);
+                /* the next pack: the group's next panel, else its first one at the next k-block */
+                if (n + PN < g1) dsi__prefetch_panel(W, n + PN, n1, k0, PN, KC);
+                else dsi__prefetch_panel(W, k0 + KC < K ? g0 : g1, n1, k0 + KC < K ? k0 + KC : 0, PN, KC);
+                for (int m = 0; m < M; m += PM) {
+                    int mr = DSI_MIN(PM, M - m);
+                    const float *xm = xb + (size_t)m * ldb;
+                    float *ym = y + (size_t)m * ldy + (n - y_col0);
+                    if (mr == PM) panel_kernel(P, kc, xm, ldb, PM, ym, ldy, m0, m1, load_y);
+                    else panel_kernel(P, kc, xm, ldb, mr, ym, ldy, m0, m1, load_y);
+                }
             }
         }
     }

@@ -1,10 +1,12 @@
 /* Per-thread kernel scratch (scaled activation tiles, packed panels), grown on
- * demand and freed when the thread exits (pthread key destructor); and the
- * panel GEMMs' weight prefetch, which both SIMD files share. */
+ * demand and freed when the thread exits (pthread key destructor); the
+ * panel GEMMs' weight prefetch, which both SIMD files share; the AVX-512
+ * panel GEMM's activation block. */
 #include "kernels/kernels.h"
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define SLOTS 4
 
@@ -53,4 +55,17 @@ void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc
         const char *row = (const char *)W->data + ((size_t)j * K + k0) * es;
         for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2); /* prefetcht1 */
     }
+}
+
+const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *ldb) {
+    if (ldx % 512) {
+        *ldb = ldx;
+        return x + k0;
+    }
+    int ld = DSI_CEIL_DIV(kc, 16) * 16 + 16;
+    float *b = dsi__tls_buffer(DSI_TLS_XBLOCK, sizeof(float) * (size_t)M * ld);
+    if (!b) return NULL;
+    for (int m = 0; m < M; m++) memcpy(b + (size_t)m * ld, x + (size_t)m * ldx + k0, sizeof(float) * kc);
+    *ldb = ld;
+    return b;
 }
