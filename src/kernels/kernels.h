@@ -98,7 +98,9 @@ void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc
  * 2 KB apart, a per-thread copy with rows 16 floats longer than the block.
  * A micro-kernel reads PM rows at once; at an 8 KB stride (K = 2048) all of
  * them fall in the same few L1 sets, more lines than the sets' ways beside
- * the packed panel, and were re-fetched from L2 on every reuse. NULL on OOM. */
+ * the packed panel, and were re-fetched from L2 on every reuse. The engine
+ * pads such activations once per matmul (engine.c, pad_rows), so this copy
+ * serves other callers. NULL on OOM. */
 const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *ldb);
 #define DSI_PANEL_GROUP 128 /* weight rows swept per activation block (AVX-512 panel GEMM) */
 
