@@ -53,15 +53,17 @@ int dsi__stage_attn0(dsi_engine *e, int layer) {
     int T = e->T, D = c->hidden, H = c->n_heads, qk = dsi_config_qk_head_dim(c), kvd = dsi_config_kv_dim(c);
     float eps = (float)c->rms_norm_eps;
     dsi__rmsnorm_rows(e, s->x, D, L->attn_norm, D, eps, s->xn, D, T);
+    int ldx = D;
+    const float *xn = dsi__pad_rows(e, s->xn, T, D, &ldx); /* once for kv_a and q_a (or q_proj) */
+    dsi__matmul(e, &L->kv_a, xn, T, ldx, s->kva, kvd, 0);
     if (c->q_lora_rank > 0) {
         int ql = c->q_lora_rank;
-        dsi__matmul(e, &L->q_a, s->xn, T, D, s->qa, ql, 0);
+        dsi__matmul(e, &L->q_a, xn, T, ldx, s->qa, ql, 0);
         dsi__rmsnorm_rows(e, s->qa, ql, L->q_a_norm, ql, eps, s->qa, ql, T);
-        dsi__matmul(e, &L->q_b, s->qa, T, ql, s->q, H * qk, 0);
+        dsi__matmul(e, &L->q_b, s->qa, T, ql, s->q, H * qk, 0); /* may pad qa: xn's copy is done with */
     } else {
-        dsi__matmul(e, &L->q_proj, s->xn, T, D, s->q, H * qk, 0);
+        dsi__matmul(e, &L->q_proj, xn, T, ldx, s->q, H * qk, 0);
     }
-    dsi__matmul(e, &L->kv_a, s->xn, T, D, s->kva, kvd, 0);
     rope_job j = {e, L, layer};
     dsi_pool_for(T >= ROWS_PARALLEL_MIN ? e->pool : NULL, T, 8, rope_kv_task, &j);
     return DSI_OK;

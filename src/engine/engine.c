@@ -114,7 +114,7 @@ static void pad_task(void *ctx, int64_t b, int64_t end, int tid) {
  * are on) with rows 16 floats longer; the kernels then read it in place
  * (memmove 5% -> under 2% of samples; 512-token prefill +3% on one and two
  * threads, alternating in one process). */
-static const float *pad_rows(dsi_engine *e, const float *x, int M, int K, int *ldx) {
+const float *dsi__pad_rows(dsi_engine *e, const float *x, int M, int K, int *ldx) {
     if (M < 8 || *ldx % 512 || e->opts.fp8_activations || x == e->s.xq) return x;
     pad_job j = {x, e->s.xq, K, *ldx, K + 16};
     dsi_pool_for(dsi__pool_for_work(e, 64.0 * M * K), M, 8, pad_task, &j);
@@ -127,7 +127,7 @@ static void matmul_rows_impl(dsi_engine *e, const dsi_mat *W, int n0, int n1, co
     if (M <= 0 || n1 <= n0) return;
     if (try_q8(e, W, n0, n1, x, M, ldx, y, ldy, n0, 0)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
-    x = pad_rows(e, x, M, W->cols, &ldx);
+    x = dsi__pad_rows(e, x, M, W->cols, &ldx);
     mm_job j = {e, dsi__matmul_fn(e), W, x, M, ldx, ldy, n0, 0, y};
     /* grain: 16 rows keeps tiles 4-aligned; bigger when M is large so each
      * task streams a useful share of the activations */
@@ -139,7 +139,7 @@ static void matmul_impl(dsi_engine *e, const dsi_mat *W, const float *x, int M, 
     if (M <= 0) return;
     if (try_q8(e, W, 0, W->rows, x, M, ldx, y, ldy, 0, accumulate)) return;
     x = maybe_quantise(e, W, x, M, ldx, &ldx);
-    x = pad_rows(e, x, M, W->cols, &ldx);
+    x = dsi__pad_rows(e, x, M, W->cols, &ldx);
     mm_job j = {e, dsi__matmul_fn(e), W, x, M, ldx, ldy, 0, accumulate, y};
     int64_t grain = M >= 64 ? 64 : 16;
     dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * W->rows * W->cols), W->rows, grain, mm_task, &j);
@@ -220,6 +220,7 @@ static void scratch_free(dsi_engine *e, dsi_scratch *s, int own_threads) {
                     &s->exp_wts, &s->ex, &s->eh1, &s->eh2, &s->kvdec, &s->ostate, &s->router, &s->rope_cs};
     for (size_t i = 0; i < sizeof fs / sizeof fs[0]; i++) { dsi_free(*fs[i]); *fs[i] = NULL; }
     dsi_free(s->topk_ids); dsi_free(s->exp_count); dsi_free(s->exp_offset); dsi_free(s->exp_tokens);
+    dsi_free(s->tok_slot);
     dsi_free(s->tok_pos);
     if (own_threads) {
         int nt = dsi_pool_size(e->pool);
@@ -270,6 +271,7 @@ static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
     s->exp_count = dsi_alloc(E * sizeof(int));
     s->exp_offset = dsi_alloc((E + 1) * sizeof(int));
     s->exp_tokens = dsi_alloc(TE * sizeof(int));
+    s->tok_slot = dsi_alloc(TE * sizeof(int));
     s->exp_wts = dsi_alloc(TE * 4);
     s->ex = dsi_alloc(TE * D * 4);
     s->eh1 = dsi_alloc(TE * DSI_MAX(1, c->moe_inter) * 4);
@@ -288,7 +290,7 @@ static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
         s->th_vec = e->s.th_vec;
     }
     int ok = s->x && s->xn && s->qa && s->q && s->kva && s->attn && s->y && s->h1 && s->h2 && s->xq && s->topk_ids &&
-             s->topk_w && s->exp_count && s->exp_offset && s->exp_tokens && s->exp_wts && s->ex && s->eh1 && s->eh2 &&
+             s->topk_w && s->exp_count && s->exp_offset && s->exp_tokens && s->tok_slot && s->exp_wts && s->ex && s->eh1 && s->eh2 &&
              s->tok_pos && s->rope_cs && s->kvdec && s->ostate && s->router && s->th_scores && s->th_vec;
     for (int t = 0; ok && own_threads && t < nt; t++) {
         s->th_scores[t] = dsi_alloc((size_t)ATTN_HEAD_GROUP * e->max_ctx * 4 + 64);

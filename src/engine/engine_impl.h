@@ -32,6 +32,7 @@ typedef struct dsi_scratch {
     int *topk_ids;   /* [T][topk] */
     float *topk_w;   /* [T][topk] */
     int *exp_count, *exp_offset, *exp_tokens; /* [E], [E+1], [T*topk] */
+    int *tok_slot;   /* [T][topk] the slot of each (token, choice) */
     float *exp_wts;  /* [T*topk] */
     float *ex;       /* [T*topk][hidden] gathered expert inputs / outputs */
     float *eh1, *eh2;/* [T*topk][moe_inter] */
@@ -98,6 +99,12 @@ void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx
 /* Same restricted to rows [n0, n1) of W, written to y columns [0, n1-n0). */
 void dsi__matmul_rows(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y,
                       int ldy);
+
+/* x [M][*ldx], or a copy of its first K columns with rows 16 floats longer
+ * when its rows are a multiple of 2 KB apart (they thrash L1 in the panel
+ * GEMMs), in s.xq: valid until the next matmul that pads. dsi__matmul pads
+ * its own input; callers running several matmuls on one x pad it once. */
+const float *dsi__pad_rows(dsi_engine *e, const float *x, int M, int K, int *ldx);
 
 /* The kernel entry dsi__matmul uses (row-wise under batch invariance). */
 dsi_matmul_fn dsi__matmul_fn(const dsi_engine *e);
