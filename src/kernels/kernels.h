@@ -104,6 +104,20 @@ void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc
 const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *ldb);
 #define DSI_PANEL_GROUP 128 /* weight rows swept per activation block (AVX-512 panel GEMM) */
 
+/* The FP8 decode GEMV on long rows (both SIMD files). A segment kernel:
+ * row segment w[0, K) . xs, its far prefetch aimed at pfw + offset (clamped
+ * to pf_last). */
+typedef float (*dsi_gemv_seg_fn)(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
+                                 const uint8_t *pf_last);
+#define DSI_SEG_ROWS 32
+/* The segment length for rows of K bytes: K itself up to 4 KB, else equal
+ * 64-byte multiples of at most 4 KB. */
+int dsi__gemv_seg_bytes(int K);
+/* out[r] = row r . xs for g <= DSI_SEG_ROWS rows of K bytes from w, segment
+ * by segment over the rows (seg < K from dsi__gemv_seg_bytes). */
+void dsi__gemv_segments(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out,
+                        dsi_gemv_seg_fn fn);
+
 /* Element of a weight as float32 (scalar helper used by references). */
 float dsi_mat_get(const dsi_mat *W, int r, int c);
 /* Converts row r, columns [c0, c1) of W to float32 in out (scale applied). */

@@ -228,52 +228,21 @@ static inline __attribute__((always_inline)) float gemv1_e4m3_body(const uint8_t
 static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last) {
     return gemv1_e4m3_body(w, K, xs, w + ROW_PF_BYTES, pf_last, 1);
 }
-/* A segment of a long row (see SEG_BYTES): the far prefetch goes to `pfw`,
- * the segment read SEG_PF_AHEAD segments later, and there is no near
+/* A segment of a long row (dsi__gemv_segments): the far prefetch goes to
+ * `pfw`, the segment read some segments later, and there is no near
  * prefetch. */
 static __attribute__((noinline)) float gemv1_e4m3_seg(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
                                                        const uint8_t *pf_last) {
     return gemv1_e4m3_body(w, K, xs, pfw, pf_last, 0);
 }
 
-/* Rows longer than SEG_BYTES (K > 4096: DeepSeek-V3's hidden 7168, a dense
- * down projection's 8192 or 18432) are read in equal segments of at most
- * SEG_BYTES, segment by segment over groups of SEG_ROWS rows, each row's
- * segments summed in order. One whole long row needs 4K bytes of scaled
- * activations, which no longer fit in L1 beside the weight stream (32 KB for
- * K = 8192: every activation load went to L2); a segment's 16 KB stay in L1
- * while SEG_ROWS rows use them. The far prefetch targets the segment read
- * SEG_PF_AHEAD segments (16 KB) later, and the segments take no near
- * prefetch: with it, the segmented GEMV streamed 16-17 GB/s, without it
- * 25 (Zen 4, one core, rows from memory: K = 8192 13 -> 25 GB/s,
- * K = 7168 18 -> 25, K = 16384 12 -> 22; K <= 4096 stays whole, 28-29). */
-#define SEG_BYTES 4096
-#define SEG_ROWS 32
-#define SEG_PF_AHEAD 4
-
-/* Segment length for rows of K bytes: K itself up to SEG_BYTES, else equal
- * 64-byte multiples of at most SEG_BYTES. */
-static inline int seg_bytes(int K) {
-    int nseg = DSI_CEIL_DIV(K, SEG_BYTES);
-    return DSI_CEIL_DIV(DSI_CEIL_DIV(K, nseg), 64) * 64;
-}
-
-/* out[r] = row r . xs for g <= SEG_ROWS rows of K bytes from w (K a multiple
- * of 64), whole or in `seg`-byte segments (seg_bytes). */
+/* out[r] = row r . xs for g <= DSI_SEG_ROWS rows of K bytes from w (K a
+ * multiple of 64), whole or in `seg`-byte segments (dsi__gemv_seg_bytes). */
 static void gemv1_e4m3_rows(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out) {
-    if (seg >= K) {
+    if (seg >= K)
         for (int r = 0; r < g; r++) out[r] = gemv1_e4m3(w + (size_t)r * K, (size_t)K, xs, last);
-        return;
-    }
-    int total = DSI_CEIL_DIV(K, seg) * g;
-    for (int r = 0; r < g; r++) out[r] = 0;
-    for (int i = 0; i < total; i++) { /* i = segment * g + row */
-        int r = i % g, k0 = (i / g) * seg, ia = i + SEG_PF_AHEAD;
-        /* past the last segment: the following rows' first ones */
-        const uint8_t *pf = ia < total ? w + (size_t)(ia % g) * K + (size_t)(ia / g) * seg
-                                       : w + (size_t)(g + ia - total) * K;
-        out[r] += gemv1_e4m3_seg(w + (size_t)r * K + k0, (size_t)DSI_MIN(seg, K - k0), xs + k0, pf, last);
-    }
+    else
+        dsi__gemv_segments(w, K, seg, g, xs, last, out, gemv1_e4m3_seg);
 }
 
 /* The first ROW_PF_BYTES of a row range, into L2 at once: the GEMVs'
@@ -880,7 +849,7 @@ static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
                         else if (K % 64 == 0) { /* the same sums as an M = 1 GEMV */
                             const uint8_t *last = (const uint8_t *)W->data + (size_t)n1 * K - 64;
                             float o1[NR];
-                            gemv1_e4m3_rows(w, K, seg_bytes(K), nr, xs, last, o1);
+                            gemv1_e4m3_rows(w, K, dsi__gemv_seg_bytes(K), nr, xs, last, o1);
                             for (int j = 0; j < nr; j++) out[j][0] = o1[j];
                         } else gemv_e4m3(w, K, nr, xs, K, out);
                         break;
@@ -935,7 +904,7 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
         for (int k = 0; k < K; k += 64)
             for (int i = 0; i < 4; i++) _mm512_storeu_ps(xp + k + 16 * i, lanes_4l_plus(x + k, i));
     const uint8_t *base = W->data, *last = base + (size_t)n1 * K - 64;
-    int seg = seg_bytes(K);
+    int seg = dsi__gemv_seg_bytes(K);
     for (int n = n0; n < n1;) {
         int rb = n / br, end = DSI_MIN(n1, (rb + 1) * br);
         if (fast) { /* the same product as scale_rows: x times (scale x 2^120) */
@@ -948,8 +917,8 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
             scale_rows(W, rb, x, K, 1, xs);
         }
         while (n < end) {
-            float out[SEG_ROWS];
-            int g = DSI_MIN(SEG_ROWS, end - n);
+            float out[DSI_SEG_ROWS];
+            int g = DSI_MIN(DSI_SEG_ROWS, end - n);
             gemv1_e4m3_rows(base + (size_t)n * K, K, seg, g, xs, last, out);
             for (int r = 0; r < g; r++, n++) {
                 float *d = &y[n - y_col0];

@@ -1,7 +1,7 @@
 /* Per-thread kernel scratch (scaled activation tiles, packed panels), grown on
  * demand and freed when the thread exits (pthread key destructor); the
- * panel GEMMs' weight prefetch, which both SIMD files share; the AVX-512
- * panel GEMM's activation block. */
+ * panel GEMMs' weight prefetch and the decode GEMV's long-row segments,
+ * which both SIMD files share; the AVX-512 panel GEMM's activation block. */
 #include "kernels/kernels.h"
 
 #include <pthread.h>
@@ -68,4 +68,36 @@ const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *l
     for (int m = 0; m < M; m++) memcpy(b + (size_t)m * ld, x + (size_t)m * ldx + k0, sizeof(float) * kc);
     *ldb = ld;
     return b;
+}
+
+/* Rows longer than SEG_BYTES (K > 4096: DeepSeek-V3's hidden 7168, a dense
+ * down projection's 8192 or 18432) are read in equal segments of at most
+ * SEG_BYTES, segment by segment over groups of DSI_SEG_ROWS rows, each row's
+ * segments summed in order. One whole long row needs 4K bytes of scaled
+ * activations, which no longer fit in L1 beside the weight stream (32 KB for
+ * K = 8192: every activation load went to L2); a segment's 16 KB stay in L1
+ * while DSI_SEG_ROWS rows use them. The far prefetch targets the segment read
+ * SEG_PF_AHEAD segments (16 KB) later, and the segments take no near
+ * prefetch: with it, the segmented GEMV streamed 16-17 GB/s, without it
+ * 25 (AVX-512 on Zen 4, one core, rows from memory: K = 8192 13 -> 25 GB/s,
+ * K = 7168 18 -> 25, K = 16384 12 -> 22; K <= 4096 stays whole, 28-29). */
+#define SEG_BYTES 4096
+#define SEG_PF_AHEAD 4
+
+int dsi__gemv_seg_bytes(int K) {
+    int nseg = DSI_CEIL_DIV(K, SEG_BYTES);
+    return DSI_CEIL_DIV(DSI_CEIL_DIV(K, nseg), 64) * 64;
+}
+
+void dsi__gemv_segments(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out,
+                        dsi_gemv_seg_fn fn) {
+    int total = DSI_CEIL_DIV(K, seg) * g;
+    for (int r = 0; r < g; r++) out[r] = 0;
+    for (int i = 0; i < total; i++) { /* i = segment * g + row */
+        int r = i % g, k0 = (i / g) * seg, ia = i + SEG_PF_AHEAD;
+        /* past the last segment: the following rows' first ones */
+        const uint8_t *pf = ia < total ? w + (size_t)(ia % g) * K + (size_t)(ia / g) * seg
+                                       : w + (size_t)(g + ia - total) * K;
+        out[r] += fn(w + (size_t)r * K + k0, (size_t)DSI_MIN(seg, K - k0), xs + k0, pf, last);
+    }
 }
