@@ -113,10 +113,12 @@ typedef float (*dsi_gemv_seg_fn)(const uint8_t *w, size_t K, const float *xs, co
 /* The segment length for rows of K bytes: K itself up to 4 KB, else equal
  * 64-byte multiples of at most 4 KB. */
 int dsi__gemv_seg_bytes(int K);
-/* out[r] = row r . xs for g <= DSI_SEG_ROWS rows of K bytes from w, segment
- * by segment over the rows (seg < K from dsi__gemv_seg_bytes). */
-void dsi__gemv_segments(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out,
-                        dsi_gemv_seg_fn fn);
+typedef float (*dsi_gemv_row_fn)(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last);
+/* out[r] = row r . xs for g <= DSI_SEG_ROWS rows of K bytes from w: whole
+ * rows through `row` when seg >= K, else segment by segment over the rows
+ * through `segment` (seg from dsi__gemv_seg_bytes). */
+void dsi__gemv_rows(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out,
+                    dsi_gemv_row_fn row, dsi_gemv_seg_fn segment);
 
 /* Element of a weight as float32 (scalar helper used by references). */
 float dsi_mat_get(const dsi_mat *W, int r, int c);

@@ -151,7 +151,7 @@ static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, co
     return gemv1_e4m3_body(w, K, xs, w + ROW_PF_BYTES, pf_last, 1);
 }
 
-/* A segment of a long row (dsi__gemv_segments), as the AVX-512 form, without
+/* A segment of a long row (dsi__gemv_rows), as the AVX-512 form, without
  * the near prefetch. On the Zen 4 running these kernels, rows from memory:
  * whole K = 8192 rows streamed at 0.56x the rate of K = 2048 rows in the same
  * run (14 vs 26 GB/s), in segments at 0.9-1.07x (a loaded host: 17-19 GB/s
@@ -159,14 +159,6 @@ static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, co
 static __attribute__((noinline)) float gemv1_e4m3_seg(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
                                                        const uint8_t *pf_last) {
     return gemv1_e4m3_body(w, K, xs, pfw, pf_last, 0);
-}
-
-/* out[r] = row r . xs for g <= DSI_SEG_ROWS rows of K bytes, whole or in segments. */
-static void gemv1_e4m3_rows(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out) {
-    if (seg >= K)
-        for (int r = 0; r < g; r++) out[r] = gemv1_e4m3(w + (size_t)r * K, (size_t)K, xs, last);
-    else
-        dsi__gemv_segments(w, K, seg, g, xs, last, out, gemv1_e4m3_seg);
 }
 
 /* Per-thread scratch for the scaled activation tile (grown, never shrunk). */
@@ -228,7 +220,7 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
         while (n < end) {
             float out[DSI_SEG_ROWS];
             int g = DSI_MIN(DSI_SEG_ROWS, end - n);
-            gemv1_e4m3_rows(base + (size_t)n * K, K, seg, g, xs, last, out);
+            dsi__gemv_rows(base + (size_t)n * K, K, seg, g, xs, last, out, gemv1_e4m3, gemv1_e4m3_seg);
             for (int r = 0; r < g; r++, n++) {
                 float *d = &y[n - y_col0];
                 *d = accumulate ? *d + out[r] : out[r];
@@ -396,7 +388,7 @@ static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
                         if (!rowwise && K % 32 == 0) { /* the same sums as an M = 1 GEMV */
                             const uint8_t *last = (const uint8_t *)W->data + (size_t)n1 * K - 32;
                             float o1[NR];
-                            gemv1_e4m3_rows(w, K, dsi__gemv_seg_bytes(K), nr, xs, last, o1);
+                            dsi__gemv_rows(w, K, dsi__gemv_seg_bytes(K), nr, xs, last, o1, gemv1_e4m3, gemv1_e4m3_seg);
                             for (int j = 0; j < nr; j++) out[j][0] = o1[j];
                         } else micro_e4m3(w, K, nr, xs, K, 1, K, out);
                         break;

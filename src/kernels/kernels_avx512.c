@@ -228,21 +228,12 @@ static inline __attribute__((always_inline)) float gemv1_e4m3_body(const uint8_t
 static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last) {
     return gemv1_e4m3_body(w, K, xs, w + ROW_PF_BYTES, pf_last, 1);
 }
-/* A segment of a long row (dsi__gemv_segments): the far prefetch goes to
+/* A segment of a long row (dsi__gemv_rows): the far prefetch goes to
  * `pfw`, the segment read some segments later, and there is no near
  * prefetch. */
 static __attribute__((noinline)) float gemv1_e4m3_seg(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
                                                        const uint8_t *pf_last) {
     return gemv1_e4m3_body(w, K, xs, pfw, pf_last, 0);
-}
-
-/* out[r] = row r . xs for g <= DSI_SEG_ROWS rows of K bytes from w (K a
- * multiple of 64), whole or in `seg`-byte segments (dsi__gemv_seg_bytes). */
-static void gemv1_e4m3_rows(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out) {
-    if (seg >= K)
-        for (int r = 0; r < g; r++) out[r] = gemv1_e4m3(w + (size_t)r * K, (size_t)K, xs, last);
-    else
-        dsi__gemv_segments(w, K, seg, g, xs, last, out, gemv1_e4m3_seg);
 }
 
 /* The first ROW_PF_BYTES of a row range, into L2 at once: the GEMVs'
@@ -849,7 +840,7 @@ static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
                         else if (K % 64 == 0) { /* the same sums as an M = 1 GEMV */
                             const uint8_t *last = (const uint8_t *)W->data + (size_t)n1 * K - 64;
                             float o1[NR];
-                            gemv1_e4m3_rows(w, K, dsi__gemv_seg_bytes(K), nr, xs, last, o1);
+                            dsi__gemv_rows(w, K, dsi__gemv_seg_bytes(K), nr, xs, last, o1, gemv1_e4m3, gemv1_e4m3_seg);
                             for (int j = 0; j < nr; j++) out[j][0] = o1[j];
                         } else gemv_e4m3(w, K, nr, xs, K, out);
                         break;
@@ -919,7 +910,7 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
         while (n < end) {
             float out[DSI_SEG_ROWS];
             int g = DSI_MIN(DSI_SEG_ROWS, end - n);
-            gemv1_e4m3_rows(base + (size_t)n * K, K, seg, g, xs, last, out);
+            dsi__gemv_rows(base + (size_t)n * K, K, seg, g, xs, last, out, gemv1_e4m3, gemv1_e4m3_seg);
             for (int r = 0; r < g; r++, n++) {
                 float *d = &y[n - y_col0];
                 *d = accumulate ? *d + out[r] : out[r];

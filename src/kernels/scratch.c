@@ -89,8 +89,12 @@ int dsi__gemv_seg_bytes(int K) {
     return DSI_CEIL_DIV(DSI_CEIL_DIV(K, nseg), 64) * 64;
 }
 
-void dsi__gemv_segments(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out,
-                        dsi_gemv_seg_fn fn) {
+void dsi__gemv_rows(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out,
+                    dsi_gemv_row_fn row, dsi_gemv_seg_fn segment) {
+    if (seg >= K) {
+        for (int r = 0; r < g; r++) out[r] = row(w + (size_t)r * K, (size_t)K, xs, last);
+        return;
+    }
     int total = DSI_CEIL_DIV(K, seg) * g;
     for (int r = 0; r < g; r++) out[r] = 0;
     for (int i = 0; i < total; i++) { /* i = segment * g + row */
@@ -98,6 +102,6 @@ void dsi__gemv_segments(const uint8_t *w, int K, int seg, int g, const float *xs
         /* past the last segment: the following rows' first ones */
         const uint8_t *pf = ia < total ? w + (size_t)(ia % g) * K + (size_t)(ia / g) * seg
                                        : w + (size_t)(g + ia - total) * K;
-        out[r] += fn(w + (size_t)r * K + k0, (size_t)DSI_MIN(seg, K - k0), xs + k0, pf, last);
+        out[r] += segment(w + (size_t)r * K + k0, (size_t)DSI_MIN(seg, K - k0), xs + k0, pf, last);
     }
 }
