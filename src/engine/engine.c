@@ -115,8 +115,10 @@ static void pad_task(void *ctx, int64_t b, int64_t end, int tid) {
  * (memmove 5% -> under 2% of samples; 512-token prefill +3% on one and two
  * threads, alternating in one process). */
 const float *dsi__pad_rows(dsi_engine *e, const float *x, int M, int K, int *ldx) {
-    if (M < 8 || *ldx % 512 || e->opts.fp8_activations || x == e->s.xq) return x;
+    if (M < 8 || *ldx % 512 || e->opts.fp8_activations || x == e->s.xq || (size_t)M * (K + 16) > e->s.xq_floats)
+        return x;
     pad_job j = {x, e->s.xq, K, *ldx, K + 16};
+    /* a float copied costs about what 64 flops of a matmul do (the threshold is a time) */
     dsi_pool_for(dsi__pool_for_work(e, 64.0 * M * K), M, 8, pad_task, &j);
     *ldx = K + 16;
     return e->s.xq;
@@ -265,7 +267,8 @@ static int scratch_alloc(dsi_engine *e, dsi_scratch *s, int own_threads) {
     s->h1 = dsi_alloc(T * inter * 4);
     s->h2 = dsi_alloc(T * inter * 4);
     /* float copies, or bf16 codes + per-128 scales (try_q8), of up to max(T, chunk) rows */
-    s->xq = dsi_alloc(DSI_MAX(T, (size_t)ATTN_CHUNK) * (max_in + 256) * 4);
+    s->xq_floats = DSI_MAX(T, (size_t)ATTN_CHUNK) * (max_in + 256);
+    s->xq = dsi_alloc(s->xq_floats * 4);
     s->topk_ids = dsi_alloc(TE * sizeof(int));
     s->topk_w = dsi_alloc(TE * 4);
     s->exp_count = dsi_alloc(E * sizeof(int));

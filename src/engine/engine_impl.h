@@ -28,7 +28,8 @@ typedef struct dsi_scratch {
     float *attn;     /* [T][H][v] */
     float *y;        /* [T][hidden]   FFN output accumulator */
     float *h1, *h2;  /* [T][max(inter, n_shared*moe_inter, moe_inter*topk)] */
-    float *xq;       /* [T][max_in]   FP8-quantised activation copy */
+    float *xq;       /* [T][max_in]   FP8-quantised activation copy, or padded rows (dsi__pad_rows) */
+    size_t xq_floats;/* its capacity */
     int *topk_ids;   /* [T][topk] */
     float *topk_w;   /* [T][topk] */
     int *exp_count, *exp_offset, *exp_tokens; /* [E], [E+1], [T*topk] */
