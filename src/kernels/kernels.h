@@ -99,8 +99,10 @@ void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc
  * A micro-kernel reads PM rows at once; at an 8 KB stride (K = 2048) all of
  * them fall in the same few L1 sets, more lines than the sets' ways beside
  * the packed panel, and were re-fetched from L2 on every reuse. The engine
- * pads such activations once per matmul (engine.c, pad_rows), so this copy
- * serves other callers. NULL on OOM. */
+ * pads such activations once per matmul (dsi__pad_rows), so this copy
+ * serves the rest: FP8-activation rows (quantised into the scratch the
+ * engine pads into), more rows than that scratch holds, direct callers.
+ * NULL on OOM. */
 const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *ldb);
 #define DSI_PANEL_GROUP 128 /* weight rows swept per activation block (AVX-512 panel GEMM) */
 

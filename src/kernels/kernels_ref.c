@@ -2,8 +2,8 @@
 #include "kernels/dtype.h"
 #include "kernels/kernels.h"
 
-#include <stdlib.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 float dsi_mat_get(const dsi_mat *W, int r, int c) {
