@@ -1,0 +1,181 @@
+/* The decode GEMV (one activation row) on one core, for the shapes that make
+ * up a decoded token of `small`, each next to two bounds measured in the
+ * same run:
+ *   memory   the GEMV over weights streamed from memory (copies cycled
+ *            through, together several times the last-level cache), against
+ *            a plain streaming read of the same buffers, timed alternately
+ *            with it (this host's bandwidth drifts; the ratio is the median
+ *            of the per-pair ratios)
+ *   cache    the same GEMV over 512 KB of rows that stay in L2: the
+ *            rate its arithmetic allows (for FP8: five shifts, four ands and
+ *            four FMAs per 64 weight bytes)
+ * A decode GEMV can stream no faster than the lower of the two. Weights are
+ * in 2 MiB-aligned memory with transparent huge pages, as the engine's
+ * resident copy (--no-mmap).
+ *
+ *   build/bench_gemv [--kernels avx512|avx2|ref] [--pairs N]
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "dsinfer/common.h"
+#include "dsinfer/safetensors.h"
+#include "kernels/kernels.h"
+#include "model/model_impl.h"
+
+#define STREAM_BYTES ((size_t)512 << 20) /* all copies of one shape together */
+#define CACHE_BYTES ((size_t)512 << 10)
+
+static void *huge_alloc(size_t bytes) {
+    size_t huge = (size_t)2 << 20, span = bytes + huge;
+    uint8_t *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return NULL;
+    uint8_t *mem = (uint8_t *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
+    madvise(mem, bytes, MADV_HUGEPAGE);
+    return mem;
+}
+
+/* 256-bit loads as in bench_engine: the bus, not the load ports, limits it */
+__attribute__((target("avx2"))) static float plain_read(const void *p, size_t bytes) {
+    const float *f = p;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (size_t i = 0; i < bytes / 4; i += 32) {
+        s0 = _mm256_add_ps(s0, _mm256_load_ps(f + i));
+        s1 = _mm256_add_ps(s1, _mm256_load_ps(f + i + 8));
+        s2 = _mm256_add_ps(s2, _mm256_load_ps(f + i + 16));
+        s3 = _mm256_add_ps(s3, _mm256_load_ps(f + i + 24));
+    }
+    float o[8];
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    return o[0] + o[7];
+}
+
+static int cmp_dbl(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+    qsort(v, n, sizeof *v, cmp_dbl);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+typedef struct {
+    const char *what;
+    dsi_dtype dt;
+    int rows, cols;
+} shape;
+
+static void fill(uint8_t *d, size_t n, dsi_dtype dt, uint32_t seed) {
+    if (dt == DSI_BF16) { /* values in [1, 2): no denormals, no NaN */
+        uint16_t *h = (uint16_t *)d;
+        for (size_t i = 0; i < n / 2; i++) h[i] = (uint16_t)(0x3f80 | (((i + seed) * 2654435761u) >> 25));
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            uint8_t b = (uint8_t)(((i + seed) * 2654435761u) >> 13);
+            d[i] = (b & 0x7f) == 0x7f ? b ^ 1 : b; /* no NaN code */
+        }
+    }
+}
+
+/* one arena for every shape: the same physical memory under each figure (on
+ * this VM, fresh allocations streamed at anything from 10 to 35 GB/s) */
+static int run_shape(const dsi_kernels *k, const shape *s, int pairs, uint8_t *mem) {
+    size_t es = dsi_dtype_size(s->dt), bytes = (size_t)s->rows * s->cols * es;
+    int copies = (int)(STREAM_BYTES / bytes);
+    size_t stride = (bytes + 4095) & ~(size_t)4095;
+    if (copies < 3 || stride * copies > STREAM_BYTES) {
+        fprintf(stderr, "bench_gemv: %s does not fit the arena three times\n", s->what);
+        return 1;
+    }
+    int sr = DSI_CEIL_DIV(s->rows, 128), sc = DSI_CEIL_DIV(s->cols, 128);
+    float *scales = malloc(sizeof(float) * sr * sc), *x = malloc(sizeof(float) * s->cols), *y = malloc(sizeof(float) * s->rows);
+    double *t_gemv = malloc(sizeof(double) * pairs), *t_read = malloc(sizeof(double) * pairs);
+    double *ratio = malloc(sizeof(double) * pairs), *t_cache = malloc(sizeof(double) * pairs);
+    if (!scales || !x || !y || !t_gemv || !t_read || !ratio || !t_cache) {
+        fprintf(stderr, "bench_gemv: out of memory for %s\n", s->what);
+        return 1;
+    }
+    for (int c = 0; c < copies; c++) fill(mem + stride * c, bytes, s->dt, (uint32_t)c * 7919u);
+    for (int i = 0; i < sr * sc; i++) scales[i] = 1e-3f * (1 + i % 7);
+    for (int i = 0; i < s->cols; i++) x[i] = (float)((i * 37) % 17 - 8) / 8;
+    dsi_mat W = {s->dt, s->rows, s->cols, NULL, s->dt == DSI_F8_E4M3 ? scales : NULL, 128, 128, sc};
+    volatile float sink = 0;
+    int c = 0;
+    /* memory: GEMV and plain read alternate, each on the next copy */
+    for (int p = 0; p < pairs; p++) {
+        W.data = mem + stride * (c++ % copies);
+        double t0 = dsi_now();
+        k->matmul(&W, x, 1, s->cols, y, s->rows, 0, 0, s->rows, 0);
+        t_gemv[p] = dsi_now() - t0;
+        const void *r = mem + stride * (c++ % copies);
+        t0 = dsi_now();
+        sink += plain_read(r, bytes & ~(size_t)127);
+        t_read[p] = dsi_now() - t0;
+        ratio[p] = t_read[p] / t_gemv[p];
+    }
+    /* cache: the first rows of one copy, repeated (the first call warms them) */
+    int rows_c = (int)(CACHE_BYTES / ((size_t)s->cols * es));
+    rows_c = rows_c < 1 ? 1 : rows_c > s->rows ? s->rows : rows_c;
+    size_t bytes_c = (size_t)rows_c * s->cols * es;
+    int inner = (int)(((size_t)64 << 20) / bytes_c) + 1;
+    W.data = mem;
+    k->matmul(&W, x, 1, s->cols, y, rows_c, 0, 0, rows_c, 0);
+    for (int p = 0; p < pairs; p++) {
+        double t0 = dsi_now();
+        for (int i = 0; i < inner; i++) k->matmul(&W, x, 1, s->cols, y, rows_c, 0, 0, rows_c, 0);
+        t_cache[p] = (dsi_now() - t0) / inner;
+    }
+    double g = bytes / median(t_gemv, pairs) / 1e9, rd = bytes / median(t_read, pairs) / 1e9;
+    double q = median(ratio, pairs), cache = bytes_c / median(t_cache, pairs) / 1e9;
+    printf("%-26s %-5s %5d x %-5d %8.1f %8.1f %7.0f%% %9.1f %7.0f%%\n", s->what, s->dt == DSI_BF16 ? "bf16" : "fp8",
+           s->rows, s->cols, g, rd, 100 * q, cache, 100 * g / (cache < rd ? cache : rd));
+    (void)sink;
+    free(scales), free(x), free(y), free(t_gemv), free(t_read), free(ratio), free(t_cache);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    const char *kname = NULL;
+    int pairs = 30;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--kernels") && i + 1 < argc) kname = argv[++i];
+        else if (!strcmp(argv[i], "--pairs") && i + 1 < argc) pairs = atoi(argv[++i]);
+        else {
+            fprintf(stderr, "usage: bench_gemv [--kernels avx512|avx2|ref] [--pairs N]\n");
+            return strcmp(argv[i], "--help") ? 2 : 0;
+        }
+    }
+    if (pairs < 3) pairs = 3;
+    const dsi_kernels *k = kname ? dsi_kernels_by_name(kname) : dsi_kernels_select();
+    if (!k) {
+        fprintf(stderr, "bench_gemv: kernels '%s' not usable on this CPU\n", kname);
+        return 1;
+    }
+    const shape shapes[] = {
+        {"expert gate/up (small)", DSI_F8_E4M3, 768, 2048},
+        {"expert down (small)", DSI_F8_E4M3, 2048, 768},
+        {"q_b (small)", DSI_F8_E4M3, 3072, 768},
+        {"dense down (small)", DSI_F8_E4M3, 2048, 8192},
+        {"expert gate/up (V3)", DSI_F8_E4M3, 2048, 7168},
+        {"lm_head (small)", DSI_BF16, 32000, 2048},
+    };
+    printf("decode GEMV, one activation row, one thread, %s kernels; %d alternating pairs per shape\n", k->name, pairs);
+    printf("memory: weights streamed from memory; read: a plain read of the same bytes, alternating with it;\n"
+           "cache: the same GEMV on rows that stay in L2 (its arithmetic's rate); of bound: memory / min(read, cache)\n\n");
+    printf("%-26s %-5s %13s %8s %8s %8s %9s %8s\n", "matrix", "dtype", "rows x cols", "memory", "read", "ratio",
+           "cache", "of bound");
+    printf("%-26s %-5s %13s %8s %8s %8s %9s %8s\n", "", "", "", "GB/s", "GB/s", "", "GB/s", "");
+    uint8_t *mem = huge_alloc(STREAM_BYTES);
+    if (!mem) {
+        fprintf(stderr, "bench_gemv: cannot map %zu MB\n", STREAM_BYTES >> 20);
+        return 1;
+    }
+    for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++)
+        if (run_shape(k, &shapes[i], pairs, mem)) return 1;
+    return 0;
+}
