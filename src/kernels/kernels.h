@@ -108,7 +108,7 @@ const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *l
 
 /* The FP8 decode GEMV on long rows (both SIMD files). A segment kernel:
  * row segment w[0, K) . xs, its far prefetch aimed at pfw + offset (clamped
- * to pf_last). */
+ * to pf_last), for offsets 0..K. */
 typedef float (*dsi_gemv_seg_fn)(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
                                  const uint8_t *pf_last);
 #define DSI_SEG_ROWS 32

@@ -189,8 +189,9 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * before its load asks: synthetic 26.4 -> 28.5 GB/s (read 29.3), decode
  * +1.4% on one thread and +1.8% on two.
  * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
- * for a whole row (gemv1_e4m3), the segment read later for a segment of a
- * long row (gemv1_e4m3_seg, which takes no near prefetch). */
+ * for a whole row (gemv1_e4m3); for a segment of a long row
+ * (gemv1_e4m3_seg, which takes no near prefetch) a point of the forward
+ * stream dsi__gemv_rows runs half a row group ahead. */
 #define ROW_PF_BYTES 8192
 #define ROW_NEAR_BYTES 1024
 static inline __attribute__((always_inline)) float gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
@@ -229,8 +230,7 @@ static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, co
     return gemv1_e4m3_body(w, K, xs, w + ROW_PF_BYTES, pf_last, 1);
 }
 /* A segment of a long row (dsi__gemv_rows): the far prefetch goes to
- * `pfw`, the segment read some segments later, and there is no near
- * prefetch. */
+ * `pfw` (see dsi__gemv_rows), and there is no near prefetch. */
 static __attribute__((noinline)) float gemv1_e4m3_seg(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
                                                        const uint8_t *pf_last) {
     return gemv1_e4m3_body(w, K, xs, pfw, pf_last, 0);

@@ -76,13 +76,18 @@ const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *l
  * segments summed in order. One whole long row needs 4K bytes of scaled
  * activations, which no longer fit in L1 beside the weight stream (32 KB for
  * K = 8192: every activation load went to L2); a segment's 16 KB stay in L1
- * while DSI_SEG_ROWS rows use them. The far prefetch targets the segment read
- * SEG_PF_AHEAD segments (16 KB) later, and the segments take no near
- * prefetch: with it, the segmented GEMV streamed 16-17 GB/s, without it
- * 25 (AVX-512 on Zen 4, one core, rows from memory: K = 8192 13 -> 25 GB/s,
- * K = 7168 18 -> 25, K = 16384 12 -> 22; K <= 4096 stays whole, 28-29). */
+ * while DSI_SEG_ROWS rows use them. The segments take no near prefetch:
+ * with it, the segmented GEMV streamed 16-17 GB/s, without it 25 (AVX-512 on
+ * Zen 4, one core, rows from memory: K = 8192 13 -> 25 GB/s, K = 7168
+ * 18 -> 25, K = 16384 12 -> 22; K <= 4096 stays whole, 28-29).
+ * The far prefetch does not follow the segment order, which hops between
+ * rows K bytes apart: it runs through memory in address order, half a group
+ * (g/2 rows) ahead, one line per line computed, so memory sees a single
+ * forward stream and the group's segments are read from L2 in any order.
+ * Aimed at the segment read 4 segments later instead (the form before),
+ * the GEMV streamed 69-74% of a plain read (bench_gemv, K = 7168 and 8192);
+ * half a group ahead 76-81% (a whole group ahead 71-77%, a quarter 52-54%). */
 #define SEG_BYTES 4096
-#define SEG_PF_AHEAD 4
 
 int dsi__gemv_seg_bytes(int K) {
     int nseg = DSI_CEIL_DIV(K, SEG_BYTES);
@@ -97,11 +102,9 @@ void dsi__gemv_rows(const uint8_t *w, int K, int seg, int g, const float *xs, co
     }
     int total = DSI_CEIL_DIV(K, seg) * g;
     for (int r = 0; r < g; r++) out[r] = 0;
+    const uint8_t *ahead = w + (size_t)g * K / 2;
     for (int i = 0; i < total; i++) { /* i = segment * g + row */
-        int r = i % g, k0 = (i / g) * seg, ia = i + SEG_PF_AHEAD;
-        /* past the last segment: the following rows' first ones */
-        const uint8_t *pf = ia < total ? w + (size_t)(ia % g) * K + (size_t)(ia / g) * seg
-                                       : w + (size_t)(g + ia - total) * K;
-        out[r] += segment(w + (size_t)r * K + k0, (size_t)DSI_MIN(seg, K - k0), xs + k0, pf, last);
+        int r = i % g, k0 = (i / g) * seg;
+        out[r] += segment(w + (size_t)r * K + k0, (size_t)DSI_MIN(seg, K - k0), xs + k0, ahead + (size_t)i * seg, last);
     }
 }
