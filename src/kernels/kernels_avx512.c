@@ -175,9 +175,13 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * rows). Four rows interleaved (the tile form) are four short streams that
  * restart every tile, and the hardware prefetcher follows them badly: 37 vs
  * 40.7 GB/s on one core against a plain read's 42 (bench-like synthetic,
- * 768x2048 matrices). Eight accumulators (even and odd 64-byte lines, each
- * line's four decoded sub-vectors) keep the FMAs off each other's latency.
- * Out of line with nothing else live (inlined, GCC spilled to the stack).
+ * 768x2048 matrices). Four accumulators, one per decoded sub-vector of a
+ * 64-byte line: a line's decode takes longer than an FMA's latency, so four
+ * chains keep the FMAs busy. Eight (even and odd lines apart, the form
+ * before) cost three more adds per row: with the weights in L2, rows of
+ * 768 bytes ran 27.7 -> 29.0 GB/s and 2048 bytes 29.4 -> 30.0 with four
+ * (bench_gemv's shapes, Zen 4). Out of line with nothing else live (inlined,
+ * GCC spilled to the stack).
  *
  * The prefetch goes to L2 (T1), not L1: on Zen 4 a T0 prefetch stream ran this
  * GEMV at 10-15 GB/s against a plain read's 23-26, T1 at 20-25 (synthetic
@@ -196,13 +200,13 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
 #define ROW_NEAR_BYTES 1024
 static inline __attribute__((always_inline)) float gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
                                                                    const uint8_t *pfw, const uint8_t *pf_last, int near) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
     size_t k = 0;
 /* byte i of each 32-bit lane at bits 20-27 with its sign at 31: u holds bytes
  * 1 and 3 shifted within their 16-bit halves, t bytes 0 and 2 */
 #define DEC(v) _mm512_castsi512_ps(_mm512_and_si512((v), mask))
-#define LINE(off, A0, A1, A2, A3)                                                                      \
+#define LINE(off)                                                                                      \
     {                                                                                                  \
         const uint8_t *pf = pfw + k + (off);                                                           \
         _mm_prefetch((const char *)(pf < pf_last ? pf : pf_last), _MM_HINT_T1);                        \
@@ -210,20 +214,19 @@ static inline __attribute__((always_inline)) float gemv1_e4m3_body(const uint8_t
         if (near) _mm_prefetch((const char *)(pn < pf_last ? pn : pf_last), _MM_HINT_T0);              \
         __m512i d = load_line(w + k + (off));                                                          \
         __m512i u = _mm512_srai_epi16(d, 4), t = _mm512_srai_epi16(_mm512_slli_epi16(d, 8), 4);        \
-        A0 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off)), DEC(_mm512_slli_epi32(t, 16)), A0);      \
-        A1 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 16), DEC(_mm512_slli_epi32(u, 16)), A1); \
-        A2 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 32), DEC(t), A2);                        \
-        A3 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 48), DEC(u), A3);                        \
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off)), DEC(_mm512_slli_epi32(t, 16)), a0);      \
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 16), DEC(_mm512_slli_epi32(u, 16)), a1); \
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 32), DEC(t), a2);                        \
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off) + 48), DEC(u), a3);                        \
     }
     for (; k + 128 <= K; k += 128) {
-        LINE(0, a0, a1, a2, a3)
-        LINE(64, b0, b1, b2, b3)
+        LINE(0)
+        LINE(64)
     }
-    if (k < K) LINE(0, a0, a1, a2, a3)
+    if (k < K) LINE(0)
 #undef LINE
 #undef DEC
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(a1, b1)),
-                                              _mm512_add_ps(_mm512_add_ps(a2, b2), _mm512_add_ps(a3, b3))));
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
 static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last) {
