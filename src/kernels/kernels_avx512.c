@@ -259,6 +259,27 @@ static inline __m512 reduce16(const __m512 v[16]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xdd));
 }
 
+/* The sums of four vectors' lanes, each by reduce16's tree (the same bits
+ * as reduce16's lanes for them). */
+static inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+    __m512 u = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xee));
+    __m512 y = _mm512_add_ps(u, _mm512_shuffle_f32x4(u, u, 0xee)); /* blocks 0 + 2, 1 + 3 */
+    return _mm_add_ps(_mm512_castps512_ps128(y), _mm512_extractf32x4_ps(y, 1));
+}
+
+/* Lanes 4x .. 4x+3 of v to o + x * ldo (x = 0..3), added to what is there
+ * when `accumulate`. */
+static inline void float4_store(float *o, size_t ldo, __m512 v, int accumulate) {
+    __m128 p[4] = {_mm512_extractf32x4_ps(v, 0), _mm512_extractf32x4_ps(v, 1), _mm512_extractf32x4_ps(v, 2),
+                   _mm512_extractf32x4_ps(v, 3)};
+    for (int x = 0; x < 4; x++) {
+        float *d = o + (size_t)x * ldo;
+        _mm_storeu_ps(d, accumulate ? _mm_add_ps(_mm_loadu_ps(d), p[x]) : p[x]);
+    }
+}
+
 /* out[r] = row r . xs for g rows of K bytes: whole rows (K up to
  * dsi__gemv_seg_bytes) sixteen at a time, each row's four accumulators
  * added into one vector and the sixteen reduced together; longer rows
@@ -1225,9 +1246,8 @@ static void avx512_dots(const float *q, const float *k, int n, size_t ldk, int d
             a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(km, k2 + c), a2);
             a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(km, k3 + c), a3);
         }
-        float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                      _mm512_reduce_add_ps(a3)};
-        for (int i = 0; i < 4; i++) out[j + i] = accumulate ? out[j + i] + r[i] : r[i];
+        __m128 r = reduce4(a0, a1, a2, a3); /* dots_mh's reduction: the same bits per head */
+        _mm_storeu_ps(out + j, accumulate ? _mm_add_ps(_mm_loadu_ps(out + j), r) : r);
     }
     for (; j < n; j++) {
         float v = avx512_dot(q, k + j * ldk, d);
@@ -1299,11 +1319,12 @@ static void avx512_dots_mh(const float *q, size_t ldq, int nh, const float *k, i
                 _Pragma("GCC unroll 4") for (int x = 0; x < 4; x++)
                     _Pragma("GCC unroll 4") for (int y = 0; y < 4; y++) a[x][y] = _mm512_fmadd_ps(qv[x], kv[y], a[x][y]);
             }
+            /* the 16 dot products reduced together: lane 4x + y */
+            __m512 v[16];
             for (int x = 0; x < 4; x++)
-                for (int y = 0; y < 4; y++) {
-                    float v = _mm512_reduce_add_ps(a[x][y]), *o = out + (size_t)(h + x) * ldo + j + y;
-                    *o = accumulate ? *o + v : v;
-                }
+                for (int y = 0; y < 4; y++) v[4 * x + y] = a[x][y];
+            __m512 sum = reduce16(v);
+            float4_store(out + (size_t)h * ldo + j, ldo, sum, accumulate);
         }
         for (; h < nh; h++) avx512_dots(q + h * ldq, k0, 4, ldk, d, out + (size_t)h * ldo + j, accumulate);
     }
