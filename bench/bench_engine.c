@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "core/threadpool.h"
+#include "bench_stats.h"
 #include "dsinfer/engine.h"
 #include "dsinfer/model.h"
 #include "dsinfer/sampler.h"
@@ -68,16 +69,6 @@ static double measure_bandwidth_buf(dsi_pool *pool, const float *buf, size_t byt
     return best;
 }
 
-static int cmp_dbl(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, n, sizeof *v, cmp_dbl);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 #define WINDOW 16
 #define BW_BYTES ((size_t)256 << 20)
 
@@ -114,7 +105,7 @@ static int decode_windows(dsi_engine *e, dsi_pool *pool, const float *bwbuf, con
     }
     double lo = 1e9, hi = 0;
     for (int w = 0; w < nw; w++) lo = ratio[w] < lo ? ratio[w] : lo, hi = ratio[w] > hi ? ratio[w] : hi;
-    double r = median(rate, nw), b = median(bound, nw), q = median(ratio, nw);
+    double r = bench_median(rate, nw), b = bench_median(bound, nw), q = bench_median(ratio, nw);
     printf("%-7d %-12s %8.1f %12.1f %8.0f%%   %3.0f-%3.0f%% of %d windows, bandwidth measured around each\n", nt, label, r, b,
            100 * q, 100 * lo, 100 * hi, nw);
     return 0;

@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "bench_stats.h"
 #include "dsinfer/common.h"
 #include "dsinfer/safetensors.h"
 #include "kernels/kernels.h"
@@ -53,16 +54,6 @@ __attribute__((target("avx2"))) static float plain_read(const void *p, size_t by
     float o[8];
     _mm256_storeu_ps(o, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     return o[0] + o[7];
-}
-
-static int cmp_dbl(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, n, sizeof *v, cmp_dbl);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 typedef struct {
@@ -135,8 +126,8 @@ static int run_shape(const dsi_kernels *k, const shape *s, int pairs, uint8_t *m
         for (int i = 0; i < inner; i++) k->matmul(&W, x, 1, s->cols, y, rows_c, 0, 0, rows_c, 0);
         t_cache[p] = (dsi_now() - t0) / inner;
     }
-    double g = bytes / median(t_gemv, pairs) / 1e9, rd = bytes / median(t_read, pairs) / 1e9;
-    double q = median(ratio, pairs), cache = bytes_c / median(t_cache, pairs) / 1e9;
+    double g = bytes / bench_median(t_gemv, pairs) / 1e9, rd = bytes / bench_median(t_read, pairs) / 1e9;
+    double q = bench_median(ratio, pairs), cache = bytes_c / bench_median(t_cache, pairs) / 1e9;
     printf("%-26s %-5s %5d x %-5d %8.1f %8.1f %7.0f%% %9.1f %7.0f%%\n", s->what, s->dt == DSI_BF16 ? "bf16" : "fp8",
            s->rows, s->cols, g, rd, 100 * q, cache, 100 * g / (cache < rd ? cache : rd));
     (void)sink;
