@@ -175,8 +175,9 @@ static void scale_rows(const dsi_mat *W, int rb, const float *x, int ldx, int mr
         float *o = xs + (size_t)m * K;
         int k = 0;
         if (bc % 32 == 0) {
-            for (; k < K32; k += 32) {
-                __m256 sv = _mm256_set1_ps(s[k / bc] * TWO_POW_120), v[4];
+            for (int cb = 0, kend = bc; k < K32; k += 32) {
+                if (k == kend) cb++, kend += bc; /* the block index without a division */
+                __m256 sv = _mm256_set1_ps(s[cb] * TWO_POW_120), v[4];
                 permute32(xm + k, v);
                 for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + k + 8 * i, _mm256_mul_ps(v[i], sv));
             }

@@ -342,8 +342,9 @@ static void scale_rows(const dsi_mat *W, int rb, const float *x, int ldx, int mr
         float *o = xs + (size_t)m * K;
         int k = 0;
         if (bc % 64 == 0) {
-            for (; k < K64; k += 64) {
-                __m512 sv = _mm512_set1_ps(s[k / bc] * TWO_POW_120);
+            for (int cb = 0, kend = bc; k < K64; k += 64) {
+                if (k == kend) cb++, kend += bc; /* the block index without a division */
+                __m512 sv = _mm512_set1_ps(s[cb] * TWO_POW_120);
                 for (int i = 0; i < 4; i++) _mm512_storeu_ps(o + k + 16 * i, _mm512_mul_ps(lanes_4l_plus(xm + k, i), sv));
             }
         } else {
@@ -975,10 +976,12 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
     for (int n = n0; n < n1;) {
         int rb = n / br, end = DSI_MIN(n1, (rb + 1) * br);
         if (fast) { /* the same product as scale_rows: x times (scale x 2^120) */
+            /* by column block: no division per 64 columns */
             const float *sr = W->scale_inv + (size_t)rb * W->scale_cols;
-            for (int k = 0; k < K; k += 64) {
-                __m512 sv = _mm512_set1_ps(sr[k / bc] * TWO_POW_120);
-                for (int i = 0; i < 4; i++) _mm512_storeu_ps(xs + k + 16 * i, _mm512_mul_ps(_mm512_loadu_ps(xp + k + 16 * i), sv));
+            for (int k0 = 0, cb = 0; k0 < K; k0 += bc, cb++) {
+                __m512 sv = _mm512_set1_ps(sr[cb] * TWO_POW_120);
+                for (int k = k0; k < DSI_MIN(K, k0 + bc); k += 16)
+                    _mm512_storeu_ps(xs + k, _mm512_mul_ps(_mm512_loadu_ps(xp + k), sv));
             }
         } else {
             scale_rows(W, rb, x, K, 1, xs);
