@@ -814,30 +814,33 @@ static void gemv_bf16w_path(const dsi_mat *W, const float *x, float *y, int y_co
  * low half, against a copy of x split into even and odd columns per 32. One
  * row at a time like gemv1_e4m3, K a multiple of 64 (this is the LM head:
  * 18% of a small model's bytes per token).
- * Each 256 bytes of the row are first copied by a one-load loop into a stack
- * buffer, then decoded from there; the far prefetch (to L2) stays. On Zen 4,
- * one core, a 32000 x 2048 matrix from memory against a plain read of the
- * same size alternating with it: this form streamed 0.93-0.96 of the read;
- * loading each line where it is used, with far and near prefetches per line
- * (the form before), 0.75; the same without prefetches 0.45-0.55; the four
- * lines loaded into registers first, 0.80. The decode of `small` on one
- * thread gained 3-6% (two threads: 1%). Why the copy helps is not settled
- * (the same copy with its decode scheduled differently by the compiler
- * measured 0.75 in a test harness), so the engine A/B is the check. */
+ * Each 256 bytes of the row are first touched by a one-load loop (the
+ * loaded lines are dropped), then decoded by loads that find them in L1;
+ * the far prefetch (to L2) stays. On Zen 4, one core, a 32000 x 2048 matrix
+ * from memory against a plain read of the same size alternating with it:
+ * the touch (or a copy of the 256 bytes through a stack buffer) streamed
+ * 0.93-0.96 of the read; loading each line where it is used, with far and
+ * near prefetches per line (the form before), 0.75; the same without
+ * prefetches 0.45-0.55; the four lines loaded into registers and decoded
+ * from there, 0.80. The decode of `small` on one thread gained 3-6% (two
+ * threads: 1%). From L2 the touch ran 30.5-33.9 GB/s against the copy's
+ * 26.7-29.2 (its decode waited on store forwarding). Why the touch helps
+ * from memory is not settled (a copy whose decode the compiler scheduled
+ * differently measured 0.75 in a test harness); the engine A/B is the
+ * check. */
 static __attribute__((noinline)) float gemv1_bf16(const uint16_t *w, size_t K, const float *xp, const uint16_t *pf_last) {
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-    __attribute__((aligned(64))) uint16_t buf[128];
     for (size_t k = 0; k < K; k += 128) {
         int lines = K - k >= 128 ? 4 : 2; /* K % 128 == 64: a last half block */
         _Pragma("GCC unroll 1") for (int l = 0; l < lines; l++) {
             const uint16_t *pf = w + k + 32 * l + ROW_PF_BYTES / 2;
             _mm_prefetch((const char *)(pf < pf_last ? pf : pf_last), _MM_HINT_T1);
-            _mm512_store_si512(buf + 32 * l, load_line(w + k + 32 * l));
+            __m512i t = load_line(w + k + 32 * l);
+            __asm__ volatile("" ::"v"(t)); /* kept: the load is the point */
         }
-        __asm__ volatile("" ::: "memory");
         for (int l = 0; l < lines; l += 2) {
-            __m512i d0 = _mm512_load_si512(buf + 32 * l), d1 = _mm512_load_si512(buf + 32 * l + 32);
+            __m512i d0 = _mm512_loadu_si512(w + k + 32 * l), d1 = _mm512_loadu_si512(w + k + 32 * l + 32);
             const float *xk = xp + k + 32 * l;
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xk), _mm512_castsi512_ps(_mm512_slli_epi32(d0, 16)), a0);
             a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 16), _mm512_castsi512_ps(_mm512_and_si512(d0, hi)), a1);
