@@ -145,13 +145,9 @@ void dsi__moe_io_round_out(dsi_moe_io mode, float *y, int D) {
     for (int i = 0; i < D; i++) y[i] = dsi_bf16_to_f32(dsi_f32_to_bf16(y[i]));
 }
 
-typedef struct route_job {
-    dsi_engine *e;
-} route_job;
-
 /* Slots [b, end): the token's row copied in and rounded as dispatch would */
 static void gather_task(void *ctx, int64_t b, int64_t end, int tid) {
-    dsi_engine *e = ((const route_job *)ctx)->e;
+    dsi_engine *e = ctx;
     dsi_scratch *s = &e->s;
     int D = e->c->hidden;
     (void)tid;
@@ -180,14 +176,13 @@ static void dispatch_local(dsi_engine *e) {
             s->exp_wts[slot] = s->topk_w[t * K + r];
             s->tok_slot[t * K + r] = slot;
         }
-    route_job j = {e};
-    dsi_pool_for(T >= ROWS_PARALLEL_MIN ? e->pool : NULL, (int64_t)T * K, 8, gather_task, &j);
+    dsi_pool_for(T >= ROWS_PARALLEL_MIN ? e->pool : NULL, (int64_t)T * K, 8, gather_task, e);
 }
 
 /* Tokens [b, end): each adds its experts' outputs, weighted, in slot order
  * (the order of the serial sum over slots, so the same numbers). */
 static void combine_task(void *ctx, int64_t b, int64_t end, int tid) {
-    dsi_engine *e = ((const route_job *)ctx)->e;
+    dsi_engine *e = ctx;
     dsi_scratch *s = &e->s;
     int D = e->c->hidden, K = e->c->n_experts_per_tok;
     (void)tid;
@@ -207,8 +202,7 @@ static void combine_task(void *ctx, int64_t b, int64_t end, int tid) {
 
 /* COMBINE: weighted sum into the residual */
 static void combine_local(dsi_engine *e) {
-    route_job j = {e};
-    dsi_pool_for(e->T >= ROWS_PARALLEL_MIN ? e->pool : NULL, e->T, 4, combine_task, &j);
+    dsi_pool_for(e->T >= ROWS_PARALLEL_MIN ? e->pool : NULL, e->T, 4, combine_task, e);
 }
 
 int dsi__stage_routed_local(dsi_engine *e, int layer) {
