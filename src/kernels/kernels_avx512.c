@@ -199,6 +199,7 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * stream dsi__gemv_rows runs half a row group ahead. */
 #define ROW_PF_BYTES 8192
 #define ROW_NEAR_BYTES 1024
+#define BF16_TOUCH 512 /* gemv1_bf16 */
 static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
                                                                     const uint8_t *pfw, const uint8_t *pf_last, int near) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -821,34 +822,32 @@ static void gemv_bf16w_path(const dsi_mat *W, const float *x, float *y, int y_co
  * low half, against a copy of x split into even and odd columns per 32. One
  * row at a time like gemv1_e4m3, K a multiple of 64 (this is the LM head:
  * 18% of a small model's bytes per token).
- * Each 256 bytes of the row are first touched by a one-load loop (the
- * loaded lines are dropped), then decoded by loads that find them in L1;
- * the far prefetch (to L2) stays. On Zen 4, one core, a 32000 x 2048 matrix
- * from memory against a plain read of the same size alternating with it:
- * the touch (or a copy of the 256 bytes through a stack buffer) streamed
- * 0.93-0.96 of the read; loading each line where it is used, with far and
- * near prefetches per line (the form before), 0.75; the same without
- * prefetches 0.45-0.55; the four lines loaded into registers and decoded
- * from there, 0.80. The decode of `small` on one thread gained 3-6% (two
- * threads: 1%). From L2 the touch ran 30.5-33.9 GB/s against the copy's
- * 26.7-29.2 (its decode waited on store forwarding). Why the touch helps
- * from memory is not settled (a copy whose decode the compiler scheduled
- * differently measured 0.75 in a test harness); the engine A/B is the
- * check. */
-static __attribute__((noinline)) float gemv1_bf16(const uint16_t *w, size_t K, const float *xp, const uint16_t *pf_last) {
+ * Each BF16_TOUCH bytes of the row are first touched by a one-load loop (the
+ * loaded lines are dropped), then decoded by loads that find them in L1. No
+ * software prefetch: the hardware's, fed by the touch loop's run of
+ * misses, keeps ahead. On Zen 4, a 32000 x 2048 matrix from memory against
+ * a plain read of the same size alternating with it (test harness, 1 and 2
+ * threads each streaming half, 8 pairs per run): touching 512 bytes without
+ * prefetch streamed 0.89-0.96 of the read; the form before (256 bytes, and a
+ * far prefetch per line) 0.64-0.91, lower in every run; 128-byte touches
+ * 0.89, 1-4 KB 0.76-0.92; loading each line where it is used, 0.67 with a
+ * far prefetch per line and 0.61-0.81 without. In the engine (one process
+ * alternating the two forms per 16 tokens) the LM head went 26.0 -> 28.6
+ * GB/s on one thread and 40.8 -> 44.7 on two. (For FP8 weights the software
+ * prefetch is what keeps the stream going: without it, 0.3-0.55 of the read;
+ * their decode does three times the work per byte.) */
+static __attribute__((noinline)) float gemv1_bf16(const uint16_t *w, size_t K, const float *xp) {
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-    for (size_t k = 0; k < K; k += 128) {
-        int lines = K - k >= 128 ? 4 : 2; /* K % 128 == 64: a last half block */
-        _Pragma("GCC unroll 1") for (int l = 0; l < lines; l++) {
-            const uint16_t *pf = w + k + 32 * l + ROW_PF_BYTES / 2;
-            _mm_prefetch((const char *)(pf < pf_last ? pf : pf_last), _MM_HINT_T1);
-            __m512i t = load_line(w + k + 32 * l);
+    for (size_t k = 0; k < K; k += BF16_TOUCH / 2) {
+        size_t n = DSI_MIN((size_t)BF16_TOUCH / 2, K - k); /* a multiple of 64 */
+        _Pragma("GCC unroll 1") for (size_t l = 0; l < n; l += 32) {
+            __m512i t = load_line(w + k + l);
             __asm__ volatile("" ::"v"(t)); /* kept: the load is the point */
         }
-        for (int l = 0; l < lines; l += 2) {
-            __m512i d0 = _mm512_loadu_si512(w + k + 32 * l), d1 = _mm512_loadu_si512(w + k + 32 * l + 32);
-            const float *xk = xp + k + 32 * l;
+        for (size_t l = 0; l < n; l += 64) {
+            __m512i d0 = _mm512_loadu_si512(w + k + l), d1 = _mm512_loadu_si512(w + k + l + 32);
+            const float *xk = xp + k + l;
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xk), _mm512_castsi512_ps(_mm512_slli_epi32(d0, 16)), a0);
             a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 16), _mm512_castsi512_ps(_mm512_and_si512(d0, hi)), a1);
             b0 = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 32), _mm512_castsi512_ps(_mm512_slli_epi32(d1, 16)), b0);
@@ -872,9 +871,9 @@ static void gemv_bf16f32_path(const dsi_mat *W, const float *x, float *y, int y_
         _mm512_storeu_ps(xp + k, _mm512_permutex2var_ps(a, ev, b));
         _mm512_storeu_ps(xp + k + 16, _mm512_permutex2var_ps(a, od, b));
     }
-    const uint16_t *base = W->data, *last = base + (size_t)n1 * K - 32;
+    const uint16_t *base = W->data;
     for (int n = n0; n < n1; n++) {
-        float v = gemv1_bf16(base + (size_t)n * K, (size_t)K, xp, last), *d = &y[n - y_col0];
+        float v = gemv1_bf16(base + (size_t)n * K, (size_t)K, xp), *d = &y[n - y_col0];
         *d = accumulate ? *d + v : v;
     }
 }
