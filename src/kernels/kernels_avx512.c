@@ -190,18 +190,21 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * from 20.0 to 24.6 tok/s. The decode takes two bytes per 16-bit arithmetic
  * shift (u, t below): 5 shifts and 4 ands per line instead of 7 and 4, the
  * same floats (25.4 vs 24.6 tok/s; 33 vs 27 GB/s with the weights in L2).
- * A second prefetch, ROW_NEAR_BYTES ahead into L1, moves each line from L2
- * before its load asks: synthetic 26.4 -> 28.5 GB/s (read 29.3), decode
- * +1.4% on one thread and +1.8% on two.
+ * There is no second, near prefetch into L1. One 1 KB ahead had measured
+ * +1.4% (one thread) and +1.8% (two) when the decode had 8 accumulators and
+ * one reduction per row; with today's loop, decode without it ran +0.5 to
+ * +3.4% on one thread and -1.9 to +0.6% on two (five same-process A/Bs,
+ * forms alternating per 16 tokens), and its 16-row groups from L2 0-2%
+ * faster: a prefetch instruction per line is one more load-port use in a
+ * loop that is short of them (5 loads per 13 vector operations).
  * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
  * for a whole row (gemv1_e4m3); for a segment of a long row
- * (gemv1_e4m3_seg, which takes no near prefetch) a point of the forward
- * stream dsi__gemv_rows runs half a row group ahead. */
+ * (gemv1_e4m3_seg) a point of the forward stream dsi__gemv_rows runs half a
+ * row group ahead. */
 #define ROW_PF_BYTES 8192
-#define ROW_NEAR_BYTES 1024
 #define BF16_TOUCH 512 /* gemv1_bf16 */
 static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
-                                                                    const uint8_t *pfw, const uint8_t *pf_last, int near) {
+                                                                    const uint8_t *pfw, const uint8_t *pf_last) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
     size_t k = 0;
@@ -212,8 +215,6 @@ static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_
     {                                                                                                  \
         const uint8_t *pf = pfw + k + (off);                                                           \
         _mm_prefetch((const char *)(pf < pf_last ? pf : pf_last), _MM_HINT_T1);                        \
-        const uint8_t *pn = w + k + (off) + ROW_NEAR_BYTES;                                            \
-        if (near) _mm_prefetch((const char *)(pn < pf_last ? pn : pf_last), _MM_HINT_T0);              \
         __m512i d = load_line(w + k + (off));                                                          \
         __m512i u = _mm512_srai_epi16(d, 4), t = _mm512_srai_epi16(_mm512_slli_epi16(d, 8), 4);        \
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xs + k + (off)), DEC(_mm512_slli_epi32(t, 16)), a0);      \
@@ -232,14 +233,14 @@ static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_
 }
 
 static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last) {
-    return _mm512_reduce_add_ps(gemv1_e4m3_body(w, K, xs, w + ROW_PF_BYTES, pf_last, 1));
+    return _mm512_reduce_add_ps(gemv1_e4m3_body(w, K, xs, w + ROW_PF_BYTES, pf_last));
 }
 
 /* A segment of a long row (dsi__gemv_rows): the far prefetch goes to
- * `pfw` (see dsi__gemv_rows), and there is no near prefetch. */
+ * `pfw` (see dsi__gemv_rows). */
 static __attribute__((noinline)) float gemv1_e4m3_seg(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
                                                        const uint8_t *pf_last) {
-    return _mm512_reduce_add_ps(gemv1_e4m3_body(w, K, xs, pfw, pf_last, 0));
+    return _mm512_reduce_add_ps(gemv1_e4m3_body(w, K, xs, pfw, pf_last));
 }
 
 /* Lane i of the result: the sum of v[i]'s 16 lanes, for 16 vectors at once
@@ -285,7 +286,7 @@ static inline void float4_store(float *o, size_t ldo, __m512 v, int accumulate) 
 static __attribute__((noinline)) void gemv_rows16(const uint8_t *w, int K, int n, const float *xs, const uint8_t *last,
                                                   __m512 *v) {
     for (int r = 0; r < n; r++)
-        v[r] = gemv1_e4m3_body(w + (size_t)r * K, (size_t)K, xs, w + (size_t)r * K + ROW_PF_BYTES, last, 1);
+        v[r] = gemv1_e4m3_body(w + (size_t)r * K, (size_t)K, xs, w + (size_t)r * K + ROW_PF_BYTES, last);
     for (int r = n; r < 16; r++) v[r] = _mm512_setzero_ps();
 }
 
