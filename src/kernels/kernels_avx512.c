@@ -195,8 +195,9 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * one reduction per row; with today's loop, decode without it ran +0.5 to
  * +3.4% on one thread and -1.9 to +0.6% on two (five same-process A/Bs,
  * forms alternating per 16 tokens), and its 16-row groups from L2 0-2%
- * faster: a prefetch instruction per line is one more load-port use in a
- * loop that is short of them (5 loads per 13 vector operations).
+ * faster. Why is not settled: the load ports are not the limit (two rows
+ * at once, sharing each activation load, 3 loads per line instead of 5:
+ * 1-2% faster from L2, -3 to 0% in the engine; not kept).
  * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
  * for a whole row (gemv1_e4m3); for a segment of a long row
  * (gemv1_e4m3_seg) a point of the forward stream dsi__gemv_rows runs half a
