@@ -193,9 +193,9 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * There is no second, near prefetch into L1. One 1 KB ahead had measured
  * +1.4% (one thread) and +1.8% (two) when the decode had 8 accumulators and
  * one reduction per row; with today's loop, decode without it ran +0.5 to
- * +3.4% on one thread and -1.9 to +0.6% on two (five same-process A/Bs,
- * forms alternating per 16 tokens), and its 16-row groups from L2 0-2%
- * faster. Why is not settled: the load ports are not the limit (two rows
+ * +3.4% on one thread (five same-process A/Bs, forms alternating per 16
+ * tokens; mean +1.8%) and -1.9 to +0.6% on two (six; mean -0.5%), and its
+ * 16-row groups from L2 0-2% faster. One thread is the bound that binds. Why is not settled: the load ports are not the limit (two rows
  * at once, sharing each activation load, 3 loads per line instead of 5:
  * 1-2% faster from L2, -3 to 0% in the engine; not kept).
  * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
