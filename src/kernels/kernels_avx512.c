@@ -195,7 +195,8 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * one reduction per row; with today's loop, decode without it ran +0.5 to
  * +3.4% on one thread (five same-process A/Bs, forms alternating per 16
  * tokens; mean +1.8%) and -1.9 to +0.6% on two (six; mean -0.5%), and its
- * 16-row groups from L2 0-2% faster. One thread is the bound that binds. Why is not settled: the load ports are not the limit (two rows
+ * 16-row groups from L2 0-2% faster. It went for the one-thread gain: one
+ * thread is where decode falls furthest below its bound. Why is not settled: the load ports are not the limit (two rows
  * at once, sharing each activation load, 3 loads per line instead of 5:
  * 1-2% faster from L2, -3 to 0% in the engine; not kept).
  * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
