@@ -196,15 +196,15 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * +3.4% on one thread (five same-process A/Bs, forms alternating per 16
  * tokens; mean +1.8%) and -1.9 to +0.6% on two (six; mean -0.5%), and its
  * 16-row groups from L2 0-2% faster. It went for the one-thread gain: one
- * thread is where decode falls furthest below its bound. Why is not settled: the load ports are not the limit (two rows
- * at once, sharing each activation load, 3 loads per line instead of 5:
- * 1-2% faster from L2, -3 to 0% in the engine; not kept).
+ * thread is where decode falls furthest below its bound. Why it costs is
+ * not settled: the load ports are not the limit (two rows at once, sharing
+ * each activation load, 3 loads per line instead of 5: 1-2% faster from L2,
+ * -3 to 0% in the engine; not kept).
  * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
  * for a whole row (gemv1_e4m3); for a segment of a long row
  * (gemv1_e4m3_seg) a point of the forward stream dsi__gemv_rows runs half a
  * row group ahead. */
 #define ROW_PF_BYTES 8192
-#define BF16_TOUCH 512 /* gemv1_bf16 */
 static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
                                                                     const uint8_t *pfw, const uint8_t *pf_last) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -841,6 +841,7 @@ static void gemv_bf16w_path(const dsi_mat *W, const float *x, float *y, int y_co
  * GB/s on one thread and 40.8 -> 44.7 on two. (For FP8 weights the software
  * prefetch is what keeps the stream going: without it, 0.3-0.55 of the read;
  * their decode does three times the work per byte.) */
+#define BF16_TOUCH 512
 static __attribute__((noinline)) float gemv1_bf16(const uint16_t *w, size_t K, const float *xp) {
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
