@@ -20,7 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "bench_stats.h"
 #include "dsinfer/common.h"
@@ -31,15 +30,6 @@
 #define STREAM_BYTES ((size_t)512 << 20) /* all copies of one shape together */
 #define CACHE_BYTES ((size_t)512 << 10)
 #define WARMUP 3
-
-static void *huge_alloc(size_t bytes) {
-    size_t huge = (size_t)2 << 20, span = bytes + huge;
-    uint8_t *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw == MAP_FAILED) return NULL;
-    uint8_t *mem = (uint8_t *)(((uintptr_t)raw + huge - 1) & ~(uintptr_t)(huge - 1));
-    madvise(mem, bytes, MADV_HUGEPAGE);
-    return mem;
-}
 
 /* 256-bit loads as in bench_engine: the bus, not the load ports, limits it */
 __attribute__((target("avx2"))) static float plain_read(const void *p, size_t bytes) {
@@ -166,7 +156,7 @@ int main(int argc, char **argv) {
     printf("%-26s %-5s %13s %8s %8s %8s %9s %8s\n", "matrix", "dtype", "rows x cols", "memory", "read", "ratio",
            "cache", "of bound");
     printf("%-26s %-5s %13s %8s %8s %8s %9s %8s\n", "", "", "", "GB/s", "GB/s", "", "GB/s", "");
-    uint8_t *mem = huge_alloc(STREAM_BYTES);
+    uint8_t *mem = bench_huge_alloc(STREAM_BYTES);
     if (!mem) {
         fprintf(stderr, "bench_gemv: cannot map %zu MB\n", STREAM_BYTES >> 20);
         return 1;
