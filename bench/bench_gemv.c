@@ -15,7 +15,6 @@
  *
  *   build/bench_gemv [--kernels avx512|avx2|ref] [--pairs N]
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,21 +29,6 @@
 #define STREAM_BYTES ((size_t)512 << 20) /* all copies of one shape together */
 #define CACHE_BYTES ((size_t)512 << 10)
 #define WARMUP 3
-
-/* 256-bit loads as in bench_engine: the bus, not the load ports, limits it */
-__attribute__((target("avx2"))) static float plain_read(const void *p, size_t bytes) {
-    const float *f = p;
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (size_t i = 0; i < bytes / 4; i += 32) {
-        s0 = _mm256_add_ps(s0, _mm256_load_ps(f + i));
-        s1 = _mm256_add_ps(s1, _mm256_load_ps(f + i + 8));
-        s2 = _mm256_add_ps(s2, _mm256_load_ps(f + i + 16));
-        s3 = _mm256_add_ps(s3, _mm256_load_ps(f + i + 24));
-    }
-    float o[8];
-    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    return o[0] + o[7];
-}
 
 typedef struct {
     const char *what;
@@ -98,7 +82,7 @@ static int run_shape(const dsi_kernels *k, const shape *s, int pairs, uint8_t *m
         double tg = dsi_now() - t0;
         const void *r = mem + stride * (c++ % copies);
         t0 = dsi_now();
-        sink += plain_read(r, bytes & ~(size_t)127);
+        sink += bench_read(r, (bytes & ~(size_t)127) / 4, 0);
         if (p < 0) continue;
         t_gemv[p] = tg;
         t_read[p] = dsi_now() - t0;
