@@ -183,6 +183,18 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * (bench_gemv's shapes, Zen 4). Used only where nothing else is live (a row
  * loop, gemv_rows16, and the one-row wrappers): inlined into bigger code,
  * GCC spilled to the stack.
+ * On one Zen 4 core the loop is issue-bound: a line is 13 vector
+ * instructions, and the core starts at most two 512-bit ones a cycle (one
+ * FMA and one shift at most among them; measured with independent
+ * instructions: FMA + shift or FMA + and pair up, all three together run
+ * at two a cycle). The same 13 on registers, no loads, run at ~34 GB/s of
+ * weights; this loop from L2 at 88-92% of that (bench_gemv, "of issue"),
+ * which is below one core's streaming read (30-37 GB/s here). Tried and
+ * slower or no better (L2, same process): a 16-bit multiply for the 8-bit
+ * shift (it shares the FMA pipes), a byte shift (vpslldq) for the 32-bit
+ * ones, FP8 x bf16 products with vdpbf16ps on an exact three-way bf16 split
+ * of x (6 dot products per line; LUT decode with vpermi2b, which also
+ * contends with the FMA pipes): 20-27 GB/s.
  *
  * The prefetch goes to L2 (T1), not L1: on Zen 4 a T0 prefetch stream ran this
  * GEMV at 10-15 GB/s against a plain read's 23-26, T1 at 20-25 (synthetic
