@@ -184,6 +184,7 @@ int main(int argc, char **argv) {
         {"q_b (small)", DSI_F8_E4M3, 3072, 768},
         {"dense down (small)", DSI_F8_E4M3, 2048, 8192},
         {"expert gate/up (V3)", DSI_F8_E4M3, 2048, 7168},
+        {"o_proj (V3)", DSI_F8_E4M3, 7168, 16384},
         {"lm_head (small)", DSI_BF16, 32000, 2048},
     };
     /* the issue rate of the FP8 decode's instructions (the AVX-512 kernel's), median of 9 */

@@ -121,6 +121,10 @@ typedef float (*dsi_gemv_row_fn)(const uint8_t *w, size_t K, const float *xs, co
  * through `segment` (seg from dsi__gemv_seg_bytes). */
 void dsi__gemv_rows(const uint8_t *w, int K, int seg, int g, const float *xs, const uint8_t *last, float *out,
                     dsi_gemv_row_fn row, dsi_gemv_seg_fn segment);
+/* How far ahead of a group of g rows (K bytes, segments of seg) the far
+ * prefetch of the segmented GEMV starts, in bytes: it then advances one line
+ * per line computed. */
+size_t dsi__gemv_seg_ahead(int K, int seg, int g);
 
 /* Element of a weight as float32 (scalar helper used by references). */
 float dsi_mat_get(const dsi_mat *W, int r, int c);

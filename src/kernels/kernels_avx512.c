@@ -180,8 +180,8 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * chains keep the FMAs busy. Eight (even and odd lines apart, the form
  * before) cost three more adds per row: with the weights in L2, rows of
  * 768 bytes ran 27.7 -> 29.0 GB/s and 2048 bytes 29.4 -> 30.0 with four
- * (bench_gemv's shapes, Zen 4). Used only where nothing else is live (a row
- * loop, gemv_rows16, and the one-row wrappers): inlined into bigger code,
+ * (bench_gemv's shapes, Zen 4). Used only where nothing else is live (the
+ * row loops of gemv_rows16 and gemv_rows_seg): inlined into bigger code,
  * GCC spilled to the stack.
  * On one Zen 4 core the loop is issue-bound: a line is 13 vector
  * instructions, and the core starts at most two 512-bit ones a cycle (one
@@ -213,9 +213,9 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * each activation load, 3 loads per line instead of 5: 1-2% faster from L2,
  * -3 to 0% in the engine; not kept).
  * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
- * for a whole row (gemv1_e4m3); for a segment of a long row
- * (gemv1_e4m3_seg) a point of the forward stream dsi__gemv_rows runs half a
- * row group ahead. */
+ * for a whole row (gemv_rows16); for a segment of a long row
+ * (gemv_rows_seg) a point of the forward stream that runs
+ * dsi__gemv_seg_ahead bytes ahead of the row group. */
 #define ROW_PF_BYTES 8192
 static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
                                                                     const uint8_t *pfw, const uint8_t *pf_last) {
@@ -244,17 +244,6 @@ static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_
 #undef LINE
 #undef DEC
     return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-}
-
-static __attribute__((noinline)) float gemv1_e4m3(const uint8_t *w, size_t K, const float *xs, const uint8_t *pf_last) {
-    return _mm512_reduce_add_ps(gemv1_e4m3_body(w, K, xs, w + ROW_PF_BYTES, pf_last));
-}
-
-/* A segment of a long row (dsi__gemv_rows): the far prefetch goes to
- * `pfw` (see dsi__gemv_rows). */
-static __attribute__((noinline)) float gemv1_e4m3_seg(const uint8_t *w, size_t K, const float *xs, const uint8_t *pfw,
-                                                       const uint8_t *pf_last) {
-    return _mm512_reduce_add_ps(gemv1_e4m3_body(w, K, xs, pfw, pf_last));
 }
 
 /* Lane i of the result: the sum of v[i]'s 16 lanes, for 16 vectors at once
@@ -304,17 +293,41 @@ static __attribute__((noinline)) void gemv_rows16(const uint8_t *w, int K, int n
     for (int r = n; r < 16; r++) v[r] = _mm512_setzero_ps();
 }
 
+/* Long rows (seg < K) in segments, as dsi__gemv_rows orders and prefetches
+ * them, each row's segments summed as vectors and the g <= DSI_SEG_ROWS rows
+ * reduced sixteen at a time instead of a call, a reduction and a scalar sum
+ * per segment (with the weights in L2, K = 8192 28.4 -> 28.9 GB/s and
+ * K = 7168 28.3 -> 28.6, one process alternating; dropping the loop's
+ * division per segment before that: 26.4 -> 27.7, separate runs). */
+static __attribute__((noinline)) void gemv_rows_seg(const uint8_t *w, int K, int seg, int g, const float *xs,
+                                                    const uint8_t *last, float *out) {
+    __m512 v[DSI_SEG_ROWS];
+    for (int r = 0; r < g; r++) v[r] = _mm512_setzero_ps();
+    const uint8_t *ahead = w + dsi__gemv_seg_ahead(K, seg, g);
+    size_t i = 0; /* segment * g + row: the far prefetch's step count */
+    for (int k0 = 0; k0 < K; k0 += seg) {
+        size_t n = (size_t)DSI_MIN(seg, K - k0);
+        for (int r = 0; r < g; r++, i++)
+            v[r] = _mm512_add_ps(v[r], gemv1_e4m3_body(w + (size_t)r * K + k0, n, xs + k0, ahead + i * seg, last));
+    }
+    for (int r0 = 0; r0 < g; r0 += 16) {
+        int n = DSI_MIN(16, g - r0);
+        for (int r = n; r < 16; r++) v[r0 + r] = _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(out + r0, (__mmask16)((1u << n) - 1), reduce16(v + r0));
+    }
+}
+
 /* out[r] = row r . xs for g rows of K bytes: whole rows (K up to
  * dsi__gemv_seg_bytes) sixteen at a time, each row's four accumulators
  * added into one vector and the sixteen reduced together; longer rows
- * through dsi__gemv_rows' segments. One reduction per row was 8 of the
+ * through gemv_rows_seg. One reduction per row was 8 of the
  * ~110-170 vector instructions of a 512-768 byte row: with the weights in
  * L2, rows of 768 bytes ran 29.3 -> 30.6 GB/s and 2048 bytes 30.9 -> 32.2
  * (bench_gemv's shapes, Zen 4, one process alternating). */
 static void gemv_rows(const uint8_t *w, int K, int g, const float *xs, const uint8_t *last, float *out) {
     int seg = dsi__gemv_seg_bytes(K);
     if (seg < K) {
-        dsi__gemv_rows(w, K, seg, g, xs, last, out, gemv1_e4m3, gemv1_e4m3_seg);
+        gemv_rows_seg(w, K, seg, g, xs, last, out);
         return;
     }
     for (int r0 = 0; r0 < g; r0 += 16) {
@@ -837,7 +850,7 @@ static void gemv_bf16w_path(const dsi_mat *W, const float *x, float *y, int y_co
  * vdpbf16ps form above is opt-in). A 64-byte load holds 32 bf16: the even
  * ones become float32 by a 16-bit left shift, the odd ones by masking the
  * low half, against a copy of x split into even and odd columns per 32. One
- * row at a time like gemv1_e4m3, K a multiple of 64 (this is the LM head:
+ * row at a time like gemv1_e4m3_body, K a multiple of 64 (this is the LM head:
  * 18% of a small model's bytes per token).
  * Each BF16_TOUCH bytes of the row are first touched by a one-load loop (the
  * loaded lines are dropped), then decoded by loads that find them in L1. No
@@ -986,7 +999,7 @@ static void tiles_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
 
 /* M = 1, FP8, K a multiple of 64: the activation row permuted once, scaled
  * once per scale row-block (one multiply per element, the same product as
- * scale_rows), then the block's rows one by one through gemv1_e4m3. The
+ * scale_rows), then the block's rows one by one through gemv1_e4m3_body. The
  * general tile loop re-permuted the row every 64 rows and went through the
  * tile bookkeeping per tile: ~8% of decode GEMV time. */
 static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
@@ -1092,7 +1105,7 @@ static void matmul_t_e4m3_64(const dsi_mat *W, int r0, int r1, const float *xm, 
             /* the first pass fetches the whole column range of a row 32 rows
              * ahead (later passes find it in L2): a strided row walk left to
              * the hardware prefetcher streamed ~10 GB/s. Into L2, as the
-             * GEMV's far prefetch: with this and gemv1_e4m3's decode below,
+             * GEMV's far prefetch: with this and gemv1_e4m3_body's decode below,
              * W_UK's absorption (16 heads x 128 rows x 512 columns of one
              * layer) took 74 instead of 120 us from memory, 40 instead of
              * 52 from cache (Zen 4). */
@@ -1104,7 +1117,7 @@ static void matmul_t_e4m3_64(const dsi_mat *W, int r0, int r1, const float *xm, 
                 if (g >= ng) break;
                 __m512 av = _mm512_set1_ps(a * srow[sc[g]]);
                 __m512i d = load_line(row + 64 * g);
-                /* gemv1_e4m3's decode: sub-vector i holds byte i of each dword */
+                /* gemv1_e4m3_body's decode: sub-vector i holds byte i of each dword */
                 __m512i u = _mm512_srai_epi16(d, 4), t = _mm512_srai_epi16(_mm512_slli_epi16(d, 8), 4);
 #define DEC(v) _mm512_castsi512_ps(_mm512_and_si512((v), mask))
                 acc[g][0] = _mm512_fmadd_ps(av, DEC(_mm512_slli_epi32(t, 16)), acc[g][0]);
@@ -1161,7 +1174,7 @@ static void matmul_t_e4m3_row(const dsi_mat *W, int r0, int r1, const float *xm,
             _mm_prefetch(pf < pf_last ? pf : pf_last, _MM_HINT_T1);
             __m512 av = _mm512_set1_ps(a * srow[sc[g]]);
             __m512i d = load_line(row + 64 * g);
-            /* gemv1_e4m3's decode: sub-vector i holds byte i of each dword */
+            /* gemv1_e4m3_body's decode: sub-vector i holds byte i of each dword */
             __m512i u = _mm512_srai_epi16(d, 4), t = _mm512_srai_epi16(_mm512_slli_epi16(d, 8), 4);
             if (g < 4) {
                 acc[g][0] = _mm512_fmadd_ps(av, DEC(_mm512_slli_epi32(t, 16)), acc[g][0]);

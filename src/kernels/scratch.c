@@ -81,13 +81,27 @@ const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *l
  * Zen 4, one core, rows from memory: K = 8192 13 -> 25 GB/s, K = 7168
  * 18 -> 25, K = 16384 12 -> 22; K <= 4096 stays whole, 28-29).
  * The far prefetch does not follow the segment order, which hops between
- * rows K bytes apart: it runs through memory in address order, half a group
- * (g/2 rows) ahead, one line per line computed, so memory sees a single
- * forward stream and the group's segments are read from L2 in any order.
- * Aimed at the segment read 4 segments later instead (the form before),
- * the GEMV streamed 69-74% of a plain read (bench_gemv, K = 7168 and 8192);
- * half a group ahead 76-81% (a whole group ahead 71-77%, a quarter 52-54%). */
+ * rows K bytes apart: it runs through memory in address order, one line per
+ * line computed, so memory sees a single forward stream and the group's
+ * segments are read from L2 in any order (aimed at the segment read 4
+ * segments later instead, the GEMV streamed 69-74% of a plain read;
+ * bench_gemv, K = 7168 and 8192). Its lead (dsi__gemv_seg_ahead): the first
+ * segment pass touches the whole group's address range (G bytes) while
+ * consuming G / nseg of it, so its last rows are needed G (1 - 1 / nseg)
+ * bytes of stream after the pass began; the pointer starts that far ahead
+ * plus the usual 8 KB of latency cover. It used to start half a group ahead
+ * (G / 2: enough address for nseg = 2 but no latency cover there, and short
+ * for nseg = 4): against that, one process alternating (AVX-512, Zen 4),
+ * K = 16384 (V3's o_proj) 20.1 -> 23.0 and 20.2 -> 22.7 GB/s, K = 7168 and
+ * 8192 +0.5 to +3% in four comparisons. (A whole group ahead had measured
+ * 71-77% of a read against half a group's 76-81%, a quarter 52-54%.) */
 #define SEG_BYTES 4096
+#define SEG_LATENCY_BYTES 8192
+
+size_t dsi__gemv_seg_ahead(int K, int seg, int g) {
+    size_t G = (size_t)g * K, nseg = (size_t)DSI_CEIL_DIV(K, seg);
+    return G - G / nseg + SEG_LATENCY_BYTES;
+}
 
 int dsi__gemv_seg_bytes(int K) {
     int nseg = DSI_CEIL_DIV(K, SEG_BYTES);
@@ -100,11 +114,11 @@ void dsi__gemv_rows(const uint8_t *w, int K, int seg, int g, const float *xs, co
         for (int r = 0; r < g; r++) out[r] = row(w + (size_t)r * K, (size_t)K, xs, last);
         return;
     }
-    int total = DSI_CEIL_DIV(K, seg) * g;
     for (int r = 0; r < g; r++) out[r] = 0;
-    const uint8_t *ahead = w + (size_t)g * K / 2;
-    for (int i = 0; i < total; i++) { /* i = segment * g + row */
-        int r = i % g, k0 = (i / g) * seg;
-        out[r] += segment(w + (size_t)r * K + k0, (size_t)DSI_MIN(seg, K - k0), xs + k0, ahead + (size_t)i * seg, last);
+    const uint8_t *ahead = w + dsi__gemv_seg_ahead(K, seg, g);
+    size_t i = 0; /* segment * g + row: the far prefetch's step count */
+    for (int k0 = 0; k0 < K; k0 += seg) {
+        size_t n = (size_t)DSI_MIN(seg, K - k0);
+        for (int r = 0; r < g; r++, i++) out[r] += segment(w + (size_t)r * K + k0, n, xs + k0, ahead + i * seg, last);
     }
 }
