@@ -238,7 +238,14 @@ typedef struct mlp_row {
 } mlp_row;
 
 #define FUSED_MAX 64
-#define FUSED_CHUNK_BYTES (384 << 10) /* ~10 us of one core's streaming */
+/* ~50 us of one core's streaming: a layer's gate/up job of `small` in 16
+ * chunks, its down job in 8. Each chunk is a GEMV call per matrix, which
+ * permutes and rescales the activation row and starts a new prefetch
+ * stream; against 384 KB chunks, two-thread decode alternating in one
+ * process ran +1.5 to +5.5% (mean tok/s) while the host's bandwidth was
+ * high, +0.2 to +0.5% while it was the limit (2x and 8x: within noise of
+ * this, 0.5x: -4%). One thread runs a job as one call either way. */
+#define FUSED_CHUNK_BYTES (1536 << 10)
 
 typedef struct fused_job {
     dsi_matmul_fn mm;
