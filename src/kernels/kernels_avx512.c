@@ -515,14 +515,59 @@ static inline void load_block16(const dsi_mat *W, int r, int k, __m512 v[16]) {
     }
 }
 
-/* P[k][j] = W[n+j][k0+k] (scaled), zero for j >= nr. Full 16x16 blocks go
- * through an in-register transpose; edges element by element. */
+/* FP8, 16 rows (r, r + 1, ...) x 64 columns from k into P (the panel at
+ * column k, row offset jb applied by the caller): the 16 rows' 64-byte lines
+ * are transposed as a 16x16 matrix of dwords, so dword column c holds
+ * columns 4c..4c+3 of every row, which the GEMV's 16-bit decode splits into
+ * four vectors over the 16 rows: four panel rows. `sv`: each row's block
+ * scale times 2^120, the same products as load_block16's (bit-identical
+ * panels). Against 16x16 float blocks (a sign-extending load, two ops and a
+ * transpose per 16 columns, and three integer divisions per block for the
+ * scale): 352 instead of ~576 vector instructions per 1024 weights. */
+static inline void pack_fp8_16x64(const uint8_t *w, size_t K, __m512 sv, float *P) {
+    __m512 v[16];
+    for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(_mm512_loadu_si512(w + (size_t)i * K));
+    transpose16(v);
+    const __m512i mask = _mm512_set1_epi32((int)0x87f00000);
+#define DEC(x) _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512((x), mask)), sv)
+    for (int c = 0; c < 16; c++) {
+        __m512i d = _mm512_castps_si512(v[c]);
+        __m512i u = _mm512_srai_epi16(d, 4), t = _mm512_srai_epi16(_mm512_slli_epi16(d, 8), 4);
+        float *p = P + (size_t)(4 * c) * PN;
+        _mm512_store_ps(p, DEC(_mm512_slli_epi32(t, 16)));
+        _mm512_store_ps(p + PN, DEC(_mm512_slli_epi32(u, 16)));
+        _mm512_store_ps(p + 2 * PN, DEC(t));
+        _mm512_store_ps(p + 3 * PN, DEC(u));
+    }
+#undef DEC
+}
+
+/* Lane i: the block scale of row r + i at column block kb, times 2^120. */
+static inline __m512 row_scales16(const dsi_mat *W, int r, int kb) {
+    int br = W->block_rows, rb0 = r / br;
+    const float *sc = W->scale_inv + kb;
+    if ((r + 15) / br == rb0) return _mm512_set1_ps(sc[(size_t)rb0 * W->scale_cols] * TWO_POW_120);
+    float s[16];
+    for (int i = 0; i < 16; i++) s[i] = sc[(size_t)((r + i) / br) * W->scale_cols] * TWO_POW_120;
+    return _mm512_loadu_ps(s);
+}
+
+/* P[k][j] = W[n+j][k0+k] (scaled), zero for j >= nr. Full 16-row groups go
+ * through in-register transposes (FP8 64 columns at a time where the
+ * scale blocks allow, else 16x16 float blocks); edges element by element. */
 static void pack_panel(const dsi_mat *W, int n, int nr, int k0, int kc, float *P) {
+    int fp8_64 = W->dtype == DSI_F8_E4M3 && W->block_cols % 64 == 0 && k0 % 64 == 0;
     for (int jb = 0; jb < PN; jb += 16) {
         int k = 0;
+        if (fp8_64 && jb + 16 <= nr) {
+            const uint8_t *w = (const uint8_t *)W->data + (size_t)(n + jb) * W->cols;
+            for (; k + 64 <= kc; k += 64)
+                pack_fp8_16x64(w + k0 + k, (size_t)W->cols, row_scales16(W, n + jb, (k0 + k) / W->block_cols),
+                               P + (size_t)k * PN + jb);
+        }
         /* an FP8 16-column group must not straddle a scale block */
         int aligned = W->dtype != DSI_F8_E4M3 || W->block_cols % 16 == 0;
-        if (jb + 16 <= nr && aligned && k0 % 16 == 0) {
+        if (jb + 16 <= nr && aligned && (k0 + k) % 16 == 0) {
             for (; k + 16 <= kc; k += 16) {
                 __m512 v[16];
                 load_block16(W, n + jb, k0 + k, v);
