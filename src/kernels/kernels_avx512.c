@@ -523,7 +523,8 @@ static inline void load_block16(const dsi_mat *W, int r, int k, __m512 v[16]) {
  * scale times 2^120, the same products as load_block16's (bit-identical
  * panels). Against 16x16 float blocks (a sign-extending load, two ops and a
  * transpose per 16 columns, and three integer divisions per block for the
- * scale): 352 instead of ~576 vector instructions per 1024 weights. */
+ * scale, here three per 64 columns): 352 instead of ~576 vector
+ * instructions per 1024 weights. */
 static inline void pack_fp8_16x64(const uint8_t *w, size_t K, __m512 sv, float *P) {
     __m512 v[16];
     for (int i = 0; i < 16; i++) v[i] = _mm512_castsi512_ps(_mm512_loadu_si512(w + (size_t)i * K));
