@@ -271,9 +271,14 @@ static void test_decode_and_no_overlap(void **state) {
     double l = ep_run(2, 1, 0, "--dispatch f32 --link-gbps 0.02 --link-latency-us 300", "ref.bin", NULL);
     reference("q8.bin", 1, 0, "--fp8-act");
     double d = ep_run(2, 1, 0, "--dispatch f32 --fp8-act --no-overlap", "q8.bin", NULL);
+    /* FP8 activations in decode: one process quantises each MLP's rows in
+     * place for its fused jobs (moe.c), EP ranks quantise a copy per matmul
+     * (engine.c maybe_quantise): the same values */
+    reference("q8dec.bin", 1, 1, "--fp8-act --decode-from 9");
+    double q = ep_run(2, 1, 1, "--dispatch f32 --fp8-act --decode-from 9 --no-overlap", "q8dec.bin", NULL);
     printf("  decode EP=2 %.2e, decode EP=4 no-overlap %.2e, chunked prefill no-overlap %.2e, --fp8-act %.2e, "
-           "emulated link %.2e\n", a, b, c, d, l);
-    assert_true(a <= 1e-5 && b <= 1e-5 && c <= 1e-5 && d <= 1e-5 && l <= 1e-5);
+           "--fp8-act decode %.2e, emulated link %.2e\n", a, b, c, d, q, l);
+    assert_true(a <= 1e-5 && b <= 1e-5 && c <= 1e-5 && d <= 1e-5 && q <= 1e-5 && l <= 1e-5);
 }
 
 /* Launched from a hostfile, as across hosts (every slot on this one: the

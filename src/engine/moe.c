@@ -289,10 +289,30 @@ static void run_fused(dsi_engine *e, fused_job *j, int down) {
     dsi_pool_for_chunks(dsi__pool_for_work(e, flops), j->off[j->n], 16, (int)(bytes / FUSED_CHUNK_BYTES), fused_task, j);
 }
 
-/* Applies when the step is one token, the engine runs in one process (no
- * transfers to poll between matmuls) and activations stay float32. */
-static int fused_ok(const dsi_engine *e) {
-    return e->T == 1 && !e->poll_hook && !e->opts.fp8_activations && e->c->n_experts_per_tok + 1 <= FUSED_MAX;
+/* Applies when the step is one token and the engine runs in one process
+ * (no transfers to poll between matmuls). With FP8 activations each MLP's
+ * gate and up must share a dtype: they read one quantised row. */
+static int fused_ok(const dsi_engine *e, int layer) {
+    if (e->T != 1 || e->poll_hook || e->c->n_experts_per_tok + 1 > FUSED_MAX) return 0;
+    if (!e->opts.fp8_activations) return 1;
+    const dsi_layer *L = &e->m->layers[layer];
+    if (!L->is_moe) return L->gate.dtype == L->up.dtype;
+    if (e->c->n_shared_experts > 0 && L->sh_gate.dtype != L->sh_up.dtype) return 0;
+    for (int x = 0; x < e->c->n_experts; x++)
+        if (L->exp_gate[x].dtype != L->exp_up[x].dtype) return 0;
+    return 1;
+}
+
+/* --fp8-act: the rows the items' gate/up (or down) matmuls read, quantised
+ * in place where the weights are FP8, as matmul_impl's maybe_quantise
+ * quantises a copy: the same values, and nothing reads these rows
+ * unquantised afterwards (the routed rows were dispatched from xn before,
+ * and each row belongs to one item). */
+static void quantise_items(const mlp_row *it, int n, int down) {
+    for (int i = 0; i < n; i++) {
+        const dsi_mat *W = down ? it[i].d : it[i].g;
+        if (W->dtype == DSI_F8_E4M3) dsi__moe_io_round_in(DSI_MOE_IO_FP8, down ? it[i].h1 : (float *)it[i].x, W->cols);
+    }
 }
 
 static int ffn_fused(dsi_engine *e, int layer) {
@@ -317,7 +337,10 @@ static int ffn_fused(dsi_engine *e, int layer) {
             }
     }
     fused_job j = {dsi__matmul_fn(e), e->k, it, n, 0, {0}};
+    int q8 = e->opts.fp8_activations;
+    if (q8) quantise_items(it, n, 0);
     run_fused(e, &j, 0);
+    if (q8) quantise_items(it, n, 1);
     run_fused(e, &j, 1);
     if (L->is_moe) combine_local(e);
     return DSI_OK;
@@ -326,7 +349,7 @@ static int ffn_fused(dsi_engine *e, int layer) {
 /* Gate, then SHARED before the routed experts: the order the single-process
  * engine has always summed in (the residual gets shared, then routed). */
 int dsi__stage_ffn(dsi_engine *e, int layer) {
-    if (fused_ok(e)) return ffn_fused(e, layer);
+    if (fused_ok(e, layer)) return ffn_fused(e, layer);
     int rc;
     if ((rc = dsi__stage_gate(e, layer)) != DSI_OK) return rc;
     if ((rc = dsi__stage_shared(e, layer)) != DSI_OK) return rc;
