@@ -64,6 +64,43 @@ static dsi_mat random_mat(dsi_dtype dt, int rows, int cols, void **data, float *
     return m;
 }
 
+/* dsi_e4m3_round is the scalar pair's value, bit for bit (sign of zero,
+ * ties, subnormals, saturation, NaN): every code's value and its float
+ * neighbours, every midpoint between neighbouring codes and its neighbours,
+ * every 7th float from 2^-11 to 2^-5 (the subnormal seam), and every
+ * 1009th of all 2^32 bit patterns. */
+static void check_round(uint32_t u) {
+    float f, want, got;
+    memcpy(&f, &u, 4);
+    want = dsi_e4m3_to_f32(dsi_f32_to_e4m3(f));
+    got = dsi_e4m3_round(f);
+    if (isnan(want)) {
+        assert_true(isnan(got));
+        return;
+    }
+    uint32_t a, b;
+    memcpy(&a, &want, 4);
+    memcpy(&b, &got, 4);
+    if (a != b) fail_msg("dsi_e4m3_round(%a) = %a, the scalar pair gives %a", (double)f, (double)got, (double)want);
+}
+
+static void test_e4m3_round(void **state) {
+    (void)state;
+    for (int b = 0; b < 256; b++) {
+        float v = dsi_e4m3_to_f32((uint8_t)b), w = dsi_e4m3_to_f32((uint8_t)((b & 0x80) | ((b & 0x7f) + 1)));
+        uint32_t u, m;
+        memcpy(&u, &v, 4);
+        for (int d = -2; d <= 2; d++) check_round(u + (uint32_t)d);
+        if ((b & 0x7f) >= 0x7e || isnan(v)) continue;
+        float mid = 0.5f * (v + w); /* exact: neighbours differ in one low bit at most */
+        memcpy(&m, &mid, 4);
+        for (int d = -2; d <= 2; d++) check_round(m + (uint32_t)d);
+    }
+    for (uint32_t u = 0x3a000000u; u < 0x3d000000u; u += 7) check_round(u), check_round(u | 0x80000000u);
+    for (uint64_t u = 0; u < (1ull << 32); u += 1009) check_round((uint32_t)u);
+    check_round(0x7f800000u), check_round(0xff800000u), check_round(0x43e00000u), check_round(0x43dfffffu);
+}
+
 static void test_e4m3_codes(void **state) {
     for (int b = 0; b < 256; b++) {
         float f = dsi_e4m3_to_f32((uint8_t)b);
@@ -411,6 +448,7 @@ static void test_avx2(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_e4m3_codes),
+        cmocka_unit_test(test_e4m3_round),
         cmocka_unit_test(test_avx512),
         cmocka_unit_test(test_block_sizes),
         cmocka_unit_test(test_avx512_bf16_gemv),

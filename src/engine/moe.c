@@ -129,7 +129,7 @@ void dsi__moe_io_round_in(dsi_moe_io mode, float *x, int D) {
         for (int k0 = 0; k0 < D; k0 += 128) {
             int k1 = DSI_MIN(D, k0 + 128);
             float s = dsi__moe_io_fp8_scale(x + k0, k1 - k0);
-            for (int k = k0; k < k1; k++) x[k] = dsi_e4m3_to_f32(dsi_f32_to_e4m3(x[k] / s)) * s;
+            for (int k = k0; k < k1; k++) x[k] = dsi_e4m3_round(x[k] / s) * s;
         }
     }
 }

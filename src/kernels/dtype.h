@@ -71,4 +71,34 @@ static inline uint8_t dsi_f32_to_e4m3(float f) {
     return s | (uint8_t)(((ue + 7) << 3) | (mant - 8));
 }
 
+/* dsi_e4m3_to_f32(dsi_f32_to_e4m3(f)), the value FP8 keeps of f, without
+ * the library calls (frexpf, ldexpf, nearbyintf: ~10x slower, and the FP8
+ * activation quantiser runs it on every element of every quantised row):
+ * from 2^-6 up, round-to-nearest-even of the float's mantissa to 3 bits
+ * (a carry moves into the exponent, as e4m3 does); below, multiples of 2^-9
+ * (e4m3's subnormals) by the add-and-subtract of 2^14, whose ulp is 2^-9;
+ * from 448 on, 448. tests/test_kernels.c checks it bit for bit against the
+ * scalar pair. */
+static inline float dsi_e4m3_round(float f) {
+    uint32_t u, a, r;
+    memcpy(&u, &f, 4);
+    a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return NAN;
+    float v;
+    if (a >= 0x43e00000u) { /* 448 */
+        v = 448.0f;
+    } else if (a >= 0x3c800000u) { /* 2^-6 */
+        r = (a + 0x7ffffu + ((a >> 20) & 1u)) & 0xfff00000u;
+        memcpy(&v, &r, 4);
+    } else {
+        float m;
+        memcpy(&m, &a, 4);
+        v = (m + 16384.0f) - 16384.0f;
+    }
+    memcpy(&r, &v, 4);
+    r |= u & 0x80000000u;
+    memcpy(&v, &r, 4);
+    return v;
+}
+
 #endif
