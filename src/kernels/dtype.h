@@ -72,8 +72,9 @@ static inline uint8_t dsi_f32_to_e4m3(float f) {
 }
 
 /* dsi_e4m3_to_f32(dsi_f32_to_e4m3(f)), the value FP8 keeps of f, without
- * the library calls (frexpf, ldexpf, nearbyintf: ~10x slower, and the FP8
- * activation quantiser runs it on every element of every quantised row):
+ * the library calls (frexpf, ldexpf, nearbyintf: 20.6 against 1.2 ns per
+ * element on Zen 4, and the FP8 activation quantiser runs it on every
+ * element of every quantised row):
  * from 2^-6 up, round-to-nearest-even of the float's mantissa to 3 bits
  * (a carry moves into the exponent, as e4m3 does); below, multiples of 2^-9
  * (e4m3's subnormals) by the add-and-subtract of 2^14, whose ulp is 2^-9;
