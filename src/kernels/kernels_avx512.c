@@ -485,23 +485,28 @@ static inline void transpose16(__m512 r[16]) {
 
 /* 16 weight rows x 16 columns starting at (r, k) as float32 vectors (one per
  * row), FP8 scales applied; NULL-safe only for full blocks. */
+/* s[i]: the block scale of row r + i at column block kb, times 2^120; one
+ * division for all 16 rows unless they straddle a row block (an integer
+ * division per row was a measurable part of packing). */
+static inline void row_scales16(const dsi_mat *W, int r, int kb, float s[16]) {
+    int br = W->block_rows, rb0 = r / br;
+    const float *sc = W->scale_inv + kb;
+    if ((r + 15) / br == rb0) {
+        float v = sc[(size_t)rb0 * W->scale_cols] * TWO_POW_120;
+        for (int i = 0; i < 16; i++) s[i] = v;
+    } else {
+        for (int i = 0; i < 16; i++) s[i] = sc[(size_t)((r + i) / br) * W->scale_cols] * TWO_POW_120;
+    }
+}
+
 static inline void load_block16(const dsi_mat *W, int r, int k, __m512 v[16]) {
     size_t K = W->cols;
     switch (W->dtype) {
     case DSI_F8_E4M3: {
-        /* one scale for all 16 rows unless they straddle a row block (an
-         * integer division per row was a measurable part of packing) */
-        int kb = k / W->block_cols, br = W->block_rows, rb = r / br;
-        const float *sc = W->scale_inv + kb;
-        if ((r + 15) / br == rb) {
-            __m512 sv = _mm512_set1_ps(sc[(size_t)rb * W->scale_cols] * TWO_POW_120);
-            for (int i = 0; i < 16; i++) v[i] = _mm512_mul_ps(cvt_e4m3((const uint8_t *)W->data + (r + i) * K + k), sv);
-        } else {
-            for (int i = 0; i < 16; i++) {
-                float s = sc[(size_t)((r + i) / br) * W->scale_cols] * TWO_POW_120;
-                v[i] = _mm512_mul_ps(cvt_e4m3((const uint8_t *)W->data + (r + i) * K + k), _mm512_set1_ps(s));
-            }
-        }
+        float s[16];
+        row_scales16(W, r, k / W->block_cols, s);
+        for (int i = 0; i < 16; i++)
+            v[i] = _mm512_mul_ps(cvt_e4m3((const uint8_t *)W->data + (r + i) * K + k), _mm512_set1_ps(s[i]));
         break;
     }
     case DSI_BF16:
@@ -543,16 +548,6 @@ static inline void pack_fp8_16x64(const uint8_t *w, size_t K, __m512 sv, float *
 #undef DEC
 }
 
-/* Lane i: the block scale of row r + i at column block kb, times 2^120. */
-static inline __m512 row_scales16(const dsi_mat *W, int r, int kb) {
-    int br = W->block_rows, rb0 = r / br;
-    const float *sc = W->scale_inv + kb;
-    if ((r + 15) / br == rb0) return _mm512_set1_ps(sc[(size_t)rb0 * W->scale_cols] * TWO_POW_120);
-    float s[16];
-    for (int i = 0; i < 16; i++) s[i] = sc[(size_t)((r + i) / br) * W->scale_cols] * TWO_POW_120;
-    return _mm512_loadu_ps(s);
-}
-
 /* P[k][j] = W[n+j][k0+k] (scaled), zero for j >= nr. Full 16-row groups go
  * through in-register transposes (FP8 64 columns at a time where the
  * scale blocks allow, else 16x16 float blocks); edges element by element. */
@@ -562,9 +557,11 @@ static void pack_panel(const dsi_mat *W, int n, int nr, int k0, int kc, float *P
         int k = 0;
         if (fp8_64 && jb + 16 <= nr) {
             const uint8_t *w = (const uint8_t *)W->data + (size_t)(n + jb) * W->cols;
-            for (; k + 64 <= kc; k += 64)
-                pack_fp8_16x64(w + k0 + k, (size_t)W->cols, row_scales16(W, n + jb, (k0 + k) / W->block_cols),
-                               P + (size_t)k * PN + jb);
+            for (; k + 64 <= kc; k += 64) {
+                float sc[16];
+                row_scales16(W, n + jb, (k0 + k) / W->block_cols, sc);
+                pack_fp8_16x64(w + k0 + k, (size_t)W->cols, _mm512_loadu_ps(sc), P + (size_t)k * PN + jb);
+            }
         }
         /* an FP8 16-column group must not straddle a scale block */
         int aligned = W->dtype != DSI_F8_E4M3 || W->block_cols % 16 == 0;
