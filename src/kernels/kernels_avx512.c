@@ -189,7 +189,14 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * instructions: FMA + shift or FMA + and pair up, all three together run
  * at two a cycle). The same 13 on registers, no loads, run at ~34 GB/s of
  * weights; this loop from L2 at 88-92% of that (bench_gemv, "of issue"),
- * which is below one core's streaming read (30-37 GB/s here). Tried and
+ * which is below one core's streaming read (30-37 GB/s here). But from
+ * memory the arithmetic is not what binds it: an FP8 x FP8 form for FP8
+ * activations (bf16 decode by the same 16-bit shifts, two vdpbf16ps per
+ * line: 7 instructions instead of 13) ran 42-46 GB/s from L2 against this
+ * loop's 31, yet in the engine, one thread, windows alternating in one
+ * process, its GEMVs took as long as these (perf: 24.8k vs 24.6k samples)
+ * and decode ran 9% slower for its serial activation quantiser; from memory
+ * both streamed 73-88% of a plain read in bench_gemv. Not kept. Tried and
  * slower or no better (L2, same process): a 16-bit multiply for the 8-bit
  * shift (it shares the FMA pipes), a byte shift (vpslldq) for the 32-bit
  * ones, FP8 x bf16 products with vdpbf16ps on an exact three-way bf16 split
@@ -202,8 +209,10 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * from 20.0 to 24.6 tok/s. The decode takes two bytes per 16-bit arithmetic
  * shift (u, t below): 5 shifts and 4 ands per line instead of 7 and 4, the
  * same floats (25.4 vs 24.6 tok/s; 33 vs 27 GB/s with the weights in L2).
- * There is no second, near prefetch into L1. One 1 KB ahead had measured
- * +1.4% (one thread) and +1.8% (two) when the decode had 8 accumulators and
+ * Every line is prefetched: one prefetch per 128 bytes (relying on the
+ * adjacent-line fetch) halved one- and two-thread decode (32.5 -> 16.2 and
+ * 47 -> 29 tok/s, same process). There is no second, near prefetch into
+ * L1. One 1 KB ahead had measured +1.4% (one thread) and +1.8% (two) when the decode had 8 accumulators and
  * one reduction per row; with today's loop, decode without it ran +0.5 to
  * +3.4% on one thread (five same-process A/Bs, forms alternating per 16
  * tokens; mean +1.8%) and -1.9 to +0.6% on two (six; mean -0.5%), and its
