@@ -439,6 +439,42 @@ static void check_silu_mul(const dsi_kernels *k) {
 
 static void test_silu_mul(void **state) { for_each_simd(check_silu_mul); }
 
+/* fp8_round: the reference's bits for every element (NaN: any NaN), any
+ * length (groups of 128 and a shorter last one, masked tails), nothing
+ * written past n. Rows mix magnitudes so that a group's scale puts values in
+ * e4m3's subnormal range, on rounding ties and at 448; some rows hold
+ * zeros only, infinities or a NaN (which amax skips, as fmaxf). */
+static void check_fp8_round(const dsi_kernels *k) {
+    assert_non_null(k->fp8_round);
+    enum { N = 700 };
+    float x[N + 1], r[N + 1];
+    for (int iter = 0; iter < 300; iter++) {
+        int n = rint_(1, N), kind = iter % 6;
+        for (int i = 0; i < n; i++) {
+            float v = unif() * ldexpf(1.0f, rint_(-30, 10));
+            if (kind == 1) v = ldexpf((float)rint_(-31, 31), rint_(-12, 0)); /* ties at some scales */
+            if (kind == 2) v = 0.0f;
+            x[i] = r[i] = v;
+        }
+        if (kind == 3) x[rint_(0, n - 1)] = NAN;
+        if (kind == 4) x[rint_(0, n - 1)] = rint_(0, 1) ? INFINITY : -INFINITY;
+        for (int i = 0; i < n; i++) r[i] = x[i];
+        x[n] = r[n] = 12345.0f;
+        k->fp8_round(x, n);
+        dsi_fp8_round_ref(r, n);
+        assert_true(x[n] == 12345.0f);
+        for (int i = 0; i < n; i++) {
+            if (isnan(r[i])) { assert_true(isnan(x[i])); continue; }
+            if (memcmp(&x[i], &r[i], 4)) {
+                fprintf(stderr, "%s fp8_round n %d kind %d: x[%d] = %a, ref %a\n", k->name, n, kind, i, x[i], r[i]);
+                fail();
+            }
+        }
+    }
+}
+
+static void test_fp8_round(void **state) { for_each_simd(check_fp8_round); }
+
 static void test_avx2(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx2");
     if (!k) { printf("  avx2 not supported on this CPU: skipped\n"); skip(); }
@@ -458,6 +494,7 @@ int main(void) {
         cmocka_unit_test(test_multi_head),
         cmocka_unit_test(test_expsum),
         cmocka_unit_test(test_silu_mul),
+        cmocka_unit_test(test_fp8_round),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -32,7 +32,7 @@ static const float *maybe_quantise(dsi_engine *e, const dsi_mat *W, const float 
     float *q = e->s.xq;
     for (int m = 0; m < M; m++) {
         memcpy(q + (size_t)m * K, x + (size_t)m * ldx, sizeof(float) * K);
-        dsi__moe_io_round_in(DSI_MOE_IO_FP8, q + (size_t)m * K, K); /* the one FP8 activation quantiser */
+        dsi__moe_io_round_in(e->k, DSI_MOE_IO_FP8, q + (size_t)m * K, K); /* the one FP8 activation quantiser */
     }
     *ldx_out = K;
     return q;

@@ -122,15 +122,11 @@ void dsi__expert_mlp(dsi_engine *e, int layer, int x, float *rows, int n, int ld
     mlp_accumulate(e, &L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], rows, n, ldx, h1, h2, rows, ldx, 0);
 }
 
-void dsi__moe_io_round_in(dsi_moe_io mode, float *x, int D) {
+void dsi__moe_io_round_in(const dsi_kernels *k, dsi_moe_io mode, float *x, int D) {
     if (mode == DSI_MOE_IO_BF16) {
         for (int i = 0; i < D; i++) x[i] = dsi_bf16_to_f32(dsi_f32_to_bf16(x[i]));
     } else if (mode == DSI_MOE_IO_FP8) {
-        for (int k0 = 0; k0 < D; k0 += 128) {
-            int k1 = DSI_MIN(D, k0 + 128);
-            float s = dsi__moe_io_fp8_scale(x + k0, k1 - k0);
-            for (int k = k0; k < k1; k++) x[k] = dsi_e4m3_round(x[k] / s) * s;
-        }
+        k->fp8_round(x, D); /* the scale is dsi__moe_io_fp8_scale's */
     }
 }
 
@@ -153,7 +149,7 @@ static void gather_task(void *ctx, int64_t b, int64_t end, int tid) {
     (void)tid;
     for (int64_t i = b; i < end; i++) {
         memcpy(s->ex + (size_t)i * D, s->xn + (size_t)s->exp_tokens[i] * D, sizeof(float) * D);
-        dsi__moe_io_round_in(e->opts.moe_io, s->ex + (size_t)i * D, D);
+        dsi__moe_io_round_in(e->k, e->opts.moe_io, s->ex + (size_t)i * D, D);
     }
 }
 
@@ -308,10 +304,10 @@ static int fused_ok(const dsi_engine *e, int layer) {
  * quantises a copy: the same values, and nothing reads these rows
  * unquantised afterwards (the routed rows were dispatched from xn before,
  * and each row belongs to one item). */
-static void quantise_items(const mlp_row *it, int n, int down) {
+static void quantise_items(const dsi_kernels *k, const mlp_row *it, int n, int down) {
     for (int i = 0; i < n; i++) {
         const dsi_mat *W = down ? it[i].d : it[i].g;
-        if (W->dtype == DSI_F8_E4M3) dsi__moe_io_round_in(DSI_MOE_IO_FP8, down ? it[i].h1 : (float *)it[i].x, W->cols);
+        if (W->dtype == DSI_F8_E4M3) dsi__moe_io_round_in(k, DSI_MOE_IO_FP8, down ? it[i].h1 : (float *)it[i].x, W->cols);
     }
 }
 
@@ -338,9 +334,9 @@ static int ffn_fused(dsi_engine *e, int layer) {
     }
     fused_job j = {dsi__matmul_fn(e), e->k, it, n, 0, {0}};
     int q8 = e->opts.fp8_activations;
-    if (q8) quantise_items(it, n, 0);
+    if (q8) quantise_items(e->k, it, n, 0);
     run_fused(e, &j, 0);
-    if (q8) quantise_items(it, n, 1);
+    if (q8) quantise_items(e->k, it, n, 1);
     run_fused(e, &j, 1);
     if (L->is_moe) combine_local(e);
     return DSI_OK;

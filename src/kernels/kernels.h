@@ -64,6 +64,11 @@ typedef struct dsi_kernels {
     /* SwiGLU's product: g[i] = silu(g[i]) * u[i], silu(x) = x / (1 + exp(-x)),
      * exp within 2 ulp of expf (the reference's expf). */
     void (*silu_mul)(float *g, const float *u, size_t n);
+    /* FP8 activation quantisation in place (--fp8-act, and the FP8 dispatch
+     * as one process reproduces it): per 128 elements (the last group may be
+     * shorter), s = amax / 448 (1 when all are zero) and
+     * x[i] = dsi_e4m3_round(x[i] / s) * s; every form gives the reference's bits. */
+    void (*fp8_round)(float *x, int n);
 } dsi_kernels;
 
 extern const dsi_kernels dsi_kernels_ref;
@@ -75,6 +80,9 @@ extern const dsi_kernels dsi_kernels_avx2;
 const dsi_kernels *dsi_kernels_select(void);
 /* Kernels by name ("ref", "avx2", "avx512"), or NULL if not usable here. */
 const dsi_kernels *dsi_kernels_by_name(const char *name);
+
+/* The reference FP8 activation quantiser (see dsi_kernels.fp8_round). */
+void dsi_fp8_round_ref(float *x, int n);
 
 /* The reference FP8 x FP8 product (see dsi_matmul_q8_fn). */
 void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M, float *y,

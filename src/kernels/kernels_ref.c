@@ -96,8 +96,19 @@ static void ref_silu_mul(float *g, const float *u, size_t n) {
     for (size_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+void dsi_fp8_round_ref(float *x, int n) {
+    for (int k0 = 0; k0 < n; k0 += 128) {
+        int k1 = DSI_MIN(n, k0 + 128);
+        float amax = 0;
+        for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
+        float s = amax > 0 ? amax / 448.0f : 1.0f;
+        for (int k = k0; k < k1; k++) x[k] = dsi_e4m3_round(x[k] / s) * s;
+    }
+}
+
 const dsi_kernels dsi_kernels_ref = {"ref", ref_matmul, ref_matmul_t, ref_dot, ref_axpy, ref_dots, ref_wsum,
-                                     dsi_matmul_q8_ref, ref_matmul, NULL, NULL, NULL, ref_silu_mul};
+                                     dsi_matmul_q8_ref, ref_matmul, NULL, NULL, NULL, ref_silu_mul,
+                                     dsi_fp8_round_ref};
 
 const dsi_kernels *dsi_kernels_by_name(const char *name) {
     if (!strcmp(name, "ref")) return &dsi_kernels_ref;
