@@ -77,7 +77,7 @@ static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *
         uint16_t *qm = xq + (size_t)m * ldq;
         for (int t = 0; t < lds; t++) {
             int k0 = t * 128, k1 = DSI_MIN(K, k0 + 128);
-            float s = dsi__moe_io_fp8_scale(xm + k0, k1 - k0);
+            float s = dsi_fp8_scale(xm + k0, k1 - k0);
             for (int k = k0; k < k1; k++) qm[k] = dsi_f32_to_bf16(dsi_e4m3_round(xm[k] / s));
             for (int k = k1; k < k0 + 128; k++) qm[k] = 0;
             xs[(size_t)m * lds + t] = s;

@@ -143,7 +143,6 @@ int dsi__stage_routed_local(dsi_engine *e, int layer);
  * with the same scale so both give the same numbers. */
 void dsi__moe_io_round_in(const dsi_kernels *k, dsi_moe_io mode, float *x, int D);
 void dsi__moe_io_round_out(dsi_moe_io mode, float *y, int D);
-float dsi__moe_io_fp8_scale(const float *x, int n); /* amax / 448, 1 when all zero */
 void dsi__expert_mlp(dsi_engine *e, int layer, int expert, float *rows, int n, int ldx, float *h1, float *h2);
 
 /* MoE gate for one token: ids/weights [topk]. scores scratch [2*E]. */

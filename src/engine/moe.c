@@ -126,14 +126,8 @@ void dsi__moe_io_round_in(const dsi_kernels *k, dsi_moe_io mode, float *x, int D
     if (mode == DSI_MOE_IO_BF16) {
         for (int i = 0; i < D; i++) x[i] = dsi_bf16_to_f32(dsi_f32_to_bf16(x[i]));
     } else if (mode == DSI_MOE_IO_FP8) {
-        k->fp8_round(x, D); /* the scale is dsi__moe_io_fp8_scale's */
+        k->fp8_round(x, D); /* per 128: dsi_fp8_scale, as ep/xfer.c encodes */
     }
-}
-
-float dsi__moe_io_fp8_scale(const float *x, int n) {
-    float amax = 0;
-    for (int k = 0; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
-    return amax > 0 ? amax / 448.0f : 1.0f;
 }
 
 void dsi__moe_io_round_out(dsi_moe_io mode, float *y, int D) {

@@ -64,7 +64,7 @@ static void encode_row(const dsi_ep *ep, const float *x, uint8_t *out) {
     uint8_t *q = out + sizeof(float) * ep->n_blk;
     for (int b = 0; b < ep->n_blk; b++) {
         int k0 = b * 128, k1 = DSI_MIN(D, k0 + 128);
-        float s = dsi__moe_io_fp8_scale(x + k0, k1 - k0);
+        float s = dsi_fp8_scale(x + k0, k1 - k0);
         sc[b] = s;
         for (int k = k0; k < k1; k++) q[k] = dsi_f32_to_e4m3(x[k] / s);
     }

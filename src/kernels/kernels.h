@@ -81,6 +81,9 @@ const dsi_kernels *dsi_kernels_select(void);
 /* Kernels by name ("ref", "avx2", "avx512"), or NULL if not usable here. */
 const dsi_kernels *dsi_kernels_by_name(const char *name);
 
+/* The FP8 activation scale of n values: amax / 448, 1 when all are zero
+ * (a NaN is skipped, as fmaxf skips it). */
+float dsi_fp8_scale(const float *x, int n);
 /* The reference FP8 activation quantiser (see dsi_kernels.fp8_round). */
 void dsi_fp8_round_ref(float *x, int n);
 

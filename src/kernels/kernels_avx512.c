@@ -211,9 +211,16 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * same floats (25.4 vs 24.6 tok/s; 33 vs 27 GB/s with the weights in L2).
  * Every line is prefetched: one prefetch per 128 bytes (relying on the
  * adjacent-line fetch) halved one- and two-thread decode (32.5 -> 16.2 and
- * 47 -> 29 tok/s, same process). There is no second, near prefetch into
- * L1. One 1 KB ahead had measured +1.4% (one thread) and +1.8% (two) when the decode had 8 accumulators and
- * one reduction per row; with today's loop, decode without it ran +0.5 to
+ * 47 -> 29 tok/s, same process), and none at all did the same on huge pages
+ * (28.6 -> 13.8 and 40.2 -> 25.0). The hardware prefetchers add little to
+ * this loop: as one 8 MB stream without software prefetch it read 9 GB/s,
+ * where the 7-instruction FP8 x FP8 form above read 25 and a loop of bare
+ * loads 30 (plain read 32): the lines in flight come from the prefetches
+ * and from the misses the out-of-order window holds, fewer the more
+ * instructions a line takes. A second prefetch per line 4 KB nearer: +4% in
+ * that synthetic, -0.5 to +3% in the engine (noise); not kept. There is no second, near prefetch into
+ * L1. One 1 KB ahead had measured +1.4% (one thread) and +1.8% (two) when
+ * the decode had 8 accumulators and one reduction per row; with today's loop, decode without it ran +0.5 to
  * +3.4% on one thread (five same-process A/Bs, forms alternating per 16
  * tokens; mean +1.8%) and -1.9 to +0.6% on two (six; mean -0.5%), and its
  * 16-row groups from L2 0-2% faster. It went for the one-thread gain: one
@@ -1535,7 +1542,8 @@ static inline __m512 e4m3_round16(__m512 f) {
 }
 
 /* dsi_fp8_round_ref 16 lanes at a time: the amax by max(|x|, acc), which
- * like fmaxf skips a NaN; division and product as there, so the same bits.
+ * like dsi_fp8_scale's fmaxf skips a NaN; division and product as there, so
+ * the same bits.
  * The scalar form (a library-free rounding, but one element at a time) was
  * 2-7% of a --fp8-act decode token (serial at two threads). */
 static void avx512_fp8_round(float *x, int n) {

@@ -96,12 +96,16 @@ static void ref_silu_mul(float *g, const float *u, size_t n) {
     for (size_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+float dsi_fp8_scale(const float *x, int n) {
+    float amax = 0;
+    for (int k = 0; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
+    return amax > 0 ? amax / 448.0f : 1.0f;
+}
+
 void dsi_fp8_round_ref(float *x, int n) {
     for (int k0 = 0; k0 < n; k0 += 128) {
         int k1 = DSI_MIN(n, k0 + 128);
-        float amax = 0;
-        for (int k = k0; k < k1; k++) amax = fmaxf(amax, fabsf(x[k]));
-        float s = amax > 0 ? amax / 448.0f : 1.0f;
+        float s = dsi_fp8_scale(x + k0, k1 - k0);
         for (int k = k0; k < k1; k++) x[k] = dsi_e4m3_round(x[k] / s) * s;
     }
 }
