@@ -6,10 +6,12 @@
  *           and after the prompt, / FLOPs per token)
  * for 1 and 2 threads (or --threads LIST).
  *
- * Decode is measured twice: from an empty context (as llama-bench's tg128,
- * the issue's reference) and after the prefilled prompt. This VM shares its
- * memory bus with other guests and its bandwidth drifts by up to 30% within
- * a minute, so each decode is timed in windows of 16 tokens with the
+ * Decode is measured from an empty context (as llama-bench's tg128, the
+ * issue's reference), the same with FP8 activations ("decode fp8":
+ * --fp8-act, activations quantised to e4m3 per 1x128 tile before FP8
+ * matmuls), and after the prefilled prompt. This VM shares its memory bus
+ * with other guests and its bandwidth drifts by up to 30% within a minute,
+ * so each decode is timed in windows of 16 tokens with the
  * bandwidth measured right before and after each window (the higher of the
  * two is the window's bound; each the best of plain and software-prefetching
  * reads); the figure is the median window and its ratio
@@ -199,6 +201,18 @@ int main(int argc, char **argv) {
         ids2[0] = 1;
         if (decode_windows(e, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt, "decode tg"))
             return 1;
+        { /* the same with FP8 activations (--fp8-act, DeepSeek's serving numerics) */
+            dsi_engine *e8;
+            dsi_engine_opts o8 = o;
+            o8.fp8_activations = 1;
+            if (dsi_engine_create(m, kv, &o8, &e8)) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
+            dsi_engine_step(e8, &w, 1);
+            ids2[0] = 1;
+            int rc = decode_windows(e8, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt,
+                                    "decode fp8");
+            dsi_engine_destroy(e8);
+            if (rc) return 1;
+        }
         double t0 = dsi_now();
         dsi_seq_step s = {ids, n_prompt, 0, blocks, nb, DSI_LOGITS_LAST, logits};
         if (dsi_engine_step(e, &s, 1)) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
