@@ -217,8 +217,12 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * where the 7-instruction FP8 x FP8 form above read 25 and a loop of bare
  * loads 30 (plain read 32): the lines in flight come from the prefetches
  * and from the misses the out-of-order window holds, fewer the more
- * instructions a line takes. A second prefetch per line 4 KB nearer: +4% in
- * that synthetic, -0.5 to +3% in the engine (noise); not kept. There is no second, near prefetch into
+ * instructions a line takes. The prefetches in flight are capped: the same
+ * stream with the lead at 2, 4, 8, 16 and 32 KB read 12, 19, 23-24, 22-24
+ * and 23-24 GB/s (plain read 27-31): flat from 8 KB, which by Little's law
+ * is ~75 lines at the ~200 ns the short leads imply. A second prefetch per
+ * line 4 KB nearer: +4% in that synthetic, -0.5 to +3% in the engine
+ * (noise); not kept. There is no second, near prefetch into
  * L1. One 1 KB ahead had measured +1.4% (one thread) and +1.8% (two) when
  * the decode had 8 accumulators and one reduction per row; with today's loop, decode without it ran +0.5 to
  * +3.4% on one thread (five same-process A/Bs, forms alternating per 16
