@@ -475,6 +475,45 @@ static void check_fp8_round(const dsi_kernels *k) {
 
 static void test_fp8_round(void **state) { for_each_simd(check_fp8_round); }
 
+/* fp8_quant: the reference's scales and bf16 codes bit for bit (a NaN's
+ * code included), zeros up to the next multiple of 128 and nothing past
+ * it; the same rows as fp8_round's, and its values: q * s is fp8_round's
+ * result wherever that is not a NaN. */
+static void check_fp8_quant(const dsi_kernels *k) {
+    assert_non_null(k->fp8_quant);
+    enum { N = 700, NQ = 768 };
+    float x[N], r[N], s[NQ / 128 + 1], rs[NQ / 128 + 1];
+    uint16_t q[NQ + 1], rq[NQ + 1];
+    for (int iter = 0; iter < 300; iter++) {
+        int n = rint_(1, N), kind = iter % 6, nq = (n + 127) / 128 * 128;
+        for (int i = 0; i < n; i++) {
+            float v = unif() * ldexpf(1.0f, rint_(-30, 10));
+            if (kind == 1) v = ldexpf((float)rint_(-31, 31), rint_(-12, 0));
+            if (kind == 2) v = 0.0f;
+            x[i] = v;
+        }
+        if (kind == 3) x[rint_(0, n - 1)] = NAN;
+        if (kind == 4) x[rint_(0, n - 1)] = rint_(0, 1) ? INFINITY : -INFINITY;
+        for (int i = 0; i <= NQ; i++) q[i] = rq[i] = 0xabcd;
+        s[nq / 128] = rs[nq / 128] = 12345.0f;
+        k->fp8_quant(x, n, q, s);
+        dsi_fp8_quant_ref(x, n, rq, rs);
+        assert_true(q[nq] == 0xabcd && s[nq / 128] == 12345.0f);
+        if (memcmp(q, rq, sizeof q) || memcmp(s, rs, sizeof(float) * (nq / 128))) {
+            for (int i = 0; i < nq; i++)
+                if (q[i] != rq[i]) fprintf(stderr, "%s fp8_quant n %d kind %d: q[%d] = %#x, ref %#x\n", k->name, n, kind, i, q[i], rq[i]);
+            fail();
+        }
+        for (int i = n; i < nq; i++) assert_true(q[i] == 0);
+        for (int i = 0; i < n; i++) r[i] = x[i];
+        dsi_fp8_round_ref(r, n);
+        for (int i = 0; i < n; i++)
+            if (!isnan(r[i])) assert_true(dsi_bf16_to_f32(q[i]) * s[i / 128] == r[i]);
+    }
+}
+
+static void test_fp8_quant(void **state) { for_each_simd(check_fp8_quant); }
+
 static void test_avx2(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx2");
     if (!k) { printf("  avx2 not supported on this CPU: skipped\n"); skip(); }
@@ -495,6 +534,7 @@ int main(void) {
         cmocka_unit_test(test_expsum),
         cmocka_unit_test(test_silu_mul),
         cmocka_unit_test(test_fp8_round),
+        cmocka_unit_test(test_fp8_quant),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

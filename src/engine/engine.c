@@ -53,7 +53,16 @@ typedef struct q8_job {
     const float *xs;
     int ldq, lds, M, ldy, n_base, accumulate;
     float *y;
+    const float *x; /* the rows to quantise into xq, xs */
+    int ldx;
 } q8_job;
+
+static void quant_task(void *ctx, int64_t b, int64_t end, int tid) {
+    const q8_job *j = ctx;
+    (void)tid;
+    for (int64_t m = b; m < end; m++)
+        j->e->k->fp8_quant(j->x + m * j->ldx, j->W->cols, (uint16_t *)j->xq + m * j->ldq, (float *)j->xs + m * j->lds);
+}
 
 static void q8_task(void *ctx, int64_t b, int64_t end, int tid) {
     const q8_job *j = ctx;
@@ -72,19 +81,10 @@ static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *
     int K = W->cols, ldq = DSI_CEIL_DIV(K, 128) * 128, lds = ldq / 128;
     uint16_t *xq = (uint16_t *)e->s.xq;
     float *xs = (float *)(xq + (size_t)M * ldq);
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (size_t)m * ldx;
-        uint16_t *qm = xq + (size_t)m * ldq;
-        for (int t = 0; t < lds; t++) {
-            int k0 = t * 128, k1 = DSI_MIN(K, k0 + 128);
-            float s = dsi_fp8_scale(xm + k0, k1 - k0);
-            for (int k = k0; k < k1; k++) qm[k] = dsi_f32_to_bf16(dsi_e4m3_round(xm[k] / s));
-            for (int k = k1; k < k0 + 128; k++) qm[k] = 0;
-            xs[(size_t)m * lds + t] = s;
-        }
-    }
-    q8_job j = {e, W, xq, xs, ldq, lds, M, ldy, n0, accumulate, y - (n0 - y_col0)};
-    (void)y_col0;
+    q8_job j = {e, W, xq, xs, ldq, lds, M, ldy, n0, accumulate, y - (n0 - y_col0), x, ldx};
+    /* an element quantised costs about what 64 flops of a matmul do (the
+     * threshold is a time) */
+    dsi_pool_for(dsi__pool_for_work(e, 64.0 * M * K), M, 4, quant_task, &j);
     dsi_pool_for(dsi__pool_for_work(e, 2.0 * M * (n1 - n0) * K), n1 - n0, 32, q8_task, &j);
     return 1;
 }

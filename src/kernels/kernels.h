@@ -69,6 +69,11 @@ typedef struct dsi_kernels {
      * shorter), s = amax / 448 (1 when all are zero) and
      * x[i] = dsi_e4m3_round(x[i] / s) * s; every form gives the reference's bits. */
     void (*fp8_round)(float *x, int n);
+    /* The same quantisation as matmul_q8 reads it: per 128 elements of x
+     * (the last group may be shorter) s[t] = that scale and q[k] = the bf16
+     * bits of dsi_e4m3_round(x[k] / s[t]), q zero up to the next multiple of
+     * 128; every form gives the reference's bits. */
+    void (*fp8_quant)(const float *x, int n, uint16_t *q, float *s);
 } dsi_kernels;
 
 extern const dsi_kernels dsi_kernels_ref;
@@ -86,6 +91,8 @@ const dsi_kernels *dsi_kernels_by_name(const char *name);
 float dsi_fp8_scale(const float *x, int n);
 /* The reference FP8 activation quantiser (see dsi_kernels.fp8_round). */
 void dsi_fp8_round_ref(float *x, int n);
+/* The reference row quantiser for matmul_q8 (see dsi_kernels.fp8_quant). */
+void dsi_fp8_quant_ref(const float *x, int n, uint16_t *q, float *s);
 
 /* The reference FP8 x FP8 product (see dsi_matmul_q8_fn). */
 void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M, float *y,

@@ -876,4 +876,4 @@ static void avx2_silu_mul(float *g, const float *u, size_t n) {
 
 const dsi_kernels dsi_kernels_avx2 = {"avx2", avx2_matmul, avx2_matmul_t, avx2_dot, avx2_axpy, avx2_dots, avx2_wsum,
                                       NULL, avx2_matmul_rowwise, avx2_dots_mh, avx2_wsum_mh, avx2_expsum,
-                                      avx2_silu_mul, dsi_fp8_round_ref};
+                                      avx2_silu_mul, dsi_fp8_round_ref, dsi_fp8_quant_ref};

@@ -110,9 +110,18 @@ void dsi_fp8_round_ref(float *x, int n) {
     }
 }
 
+void dsi_fp8_quant_ref(const float *x, int n, uint16_t *q, float *s) {
+    for (int k0 = 0, t = 0; k0 < n; k0 += 128, t++) {
+        int k1 = DSI_MIN(n, k0 + 128);
+        s[t] = dsi_fp8_scale(x + k0, k1 - k0);
+        for (int k = k0; k < k1; k++) q[k] = dsi_f32_to_bf16(dsi_e4m3_round(x[k] / s[t]));
+        for (int k = k1; k < k0 + 128; k++) q[k] = 0;
+    }
+}
+
 const dsi_kernels dsi_kernels_ref = {"ref", ref_matmul, ref_matmul_t, ref_dot, ref_axpy, ref_dots, ref_wsum,
                                      dsi_matmul_q8_ref, ref_matmul, NULL, NULL, NULL, ref_silu_mul,
-                                     dsi_fp8_round_ref};
+                                     dsi_fp8_round_ref, dsi_fp8_quant_ref};
 
 const dsi_kernels *dsi_kernels_by_name(const char *name) {
     if (!strcmp(name, "ref")) return &dsi_kernels_ref;
