@@ -78,7 +78,9 @@ static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *
     if (!e->opts.fp8_activations || W->dtype != DSI_F8_E4M3 || W->block_cols != 128 || !e->k->matmul_q8 || M < 8 ||
         e->opts.batch_invariant)
         return 0;
-    int K = W->cols, ldq = DSI_CEIL_DIV(K, 128) * 128, lds = ldq / 128;
+    /* rows 64 bytes longer than the tiles they hold: a multiple of 2 KB
+     * apart, the kernel's rows of a tile would share a few L1 sets */
+    int K = W->cols, lds = DSI_CEIL_DIV(K, 128), ldq = lds * 128 + 32;
     uint16_t *xq = (uint16_t *)e->s.xq;
     float *xs = (float *)(xq + (size_t)M * ldq);
     q8_job j = {e, W, xq, xs, ldq, lds, M, ldy, n0, accumulate, y - (n0 - y_col0), x, ldx};

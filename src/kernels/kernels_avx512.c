@@ -673,6 +673,26 @@ static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
     }
 }
 
+/* e4m3 -> bf16 by table: two 128-entry byte tables (vpermi2b over two
+ * vectors each) give the low and high byte of the exact bf16 value of an
+ * e4m3 code's 7 low bits; the sign bit is merged into the high byte. Used by
+ * the FP8 x FP8 panels and the BF16 decode GEMVs. */
+static __m512i g_tab_lo0, g_tab_lo1, g_tab_hi0, g_tab_hi1;
+static pthread_once_t g_tab_once = PTHREAD_ONCE_INIT;
+
+static void make_tables(void) {
+    uint8_t lo[128], hi[128];
+    for (int em = 0; em < 128; em++) {
+        uint16_t b = dsi_f32_to_bf16(dsi_e4m3_to_f32((uint8_t)em)); /* exact; NaN code unused */
+        lo[em] = (uint8_t)(b & 0xff);
+        hi[em] = (uint8_t)((b >> 8) & 0x7f);
+    }
+    g_tab_lo0 = _mm512_loadu_si512(lo);
+    g_tab_lo1 = _mm512_loadu_si512(lo + 64);
+    g_tab_hi0 = _mm512_loadu_si512(hi);
+    g_tab_hi1 = _mm512_loadu_si512(hi + 64);
+}
+
 /* ---- FP8 x FP8 (quantised activations) with AVX512_BF16 ----
  * e4m3 values are exact in bf16 and a bf16 x bf16 product is exact in
  * float32, so vdpbf16ps computes the 128-column tile sums of an FP8 GEMM
@@ -706,53 +726,117 @@ static void pack_q8_panel(const dsi_mat *W, int n, int nr, int k0, uint32_t *P) 
     }
 }
 
+/* A full tile, 32 rows x 128 columns from w (row stride K), through the
+ * e4m3 -> bf16 tables: per 16 rows and 64 columns, 16 line loads, the table
+ * lookups and byte unpacks, and two 16x16 transposes of 32-bit pairs; the
+ * unpacks leave pairs permuted within 128-bit lanes, undone by where each
+ * transposed vector is stored. The same bits as pack_q8_panel (which
+ * converts through float32 and rounds to bf16, exactly) in about half the
+ * instructions. */
+static void pack_q8_full(const uint8_t *w, size_t K, uint32_t *P) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80808080);
+    const __m512i tl0 = g_tab_lo0, tl1 = g_tab_lo1, th0 = g_tab_hi0, th1 = g_tab_hi1;
+    for (int jb = 0; jb < 32; jb += 16)
+        for (int c = 0; c < 128; c += 64) {
+            __m512 a[16], b[16];
+            for (int i = 0; i < 16; i++) {
+                __m512i d = _mm512_loadu_si512(w + (size_t)(jb + i) * K + c);
+                __m512i lo = _mm512_permutex2var_epi8(tl0, d, tl1);
+                __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(th0, d, th1), d, sign, 0xF8);
+                a[i] = _mm512_castsi512_ps(_mm512_unpacklo_epi8(lo, hi)); /* columns 16L + 0..7 of lane L */
+                b[i] = _mm512_castsi512_ps(_mm512_unpackhi_epi8(lo, hi)); /* columns 16L + 8..15 */
+            }
+            transpose16(a);
+            transpose16(b);
+            /* a[i]: every row's 32-bit word i, the pair 8 (i / 4) + i % 4 of
+             * these 64 columns; b[i]: that pair + 4 */
+            uint32_t *Pc = P + (size_t)(c / 2) * 32 + jb;
+            for (int i = 0; i < 16; i++) {
+                _mm512_store_ps((float *)(Pc + (size_t)(8 * (i / 4) + i % 4) * 32), a[i]);
+                _mm512_store_ps((float *)(Pc + (size_t)(8 * (i / 4) + 4 + i % 4) * 32), b[i]);
+            }
+        }
+}
+
+/* mr (<= Q8_PM) activation rows against one packed tile; the tile's sums,
+ * scaled by each row's activation scale times the weight rows' block
+ * scales (ws0, ws1), are stored to S (first tile) or added to it; S: rows of
+ * 32 floats. */
+static inline __attribute__((always_inline)) void q8_kernel(const uint32_t *P, const uint16_t *xt, int ldq, int mr,
+                                                            const float *xs, int lds, __m512 ws0, __m512 ws1,
+                                                            float *S, int first) {
+    __m512 acc[Q8_PM][2];
+    _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int p = 0; p < 64; p++) {
+        __m512bh w0 = (__m512bh)_mm512_load_si512((const void *)(P + p * 32));
+        __m512bh w1 = (__m512bh)_mm512_load_si512((const void *)(P + p * 32 + 16));
+        _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) {
+            if (i >= mr) break;
+            uint32_t pair;
+            memcpy(&pair, xt + (size_t)i * ldq + 2 * p, 4);
+            __m512bh xb = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xb, w0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xb, w1);
+        }
+    }
+    _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) {
+        if (i >= mr) break;
+        __m512 sx = _mm512_set1_ps(xs[(size_t)i * lds]);
+        __m512 o0 = _mm512_mul_ps(acc[i][0], _mm512_mul_ps(sx, ws0));
+        __m512 o1 = _mm512_mul_ps(acc[i][1], _mm512_mul_ps(sx, ws1));
+        if (!first) {
+            o0 = _mm512_add_ps(o0, _mm512_load_ps(S + i * 32));
+            o1 = _mm512_add_ps(o1, _mm512_load_ps(S + i * 32 + 16));
+        }
+        _mm512_store_ps(S + i * 32, o0);
+        _mm512_store_ps(S + i * 32 + 16, o1);
+    }
+}
+
+/* Per 32 weight rows, tile by tile: pack the tile (full tiles by table,
+ * edges through float32), prefetch the next tile's weights into L2, run
+ * every activation row against it, summing the tiles in a per-thread buffer
+ * of M x 32 floats (contiguous: the sums went to y rows ldy apart, at a
+ * 2 KB multiple the same few L1 sets for every row, ~12% of the kernel);
+ * y is written once per 32 rows. The activation rows xq are best not a
+ * multiple of 2 KB apart (the engine pads ldq). */
 static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, const float *xs, int lds, int M, float *y,
                              int ldy, int y_col0, int n0, int n1, int accumulate) {
     int K = W->cols, nt = DSI_CEIL_DIV(K, 128);
     uint32_t *P = dsi__tls_buffer(DSI_TLS_Q8PANEL, sizeof(uint32_t) * 64 * 32); /* [64 pairs][32 rows] */
-    if (!P) return;
+    float *S = dsi__tls_buffer(DSI_TLS_Q8SUM, sizeof(float) * 32 * (size_t)M);
+    if (!P || !S) return;
+    pthread_once(&g_tab_once, make_tables);
+    const uint8_t *wd = W->data;
     for (int n = n0; n < n1; n += 32) {
         int nr = DSI_MIN(32, n1 - n);
         __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
         __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
         for (int t = 0; t < nt; t++) {
-            pack_q8_panel(W, n, nr, t * 128, P);
+            if (nr == 32 && t * 128 + 128 <= K) pack_q8_full(wd + (size_t)n * K + t * 128, (size_t)K, P);
+            else pack_q8_panel(W, n, nr, t * 128, P);
+            dsi__prefetch_panel(W, n, n1, t * 128 + 128, 32, 128); /* the next tile, or the next rows' first */
             float wsc[32];
             for (int j = 0; j < 32; j++)
                 wsc[j] = j < nr ? W->scale_inv[(size_t)((n + j) / W->block_rows) * W->scale_cols + t] : 0.0f;
             __m512 ws0 = _mm512_loadu_ps(wsc), ws1 = _mm512_loadu_ps(wsc + 16);
-            int first = t == 0 && !accumulate;
             for (int m = 0; m < M; m += Q8_PM) {
                 int mr = DSI_MIN(Q8_PM, M - m);
-                __m512 acc[Q8_PM][2];
-                _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
                 const uint16_t *xt = xq + (size_t)m * ldq + t * 128;
-                for (int p = 0; p < 64; p++) {
-                    __m512bh w0 = (__m512bh)_mm512_load_si512((const void *)(P + p * 32));
-                    __m512bh w1 = (__m512bh)_mm512_load_si512((const void *)(P + p * 32 + 16));
-                    _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) {
-                        if (i >= mr) break;
-                        uint32_t pair;
-                        memcpy(&pair, xt + (size_t)i * ldq + 2 * p, 4);
-                        __m512bh xb = (__m512bh)_mm512_set1_epi32((int)pair);
-                        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xb, w0);
-                        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xb, w1);
-                    }
-                }
-                _Pragma("GCC unroll 12") for (int i = 0; i < Q8_PM; i++) {
-                    if (i >= mr) break;
-                    __m512 sx = _mm512_set1_ps(xs[(size_t)(m + i) * lds + t]);
-                    float *yr = y + (size_t)(m + i) * ldy + (n - y_col0);
-                    __m512 o0 = _mm512_mul_ps(acc[i][0], _mm512_mul_ps(sx, ws0));
-                    __m512 o1 = _mm512_mul_ps(acc[i][1], _mm512_mul_ps(sx, ws1));
-                    if (!first) {
-                        o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(m0, yr));
-                        o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(m1, yr + 16));
-                    }
-                    _mm512_mask_storeu_ps(yr, m0, o0);
-                    _mm512_mask_storeu_ps(yr + 16, m1, o1);
-                }
+                const float *xst = xs + (size_t)m * lds + t;
+                if (mr == Q8_PM) q8_kernel(P, xt, ldq, Q8_PM, xst, lds, ws0, ws1, S + (size_t)m * 32, t == 0);
+                else q8_kernel(P, xt, ldq, mr, xst, lds, ws0, ws1, S + (size_t)m * 32, t == 0);
             }
+        }
+        for (int m = 0; m < M; m++) {
+            float *yr = y + (size_t)m * ldy + (n - y_col0);
+            __m512 o0 = _mm512_load_ps(S + (size_t)m * 32), o1 = _mm512_load_ps(S + (size_t)m * 32 + 16);
+            if (accumulate) {
+                o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(m0, yr));
+                o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(m1, yr + 16));
+            }
+            _mm512_mask_storeu_ps(yr, m0, o0);
+            _mm512_mask_storeu_ps(yr + 16, m1, o1);
         }
     }
 }
@@ -766,8 +850,6 @@ static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, cons
  * ~2^-17) in the same permuted order, and vdpbf16ps accumulates w*hi + w*lo in
  * float32: 10 instructions per 64 weight bytes instead of 15, which lets the
  * loads run further ahead of the arithmetic. Needs K % 64 == 0. */
-static __m512i g_tab_lo0, g_tab_lo1, g_tab_hi0, g_tab_hi1;
-static pthread_once_t g_tab_once = PTHREAD_ONCE_INIT;
 /* The BF16 dot-product GEMVs are opt-in (DSI_BF16_GEMV=1): they are faster
  * on cache-resident weights, but their activation split (exact to ~2^-17)
  * makes a row's result depend on whether it was computed alone (M = 1) or in
@@ -782,19 +864,6 @@ static int have_bf16(void) {
     }
     const char *env = getenv("DSI_BF16_GEMV"); /* read per call: tests switch it */
     return cpu && env && !strcmp(env, "1");
-}
-
-static void make_tables(void) {
-    uint8_t lo[128], hi[128];
-    for (int em = 0; em < 128; em++) {
-        uint16_t b = dsi_f32_to_bf16(dsi_e4m3_to_f32((uint8_t)em)); /* exact; NaN code unused */
-        lo[em] = (uint8_t)(b & 0xff);
-        hi[em] = (uint8_t)((b >> 8) & 0x7f);
-    }
-    g_tab_lo0 = _mm512_loadu_si512(lo);
-    g_tab_lo1 = _mm512_loadu_si512(lo + 64);
-    g_tab_hi0 = _mm512_loadu_si512(hi);
-    g_tab_hi1 = _mm512_loadu_si512(hi + 64);
 }
 
 /* x as bf16 hi/lo in the unpack order: per 64 columns, 4 x 32 words

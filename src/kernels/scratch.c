@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SLOTS 4
+#define SLOTS 5
 
 typedef struct tls_bufs {
     void *p[SLOTS];
