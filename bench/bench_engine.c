@@ -6,6 +6,10 @@
  *           and after the prompt, / FLOPs per token)
  * for 1 and 2 threads (or --threads LIST).
  *
+ * Prefill runs once exact and once with FP8 activations ("prefill fp8":
+ * FP8 x FP8 matmuls, vdpbf16ps where the CPU has AVX512_BF16, bounded by
+ * that instruction's measured peak).
+ *
  * Decode is measured from an empty context (as llama-bench's tg128, the
  * issue's reference), the same with FP8 activations ("decode fp8":
  * --fp8-act, activations quantised to e4m3 per 1x128 tile before FP8
@@ -136,6 +140,36 @@ __attribute__((target("avx2,fma"))) static void fma_task256(void *ctx, int64_t b
     (void)sink;
 }
 
+/* ---- peak BF16 dot-product rate (vdpbf16ps: 32 multiply-adds per
+ * instruction), the FP8 x FP8 matmuls' instruction; 0 without AVX512_BF16
+ * (those matmuls then run in float32 FMAs) */
+__attribute__((target("avx512f,avx512bf16"))) static void dp_task(void *ctx, int64_t b, int64_t e, int t) {
+    __m512 a[FMA_CHAINS];
+    for (int i = 0; i < FMA_CHAINS; i++) a[i] = _mm512_set1_ps(1.0f + i * 1e-3f);
+    __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80), w = (__m512bh)_mm512_set1_epi32(0x33d633d6); /* 1, 1e-7 */
+    for (int64_t it = b; it < e; it++)
+        for (int r = 0; r < 1000; r++) {
+            _Pragma("GCC unroll 12") for (int i = 0; i < FMA_CHAINS; i++) a[i] = _mm512_dpbf16_ps(a[i], x, w);
+        }
+    __m512 s = a[0];
+    for (int i = 1; i < FMA_CHAINS; i++) s = _mm512_add_ps(s, a[i]);
+    volatile float sink = _mm512_reduce_add_ps(s);
+    (void)sink;
+}
+
+static double measure_peak_bf16(dsi_pool *pool) {
+    if (!__builtin_cpu_supports("avx512bf16")) return 0;
+    int64_t iters = 2000 * dsi_pool_size(pool);
+    double best = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = dsi_now();
+        dsi_pool_for(pool, iters, 1, dp_task, NULL);
+        double f = iters * 1000.0 * FMA_CHAINS * 32 * 2 / (dsi_now() - t0);
+        if (f > best) best = f;
+    }
+    return best;
+}
+
 static double measure_peak_flops(dsi_pool *pool) {
     int64_t iters = 2000 * dsi_pool_size(pool);
     int wide = __builtin_cpu_supports("avx512f");
@@ -201,18 +235,15 @@ int main(int argc, char **argv) {
         ids2[0] = 1;
         if (decode_windows(e, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt, "decode tg"))
             return 1;
-        { /* the same with FP8 activations (--fp8-act, DeepSeek's serving numerics) */
-            dsi_engine *e8;
-            dsi_engine_opts o8 = o;
-            o8.fp8_activations = 1;
-            if (dsi_engine_create(m, kv, &o8, &e8)) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
-            dsi_engine_step(e8, &w, 1);
-            ids2[0] = 1;
-            int rc = decode_windows(e8, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt,
-                                    "decode fp8");
-            dsi_engine_destroy(e8);
-            if (rc) return 1;
-        }
+        /* the same with FP8 activations (--fp8-act, DeepSeek's serving numerics) */
+        dsi_engine *e8;
+        dsi_engine_opts o8 = o;
+        o8.fp8_activations = 1;
+        if (dsi_engine_create(m, kv, &o8, &e8)) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
+        dsi_engine_step(e8, &w, 1);
+        ids2[0] = 1;
+        if (decode_windows(e8, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt, "decode fp8"))
+            return 1;
         double t0 = dsi_now();
         dsi_seq_step s = {ids, n_prompt, 0, blocks, nb, DSI_LOGITS_LAST, logits};
         if (dsi_engine_step(e, &s, 1)) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
@@ -226,16 +257,35 @@ int main(int argc, char **argv) {
         char label[32];
         snprintf(label, sizeof label, "decode @%d", n_prompt);
         if (decode_windows(e, pool, bwbuf, c, bytes_tok, ids, n_prompt, n_decode, blocks, nb, logits, nt, label)) return 1;
-        /* attention FLOPs of the prompt (prefill form): per layer, per (query, key) pair,
-         * H * (qk + v) * 2, plus decompressing K/V: H * (nope+v) * kv_lora * 2 per position */
-        double H = c->n_heads, qk = c->qk_nope_dim + c->qk_rope_dim;
-        double attn = c->n_layers * (H * (qk + c->v_head_dim) * 2 * (double)n_prompt * (n_prompt + 1) / 2 +
-                                     H * (c->qk_nope_dim + c->v_head_dim) * c->kv_lora_rank * 2.0 * n_prompt);
-        double prefill_flops = flops_tok * n_prompt + attn;
+        /* FLOPs the prompt executes: the linear layers per position (their
+         * count includes kv_b, which decompresses K/V in the prefill form),
+         * lm_head for the last position only (the step asks for its logits
+         * alone), and attention: per layer, per (query, key) pair,
+         * H * (qk + v) * 2. (Counting lm_head for every position and kv_b
+         * twice, as this did before, put 13% more work in the bound of
+         * `small` and overstated the ratio.) */
+        double H = c->n_heads, qk = c->qk_nope_dim + c->qk_rope_dim, head = 2.0 * c->hidden * c->vocab_size;
+        double attn = c->n_layers * H * (qk + c->v_head_dim) * 2 * (double)n_prompt * (n_prompt + 1) / 2;
+        double lin = (flops_tok - head) * n_prompt + head, prefill_flops = lin + attn;
         double pre_tps = n_prompt / tp, pre_bound = peak / (prefill_flops / n_prompt);
         printf("%-7d %-12s %8.1f %12.1f %8.0f%%   FMA peak %.0f GFLOP/s\n", nt, "prefill", pre_tps, pre_bound,
                100 * pre_tps / pre_bound, peak / 1e9);
+        /* the prompt again with FP8 activations, on the decode sequence's
+         * blocks (its cache is rewritten from position 0). Its linear layers
+         * are FP8 x FP8 matmuls, bounded by the BF16 dot-product peak (where
+         * the CPU has it); attention stays float32, bounded by the FMA peak. */
+        double bpeak = measure_peak_bf16(pool);
+        t0 = dsi_now();
+        dsi_seq_step s8 = {ids, n_prompt, 0, blocks2, nb, DSI_LOGITS_LAST, logits};
+        if (dsi_engine_step(e8, &s8, 1)) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
+        double tp8 = dsi_now() - t0, bpeak2 = measure_peak_bf16(pool);
+        if (bpeak2 > bpeak) bpeak = bpeak2;
+        double lin_peak = bpeak > 0 ? bpeak : peak;
+        double pre8_tps = n_prompt / tp8, pre8_bound = n_prompt / (lin / lin_peak + attn / peak);
+        printf("%-7d %-12s %8.1f %12.1f %8.0f%%   %s peak %.0f GFLOP/s (linear), FMA (attention)\n", nt, "prefill fp8",
+               pre8_tps, pre8_bound, 100 * pre8_tps / pre8_bound, bpeak > 0 ? "BF16 dot" : "FMA", lin_peak / 1e9);
         fflush(stdout);
+        dsi_engine_destroy(e8);
         dsi_engine_destroy(e);
         dsi_kv_pool_destroy(kv);
         dsi_pool_destroy(pool);
