@@ -101,7 +101,7 @@ void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const floa
 /* A per-thread scratch buffer of at least `bytes` (64-byte aligned), one per
  * slot (0-4), reused across calls and freed at thread exit. NULL on OOM. */
 void *dsi__tls_buffer(int slot, size_t bytes);
-enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2, DSI_TLS_XBLOCK = 3, DSI_TLS_Q8SUM = 4 };
+enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2, DSI_TLS_XBLOCK = 3, DSI_TLS_SUMS = 4 };
 
 /* Panel GEMMs: prefetches into L2 the weights the next pack reads, rows
  * [n, n + pn) x columns [k0, k0 + kc) of W, or, past the last column, the

@@ -628,23 +628,32 @@ static inline __attribute__((always_inline)) void panel_kernel(const float *P, i
 
 /* Weight rows in groups of DSI_PANEL_GROUP; per group, k-block by k-block,
  * the activation block (dsi__panel_x) serves every panel of the group, and
- * the y tiles of the group (M x 128 floats) stay in L2 across k-blocks.
- * Against panel by panel over all k-blocks reading x in place (Zen 4, one
+ * the group's sums (M x 128 floats) stay in L2 across k-blocks, in a
+ * per-thread buffer with rows 144 floats apart; y gets them once per group.
+ * (Summing in y itself, whose rows are mostly a multiple of 2 KB apart,
+ * put every micro-kernel's 12 rows in the same L1 sets and made its loads
+ * wait on 4K-aliased stores of the rows before: 13% of the samples of an
+ * M = 512, 2048 x 2048 product sat on those loads and stores. With the
+ * buffer it ran 83-91 -> 99-103 GFLOP/s; 2048 x 768 at M = 24-512 +6-8%,
+ * 768 x 2048 at M = 48 +3-5%; 512-token prefill +2-4% on one and two
+ * threads, alternating builds.) Against panel by panel over all k-blocks reading x in place (Zen 4, one
  * core, interleaved): M = 48, N = 768, K = 2048 (a routed expert's gate in
  * a 512-token prefill of `small`) 68 -> 78 GFLOP/s mean, 70 -> 85 best;
  * M = 96 55 -> 85 best; K = 768 and M = 512 unchanged. 512-token prefill:
  * +3-6% on one thread, +5-14% on two. The AVX2 kernels (PM = 6) measured
  * mixed on this Zen 4 (K = 8192 +15%, M = 512 at K = 2048 -8%) and keep
  * the old order. */
+#define SLD (DSI_PANEL_GROUP + 16) /* floats per row of a group's sums: not a multiple of 1 KB */
 static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int y_col0, int n0,
                          int n1, int accumulate) {
     int K = W->cols;
     float *P = dsi__tls_buffer(DSI_TLS_PANEL, sizeof(float) * KC * PN);
-    if (!P) return;
+    float *S = dsi__tls_buffer(DSI_TLS_SUMS, sizeof(float) * SLD * (size_t)M);
+    if (!P || !S) return;
     for (int g0 = n0; g0 < n1; g0 += DSI_PANEL_GROUP) {
         int g1 = DSI_MIN(n1, g0 + DSI_PANEL_GROUP);
         for (int k0 = 0; k0 < K; k0 += KC) {
-            int kc = DSI_MIN(KC, K - k0), ldb, load_y = k0 > 0 || accumulate;
+            int kc = DSI_MIN(KC, K - k0), ldb, load_y = k0 > 0;
             const float *xb = dsi__panel_x(x, M, ldx, k0, kc, &ldb);
             if (!xb) return;
             for (int n = g0; n < g1; n += PN) {
@@ -664,10 +673,20 @@ static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
                 for (int m = 0; m < M; m += step) {
                     int mr = DSI_MIN(step, M - m);
                     const float *xm = xb + (size_t)m * ldb;
-                    float *ym = y + (size_t)m * ldy + (n - y_col0);
-                    if (mr == PM) panel_kernel(P, kc, xm, ldb, PM, ym, ldy, m0, m1, load_y);
-                    else panel_kernel(P, kc, xm, ldb, mr, ym, ldy, m0, m1, load_y);
+                    float *sm = S + (size_t)m * SLD + (n - g0);
+                    if (mr == PM) panel_kernel(P, kc, xm, ldb, PM, sm, SLD, m0, m1, load_y);
+                    else panel_kernel(P, kc, xm, ldb, mr, sm, SLD, m0, m1, load_y);
                 }
+            }
+        }
+        for (int m = 0; m < M; m++) {
+            const float *sm = S + (size_t)m * SLD;
+            float *ym = y + (size_t)m * ldy + (g0 - y_col0);
+            for (int c = 0; c < g1 - g0; c += 16) {
+                __mmask16 km = g1 - g0 - c >= 16 ? 0xffff : (__mmask16)((1u << (g1 - g0 - c)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(km, sm + c);
+                if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(km, ym + c));
+                _mm512_mask_storeu_ps(ym + c, km, v);
             }
         }
     }
@@ -804,7 +823,7 @@ static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, cons
                              int ldy, int y_col0, int n0, int n1, int accumulate) {
     int K = W->cols, nt = DSI_CEIL_DIV(K, 128);
     uint32_t *P = dsi__tls_buffer(DSI_TLS_Q8PANEL, sizeof(uint32_t) * 64 * 32); /* [64 pairs][32 rows] */
-    float *S = dsi__tls_buffer(DSI_TLS_Q8SUM, sizeof(float) * 32 * (size_t)M);
+    float *S = dsi__tls_buffer(DSI_TLS_SUMS, sizeof(float) * 32 * (size_t)M);
     if (!P || !S) return;
     pthread_once(&g_tab_once, make_tables);
     const uint8_t *wd = W->data;
