@@ -1633,23 +1633,26 @@ static inline __m512 e4m3_round16(__m512 f) {
     return _mm512_castsi512_ps(v);
 }
 
-/* dsi_fp8_round_ref 16 lanes at a time: the amax by max(|x|, acc), which
- * like dsi_fp8_scale's fmaxf skips a NaN; division and product as there, so
- * the same bits.
- * The scalar form (a library-free rounding, but one element at a time) was
- * 2-7% of a --fp8-act decode token (serial at two threads). */
-static void avx512_fp8_round(float *x, int n) {
+/* dsi_fp8_scale of len <= 128 values, 16 lanes at a time: the amax by
+ * max(|x|, acc), which like its fmaxf skips a NaN; the same bits. */
+static inline float fp8_scale16(const float *x, int len) {
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < len; i += 16) {
+        __mmask16 km = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
+        acc = _mm512_max_ps(_mm512_and_ps(_mm512_maskz_loadu_ps(km, x + i), absmask), acc);
+    }
+    float amax = _mm512_reduce_max_ps(acc);
+    return amax > 0 ? amax / 448.0f : 1.0f;
+}
+
+/* dsi_fp8_round_ref 16 lanes at a time: division and product as there, so
+ * the same bits. The scalar form (a library-free rounding, but one element
+ * at a time) was 2-7% of a --fp8-act decode token (serial at two threads). */
+static void avx512_fp8_round(float *x, int n) {
     for (int k0 = 0; k0 < n; k0 += 128) {
         int len = DSI_MIN(n - k0, 128);
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < len; i += 16) {
-            __mmask16 km = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
-            acc = _mm512_max_ps(_mm512_and_ps(_mm512_maskz_loadu_ps(km, x + k0 + i), absmask), acc);
-        }
-        float amax = _mm512_reduce_max_ps(acc);
-        float s = amax > 0 ? amax / 448.0f : 1.0f;
-        __m512 sv = _mm512_set1_ps(s);
+        __m512 sv = _mm512_set1_ps(fp8_scale16(x + k0, len));
         for (int i = 0; i < len; i += 16) {
             __mmask16 km = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
             __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(km, x + k0 + i), sv);
@@ -1664,16 +1667,9 @@ static void avx512_fp8_round(float *x, int n) {
  * loop ran serially before every FP8 x FP8 matmul: ~2 ns per element, about
  * a tenth of a one-thread --fp8-act prefill. */
 static void avx512_fp8_quant(const float *x, int n, uint16_t *q, float *s) {
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     for (int k0 = 0, t = 0; k0 < n; k0 += 128, t++) {
         int len = DSI_MIN(n - k0, 128);
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < len; i += 16) {
-            __mmask16 km = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
-            acc = _mm512_max_ps(_mm512_and_ps(_mm512_maskz_loadu_ps(km, x + k0 + i), absmask), acc);
-        }
-        float amax = _mm512_reduce_max_ps(acc);
-        s[t] = amax > 0 ? amax / 448.0f : 1.0f;
+        s[t] = fp8_scale16(x + k0, len);
         __m512 sv = _mm512_set1_ps(s[t]);
         for (int i = 0; i < 128; i += 16) {
             __mmask16 km = len - i >= 16 ? 0xffff : len <= i ? 0 : (__mmask16)((1u << (len - i)) - 1);
