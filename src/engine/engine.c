@@ -49,8 +49,8 @@ dsi_pool *dsi__pool_for_work(const dsi_engine *e, double flops) {
 typedef struct q8_job {
     const dsi_engine *e;
     const dsi_mat *W;
-    const uint16_t *xq;
-    const float *xs;
+    uint16_t *xq; /* written by quant_task, read by q8_task */
+    float *xs;
     int ldq, lds, M, ldy, n_base, accumulate;
     float *y;
     const float *x; /* the rows to quantise into xq, xs */
@@ -61,7 +61,7 @@ static void quant_task(void *ctx, int64_t b, int64_t end, int tid) {
     const q8_job *j = ctx;
     (void)tid;
     for (int64_t m = b; m < end; m++)
-        j->e->k->fp8_quant(j->x + m * j->ldx, j->W->cols, (uint16_t *)j->xq + m * j->ldq, (float *)j->xs + m * j->lds);
+        j->e->k->fp8_quant(j->x + m * j->ldx, j->W->cols, j->xq + m * j->ldq, j->xs + m * j->lds);
 }
 
 static void q8_task(void *ctx, int64_t b, int64_t end, int tid) {

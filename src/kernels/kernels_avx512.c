@@ -636,7 +636,8 @@ static inline __attribute__((always_inline)) void panel_kernel(const float *P, i
  * M = 512, 2048 x 2048 product sat on those loads and stores. With the
  * buffer it ran 83-91 -> 99-103 GFLOP/s; 2048 x 768 at M = 24-512 +6-8%,
  * 768 x 2048 at M = 48 +3-5%; 512-token prefill +2-4% on one and two
- * threads, alternating builds.) Against panel by panel over all k-blocks reading x in place (Zen 4, one
+ * threads, alternating builds.)
+ * Against panel by panel over all k-blocks reading x in place (Zen 4, one
  * core, interleaved): M = 48, N = 768, K = 2048 (a routed expert's gate in
  * a 512-token prefill of `small`) 68 -> 78 GFLOP/s mean, 70 -> 85 best;
  * M = 96 55 -> 85 best; K = 768 and M = 512 unchanged. 512-token prefill:
