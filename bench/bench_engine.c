@@ -305,8 +305,10 @@ int main(int argc, char **argv) {
         if (decode_windows(e, pool, bwbuf, c, bytes_tok, ids, n_prompt, n_decode, blocks, nb, logits, nt, label)) return 1;
         /* the prompt with FP8 activations, on the decode sequence's blocks:
          * its linear layers are FP8 x FP8 matmuls, bounded by the BF16
-         * dot-product peak (where the CPU has it); attention stays float32 */
-        if (prefill_reps(e8, pool, ids, n_prompt, blocks2, nb, logits, lin, attn, 1, reps, nt, "prefill fp8")) return 1;
+         * dot-product peak (where the CPU has it; with BF16 weights they
+         * stay float32); attention stays float32 */
+        if (prefill_reps(e8, pool, ids, n_prompt, blocks2, nb, logits, lin, attn, c->fp8, reps, nt, "prefill fp8"))
+            return 1;
         dsi_engine_destroy(e8);
         dsi_engine_destroy(e);
         dsi_kv_pool_destroy(kv);
