@@ -111,6 +111,14 @@ enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2, DSI_TLS_XBLOCK = 
  * the AVX2 kernels on the same Zen 4: +4% and +11%). */
 void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc);
 
+/* FP8 GEMVs: the block-scale rows of weight rows [n0, n1), into L1 at the
+ * call's start. They sit apart from the weights, so each row-block's first
+ * scale was a demand miss to memory in the middle of the weight stream: in
+ * 1-thread decode of `small` (AVX-512), 18% of gemv_e4m3_path's own samples
+ * sat on that load (perf annotate); after, it is not among its top lines.
+ * The function is ~3% of decode, so the gain is below tok/s noise. */
+void dsi__prefetch_scales(const dsi_mat *W, int n0, int n1);
+
 /* Panel GEMM (AVX-512): the activation block x[0..M)[k0, k0 + kc) its micro-kernels
  * read, at *ldb floats per row: x itself, or, when x's rows are a multiple of
  * 2 KB apart, a per-thread copy with rows 16 floats longer than the block.

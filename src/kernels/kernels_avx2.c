@@ -196,6 +196,7 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
     int K = W->cols, br = W->block_rows, bc = W->block_cols;
     float *xs = xs_buffer((size_t)2 * K);
     if (!xs) return;
+    dsi__prefetch_scales(W, n0, n1);
     float *xp = xs + K;
     int fast = bc % 32 == 0;
     if (fast)

@@ -57,6 +57,13 @@ void dsi__prefetch_panel(const dsi_mat *W, int n, int n1, int k0, int pn, int kc
     }
 }
 
+void dsi__prefetch_scales(const dsi_mat *W, int n0, int n1) {
+    if (n1 <= n0) return;
+    const char *b = (const char *)(W->scale_inv + (size_t)(n0 / W->block_rows) * W->scale_cols),
+               *e = (const char *)(W->scale_inv + (size_t)((n1 - 1) / W->block_rows + 1) * W->scale_cols);
+    for (const char *c = (const char *)((uintptr_t)b & ~(uintptr_t)63); c < e; c += 64) __builtin_prefetch(c, 0, 3);
+}
+
 const float *dsi__panel_x(const float *x, int M, int ldx, int k0, int kc, int *ldb) {
     if (ldx % 512) {
         *ldb = ldx;
