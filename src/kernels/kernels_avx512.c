@@ -235,7 +235,22 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * `pfw` is the far prefetch's address for the first line: w + ROW_PF_BYTES
  * for a whole row (gemv_rows16); for a segment of a long row
  * (gemv_rows_seg) a point of the forward stream that runs
- * dsi__gemv_seg_ahead bytes ahead of the row group. */
+ * dsi__gemv_seg_ahead bytes ahead of the row group.
+ * Why a cheaper loop still does not stream faster (synthetic 16-64 MB
+ * streams cycling through 1.5 GB, one core, means over 6-40 runs; plain read
+ * 32-36 GB/s): a prefetch that finds the core's miss queue full is dropped
+ * (a loop of bare T1 prefetches "reads" 100-200 GB/s), so the faster a loop
+ * issues them, the more lines it then misses on. A 7-instruction dpbf16 line
+ * loop without scales read 31 GB/s with no software prefetch and 24 with this
+ * one. Without prefetch, the stream needs few loads per line: 3 loads gave 27
+ * GB/s, the same loop with one and two more loads hitting L1 gave 19 and 9.5
+ * (this loop has 5: alone it reads 11). A full FP8 x FP8 decode GEMV, with
+ * the per-128-column scales, read 29-30.5 GB/s (shift decode, which loses
+ * e4m3 subnormals to vdpbf16ps's DAZ; 40-42 from L2) or 28-30 (byte-table
+ * decode, exact; 31-32 from L2), with or without prefetch: no better than
+ * this loop's ~28 here. So on this core the exact loop's issue rate (31-34
+ * GB/s from L2) and the miss queue both hold a decode GEMV to ~85% of a
+ * plain read. */
 #define ROW_PF_BYTES 8192
 static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
                                                                     const uint8_t *pfw, const uint8_t *pf_last) {
@@ -1164,6 +1179,7 @@ static void gemv_e4m3_path(const dsi_mat *W, const float *x, float *y, int y_col
     int K = W->cols, br = W->block_rows, bc = W->block_cols;
     float *xs = xs_buffer((size_t)MR * K);
     if (!xs) return;
+    dsi__prefetch_scales(W, n0, n1);
     prefetch_start((const uint8_t *)W->data + (size_t)n0 * K, (size_t)(n1 - n0) * K);
     float *xp = xs + K; /* x permuted once; each row-block only rescales it */
     int fast = bc % 64 == 0;
