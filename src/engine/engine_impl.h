@@ -65,6 +65,8 @@ struct dsi_engine {
     int n_seqs, T;
     double prof[8];         /* seconds per stage when DSI_PROFILE is set (see engine.c) */
     int profile;
+    float *lm_buf;          /* [LM_GROUP][hidden + vocab]: last rows of several sequences and
+                             * their logits, for one lm_head matmul (allocated on first use) */
     float *capture;         /* optional hidden-state capture */
     int capture_tokens;
     /* Called after each matmul on the calling thread: the expert-parallel
