@@ -130,7 +130,7 @@ static void check_impl(const dsi_kernels *k) {
     dsi_dtype dts[] = {DSI_F8_E4M3, DSI_BF16, DSI_F16, DSI_F32};
     for (int iter = 0; iter < 120; iter++) {
         dsi_dtype dt = dts[iter % 4];
-        int rows = rint_(1, 300), cols = rint_(1, 700), M = iter % 3 == 2 ? rint_(10, 40) : rint_(1, 9);
+        int rows = rint_(1, 300), cols = rint_(1, 700), M = iter % 3 == 2 ? rint_(10, 70) : rint_(1, 9); /* tiles below 32 rows, panel from 32 */
         if (iter % 5 == 0) { rows = 256 + rint_(0, 3); cols = 512; } /* aligned */
         if (iter % 8 == 0 || iter % 8 == 5) { M = 1; cols = 64 * rint_(1, 10); } /* the decode GEMV paths (FP8, BF16) */
         if (iter % 8 == 4) { /* FP8 rows longer than 4096: the GEMV's segments, alone or as a tile's last row */
@@ -141,7 +141,7 @@ static void check_impl(const dsi_kernels *k) {
         int panel_copy = iter % 8 == 6; /* panel GEMM: x rows 2 KB-multiples apart (its x copy), several row groups */
         if (panel_copy) {
             dt = dts[(iter / 8) % 4];
-            M = rint_(8, 40);
+            M = rint_(32, 72); /* the kernels' PANEL_MIN_ROWS on */
             cols = 512 * rint_(1, 3);
             rows = rint_(130, 300);
         }

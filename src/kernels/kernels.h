@@ -103,6 +103,11 @@ void dsi_matmul_q8_ref(const dsi_mat *W, const uint16_t *xq, int ldq, const floa
 void *dsi__tls_buffer(int slot, size_t bytes);
 enum { DSI_TLS_XS = 0, DSI_TLS_PANEL = 1, DSI_TLS_Q8PANEL = 2, DSI_TLS_XBLOCK = 3, DSI_TLS_SUMS = 4 };
 
+/* The AVX-512 and AVX2 matmuls use their packed-panel GEMM from this many
+ * activation rows on, the 4-row tiles below it (measurements at the
+ * definition's use in kernels_avx512.c). */
+#define DSI_PANEL_MIN_ROWS 32
+
 /* Panel GEMMs: prefetches into L2 the weights the next pack reads, rows
  * [n, n + pn) x columns [k0, k0 + kc) of W, or, past the last column, the
  * next panel's first block (none past row n1). The micro-kernels of the
