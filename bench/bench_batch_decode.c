@@ -2,10 +2,14 @@
  * (continuous batching over the paged KV pool), on a checkpoint (default: the
  * `small` preset at /tmp/small, made by
  *     build/dsinfer make-model --preset small --dtype fp8 --out /tmp/small).
- * Decode is bandwidth-bound: a batch shares each weight read, so batch 32
- * should give several times the tokens/s of batch 1. Prints each figure, the
- * weight bytes streamed per second at batch 1 (against the machine's bound),
- * and the ratio batch-32 / batch-1.
+ * Decode of one sequence is bandwidth-bound: a batch shares each weight
+ * read, so batch 32 should give several times the tokens/s of batch 1, up
+ * to what the arithmetic allows (on a CPU a few sequences already reach
+ * the FMA peak). Prints each figure, the weight bytes streamed per second
+ * at batch 1, and the ratios batch-8 / batch-1 and batch-32 / batch-1 next
+ * to their bound: the lower of the bandwidth bound (bytes a step reads) and
+ * the FLOP bound (the linear layers' FLOPs per token at the FMA peak
+ * measured on the engine's threads, against the batch-1 rate).
  *
  * usage: bench_batch_decode [MODEL_DIR] [decode_steps (default 12)] [threads (default 0 = all)] */
 #include <math.h>
@@ -13,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench_peak.h"
+#include "dsinfer/model.h"
 #include "dsinfer/sched.h"
 
 typedef struct counter {
@@ -84,6 +90,12 @@ int main(int argc, char **argv) {
            "%s kernels, %d threads; %d decode steps per batch\n",
            dir, c->n_layers, c->hidden, c->n_experts, c->n_experts_per_tok, dsi_model_total_bytes(m) / 1e9,
            dsi_model_active_bytes_per_token(m) / 1e9, dsi_engine_kernels_name(e), dsi_engine_n_threads(e), steps);
+    dsi_pool *pool = dsi_pool_create(dsi_engine_n_threads(e));
+    double peak = pool ? measure_peak_flops(pool) : 0, flops_tok = dsi_model_flops_per_token(m);
+    dsi_pool_destroy(pool);
+    printf("compute: %.2f GFLOP per token (linear layers), FMA peak %.0f GFLOP/s on %d threads: at most %.1f tok/s "
+           "at any batch\n",
+           flops_tok / 1e9, peak / 1e9, dsi_engine_n_threads(e), peak / flops_tok);
     run(s, 1, 2, c->vocab_size); /* warm the page cache and the thread pool */
     int batches[3] = {1, 8, 32};
     double tps[3];
@@ -105,8 +117,11 @@ int main(int argc, char **argv) {
         double B = batches[i], touched = E > 0 ? E * (1 - pow(1 - (double)k / E, B)) : 0;
         ideal[i] = B * active / (dense + touched * per_expert);
     }
-    printf("ratio batch-8 / batch-1: %.2fx (bandwidth bound %.2fx); batch-32 / batch-1: %.2fx (bound %.2fx)\n",
-           tps[1] / tps[0], ideal[1], tps[2] / tps[0], ideal[2]);
+    double by_flops = peak / flops_tok / tps[0];
+    for (int i = 1; i < 3; i++)
+        printf("ratio batch-%d / batch-1: %.2fx; bound %.2fx, the lower of bandwidth %.2fx and FLOPs %.2fx: %.0f%%\n",
+               batches[i], tps[i] / tps[0], DSI_MIN(ideal[i], by_flops), ideal[i], by_flops,
+               100 * tps[i] / tps[0] / DSI_MIN(ideal[i], by_flops));
     dsi_sched_destroy(s);
     dsi_engine_destroy(e);
     dsi_kv_pool_destroy(kv);
