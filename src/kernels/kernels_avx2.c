@@ -277,7 +277,11 @@ static void gemv_bf16_path(const dsi_mat *W, const float *x, float *y, int y_col
 /* ---- a few activation rows: NR x MR micro-tiles ----
  * Rows [n, n+nr) of W against mr activation rows xs (stride ldx); the
  * (nr x mr) dot products go to out[j][m]. Each (j, m) sum is the same
- * whatever mr is (what matmul_rowwise relies on). */
+ * whatever mr is (what matmul_rowwise relies on). The weights of a later
+ * tile are prefetched into L2 (T1; see PF_MIN_BYTES in kernels_avx512.c):
+ * against T0, 768x2048 matrices from memory on one Zen 4 core, BF16 M = 2-8
+ * ran 28-55 -> 38-72 GFLOP/s, FP8 M = 2-3 41-60 -> 41-70 (compute-bound
+ * from M = 4, unchanged). */
 #define PF_MIN_BYTES 4096
 static inline size_t pf_elems(size_t ldw, size_t elem) {
     size_t tile = (size_t)NR * ldw * elem;
@@ -294,7 +298,7 @@ static inline size_t pf_elems(size_t ldw, size_t elem) {
         for (; k + 8 <= K; k += 8) {                                                                          \
             if (k % (64 / sizeof(T)) == 0)                                                                    \
                 _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) if (j < nr)                              \
-                    _mm_prefetch((const char *)(w + j * ldw + pf_elems(ldw, sizeof(T)) + k), _MM_HINT_T0);    \
+                    _mm_prefetch((const char *)(w + j * ldw + pf_elems(ldw, sizeof(T)) + k), _MM_HINT_T1);    \
             __m256 xv[MR];                                                                                    \
             _Pragma("GCC unroll 8") for (int m = 0; m < MR; m++)                                              \
                 if (m < mr) xv[m] = _mm256_loadu_ps(xs + (size_t)m * ldx + k);                                \
@@ -330,7 +334,7 @@ static inline __attribute__((always_inline)) void micro_e4m3(const uint8_t *w, s
     for (; k < K32; k += 32) {
         __m256 wd[NR][4];
         _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) if (j < nr) {
-            if (k % 64 == 0) _mm_prefetch((const char *)(w + j * ldw + pf_elems(ldw, 1) + k), _MM_HINT_T0);
+            if (k % 64 == 0) _mm_prefetch((const char *)(w + j * ldw + pf_elems(ldw, 1) + k), _MM_HINT_T1);
             dec4(load_line(w + j * ldw + k), mask, wd[j]);
         }
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
