@@ -204,6 +204,55 @@ static void test_mixed_batch(void **state) {
     dsi_engine_destroy(e);
 }
 
+/* 17 sequences decoding in one step, each wanting its last row's logits:
+ * the lm_head runs on groups of up to 16 gathered rows, and the routed
+ * experts of a multi-row step run as fused jobs. Each sequence's logits
+ * must be its own position's (the oracle's row), and under
+ * --batch-invariant the same bits as that sequence decoding alone. */
+static void test_decode_batch(void **state) {
+    fixture *f = *state;
+    const dsi_tensor *ids = golden_tensor(f->gold, "prompt3.ids");
+    const dsi_tensor *ref = golden_tensor(f->gold, "prompt3.logits");
+    const int32_t *tok = ids->data;
+    const float *r = ref->data;
+    int V = dsi_model_config(f->m)->vocab_size;
+    enum { S = 17 };
+    assert_true(ids->shape[0] > S + 2);
+    for (int inv = 0; inv < 2; inv++) {
+        dsi_engine_opts o = {.n_threads = 2, .max_tokens = 256, .batch_invariant = inv};
+        dsi_engine *e = NULL;
+        assert_int_equal(dsi_engine_create(f->m, f->kv, &o, &e), DSI_OK);
+        int32_t blk[S];
+        dsi_seq_step st[S];
+        float *lg = malloc(sizeof(float) * V * S), *alone = malloc(sizeof(float) * V);
+        for (int i = 0; i < S; i++) { /* sequence i: prompt3's first i + 2 tokens */
+            blk[i] = dsi_kv_alloc(f->kv);
+            st[i] = (dsi_seq_step){tok, i + 2, 0, &blk[i], 1, DSI_LOGITS_NONE, NULL};
+        }
+        assert_int_equal(dsi_engine_step(e, st, S), DSI_OK);
+        for (int i = 0; i < S; i++) st[i] = (dsi_seq_step){tok + i + 2, 1, i + 2, &blk[i], 1, DSI_LOGITS_LAST, lg + (size_t)i * V};
+        assert_int_equal(dsi_engine_step(e, st, S), DSI_OK);
+        double worst = 0;
+        for (int i = 0; i < S; i++) {
+            double err = rel_err(lg + (size_t)i * V, r + (size_t)(i + 2) * V, (size_t)V);
+            worst = err > worst ? err : worst;
+            assert_true(err <= TOL);
+        }
+        if (inv) /* sequence 5 decoding its token again, alone: the same bits */
+            for (int i = 5; i < 6; i++) {
+                dsi_seq_step one = {tok + i + 2, 1, i + 2, &blk[i], 1, DSI_LOGITS_LAST, alone};
+                assert_int_equal(dsi_engine_step(e, &one, 1), DSI_OK);
+                assert_memory_equal(alone, lg + (size_t)i * V, sizeof(float) * V);
+            }
+        printf("  %s %d sequences decoding in one step%s: worst %.2e vs the oracle%s\n", f->name, S,
+               inv ? " (batch-invariant)" : "", worst, inv ? "; one alone: bit-identical" : "");
+        for (int i = 0; i < S; i++) dsi_kv_release(f->kv, blk[i]);
+        free(lg);
+        free(alone);
+        dsi_engine_destroy(e);
+    }
+}
+
 static double rms_rel(const float *a, const float *b, size_t n) {
     double num = 0, den = 0;
     for (size_t i = 0; i < n; i++) {
@@ -279,6 +328,7 @@ int main(void) {
         cmocka_unit_test(test_chunked_equals_oneshot),
         cmocka_unit_test(test_greedy_tokens),
         cmocka_unit_test(test_mixed_batch),
+        cmocka_unit_test(test_decode_batch),
         cmocka_unit_test(test_hidden_states),
         cmocka_unit_test(test_batch_invariant),
     };
@@ -288,6 +338,7 @@ int main(void) {
         cmocka_unit_test(test_chunked_equals_oneshot),
         cmocka_unit_test(test_greedy_tokens),
         cmocka_unit_test(test_mixed_batch),
+        cmocka_unit_test(test_decode_batch),
         cmocka_unit_test(test_hidden_states),
         cmocka_unit_test(test_batch_invariant),
         cmocka_unit_test(test_fp8_activations),

@@ -211,23 +211,28 @@ int dsi__stage_routed_local(dsi_engine *e, int layer) {
     return DSI_OK;
 }
 
-/* ---- one-row decode: every MLP of the layer in two parallel jobs ----
+/* ---- decode: every MLP of the layer in two parallel jobs ----
  * With one token per step the shared (or dense) MLP and each routed expert
  * are one-row GEMVs of ~1.5 MB: three fork/joins per MLP, each ending with
  * a thread waiting on the other's last chunk (~3 us, 5% of a 2-thread decode
  * token). Instead the gate and up rows of all the layer's MLPs (SwiGLU on
  * each chunk's rows as it finishes) form one job, and all down rows a
- * second. Every output row is the same kernel call on the same inputs, so
- * the results are those of the per-expert path, bit for bit. */
+ * second. A batch of decoding sequences (up to FUSED_T_MAX rows) does the
+ * same with each MLP over its rows: ~60 routed experts of a few rows each
+ * at batch 32. Each output is the kernel's sum for that row, as in the
+ * per-expert path (the per-row sums do not depend on the row range a call
+ * covers), so the results are those of that path. */
 typedef struct mlp_row {
     const dsi_mat *g, *u, *d;
-    const float *x; /* [D] */
-    float *h1, *h2; /* [inter] */
-    float *out;     /* [D], written, or added to when accumulate */
-    int accumulate;
+    const float *x; /* [M][D] */
+    float *h1, *h2; /* [M][inter] */
+    float *out;     /* [M][D], written, or added to when accumulate */
+    int accumulate, M;
 } mlp_row;
 
-#define FUSED_MAX 64
+/* items: the shared (or dense) MLP and, at most, every routed expert */
+#define FUSED_MAX 272
+#define FUSED_T_MAX 64
 /* ~50 us of one core's streaming: a layer's gate/up job of `small` in 16
  * chunks, its down job in 8. Each chunk is a GEMV call per matrix, which
  * permutes and rescales the activation row and starts a new prefetch
@@ -254,12 +259,14 @@ static void fused_task(void *ctx, int64_t b, int64_t end, int tid) {
         if (b >= j->off[i + 1]) continue;
         const mlp_row *r = &j->it[i];
         int r0 = (int)(b - j->off[i]), r1 = (int)(DSI_MIN(end, j->off[i + 1]) - j->off[i]);
+        int inter = r->g->rows;
         if (j->down) {
-            j->mm(r->d, r->h1, 1, r->d->cols, r->out, r->d->rows, 0, r0, r1, r->accumulate);
+            j->mm(r->d, r->h1, r->M, inter, r->out, r->d->rows, 0, r0, r1, r->accumulate);
         } else {
-            j->mm(r->g, r->x, 1, r->g->cols, r->h1, r->g->rows, 0, r0, r1, 0);
-            j->mm(r->u, r->x, 1, r->u->cols, r->h2, r->u->rows, 0, r0, r1, 0);
-            j->k->silu_mul(r->h1 + r0, r->h2 + r0, (size_t)(r1 - r0));
+            j->mm(r->g, r->x, r->M, r->g->cols, r->h1, inter, 0, r0, r1, 0);
+            j->mm(r->u, r->x, r->M, r->u->cols, r->h2, inter, 0, r0, r1, 0);
+            for (int m = 0; m < r->M; m++)
+                j->k->silu_mul(r->h1 + (size_t)m * inter + r0, r->h2 + (size_t)m * inter + r0, (size_t)(r1 - r0));
         }
         b = j->off[i + 1];
     }
@@ -274,16 +281,19 @@ static void run_fused(dsi_engine *e, fused_job *j, int down) {
         int mats = down ? 1 : 2;
         j->off[i + 1] = j->off[i] + W->rows;
         bytes += (double)mats * W->rows * W->cols * dsi_dtype_size(W->dtype);
-        flops += 2.0 * mats * W->rows * W->cols;
+        flops += 2.0 * mats * W->rows * W->cols * j->it[i].M;
     }
     dsi_pool_for_chunks(dsi__pool_for_work(e, flops), j->off[j->n], 16, (int)(bytes / FUSED_CHUNK_BYTES), fused_task, j);
 }
 
-/* Applies when the step is one token and the engine runs in one process
- * (no transfers to poll between matmuls). With FP8 activations each MLP's
- * gate and up must share a dtype: they read one quantised row. */
+/* Applies when the step is one token, or up to FUSED_T_MAX without FP8
+ * activations (whose multi-row matmuls quantise through try_q8), and the
+ * engine runs in one process (no transfers to poll between matmuls). With
+ * FP8 activations each MLP's gate and up must share a dtype: they read one
+ * quantised row. */
 static int fused_ok(const dsi_engine *e, int layer) {
-    if (e->T != 1 || e->poll_hook || e->c->n_experts_per_tok + 1 > FUSED_MAX) return 0;
+    if (e->poll_hook || 1 + DSI_MIN(e->c->n_experts, e->T * e->c->n_experts_per_tok) > FUSED_MAX) return 0;
+    if (e->T != 1 && (e->T > FUSED_T_MAX || e->opts.fp8_activations)) return 0;
     if (!e->opts.fp8_activations) return 1;
     const dsi_layer *L = &e->m->layers[layer];
     if (!L->is_moe) return L->gate.dtype == L->up.dtype;
@@ -309,22 +319,23 @@ static int ffn_fused(dsi_engine *e, int layer) {
     const dsi_config *c = e->c;
     const dsi_layer *L = &e->m->layers[layer];
     dsi_scratch *s = &e->s;
-    int D = c->hidden, n = 0, rc;
+    int D = c->hidden, T = e->T, n = 0, rc;
     mlp_row it[FUSED_MAX];
     if ((rc = dsi__stage_gate(e, layer)) != DSI_OK) return rc;
     if (!L->is_moe)
-        it[n++] = (mlp_row){&L->gate, &L->up, &L->down, s->xn, s->h1, s->h2, s->x, 1};
+        it[n++] = (mlp_row){&L->gate, &L->up, &L->down, s->xn, s->h1, s->h2, s->x, 1, T};
     else if (c->n_shared_experts > 0)
-        it[n++] = (mlp_row){&L->sh_gate, &L->sh_up, &L->sh_down, s->xn, s->h1, s->h2, s->x, 1};
+        it[n++] = (mlp_row){&L->sh_gate, &L->sh_up, &L->sh_down, s->xn, s->h1, s->h2, s->x, 1, T};
     if (L->is_moe) {
         dispatch_local(e);
-        /* one row per chosen expert, in expert order (the per-expert path's) */
-        for (int x = 0; x < c->n_experts; x++)
-            for (int r = s->exp_offset[x]; r < s->exp_offset[x + 1]; r++) {
-                float *row = s->ex + (size_t)r * D;
-                it[n++] = (mlp_row){&L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], row,
-                                    s->eh1 + (size_t)r * c->moe_inter, s->eh2 + (size_t)r * c->moe_inter, row, 0};
-            }
+        /* each chosen expert over its rows, in expert order (the per-expert path's) */
+        for (int x = 0; x < c->n_experts; x++) {
+            int r = s->exp_offset[x], M = s->exp_offset[x + 1] - r;
+            if (!M) continue;
+            float *rows = s->ex + (size_t)r * D;
+            it[n++] = (mlp_row){&L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], rows,
+                                s->eh1 + (size_t)r * c->moe_inter, s->eh2 + (size_t)r * c->moe_inter, rows, 0, M};
+        }
     }
     fused_job j = {dsi__matmul_fn(e), e->k, it, n, 0, {0}};
     int q8 = e->opts.fp8_activations;
