@@ -117,7 +117,8 @@ static void pad_task(void *ctx, int64_t b, int64_t end, int tid) {
  * (memmove 5% -> under 2% of samples; 512-token prefill +3% on one and two
  * threads, alternating in one process). */
 const float *dsi__pad_rows(dsi_engine *e, const float *x, int M, int K, int *ldx) {
-    if (M < DSI_PANEL_MIN_ROWS || *ldx % 512 || e->opts.fp8_activations || x == e->s.xq || (size_t)M * (K + 16) > e->s.xq_floats)
+    if (M < DSI_PANEL_MIN_ROWS || *ldx % 512 || e->opts.fp8_activations || x == e->s.xq ||
+        (size_t)M * (K + 16) > e->s.xq_floats)
         return x;
     pad_job j = {x, e->s.xq, K, *ldx, K + 16};
     /* a float copied costs about what 64 flops of a matmul do (the threshold is a time) */

@@ -493,14 +493,15 @@ static inline __attribute__((always_inline)) void micro_e4m3(const uint8_t *w, s
 #define PN 32
 /* DSI_PANEL_MIN_ROWS (kernels.h): from this many activation rows on,
  * packing pays. Below it the 4x4 tiles (tiles_matmul) ran faster on Zen 4,
- * one core (GFLOP/s tiles vs panel;
- * 2048x2048, weights in L3): FP8 M = 8 93 vs 65, 16 97 vs 79, 32 94-96 vs
- * 92-93, 48 96 vs 99, 96 96 vs 106; BF16 M = 8 101 vs 55, 16 103 vs 74, 32
- * 93-101 vs 83-87; FP8 768x2048 (an expert) M = 8 86 vs 62, 16 87-91 vs
- * 74-83; from memory (64 MB) M = 8 82 vs 60, 16 85 vs 75. The threshold
- * was 8: batched decode (each token's attention projections and shared
- * experts at M = batch, the routed experts at a few rows each) ran on the
- * panel at its worst. */
+ * one core, GFLOP/s tiles vs panel, 2048x2048 in L3: FP8 M = 8 93 vs 65,
+ * 16 97 vs 79, 32 94-96 vs 92-93, 48 96 vs 99, 96 96 vs 106; BF16 M = 8 101
+ * vs 55, 16 103 vs 74, 32 93-101 vs 83-87. FP8 768x2048 (an expert) M = 8
+ * 86 vs 62, 16 87-91 vs 74-83; from memory (64 MB) M = 8 82 vs 60, 16 85 vs
+ * 75. At M = 32 the attention and shared-expert shapes ran level (92-98
+ * either way), at 40 the panel led by 1-10%. The threshold was 8: batched
+ * decode (each token's attention projections and shared experts at M =
+ * batch, the routed experts at a few rows each) ran on the panel at its
+ * worst. */
 #define PM 12
 #define KC 128
 
