@@ -233,6 +233,10 @@ typedef struct mlp_row {
 /* items: the shared (or dense) MLP and, at most, every routed expert */
 #define FUSED_MAX 272
 #define FUSED_T_MAX 64
+/* With FP8 activations: up to this many rows, the routed experts only (a
+ * few rows each; from 8 rows try_q8's FP8 x FP8 GEMM would serve them), the
+ * shared or dense MLP over the step's rows through try_q8 before them */
+#define FUSED_T_FP8 16
 /* ~50 us of one core's streaming: a layer's gate/up job of `small` in 16
  * chunks, its down job in 8. Each chunk is a GEMV call per matrix, which
  * permutes and rescales the activation row and starts a new prefetch
@@ -286,14 +290,13 @@ static void run_fused(dsi_engine *e, fused_job *j, int down) {
     dsi_pool_for_chunks(dsi__pool_for_work(e, flops), j->off[j->n], 16, (int)(bytes / FUSED_CHUNK_BYTES), fused_task, j);
 }
 
-/* Applies when the step is one token, or up to FUSED_T_MAX without FP8
- * activations (whose multi-row matmuls quantise through try_q8), and the
- * engine runs in one process (no transfers to poll between matmuls). With
- * FP8 activations each MLP's gate and up must share a dtype: they read one
- * quantised row. */
+/* Applies to steps of up to FUSED_T_MAX rows (FUSED_T_FP8 with FP8
+ * activations) when the engine runs in one process (no transfers to poll
+ * between matmuls). With FP8 activations each MLP's gate and up must share
+ * a dtype: they read one quantised row. */
 static int fused_ok(const dsi_engine *e, int layer) {
     if (e->poll_hook || 1 + DSI_MIN(e->c->n_experts, e->T * e->c->n_experts_per_tok) > FUSED_MAX) return 0;
-    if (e->T != 1 && (e->T > FUSED_T_MAX || e->opts.fp8_activations)) return 0;
+    if (e->T > (e->opts.fp8_activations ? FUSED_T_FP8 : FUSED_T_MAX)) return 0;
     if (!e->opts.fp8_activations) return 1;
     const dsi_layer *L = &e->m->layers[layer];
     if (!L->is_moe) return L->gate.dtype == L->up.dtype;
@@ -311,7 +314,11 @@ static int fused_ok(const dsi_engine *e, int layer) {
 static void quantise_items(const dsi_kernels *k, const mlp_row *it, int n, int down) {
     for (int i = 0; i < n; i++) {
         const dsi_mat *W = down ? it[i].d : it[i].g;
-        if (W->dtype == DSI_F8_E4M3) dsi__moe_io_round_in(k, DSI_MOE_IO_FP8, down ? it[i].h1 : (float *)it[i].x, W->cols);
+        if (W->dtype != DSI_F8_E4M3) continue;
+        for (int m = 0; m < it[i].M; m++) { /* rows of W->cols floats; h1's are g->rows apart */
+            float *row = down ? it[i].h1 + (size_t)m * it[i].g->rows : (float *)it[i].x + (size_t)m * W->cols;
+            dsi__moe_io_round_in(k, DSI_MOE_IO_FP8, row, W->cols);
+        }
     }
 }
 
@@ -321,11 +328,15 @@ static int ffn_fused(dsi_engine *e, int layer) {
     dsi_scratch *s = &e->s;
     int D = c->hidden, T = e->T, n = 0, rc;
     mlp_row it[FUSED_MAX];
+    int q8 = e->opts.fp8_activations;
     if ((rc = dsi__stage_gate(e, layer)) != DSI_OK) return rc;
-    if (!L->is_moe)
+    if (q8 && T > 1) { /* FUSED_T_FP8: the shared or dense MLP on its own, through try_q8 */
+        if ((rc = dsi__stage_shared(e, layer)) != DSI_OK) return rc;
+    } else if (!L->is_moe) {
         it[n++] = (mlp_row){&L->gate, &L->up, &L->down, s->xn, s->h1, s->h2, s->x, 1, T};
-    else if (c->n_shared_experts > 0)
+    } else if (c->n_shared_experts > 0) {
         it[n++] = (mlp_row){&L->sh_gate, &L->sh_up, &L->sh_down, s->xn, s->h1, s->h2, s->x, 1, T};
+    }
     if (L->is_moe) {
         dispatch_local(e);
         /* each chosen expert over its rows, in expert order (the per-expert path's) */
@@ -338,11 +349,12 @@ static int ffn_fused(dsi_engine *e, int layer) {
         }
     }
     fused_job j = {dsi__matmul_fn(e), e->k, it, n, 0, {0}};
-    int q8 = e->opts.fp8_activations;
-    if (q8) quantise_items(e->k, it, n, 0);
-    run_fused(e, &j, 0);
-    if (q8) quantise_items(e->k, it, n, 1);
-    run_fused(e, &j, 1);
+    if (n) {
+        if (q8) quantise_items(e->k, it, n, 0);
+        run_fused(e, &j, 0);
+        if (q8) quantise_items(e->k, it, n, 1);
+        run_fused(e, &j, 1);
+    }
     if (L->is_moe) combine_local(e);
     return DSI_OK;
 }
