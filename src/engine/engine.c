@@ -75,7 +75,7 @@ static void q8_task(void *ctx, int64_t b, int64_t end, int tid) {
  * GEMM. Returns 0 when that path does not apply. */
 static int try_q8(dsi_engine *e, const dsi_mat *W, int n0, int n1, const float *x, int M, int ldx, float *y, int ldy,
                   int y_col0, int accumulate) {
-    if (!e->opts.fp8_activations || W->dtype != DSI_F8_E4M3 || W->block_cols != 128 || !e->k->matmul_q8 || M < 8 ||
+    if (!e->opts.fp8_activations || W->dtype != DSI_F8_E4M3 || W->block_cols != 128 || !e->k->matmul_q8 || M < DSI_Q8_MIN_ROWS ||
         e->opts.batch_invariant)
         return 0;
     /* rows 64 bytes longer than the tiles they hold: a multiple of 2 KB

@@ -97,6 +97,11 @@ int dsi__step_begin(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs);
 /* Final norm and lm_head for the rows that want logits. */
 void dsi__step_end(dsi_engine *e, const dsi_seq_step *seqs, int n_seqs);
 
+/* With FP8 activations, matmuls of this many rows or more go through the
+ * FP8 x FP8 GEMM (engine.c try_q8); fewer through the float kernels on
+ * quantised rows. */
+#define DSI_Q8_MIN_ROWS 8
+
 /* y[M][N] = x[M][K] W^T, parallel over N (rows of W). `accumulate` adds. */
 void dsi__matmul(dsi_engine *e, const dsi_mat *W, const float *x, int M, int ldx, float *y, int ldy, int accumulate);
 /* Same restricted to rows [n0, n1) of W, written to y columns [0, n1-n0). */

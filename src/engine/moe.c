@@ -232,11 +232,12 @@ typedef struct mlp_row {
 
 /* items: the shared (or dense) MLP and, at most, every routed expert */
 #define FUSED_MAX 272
+/* Steps of up to this many rows. With FP8 activations only the routed
+ * experts of fewer than DSI_Q8_MIN_ROWS rows, which the per-expert path
+ * also runs in the float kernels on quantised rows; the shared or dense MLP
+ * and any expert with more rows run on their own through try_q8's FP8 x FP8
+ * GEMM, so the results are the per-expert path's. */
 #define FUSED_T_MAX 64
-/* With FP8 activations: up to this many rows, the routed experts only (a
- * few rows each; from 8 rows try_q8's FP8 x FP8 GEMM would serve them), the
- * shared or dense MLP over the step's rows through try_q8 before them */
-#define FUSED_T_FP8 16
 /* ~50 us of one core's streaming: a layer's gate/up job of `small` in 16
  * chunks, its down job in 8. Each chunk is a GEMV call per matrix, which
  * permutes and rescales the activation row and starts a new prefetch
@@ -290,13 +291,12 @@ static void run_fused(dsi_engine *e, fused_job *j, int down) {
     dsi_pool_for_chunks(dsi__pool_for_work(e, flops), j->off[j->n], 16, (int)(bytes / FUSED_CHUNK_BYTES), fused_task, j);
 }
 
-/* Applies to steps of up to FUSED_T_MAX rows (FUSED_T_FP8 with FP8
- * activations) when the engine runs in one process (no transfers to poll
- * between matmuls). With FP8 activations each MLP's gate and up must share
- * a dtype: they read one quantised row. */
+/* Applies to steps of up to FUSED_T_MAX rows when the engine runs in one
+ * process (no transfers to poll between matmuls). With FP8 activations each
+ * MLP's gate and up must share a dtype: they read one quantised row. */
 static int fused_ok(const dsi_engine *e, int layer) {
     if (e->poll_hook || 1 + DSI_MIN(e->c->n_experts, e->T * e->c->n_experts_per_tok) > FUSED_MAX) return 0;
-    if (e->T > (e->opts.fp8_activations ? FUSED_T_FP8 : FUSED_T_MAX)) return 0;
+    if (e->T > FUSED_T_MAX) return 0;
     if (!e->opts.fp8_activations) return 1;
     const dsi_layer *L = &e->m->layers[layer];
     if (!L->is_moe) return L->gate.dtype == L->up.dtype;
@@ -330,7 +330,7 @@ static int ffn_fused(dsi_engine *e, int layer) {
     mlp_row it[FUSED_MAX];
     int q8 = e->opts.fp8_activations;
     if ((rc = dsi__stage_gate(e, layer)) != DSI_OK) return rc;
-    if (q8 && T > 1) { /* FUSED_T_FP8: the shared or dense MLP on its own, through try_q8 */
+    if (q8 && T > 1) { /* the shared or dense MLP on its own, through try_q8 */
         if ((rc = dsi__stage_shared(e, layer)) != DSI_OK) return rc;
     } else if (!L->is_moe) {
         it[n++] = (mlp_row){&L->gate, &L->up, &L->down, s->xn, s->h1, s->h2, s->x, 1, T};
@@ -343,9 +343,12 @@ static int ffn_fused(dsi_engine *e, int layer) {
         for (int x = 0; x < c->n_experts; x++) {
             int r = s->exp_offset[x], M = s->exp_offset[x + 1] - r;
             if (!M) continue;
-            float *rows = s->ex + (size_t)r * D;
-            it[n++] = (mlp_row){&L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], rows,
-                                s->eh1 + (size_t)r * c->moe_inter, s->eh2 + (size_t)r * c->moe_inter, rows, 0, M};
+            float *rows = s->ex + (size_t)r * D, *h1 = s->eh1 + (size_t)r * c->moe_inter,
+                  *h2 = s->eh2 + (size_t)r * c->moe_inter;
+            if (q8 && M >= DSI_Q8_MIN_ROWS)
+                dsi__expert_mlp(e, layer, x, rows, M, D, h1, h2);
+            else
+                it[n++] = (mlp_row){&L->exp_gate[x], &L->exp_up[x], &L->exp_down[x], rows, h1, h2, rows, 0, M};
         }
     }
     fused_job j = {dsi__matmul_fn(e), e->k, it, n, 0, {0}};
