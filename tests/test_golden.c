@@ -214,46 +214,58 @@ static double rms_rel(const float *a, const float *b, size_t n) {
     return sqrt(num / den);
 }
 
-/* 17 sequences decoding in one step, each wanting its last row's logits:
- * the lm_head runs on groups of up to 16 gathered rows, and the routed
- * experts of a multi-row step run as fused jobs. Each sequence's logits
- * must be its own position's (the oracle's row), and under
- * --batch-invariant the same bits as that sequence decoding alone. */
+/* S sequences, sequence i prefilled with prompt3's first i + 2 tokens in
+ * one step, then all decoding their next token in one step, each wanting
+ * its last row's logits (to lg + i * V). Their blocks go to blk. */
+static void decode_batch(fixture *f, dsi_engine *e, int S, int32_t *blk, float *lg) {
+    const int32_t *tok = golden_tensor(f->gold, "prompt3.ids")->data;
+    int V = dsi_model_config(f->m)->vocab_size;
+    dsi_seq_step *st = malloc(sizeof *st * S);
+    for (int i = 0; i < S; i++) {
+        blk[i] = dsi_kv_alloc(f->kv);
+        st[i] = (dsi_seq_step){tok, i + 2, 0, &blk[i], 1, DSI_LOGITS_NONE, NULL};
+    }
+    assert_int_equal(dsi_engine_step(e, st, S), DSI_OK);
+    for (int i = 0; i < S; i++) st[i] = (dsi_seq_step){tok + i + 2, 1, i + 2, &blk[i], 1, DSI_LOGITS_LAST, lg + (size_t)i * V};
+    assert_int_equal(dsi_engine_step(e, st, S), DSI_OK);
+    free(st);
+}
+
+/* Sequence i of decode_batch decoding its token again, alone. */
+static void decode_alone(fixture *f, dsi_engine *e, int i, const int32_t *blk, float *out) {
+    const int32_t *tok = golden_tensor(f->gold, "prompt3.ids")->data;
+    dsi_seq_step one = {tok + i + 2, 1, i + 2, &blk[i], 1, DSI_LOGITS_LAST, out};
+    assert_int_equal(dsi_engine_step(e, &one, 1), DSI_OK);
+}
+
+/* 17 sequences decoding in one step: the lm_head runs on groups of up to
+ * 16 gathered rows, and the routed experts of a multi-row step run as fused
+ * jobs. Each sequence's logits must be its own position's (the oracle's
+ * row), and under --batch-invariant the same bits as that sequence decoding
+ * alone. */
 static void test_decode_batch(void **state) {
     fixture *f = *state;
-    const dsi_tensor *ids = golden_tensor(f->gold, "prompt3.ids");
-    const dsi_tensor *ref = golden_tensor(f->gold, "prompt3.logits");
-    const int32_t *tok = ids->data;
-    const float *r = ref->data;
+    const float *r = golden_tensor(f->gold, "prompt3.logits")->data;
     int V = dsi_model_config(f->m)->vocab_size;
     enum { S = 17 };
-    assert_true(ids->shape[0] > S + 2);
+    assert_true(golden_tensor(f->gold, "prompt3.ids")->shape[0] > S + 2);
     for (int inv = 0; inv < 2; inv++) {
         dsi_engine_opts o = {.n_threads = 2, .max_tokens = 256, .batch_invariant = inv};
         dsi_engine *e = NULL;
         assert_int_equal(dsi_engine_create(f->m, f->kv, &o, &e), DSI_OK);
         int32_t blk[S];
-        dsi_seq_step st[S];
         float *lg = malloc(sizeof(float) * V * S), *alone = malloc(sizeof(float) * V);
-        for (int i = 0; i < S; i++) { /* sequence i: prompt3's first i + 2 tokens */
-            blk[i] = dsi_kv_alloc(f->kv);
-            st[i] = (dsi_seq_step){tok, i + 2, 0, &blk[i], 1, DSI_LOGITS_NONE, NULL};
-        }
-        assert_int_equal(dsi_engine_step(e, st, S), DSI_OK);
-        for (int i = 0; i < S; i++) st[i] = (dsi_seq_step){tok + i + 2, 1, i + 2, &blk[i], 1, DSI_LOGITS_LAST, lg + (size_t)i * V};
-        assert_int_equal(dsi_engine_step(e, st, S), DSI_OK);
+        decode_batch(f, e, S, blk, lg);
         double worst = 0;
         for (int i = 0; i < S; i++) {
             double err = rel_err(lg + (size_t)i * V, r + (size_t)(i + 2) * V, (size_t)V);
             worst = err > worst ? err : worst;
             assert_true(err <= TOL);
         }
-        if (inv) /* sequence 5 decoding its token again, alone: the same bits */
-            for (int i = 5; i < 6; i++) {
-                dsi_seq_step one = {tok + i + 2, 1, i + 2, &blk[i], 1, DSI_LOGITS_LAST, alone};
-                assert_int_equal(dsi_engine_step(e, &one, 1), DSI_OK);
-                assert_memory_equal(alone, lg + (size_t)i * V, sizeof(float) * V);
-            }
+        if (inv) { /* sequence 5 alone: the same bits */
+            decode_alone(f, e, 5, blk, alone);
+            assert_memory_equal(alone, lg + (size_t)5 * V, sizeof(float) * V);
+        }
         printf("  %s %d sequences decoding in one step%s: worst %.2e vs the oracle%s\n", f->name, S,
                inv ? " (batch-invariant)" : "", worst, inv ? "; one alone: bit-identical" : "");
         for (int i = 0; i < S; i++) dsi_kv_release(f->kv, blk[i]);
@@ -271,27 +283,15 @@ static void test_decode_batch(void **state) {
  * quantisation itself (~0.1 RMS, test_fp8_activations). */
 static void test_decode_batch_fp8(void **state) {
     fixture *f = *state;
-    const dsi_tensor *ids = golden_tensor(f->gold, "prompt3.ids");
-    const int32_t *tok = ids->data;
     int V = dsi_model_config(f->m)->vocab_size;
     enum { S = 12 };
     dsi_engine_opts o = {.n_threads = 2, .max_tokens = 256, .fp8_activations = 1};
     dsi_engine *e = NULL;
     assert_int_equal(dsi_engine_create(f->m, f->kv, &o, &e), DSI_OK);
     int32_t blk[S];
-    dsi_seq_step st[S];
     float *lg = malloc(sizeof(float) * V * S), *alone = malloc(sizeof(float) * V * S);
-    for (int i = 0; i < S; i++) {
-        blk[i] = dsi_kv_alloc(f->kv);
-        st[i] = (dsi_seq_step){tok, i + 2, 0, &blk[i], 1, DSI_LOGITS_NONE, NULL};
-    }
-    assert_int_equal(dsi_engine_step(e, st, S), DSI_OK);
-    for (int i = 0; i < S; i++) st[i] = (dsi_seq_step){tok + i + 2, 1, i + 2, &blk[i], 1, DSI_LOGITS_LAST, lg + (size_t)i * V};
-    assert_int_equal(dsi_engine_step(e, st, S), DSI_OK);
-    for (int i = 0; i < S; i++) {
-        dsi_seq_step one = {tok + i + 2, 1, i + 2, &blk[i], 1, DSI_LOGITS_LAST, alone + (size_t)i * V};
-        assert_int_equal(dsi_engine_step(e, &one, 1), DSI_OK);
-    }
+    decode_batch(f, e, S, blk, lg);
+    for (int i = 0; i < S; i++) decode_alone(f, e, i, blk, alone + (size_t)i * V);
     double d = rms_rel(lg, alone, (size_t)S * V);
     printf("  %s fp8 activations, %d sequences in one step vs each alone: %.2e RMS (tol 1e-3)\n", f->name, S, d);
     assert_true(d <= 1e-3);
@@ -300,7 +300,6 @@ static void test_decode_batch_fp8(void **state) {
     free(alone);
     dsi_engine_destroy(e);
 }
-
 
 /* FP8 activation quantisation (per 1x128 tile, e4m3 keeps 3 mantissa bits:
  * ~2% RMS per element) moves logits measurably. Its stated tolerance: after
