@@ -117,7 +117,7 @@ int main(int argc, char **argv) {
         double B = batches[i], touched = E > 0 ? E * (1 - pow(1 - (double)k / E, B)) : 0;
         ideal[i] = B * active / (dense + touched * per_expert);
     }
-    double by_flops = peak / flops_tok / tps[0];
+    double by_flops = peak > 0 ? peak / flops_tok / tps[0] : INFINITY; /* no pool: the bandwidth bound alone */
     for (int i = 1; i < 3; i++)
         printf("ratio batch-%d / batch-1: %.2fx; bound %.2fx, the lower of bandwidth %.2fx and FLOPs %.2fx: %.0f%%\n",
                batches[i], tps[i] / tps[0], DSI_MIN(ideal[i], by_flops), ideal[i], by_flops,
