@@ -253,9 +253,9 @@ static void test_block_sizes(void **state) { for_each_simd(check_block_sizes); }
 static void test_avx512_bf16_gemv(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx512");
     if (!k || !k->matmul_q8) { printf("  AVX512_BF16 not supported on this CPU: skipped\n"); skip(); }
-    setenv("DSI_BF16_GEMV", "1", 1);
+    dsi_kernels_set_bf16_gemv(1);
     check_impl(k);
-    unsetenv("DSI_BF16_GEMV");
+    dsi_kernels_set_bf16_gemv(0);
 }
 
 static void test_avx512(void **state) {

@@ -11,6 +11,7 @@
 
 #include <immintrin.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -907,14 +908,27 @@ static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, cons
  * a batch at the 1e-6 level, 100x more than the float32 paths differ; with
  * random weights that flips near-tied greedy tokens, and prefill/decode
  * disaggregation must reproduce a single server token for token. */
+static _Atomic int g_bf16_gemv = -1; /* -1: not set, DSI_BF16_GEMV decides */
+
+void dsi_kernels_set_bf16_gemv(int on) { atomic_store_explicit(&g_bf16_gemv, on ? 1 : 0, memory_order_relaxed); }
+
+/* Called per M = 1 matmul: the environment is read once (getenv per call was
+ * ~0.2% of a decode). */
 static int have_bf16(void) {
     static int cpu = -1;
     if (cpu < 0) {
         __builtin_cpu_init();
         cpu = __builtin_cpu_supports("avx512bf16") ? 1 : 0;
     }
-    const char *env = getenv("DSI_BF16_GEMV"); /* read per call: tests switch it */
-    return cpu && env && !strcmp(env, "1");
+    int on = atomic_load_explicit(&g_bf16_gemv, memory_order_relaxed);
+    if (on < 0) {
+        const char *env = getenv("DSI_BF16_GEMV");
+        on = env && !strcmp(env, "1");
+        int unset = -1; /* a concurrent dsi_kernels_set_bf16_gemv wins */
+        atomic_compare_exchange_strong_explicit(&g_bf16_gemv, &unset, on, memory_order_relaxed, memory_order_relaxed);
+        on = atomic_load_explicit(&g_bf16_gemv, memory_order_relaxed);
+    }
+    return cpu && on;
 }
 
 /* x as bf16 hi/lo in the unpack order: per 64 columns, 4 x 32 words
