@@ -1,11 +1,13 @@
 /* KV block transfer between instances (include/dsinfer/pd.h has the wire).
  *
- * Prefill side (dsi__pd_prefill): the request runs in the scheduler with
- * kv_export and max_tokens 1; each DSI_SCHED_KV event copies the blocks that
- * became final into a queue (on the scheduler thread: a memcpy, never a
- * socket), and a sender thread per transfer writes them to the decode
- * instance as they come, then the first token, then waits for the ACK and
- * answers the HTTP request.
+ * Prefill side (dsi__pd_prefill): a thread per transfer connects to the
+ * decode instance (HELLO / SKIP), then submits the request to the scheduler
+ * with kv_export and max_tokens 1; each DSI_SCHED_KV event copies the blocks
+ * that became final into a queue (on the scheduler thread: a memcpy, never a
+ * socket), and the transfer's thread writes them to the decode instance as
+ * they come, then the first token, then waits for the ACK and answers the
+ * HTTP request (which stays suspended meanwhile: no HTTP thread waits on a
+ * socket).
  *
  * Decode side: /internal/decode parks the parsed request under its transfer
  * id (dsi__pd_await); the KV listener accepts one connection per transfer, a
@@ -134,6 +136,9 @@ typedef struct pf_job {
     dsi_server *s;
     dsi_conn *c;                 /* one reference, dropped by the sender */
     int fd;
+    char host[256];              /* the decode instance */
+    int port;
+    uint64_t xfer;
     uint32_t skip, n_blocks, queued_upto;
     int n_hashes;
     uint64_t *hashes;
@@ -296,31 +301,12 @@ static void *pf_sender(void *arg) {
     return NULL;
 }
 
-int dsi__pd_prefill(dsi_conn *c, const char *decode, uint64_t xfer) {
-    dsi_server *s = c->srv;
-    struct dsi_pd_state *pd = s->pd;
-    dsi_api_req *r = &c->rq;
-    char host[256];
-    int port, rc;
-    if ((rc = dsi_pd_split_hostport(decode, host, sizeof host, &port))) return rc;
-    pf_job *j = calloc(1, sizeof *j);
-    if (!j) return dsi_error(DSI_ENOMEM, "out of memory");
-    j->s = s;
-    j->c = c;
-    j->fd = -1;
-    j->n_prompt = (int)r->n_prompt;
-    j->n_blocks = DSI_CEIL_DIV((int)r->n_prompt, pd->bt);
-    j->hashes = malloc(sizeof(uint64_t) * (r->n_prompt / pd->bt + 1));
-    j->t0 = dsi_now();
-    pthread_mutex_init(&j->mu, NULL);
-    pthread_cond_init(&j->cv, NULL);
-    atomic_init(&j->refs, 1);
-    if (!j->hashes) { job_unref(j); return dsi_error(DSI_ENOMEM, "out of memory"); }
-    j->n_hashes = dsi__pd_prompt_hashes(s, r->prompt, (int)r->n_prompt, j->hashes);
-
-    /* HELLO / SKIP before computing: the decode side says what it holds */
-    rc = dsi_pd_connect(host, port, 2.0, &j->fd);
-    dsi_pd_hello h = {xfer, pd->fingerprint, (uint32_t)r->n_prompt, j->n_blocks, (uint32_t)pd->n_layers,
+/* Connects to the decode instance and exchanges HELLO / SKIP: before
+ * computing, the decode side says which leading blocks it already holds. */
+static int pf_handshake(pf_job *j) {
+    struct dsi_pd_state *pd = j->s->pd;
+    int rc = dsi_pd_connect(j->host, j->port, 2.0, &j->fd);
+    dsi_pd_hello h = {j->xfer, pd->fingerprint, (uint32_t)j->n_prompt, j->n_blocks, (uint32_t)pd->n_layers,
                       (uint32_t)pd->bt, (uint32_t)pd->kv_dim, (uint32_t)j->n_hashes};
     if (!rc) rc = dsi_pd_send_msg(j->fd, DSI_PD_HELLO, &h, sizeof h, j->hashes, sizeof(uint64_t) * j->n_hashes);
     uint32_t type;
@@ -332,42 +318,85 @@ int dsi__pd_prefill(dsi_conn *c, const char *decode, uint64_t xfer) {
     if (!rc && sk.status != DSI_OK)
         rc = dsi_error(DSI_EPEER, "decode instance refused the transfer (%s)", dsi_status_name(sk.status));
     if (!rc && sk.skip_blocks > (uint32_t)j->n_hashes) rc = dsi_error(DSI_EFORMAT, "kv transfer: bad SKIP");
-    if (rc) {
-        if (j->fd >= 0) close(j->fd);
-        job_unref(j);
-        return dsi_error_prefix(rc, "decode instance %s", decode);
-    }
+    if (rc) return dsi_error_prefix(rc, "decode instance %s:%d", j->host, j->port);
     j->skip = sk.skip_blocks;
     j->queued_upto = j->skip;
+    return DSI_OK;
+}
 
-    /* max_tokens 1, no stop ids: the first token always comes back, the
-     * decode side applies the request's own stops to it */
-    dsi_request_params p = {.prompt = r->prompt, .n_prompt = (int)r->n_prompt, .max_tokens = 1,
-                            .sampling = r->sampling, .logprobs = r->logprobs, .top_logprobs = r->top_logprobs,
-                            .kv_export = 1};
-    atomic_fetch_add(&j->refs, 1);  /* the sender's */
-    atomic_fetch_add(&c->refs, 1);  /* the job's */
-    pthread_mutex_lock(&c->mu);
-    c->state = DSI_CONN_WAIT;
-    rc = dsi_sched_submit(s->sched, &p, pf_on_event, j, &c->sched_id);
-    pthread_mutex_unlock(&c->mu);
+/* The transfer's thread: the handshake, the prefill's submission, then the
+ * sender loop. All of it off the HTTP threads: a decode address that accepts
+ * and never answers held an HTTP thread (and every request queued on it) for
+ * the handshake's 10 s. */
+static void *pf_thread(void *arg) {
+    pf_job *j = arg;
+    dsi_conn *c = j->c;
+    int rc = pf_handshake(j), status = 502;
+    if (!rc) {
+        /* max_tokens 1, no stop ids: the first token always comes back, the
+         * decode side applies the request's own stops to it */
+        const dsi_api_req *r = &c->rq;
+        dsi_request_params p = {.prompt = r->prompt, .n_prompt = (int)r->n_prompt, .max_tokens = 1,
+                                .sampling = r->sampling, .logprobs = r->logprobs, .top_logprobs = r->top_logprobs,
+                                .kv_export = 1};
+        atomic_fetch_add(&j->refs, 1); /* the scheduler's */
+        pthread_mutex_lock(&c->mu);
+        /* a client gone during the handshake: its cancel went to no request */
+        rc = c->cancel_sent ? dsi_error(DSI_ECANCELED, "the client went away")
+                            : dsi_sched_submit(j->s->sched, &p, pf_on_event, j, &c->sched_id);
+        pthread_mutex_unlock(&c->mu);
+        if (rc) {
+            atomic_fetch_sub(&j->refs, 1); /* never the last: this thread holds one */
+            status = rc == DSI_EBUSY ? 429 : rc == DSI_ECANCELED ? 503 : rc == DSI_EINVAL ? 400 : 502;
+        }
+    }
     if (rc) {
-        int code = rc;
+        snprintf(j->err, sizeof j->err, "%s", dsi_last_error());
+        if (j->fd >= 0) close(j->fd);
+        pf_answer(j, status, 0, dsi_now() - j->t0);
+        job_unref(j);
+        dsi__conn_unref(c);
+        return NULL;
+    }
+    return pf_sender(j);
+}
+
+int dsi__pd_prefill(dsi_conn *c, const char *decode, uint64_t xfer) {
+    dsi_server *s = c->srv;
+    struct dsi_pd_state *pd = s->pd;
+    dsi_api_req *r = &c->rq;
+    int rc;
+    pf_job *j = calloc(1, sizeof *j);
+    if (!j) return dsi_error(DSI_ENOMEM, "out of memory");
+    if ((rc = dsi_pd_split_hostport(decode, j->host, sizeof j->host, &j->port))) {
+        free(j);
+        return rc;
+    }
+    j->s = s;
+    j->c = c;
+    j->fd = -1;
+    j->xfer = xfer;
+    j->n_prompt = (int)r->n_prompt;
+    j->n_blocks = DSI_CEIL_DIV((int)r->n_prompt, pd->bt);
+    j->hashes = malloc(sizeof(uint64_t) * (r->n_prompt / pd->bt + 1));
+    j->t0 = dsi_now();
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    atomic_init(&j->refs, 1); /* the thread's */
+    if (!j->hashes) { job_unref(j); return dsi_error(DSI_ENOMEM, "out of memory"); }
+    j->n_hashes = dsi__pd_prompt_hashes(s, r->prompt, (int)r->n_prompt, j->hashes);
+    atomic_fetch_add(&c->refs, 1); /* the job's */
+    pthread_mutex_lock(&c->mu);
+    c->state = DSI_CONN_WAIT; /* answered by pf_answer, however the transfer ends */
+    pthread_mutex_unlock(&c->mu);
+    pthread_t t;
+    if (pthread_create(&t, NULL, pf_thread, j) != 0) {
         pthread_mutex_lock(&c->mu);
         c->state = DSI_CONN_NEW;
         pthread_mutex_unlock(&c->mu);
-        close(j->fd);
         atomic_fetch_sub(&c->refs, 1);
         job_unref(j);
-        job_unref(j);
-        return code;
-    }
-    pthread_t t;
-    if (pthread_create(&t, NULL, pf_sender, j) != 0) {
-        /* cannot happen in practice; the scheduler still finishes the request */
-        dsi_sched_cancel(s->sched, c->sched_id);
-        pf_sender(j);
-        return DSI_OK;
+        return dsi_error(DSI_EBUSY, "cannot start a kv transfer thread");
     }
     pthread_detach(t);
     return DSI_OK;
