@@ -90,7 +90,7 @@ static double one_transfer(dsi_server *dec, int n, int salt, size_t *bytes) {
     snprintf(path, sizeof path, "/internal/decode?api=completions&xfer=%llx", (unsigned long long)xfer);
     char *body = prompt_body(n, salt, 1, 0);
     dsi_hc dc;
-    if (dsi__hc_start(&dc, "127.0.0.1", dsi_server_port(dec), "POST", path, body, strlen(body), 5)) die("decode");
+    if (dsi__hc_start(&dc, "127.0.0.1", dsi_server_port(dec), "POST", path, body, strlen(body), NULL, 5)) die("decode");
     /* geometry of the demo model's KV (what dsi_kv_block_data holds) */
     const int layers = 4, dim = 160, bt = 64;
     size_t bb = (size_t)layers * bt * dim * sizeof(float);
@@ -137,7 +137,7 @@ uint64_t bench_fingerprint;
 static double ttft(int port, const char *body) {
     dsi_hc c;
     double t0 = dsi_now();
-    if (dsi__hc_start(&c, "127.0.0.1", port, "POST", "/v1/completions", body, strlen(body), 5)) die("ttft connect");
+    if (dsi__hc_start(&c, "127.0.0.1", port, "POST", "/v1/completions", body, strlen(body), NULL, 5)) die("ttft connect");
     if (dsi__hc_read_head(&c, 60) || c.status != 200) die("ttft head");
     char buf[4096];
     double first = -1;

@@ -6,7 +6,9 @@
 # errors; a prefill instance that fails is retried on another; admin drain
 # and leave; the autoscaler adds a standby instance and the GPU count on
 # /metrics follows; a decode instance killed under load: requests on the
-# other complete, the killed ones end with an error event and [DONE].
+# other complete, the killed ones end with an error event and [DONE]; with
+# --api-key on router and instances, keyless calls get 401 and keyed ones the
+# same answers.
 # Usage: bash e2e_pd.sh path/to/dsinfer [data-dir]
 set -u
 BIN=${1:?usage: e2e_pd.sh path/to/dsinfer [tests/data]}
@@ -229,6 +231,28 @@ curl -s "$R/v1/completions" -d "${REQ[0]}" >"$WORK/after"
 [ "$(body_ids "$WORK/after")" = "$(body_ids "$WORK/b0")" ] && pass "after the kill: requests served by the survivor" || fail "after kill: $(cat "$WORK/after")"
 curl -s "$R/admin/instances" | grep -q "\"url\":\"$(U d1)\",\"role\":\"decode\",\"member\":true,\"state\":\"dead\"" \
     && pass "killed instance marked dead" || fail "dead state: $(curl -s "$R/admin/instances")"
+
+# ---------------------------------------------------------------- an API key on router and instances
+serve kp prefill --api-key k9
+serve kd decode --api-key k9
+for n in kp kd; do
+    port=$(wait_port "$WORK/$n.log" "model dsinfer-demo")
+    [ -n "$port" ] || { echo "FAIL: $n did not start"; exit 1; }
+    eval "PORT_$n=$port"
+done
+"$BIN" router --port 0 --api-key k9 --prefill "$(U kp)" --decode "$(U kd)" 2>"$WORK/routerk.log" &
+PIDS+=("$!")
+KPORT=$(wait_port "$WORK/routerk.log" "instances (deepseek LB)")
+RK="http://127.0.0.1:$KPORT"
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+[ "$(code "$RK/v1/completions" -d "${REQ[0]}")" = 401 ] && [ "$(code -H 'Authorization: Bearer no' "$RK/v1/completions" -d "${REQ[0]}")" = 401 ] \
+    && [ "$(code "$RK/admin/instances")" = 401 ] && [ "$(code "$RK/health")" = 200 ] \
+    && pass "router --api-key: 401 without it on /v1 and /admin, /health open" || fail "router key checks"
+[ "$(code "$(U kp)/internal/load")" = 401 ] && [ "$(code -X POST "$(U kp)/internal/prefill?api=completions&xfer=1&decode=127.0.0.1:9" -d '{"prompt":[1]}')" = 401 ] \
+    && pass "instance --api-key guards /internal" || fail "instance /internal without the key"
+curl -s -H 'Authorization: Bearer k9' "$RK/v1/completions" -d "${REQ[0]}" >"$WORK/rk0"
+[ "$(body_ids "$WORK/rk0")" = "$(body_ids "$WORK/b0")" ] && pass "with the key: router (which sends it on) = single server" \
+    || fail "keyed router: $(head -c 300 "$WORK/rk0")"
 
 if [ "$FAILS" -ne 0 ]; then echo "e2e_pd: $FAILS failure(s)"; exit 1; fi
 echo "e2e_pd: all passed"

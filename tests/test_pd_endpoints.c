@@ -1,8 +1,8 @@
 /* The instance endpoints a router calls (/internal/...), against an
  * in-process server: a prefill whose decode address accepts and never
  * answers must not hold the HTTP threads (every other request waited behind
- * the handshake before), and its failure comes back as a 502 naming the
- * address. */
+ * the handshake before), its failure comes back as a 502 naming the address,
+ * and with --api-key the endpoints want the key. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -134,9 +134,48 @@ static void test_prefill_handshake_off_http_threads(void **state) {
     dsi_server_stop(s, 5.0);
 }
 
+/* With an API key the router's endpoints want it too: /internal/prefill
+ * computes and connects to the address a request names. */
+static void test_internal_endpoints_want_the_key(void **state) {
+    (void)state;
+    dsi_server_opts o = dsi_server_default_opts();
+    o.port = 0;
+    o.threads = 1;
+    o.kv_blocks = 64;
+    o.api_key = "sekret";
+    dsi_server *s;
+    assert_int_equal(dsi_server_start(&o, &s), DSI_OK);
+    int port = dsi_server_port(s);
+    const char *paths[] = {"/internal/load", "/internal/match?api=completions",
+                           "/internal/prefill?api=completions&xfer=1&decode=127.0.0.1:9"};
+    for (int i = 0; i < 3; i++) {
+        const char *method = i ? "POST" : "GET", *body = i ? "{\"prompt\":[1,2]}" : NULL;
+        char *r = http(port, method, paths[i], NULL, body);
+        assert_non_null(r);
+        assert_non_null(strstr(r, "HTTP/1.1 401"));
+        free(r);
+        r = http(port, method, paths[i], "wrong", body);
+        assert_non_null(strstr(r, "HTTP/1.1 401"));
+        free(r);
+    }
+    char *r = http(port, "GET", "/internal/load", "sekret", NULL);
+    assert_non_null(strstr(r, "HTTP/1.1 200"));
+    assert_non_null(strstr(r, "\"role\":\"both\""));
+    free(r);
+    r = http(port, "POST", "/internal/match?api=completions", "sekret", "{\"prompt\":[1,2]}");
+    assert_non_null(strstr(r, "HTTP/1.1 200"));
+    assert_non_null(strstr(r, "\"n_prompt\":2"));
+    free(r);
+    r = http(port, "GET", "/health", NULL, NULL); /* probes stay open */
+    assert_non_null(strstr(r, "HTTP/1.1 200"));
+    free(r);
+    dsi_server_stop(s, 5.0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_prefill_handshake_off_http_threads),
+        cmocka_unit_test(test_internal_endpoints_want_the_key),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

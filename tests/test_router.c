@@ -248,31 +248,34 @@ static void test_hashset(void **st) {
 
 /* ---------------------------------------------------------------- HTTP client */
 
-typedef struct srv_arg { int lfd; const char *reply; } srv_arg;
+typedef struct srv_arg { int lfd; const char *reply; char req[4096]; } srv_arg;
 
 static void *one_shot_server(void *arg) {
     srv_arg *a = arg;
     int fd = accept(a->lfd, NULL, NULL);
-    char buf[4096];
-    ssize_t n = recv(fd, buf, sizeof buf, 0); /* the request (small: one read) */
-    (void)n;
+    ssize_t n = recv(fd, a->req, sizeof a->req - 1, 0); /* the request (small: one read) */
+    a->req[n > 0 ? n : 0] = 0;
     dsi_pd_send_all(fd, a->reply, strlen(a->reply));
     close(fd);
     return NULL;
 }
 
-/* Serves one canned reply and reads it back with the client. */
-static int fetch(const char *reply, int *status, dsi_rbuf *body) {
+/* Serves one canned reply and reads it back with the client; the request
+ * the server saw goes to `req` (when not NULL). */
+static int fetch_as(const char *reply, const char *bearer, int *status, dsi_rbuf *body, char *req, size_t req_cap) {
     srv_arg a = {.reply = reply};
     int port;
     assert_int_equal(dsi_pd_listen("127.0.0.1", 0, &a.lfd, &port), DSI_OK);
     pthread_t t;
     pthread_create(&t, NULL, one_shot_server, &a);
-    int rc = dsi__hc_call("127.0.0.1", port, "POST", "/x", "{}", 2, 5.0, status, body);
+    int rc = dsi__hc_call("127.0.0.1", port, "POST", "/x", "{}", 2, bearer, 5.0, status, body);
     pthread_join(t, NULL);
     close(a.lfd);
+    if (req) snprintf(req, req_cap, "%s", a.req);
     return rc;
 }
+
+static int fetch(const char *reply, int *status, dsi_rbuf *body) { return fetch_as(reply, NULL, status, body, NULL, 0); }
 
 static void test_http_client(void **st) {
     (void)st;
@@ -299,7 +302,27 @@ static void test_http_client(void **st) {
     int lfd, port;
     dsi_pd_listen("127.0.0.1", 0, &lfd, &port);
     close(lfd);
-    assert_int_not_equal(dsi__hc_call("127.0.0.1", port, "GET", "/", NULL, 0, 1.0, &status, &b), DSI_OK);
+    assert_int_not_equal(dsi__hc_call("127.0.0.1", port, "GET", "/", NULL, 0, NULL, 1.0, &status, &b), DSI_OK);
+    dsi__rbuf_free(&b);
+}
+
+/* The router's --api-key goes to the instances as a bearer token, and no
+ * Authorization header goes without one. */
+static void test_http_client_bearer(void **st) {
+    (void)st;
+    int status;
+    dsi_rbuf b = {0};
+    char req[4096];
+    const char *ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    assert_int_equal(fetch_as(ok, "k-123", &status, &b, req, sizeof req), DSI_OK);
+    assert_non_null(strstr(req, "\r\nAuthorization: Bearer k-123\r\n"));
+    assert_non_null(strstr(req, "\r\n\r\n{}"));
+    dsi__rbuf_free(&b);
+    assert_int_equal(fetch_as(ok, NULL, &status, &b, req, sizeof req), DSI_OK);
+    assert_null(strstr(req, "Authorization"));
+    dsi__rbuf_free(&b);
+    assert_int_equal(fetch_as(ok, "", &status, &b, req, sizeof req), DSI_OK);
+    assert_null(strstr(req, "Authorization"));
     dsi__rbuf_free(&b);
 }
 
@@ -314,6 +337,7 @@ int main(void) {
         cmocka_unit_test(test_autoscaler),
         cmocka_unit_test(test_hashset),
         cmocka_unit_test(test_http_client),
+        cmocka_unit_test(test_http_client_bearer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -129,6 +129,9 @@ typedef struct dsi_router_opts {
     const char *pricing_path;         /* NULL: built-in $2/GPU-hour */
     const char *journal_path;         /* econ journal (may be NULL) */
     int http_threads;                 /* 0: 2 */
+    const char *api_key;              /* NULL or "": open. Else required from clients on /v1/ and
+                                         /admin/ paths, and sent to the instances (started with the
+                                         same --api-key, which guards their /internal/ paths too) */
 } dsi_router_opts;
 
 typedef struct dsi_router dsi_router;

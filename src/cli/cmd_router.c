@@ -24,6 +24,8 @@ static void usage(FILE *f) {
             "  --standby-decode URL,...\n"
             "  --host H / --port P          listen address (default 127.0.0.1:8000; port 0 = any free)\n"
             "  --lb deepseek|round-robin    balancing policy (default deepseek)\n"
+            "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/* and /admin/*,\n"
+            "                               and send it to the instances (serve them with the same key)\n"
             "  --heartbeat S                seconds between load polls (default 0.2; 3 misses = dead)\n"
             "  --autoscale                  add standby instances under load, drain idle ones\n"
             "  --scale-up U / --scale-down U  utilisation thresholds (default 0.8 / 0.3)\n"
@@ -64,6 +66,7 @@ int dsi_cmd_router(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--standby-decode", &missing)))
             bad = nk >= 8 || split(v, sdc, &nsdc, &keep[nk++]);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--host", &missing))) o.host = v;
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--port", &missing))) o.port = atoi(v);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--lb", &missing))) {
             if (!strcmp(v, "deepseek")) o.lb = DSI_LB_DEEPSEEK;

@@ -29,7 +29,7 @@ static void usage(FILE *f) {
             "  --batch-invariant            deterministic: a request's tokens do not depend on what it is\n"
             "                               batched with (one matmul tile shape for all batch sizes; slower)\n"
             "  --http-threads N             HTTP event-loop threads (default 2)\n"
-            "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/*\n"
+            "  --api-key KEY                require 'Authorization: Bearer KEY' on /v1/* and /internal/*\n"
             "  --no-prefix-cache            never share KV blocks between requests\n"
             "  --drain-timeout S            on SIGTERM, seconds to let requests finish (default 30)\n"
             "  --kv-disk DIR                persist full KV blocks under DIR and load them on prefix-cache misses\n"

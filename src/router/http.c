@@ -55,18 +55,20 @@ void dsi__rbuf_free(dsi_rbuf *b) {
 }
 
 int dsi__hc_start(dsi_hc *c, const char *host, int port, const char *method, const char *path, const char *body,
-                  size_t body_len, double timeout_s) {
+                  size_t body_len, const char *bearer, double timeout_s) {
     memset(c, 0, sizeof *c);
     c->fd = -1;
     c->chunk_left = -1;
     c->content_left = -1;
     int rc = dsi_pd_connect(host, port, timeout_s, &c->fd);
     if (rc) return rc;
-    char head[1024];
+    char head[1536];
+    int has_key = bearer && *bearer;
     int n = snprintf(head, sizeof head,
                      "%s %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                     "Content-Length: %zu\r\n\r\n",
-                     method, path, host, port, body ? body_len : 0);
+                     "%s%s%sContent-Length: %zu\r\n\r\n",
+                     method, path, host, port, has_key ? "Authorization: Bearer " : "", has_key ? bearer : "",
+                     has_key ? "\r\n" : "", body ? body_len : 0);
     if (n >= (int)sizeof head) { dsi__hc_close(c); return dsi_error(DSI_EINVAL, "request path too long"); }
     rc = dsi_pd_send_all(c->fd, head, n);
     if (!rc && body && body_len) rc = dsi_pd_send_all(c->fd, body, body_len);
@@ -185,10 +187,10 @@ int dsi__hc_read_all(dsi_hc *c, dsi_rbuf *out, size_t max_bytes, double timeout_
 }
 
 int dsi__hc_call(const char *host, int port, const char *method, const char *path, const char *body, size_t body_len,
-                 double timeout_s, int *status, dsi_rbuf *out) {
+                 const char *bearer, double timeout_s, int *status, dsi_rbuf *out) {
     dsi_hc c;
     double end = dsi_now() + timeout_s;
-    int rc = dsi__hc_start(&c, host, port, method, path, body, body_len, timeout_s);
+    int rc = dsi__hc_start(&c, host, port, method, path, body, body_len, bearer, timeout_s);
     if (!rc) rc = dsi__hc_read_head(&c, end - dsi_now());
     if (!rc) {
         *status = c.status;

@@ -239,7 +239,7 @@ static void run_request(rconn *c) {
     for (int k = 0; k < n_cand; k++) {
         int i = cand[k], status = 0;
         dsi_rbuf b = {0};
-        int rc = dsi__hc_call(hosts[i], ports[i], "POST", path, c->body, c->body_len, 5.0, &status, &b);
+        int rc = dsi__hc_call(hosts[i], ports[i], "POST", path, c->body, c->body_len, r->o.api_key, 5.0, &status, &b);
         if (rc || status >= 500) {
             note_failure(r, i);
         } else if (status != 200) { /* the request itself is bad: every instance would say so */
@@ -293,7 +293,7 @@ static void run_request(rconn *c) {
             if (d < 0) break;
             tried_d[d] = 1;
             snprintf(path, sizeof path, "/internal/decode?api=%s&xfer=%llx", api, (unsigned long long)xfer);
-            if (dsi__hc_start(&dc, dhost, dport, "POST", path, c->body, c->body_len, 2.0) == DSI_OK) break;
+            if (dsi__hc_start(&dc, dhost, dport, "POST", path, c->body, c->body_len, r->o.api_key, 2.0) == DSI_OK) break;
             note_failure(r, d);
             release_decode(r, d, dtokens);
         }
@@ -330,7 +330,7 @@ static void run_request(rconn *c) {
                      (unsigned long long)xfer, dhost, kv_port);
             int status = 0;
             dsi__rbuf_free(&pb);
-            int rc = dsi__hc_call(phost, pport, "POST", path, c->body, c->body_len, 600.0, &status, &pb);
+            int rc = dsi__hc_call(phost, pport, "POST", path, c->body, c->body_len, r->o.api_key, 600.0, &status, &pb);
             pthread_mutex_lock(&r->mu);
             r->in[p].pend_attn -= w;
             r->in[p].pend_tokens -= t;

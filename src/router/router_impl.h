@@ -36,9 +36,10 @@ typedef struct dsi_hc {
     size_t blen, bpos;
 } dsi_hc;
 
-/* Connects and sends the request (body may be NULL). */
+/* Connects and sends the request (body may be NULL), with
+ * "Authorization: Bearer <bearer>" unless bearer is NULL or empty. */
 int dsi__hc_start(dsi_hc *c, const char *host, int port, const char *method, const char *path, const char *body,
-                  size_t body_len, double timeout_s);
+                  size_t body_len, const char *bearer, double timeout_s);
 /* Reads the status line and headers. */
 int dsi__hc_read_head(dsi_hc *c, double timeout_s);
 /* Reads body bytes into out (at most cap): > 0 bytes, 0 the body ended
@@ -51,7 +52,7 @@ void dsi__hc_close(dsi_hc *c);
 
 /* start + head + whole body in one call. */
 int dsi__hc_call(const char *host, int port, const char *method, const char *path, const char *body, size_t body_len,
-                 double timeout_s, int *status, dsi_rbuf *out);
+                 const char *bearer, double timeout_s, int *status, dsi_rbuf *out);
 
 #define MAX_INST 64
 enum { ROLE_P = 0, ROLE_D = 1 };

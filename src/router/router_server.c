@@ -203,6 +203,18 @@ static void metrics(dsi_router *r, dsi_rbuf *b) {
 
 /* ---------------------------------------------------------------- HTTP */
 
+/* With --api-key, clients present it on /v1/ paths (as to a single server)
+ * and operators on /admin/ ones (which add and remove instances); /health and
+ * /metrics stay open for probes and scrapers, as on the instances. */
+#define UNAUTHORISED                                                                                       \
+    "{\"error\":{\"message\":\"missing or wrong API key (Authorization: Bearer ...)\",\"type\":"           \
+    "\"invalid_request_error\",\"param\":null,\"code\":null}}"
+static int authorised(const dsi_router *r, struct MHD_Connection *mc) {
+    if (!r->o.api_key || !*r->o.api_key) return 1;
+    const char *h = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
+    return h && !strncmp(h, "Bearer ", 7) && !strcmp(h + 7, r->o.api_key);
+}
+
 static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char *url, const char *method,
                                const char *version, const char *upload, size_t *upload_size, void **con_cls) {
     dsi_router *r = cls;
@@ -231,6 +243,16 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
     }
     if (c->started) return respond(c);
     int is_post = !strcmp(method, "POST");
+    if ((!strncmp(url, "/v1/", 4) || !strncmp(url, "/admin/", 7)) && !authorised(r, mc)) {
+        struct MHD_Response *resp = MHD_create_response_from_buffer(
+            strlen(UNAUTHORISED), (void *)UNAUTHORISED, MHD_RESPMEM_PERSISTENT);
+        if (!resp) return MHD_NO;
+        MHD_add_response_header(resp, "Content-Type", "application/json");
+        MHD_add_response_header(resp, "WWW-Authenticate", "Bearer");
+        enum MHD_Result ok = MHD_queue_response(mc, 401, resp);
+        MHD_destroy_response(resp);
+        return ok;
+    }
     int chat = !strcmp(url, "/v1/chat/completions"), compl = !strcmp(url, "/v1/completions");
     if (chat || compl) {
         if (!is_post) return send_json_error(mc, 405, "use POST for this endpoint");
@@ -297,7 +319,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
                 port = r->in[i].port;
             }
             pthread_mutex_unlock(&r->mu);
-            if (port && !dsi__hc_call(host, port, "GET", "/v1/models", NULL, 0, 2.0, &status, &b)) done = 1;
+            if (port && !dsi__hc_call(host, port, "GET", "/v1/models", NULL, 0, r->o.api_key, 2.0, &status, &b)) done = 1;
         }
         ok = done ? send_text(mc, status, "application/json", b.p ? b.p : "", b.len)
                   : send_json_error(mc, 503, "no instance is available");
@@ -336,7 +358,7 @@ static void poll_one(dsi_router *r, int i) {
     double hb = r->o.heartbeat_s > 0 ? r->o.heartbeat_s : 0.2;
     dsi_rbuf b = {0};
     int status = 0;
-    int rc = dsi__hc_call(host, port, "GET", "/internal/load", NULL, 0, DSI_MAX(0.5, 2 * hb), &status, &b);
+    int rc = dsi__hc_call(host, port, "GET", "/internal/load", NULL, 0, r->o.api_key, DSI_MAX(0.5, 2 * hb), &status, &b);
     cJSON *j = !rc && status == 200 ? cJSON_ParseWithLength(b.p, b.len) : NULL;
     pthread_mutex_lock(&r->mu);
     inst *x = &r->in[i];

@@ -1,5 +1,6 @@
-/* The instance endpoints a router uses (not behind --api-key: bind instances
- * to a private network):
+/* The instance endpoints a router uses (behind --api-key when one is set: the
+ * router sends its own --api-key, so give both the same key; without one,
+ * bind instances to a private network):
  *   GET  /internal/load                 live load, role, KV port (the heartbeat)
  *   POST /internal/match?api=A          OpenAI body -> prompt length and how many
  *                                        leading prompt tokens this instance holds

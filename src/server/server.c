@@ -315,7 +315,9 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
     int chat = !strcmp(url, "/v1/chat/completions"), compl = !strcmp(url, "/v1/completions");
     int get_route = !strcmp(url, "/health") || !strcmp(url, "/v1/models") || !strcmp(url, "/metrics") ||
                     !strcmp(url, "/v1/pricing");
-    if (!strncmp(url, "/v1/", 4) && !authorised(s, mc))
+    /* /internal/ paths too: they compute (prefill) and connect out (the decode
+     * address a request names); the router sends the same key */
+    if ((!strncmp(url, "/v1/", 4) || !strncmp(url, "/internal/", 10)) && !authorised(s, mc))
         return send_error(s, mc, 401, "missing or wrong API key (Authorization: Bearer ...)", NULL);
     if (chat || compl) {
         if (!is_post) return send_error(s, mc, 405, "use POST for this endpoint", NULL);
