@@ -155,6 +155,12 @@ code=$(curl -s -m 10 -o "$WORK/other" -w '%{http_code}' "$URL/v1/completions" -d
 [ "$code" = 200 ] && pass "stalled clients do not block others" || fail "request beside stalled clients: $code"
 exec 3>&- 4>&-
 idle_check "stalled clients closed"
+# a body in a coding the server cannot read is refused at once (it hung before)
+exec 3<>"/dev/tcp/127.0.0.1/$PORT"
+printf 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nxyz' >&3
+status=$(timeout 10 head -1 <&3 | tr -d '\r')
+exec 3>&-
+[ "$status" = "HTTP/1.1 501 Not Implemented" ] && pass "Transfer-Encoding gzip: 501" || fail "Transfer-Encoding gzip: '$status'"
 
 # ---------------------------------------------------------------- disconnects free blocks
 before=$(metric 'dsinfer_requests_total{outcome="cancelled"}')

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -227,6 +228,12 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
         atomic_init(&c->refs, 1);
         pthread_mutex_init(&c->mu, NULL);
         *con_cls = c;
+        /* libmicrohttpd decodes chunked bodies only (see the server's handler) */
+        const char *te = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Transfer-Encoding");
+        if (te && strcasecmp(te, "chunked")) {
+            c->started = 2; /* answered: no worker, and the body is never read */
+            return send_json_error(mc, 501, "unsupported Transfer-Encoding (only chunked is)");
+        }
         return MHD_YES;
     }
     if (*upload_size) {
@@ -241,6 +248,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
         c->body[c->body_len] = 0;
         return MHD_YES;
     }
+    if (c->started == 2) return MHD_YES;
     if (c->started) return respond(c);
     int is_post = !strcmp(method, "POST");
     if ((!strncmp(url, "/v1/", 4) || !strncmp(url, "/admin/", 7)) && !authorised(r, mc)) {

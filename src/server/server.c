@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -282,6 +283,13 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
     if (!c) {
         if (!(c = conn_new(s, mc))) return MHD_NO;
         *con_cls = c;
+        /* libmicrohttpd decodes chunked bodies only; with any other coding it
+         * waited for a body it would never take, and the client hung */
+        const char *te = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Transfer-Encoding");
+        if (te && strcasecmp(te, "chunked")) {
+            c->state = DSI_CONN_DONE;
+            return send_error(s, mc, 501, "unsupported Transfer-Encoding (only chunked is)", NULL);
+        }
         const char *cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > s->o.max_body_bytes) {
             c->too_large = 1;
