@@ -164,6 +164,36 @@ static void test_chunked_prefill_equals_unchunked(void **state) {
     assert_int_equal((int)steps[1], 4 + 9);  /* ceil(150/48) prefill chunks */
 }
 
+/* A short prompt admitted behind a long one is not held for the whole long
+ * prefill: with a 64-token budget, the 400-token prompt would take 7 steps,
+ * but the 5-token one gets its share in the first and its first token with
+ * it. Both still equal their solo references. */
+static void test_prefill_shares(void **state) {
+    int32_t lp[400], sp[5], lref[6], sref[6];
+    prompt_of(lp, 400, 21);
+    prompt_of(sp, 5, 22);
+    reference(lp, 400, 6, lref);
+    reference(sp, 5, 6, sref);
+    rig g;
+    rig_open(&g, 32, 64, &(dsi_sched_opts){.max_batched_tokens = 64, .no_prefix_cache = 1});
+    static result rl, rs;
+    memset(&rl, 0, sizeof rl);
+    memset(&rs, 0, sizeof rs);
+    dsi_request_params pl = greedy(lp, 400, 6), ps = greedy(sp, 5, 6);
+    assert_int_equal(dsi_sched_submit(g.s, &pl, on_event, &rl, NULL), DSI_OK);
+    assert_int_equal(dsi_sched_submit(g.s, &ps, on_event, &rs, NULL), DSI_OK);
+    dsi_sched_step(g.s);
+    assert_int_equal(rs.n, 1); /* the short prompt's first token, in step 1 */
+    assert_int_equal(rl.n, 0);
+    dsi_sched_stats st;
+    dsi_sched_get_stats(g.s, &st);
+    assert_int_equal((int)st.computed_tokens, 64); /* and the long one took the rest of the budget */
+    run_until_idle(g.s, 100);
+    assert_tokens(&rl, lref, 6);
+    assert_tokens(&rs, sref, 6);
+    rig_close(&g);
+}
+
 /* A pool of 6 blocks holds two 130-token requests (3 blocks each); a third
  * waits in the queue until one finishes, and still completes correctly. */
 static void test_admission_when_pool_full(void **state) {
@@ -413,6 +443,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_continuous_batching),
         cmocka_unit_test(test_chunked_prefill_equals_unchunked),
+        cmocka_unit_test(test_prefill_shares),
         cmocka_unit_test(test_admission_when_pool_full),
         cmocka_unit_test(test_preemption),
         cmocka_unit_test(test_cancel_frees_blocks),

@@ -631,21 +631,44 @@ int dsi_sched_step(dsi_sched *s) {
     apply_imports(s);
     grow_blocks(s);
     int budget = s->o.max_batched_tokens, n = 0, V = s->vocab;
-    /* decodes first (one token each: latency), then prefill chunks in admission order */
-    for (int pass = 0; pass < 2; pass++)
-        for (int i = 0; i < s->n_running && budget > 0; i++) {
-            req *r = s->running[i];
-            int left = r->n_tokens - r->n_computed;
-            if ((pass == 0) != (left == 1)) continue;
-            int c = DSI_MIN(left, budget);
-            budget -= c;
-            int last = r->n_computed + c == r->n_tokens;
-            s->batch[n] = (dsi_seq_step){r->tokens + r->n_computed, c, r->n_computed, r->blocks, r->n_blocks,
-                                         last ? DSI_LOGITS_LAST : DSI_LOGITS_NONE, s->logits + (size_t)n * V};
-            s->batch_req[n] = r;
-            s->batch_chunk[n] = c;
-            n++;
-        }
+    /* Decodes first (one token each: latency). Then the prefills: first an
+     * equal share of what is left to each, then the rest in admission order.
+     * In admission order alone, a long prompt took the whole budget every
+     * step and a short one admitted behind it waited for all of it (a 4-token
+     * request, 80 s behind a 40,000-token prompt on one thread); with the
+     * shares it is done in the next step, and the long prompt still gets all
+     * the budget the others leave. */
+    for (int i = 0; i < s->n_running && budget > 0; i++) {
+        req *r = s->running[i];
+        if (r->n_tokens - r->n_computed != 1) continue;
+        s->batch_req[n] = r;
+        s->batch_chunk[n++] = 1;
+        budget--;
+    }
+    int n_dec = n, n_pre = 0;
+    for (int i = 0; i < s->n_running; i++) n_pre += s->running[i]->n_tokens - s->running[i]->n_computed > 1;
+    int share = n_pre ? DSI_MAX(budget / n_pre, 1) : 0;
+    for (int i = 0; i < s->n_running && budget > 0; i++) {
+        req *r = s->running[i];
+        int left = r->n_tokens - r->n_computed;
+        if (left <= 1) continue;
+        int c = DSI_MIN(DSI_MIN(left, share), budget);
+        s->batch_req[n] = r;
+        s->batch_chunk[n++] = c;
+        budget -= c;
+    }
+    for (int k = n_dec; k < n && budget > 0; k++) {
+        req *r = s->batch_req[k];
+        int more = DSI_MIN(r->n_tokens - r->n_computed - s->batch_chunk[k], budget);
+        s->batch_chunk[k] += more;
+        budget -= more;
+    }
+    for (int k = 0; k < n; k++) {
+        req *r = s->batch_req[k];
+        int c = s->batch_chunk[k], last = r->n_computed + c == r->n_tokens;
+        s->batch[k] = (dsi_seq_step){r->tokens + r->n_computed, c, r->n_computed, r->blocks, r->n_blocks,
+                                     last ? DSI_LOGITS_LAST : DSI_LOGITS_NONE, s->logits + (size_t)k * V};
+    }
     int rc = DSI_OK;
     if (n == 0 && s->n_loading + s->n_saving > 0) dsi_kvdisk_wait(s->o.disk, 0.002); /* nothing to compute: not a spin */
     if (n > 0) {
