@@ -1,6 +1,7 @@
 /* The server started in-process (as `dsinfer demo` and tests do): a request
- * over loopback, the /metrics and per-request hooks, stop with drain, and the
- * JSON writer's escaping of hostile bytes. */
+ * over loopback, the /metrics and per-request hooks, stop with drain, the
+ * JSON writer's escaping of hostile bytes, and the OpenAI request parser's
+ * refusal of hostile bodies. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -14,6 +15,7 @@
 #include <unistd.h>
 
 #include "dsinfer/server.h"
+#include "dsinfer/tokenizer.h"
 #include "server/server_impl.h"
 
 /* Sends one request with Connection: close and returns the whole response
@@ -110,10 +112,212 @@ static void test_json_escaping(void **state) {
     dsi__sbuf_free(&b);
 }
 
+
+/* ---- dsi__api_parse: hostile bodies ------------------------------------------- */
+
+static dsi_tokenizer *g_tok;
+static dsi_api_ctx g_api;
+static char g_msg[512];
+static const char *g_param;
+
+static int api_setup(void **state) {
+    if (dsi_tokenizer_load(DSI_TEST_DATA "/golden/tokenizer", &g_tok) != DSI_OK) return -1;
+    g_api = (dsi_api_ctx){.tok = g_tok, .model_name = "m", .vocab = dsi_tokenizer_vocab_size(g_tok),
+                          .max_model_len = 64, .default_max_tokens = 16};
+    return 0;
+}
+
+static int api_teardown(void **state) {
+    dsi_tokenizer_destroy(g_tok);
+    return 0;
+}
+
+/* Parses body[0..len) and returns the HTTP status (0 on success); the request,
+ * message and parameter land in *r, g_msg and g_param. */
+static int parse_n(const char *body, size_t len, int chat, dsi_api_req *r) {
+    g_msg[0] = 0;
+    return dsi__api_parse(&g_api, body, len, chat, r, g_msg, sizeof g_msg, &g_param);
+}
+
+static int parse(const char *body, int chat, dsi_api_req *r) { return parse_n(body, strlen(body), chat, r); }
+
+/* Parses and frees; returns the status. */
+static int status_of(const char *body, int chat) {
+    dsi_api_req r;
+    int st = parse(body, chat, &r);
+    dsi__api_req_free(&r);
+    return st;
+}
+
+/* The tokens of a prompt string parsed alone (malloc'ed). */
+static size_t prompt_tokens(const char *body, int32_t **ids) {
+    dsi_api_req r;
+    assert_int_equal(parse(body, 0, &r), 0);
+    size_t n = r.n_prompt;
+    *ids = r.prompt;
+    r.prompt = NULL;
+    dsi__api_req_free(&r);
+    return n;
+}
+
+/* The text pipeline is NUL-terminated: a NUL must be refused, not silently
+ * cut the prompt short ("a\u0000bcdef" once ran as "a"). */
+static void test_api_parse_nul_and_escapes(void **state) {
+    assert_int_equal(status_of("{\"prompt\":\"a\\u0000bcdef\"}", 0), 400);
+    assert_non_null(strstr(g_msg, "NUL characters (\\u0000) are not supported"));
+    assert_int_equal(status_of("{\"messages\":[{\"role\":\"user\",\"content\":\"a\\u0000b\"}]}", 1), 400);
+    assert_non_null(strstr(g_msg, "\\u0000"));
+
+    /* a raw NUL byte, even in the middle of a string */
+    static const char raw_nul[] = "{\"prompt\":\"a\0bcdef\"}";
+    dsi_api_req r;
+    assert_int_equal(parse_n(raw_nul, sizeof raw_nul - 1, 0, &r), 400);
+    assert_non_null(strstr(g_msg, "not valid JSON (a NUL byte at byte 12)"));
+    dsi__api_req_free(&r);
+    static const char nul_after[] = "{\"prompt\":\"abc\"}\0";
+    assert_int_equal(parse_n(nul_after, sizeof nul_after - 1, 0, &r), 400);
+    assert_non_null(strstr(g_msg, "NUL byte at byte 16"));
+    dsi__api_req_free(&r);
+
+    /* \u without 4 hex digits (cJSON decodes it as a NUL) */
+    assert_int_equal(status_of("{\"prompt\":\"a\\uZZZZb\"}", 0), 400);
+    assert_non_null(strstr(g_msg, "not valid JSON"));
+    assert_non_null(strstr(g_msg, "byte 12"));
+    assert_int_equal(status_of("{\"prompt\":\"a\\u00\"}", 0), 400);
+    assert_int_equal(status_of("{\"prompt\":\"a\\q\"}", 0), 400);
+
+    /* raw control characters inside a string are not JSON (RFC 8259) */
+    assert_int_equal(status_of("{\"prompt\":\"a\x01z\"}", 0), 400);
+    assert_non_null(strstr(g_msg, "control character 0x01"));
+    assert_int_equal(status_of("{\"prompt\":\"line\nbreak\"}", 0), 400);
+
+    /* ...but whitespace between tokens is, and so are valid escapes */
+    assert_int_equal(status_of("{\n\t\"prompt\" :\r\n \"a\\u00e9\\n\\t\\\"\\\\\\/b\"}", 0), 0);
+    /* an escaped backslash followed by the letters u0000 is text, not a NUL */
+    int32_t *ids;
+    size_t n = prompt_tokens("{\"prompt\":\"\\\\u0000 xyz\"}", &ids);
+    int32_t *want;
+    size_t n_want;
+    assert_int_equal(dsi_tokenizer_encode(g_tok, "\\u0000 xyz", 10, DSI_TOK_ADD_BOS, &want, &n_want), DSI_OK);
+    assert_int_equal(n, n_want);
+    assert_memory_equal(ids, want, n * sizeof *ids);
+    free(ids);
+    free(want);
+}
+
+static void test_api_parse_trailing_data(void **state) {
+    assert_int_equal(status_of("{\"prompt\":\"a\"}xyz", 0), 400);
+    assert_non_null(strstr(g_msg, "byte 14"));
+    assert_int_equal(status_of("{\"prompt\":\"a\"}}}}", 0), 400);
+    assert_int_equal(status_of("{\"prompt\":\"a\"} {}", 0), 400);
+    assert_int_equal(status_of("{\"prompt\":\"a\"} \r\n\t", 0), 0);
+}
+
+/* max_tokens far past any context once was clamped to 1e9 and the error quoted
+ * the clamped sum ("you requested 1000000007 tokens") */
+static void test_api_parse_huge_max_tokens(void **state) {
+    assert_int_equal(status_of("{\"prompt\":[1,2,3,4,5,6,7],\"max_tokens\":1e30}", 0), 400);
+    assert_string_equal(g_param, "max_tokens");
+    assert_non_null(strstr(g_msg, "too large"));
+    assert_null(strstr(g_msg, "1000000"));
+    assert_int_equal(status_of("{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_completion_tokens\":1e300}", 1),
+                     400);
+    assert_string_equal(g_param, "max_completion_tokens");
+    assert_non_null(strstr(g_msg, "too large"));
+    /* an ordinary overshoot keeps the exact figures */
+    assert_int_equal(status_of("{\"prompt\":[1,2,3,4,5,6,7],\"max_tokens\":2000000000}", 0), 400);
+    assert_non_null(strstr(g_msg, "you requested 2000000007 tokens (7 in the prompt, 2000000000 for the completion)"));
+}
+
+/* A malformed max_tokens is refused even when max_completion_tokens, which
+ * takes precedence, is also given. */
+static void test_api_parse_max_tokens_both(void **state) {
+    const char *hi = "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],";
+    char body[256];
+    snprintf(body, sizeof body, "%s\"max_tokens\":\"x\",\"max_completion_tokens\":2}", hi);
+    assert_int_equal(status_of(body, 1), 400);
+    assert_string_equal(g_param, "max_tokens");
+    snprintf(body, sizeof body, "%s\"max_tokens\":0,\"max_completion_tokens\":2}", hi);
+    assert_int_equal(status_of(body, 1), 400);
+    assert_string_equal(g_param, "max_tokens");
+    snprintf(body, sizeof body, "%s\"max_tokens\":2,\"max_completion_tokens\":1.5}", hi);
+    assert_int_equal(status_of(body, 1), 400);
+    assert_string_equal(g_param, "max_completion_tokens");
+
+    dsi_api_req r;
+    snprintf(body, sizeof body, "%s\"max_tokens\":5,\"max_completion_tokens\":2}", hi);
+    assert_int_equal(parse(body, 1, &r), 0);
+    assert_int_equal(r.max_tokens, 2);
+    dsi__api_req_free(&r);
+    snprintf(body, sizeof body, "%s\"max_tokens\":5,\"max_completion_tokens\":null}", hi);
+    assert_int_equal(parse(body, 1, &r), 0);
+    assert_int_equal(r.max_tokens, 5);
+    dsi__api_req_free(&r);
+}
+
+static void test_api_parse_roles(void **state) {
+    assert_int_equal(status_of("{\"messages\":[{\"role\":\"bogus\",\"content\":\"hi\"}]}", 1), 400);
+    assert_string_equal(g_param, "messages");
+    assert_non_null(strstr(g_msg, "bogus"));
+    assert_int_equal(status_of("{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"\",\"content\":\"x\"}]}", 1),
+                     400);
+    assert_string_equal(g_param, "messages");
+    assert_non_null(strstr(g_msg, "messages[1]"));
+    assert_int_equal(status_of("{\"messages\":[{\"role\":\"User\",\"content\":\"hi\"}]}", 1), 400);
+
+    assert_int_equal(status_of("{\"messages\":[{\"role\":\"system\",\"content\":\"s\"},{\"role\":\"user\",\"content\":\"hi\"},"
+                               "{\"role\":\"assistant\",\"content\":\"yo\"},{\"role\":\"tool\",\"content\":\"42\"}]}",
+                               1),
+                     0);
+    /* developer: OpenAI's newer name for system instructions, rendered as system */
+    dsi_api_req dev, sys;
+    assert_int_equal(parse("{\"messages\":[{\"role\":\"developer\",\"content\":\"Be brief.\"},"
+                           "{\"role\":\"user\",\"content\":\"hi\"}]}",
+                           1, &dev),
+                     0);
+    assert_int_equal(parse("{\"messages\":[{\"role\":\"system\",\"content\":\"Be brief.\"},"
+                           "{\"role\":\"user\",\"content\":\"hi\"}]}",
+                           1, &sys),
+                     0);
+    assert_int_equal(dev.n_prompt, sys.n_prompt);
+    assert_memory_equal(dev.prompt, sys.prompt, sys.n_prompt * sizeof *sys.prompt);
+    dsi__api_req_free(&dev);
+    dsi__api_req_free(&sys);
+}
+
+/* A prompt of exactly max_model_len tokens: the error says it leaves no room,
+ * rather than "maximum 64 ... your prompt has 64". */
+static void test_api_parse_prompt_fills_context(void **state) {
+    char body[512];
+    int n = sprintf(body, "{\"prompt\":[");
+    for (int i = 0; i < 64; i++) n += sprintf(body + n, "%s%d", i ? "," : "", 10 + i);
+    sprintf(body + n, "]}");
+    assert_int_equal(status_of(body, 0), 400);
+    assert_string_equal(g_param, "prompt");
+    assert_non_null(strstr(g_msg, "your prompt has 64 tokens, which leaves no room for a completion"));
+
+    /* one token less leaves room for exactly one */
+    sprintf(strrchr(body, ','), "]}");
+    dsi_api_req r;
+    assert_int_equal(parse(body, 0, &r), 0);
+    assert_int_equal(r.n_prompt, 63);
+    assert_int_equal(r.max_tokens, 1);
+    dsi__api_req_free(&r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_json_escaping),
         cmocka_unit_test(test_in_process_server),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    const struct CMUnitTest api_tests[] = {
+        cmocka_unit_test(test_api_parse_nul_and_escapes),
+        cmocka_unit_test(test_api_parse_trailing_data),
+        cmocka_unit_test(test_api_parse_huge_max_tokens),
+        cmocka_unit_test(test_api_parse_max_tokens_both),
+        cmocka_unit_test(test_api_parse_roles),
+        cmocka_unit_test(test_api_parse_prompt_fills_context),
+    };
+    int failed = cmocka_run_group_tests(tests, NULL, NULL);
+    return failed + cmocka_run_group_tests(api_tests, api_setup, api_teardown);
 }

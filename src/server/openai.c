@@ -62,6 +62,21 @@ static int get_int(perr *e, const cJSON *o, const char *name, double lo, double 
     return 0;
 }
 
+/* A token budget (max_tokens, max_completion_tokens): an integer of at least 1.
+ * Values past any context length are flagged *huge rather than clamped, so the
+ * error later quotes the request and not a clamped figure. */
+#define MAX_TOKENS_EXACT 1e15 /* integers this size are exact in a double and a long long */
+static int get_max_tokens(perr *e, const cJSON *o, const char *name, long long *v, int *huge) {
+    const cJSON *f = field(o, name);
+    if (!f) return 0;
+    if (!cJSON_IsNumber(f) || !isfinite(f->valuedouble) || f->valuedouble != floor(f->valuedouble))
+        return fail(e, 400, name, "'%s' must be an integer", name);
+    if (f->valuedouble <= 0) return fail(e, 400, name, "'%s' must be at least 1, got %.0f", name, f->valuedouble);
+    *huge = f->valuedouble > MAX_TOKENS_EXACT;
+    *v = *huge ? (long long)MAX_TOKENS_EXACT : (long long)f->valuedouble;
+    return 0;
+}
+
 static int get_bool(perr *e, const cJSON *o, const char *name, int *v) {
     const cJSON *f = field(o, name);
     if (!f) return 0;
@@ -118,7 +133,28 @@ static int parse_stop(perr *e, const cJSON *o, dsi_api_req *r) {
     return 0;
 }
 
-static int parse_body(perr *e, const dsi_api_ctx *ctx, const cJSON *o, int chat, dsi_api_req *r) {
+/* A chat message's role: OpenAI's set. The chat templates silently drop any role
+ * they do not know, so an unknown one is refused rather than lost from the prompt.
+ * They know no "developer" (OpenAI's newer name for system instructions), so it
+ * is rewritten to "system" in the request tree *m. */
+static int check_role(perr *e, cJSON *m, const char *role, int i) {
+    static const char *const known[] = {"system", "user", "assistant", "tool"};
+    for (size_t k = 0; k < sizeof known / sizeof known[0]; k++)
+        if (!strcmp(role, known[k])) return 0;
+    if (strcmp(role, "developer") != 0)
+        return fail(e, 400, "messages",
+                    "messages[%d]: unknown role '%.40s'; expected 'system', 'developer', 'user', 'assistant' or 'tool'",
+                    i, role);
+    cJSON *sys = cJSON_CreateString("system");
+    if (!sys || !cJSON_ReplaceItemInObjectCaseSensitive(m, "role", sys)) {
+        cJSON_Delete(sys);
+        return fail(e, 500, NULL, "out of memory");
+    }
+    return 0;
+}
+
+/* o: the request tree, owned by the caller; developer roles are rewritten in it. */
+static int parse_body(perr *e, const dsi_api_ctx *ctx, cJSON *o, int chat, dsi_api_req *r) {
     int rc;
     if (!cJSON_IsObject(o)) return fail(e, 400, NULL, "the request body must be a JSON object");
     const cJSON *model = field(o, "model");
@@ -151,13 +187,15 @@ static int parse_body(perr *e, const dsi_api_ctx *ctx, const cJSON *o, int chat,
     if (field(o, "top_p") && top_p <= 0) return fail(e, 400, "top_p", "'top_p' must be greater than 0");
     if ((rc = get_int(e, o, "top_k", -1, 1e9, &top_k))) return rc;
     if ((rc = get_int(e, o, "seed", -9.2e18, 9.2e18, &seed))) return rc;
-    const char *mt_name = chat && field(o, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
-    const cJSON *mt = field(o, mt_name);
-    if (mt) {
-        if (!cJSON_IsNumber(mt) || mt->valuedouble != floor(mt->valuedouble))
-            return fail(e, 400, mt_name, "'%s' must be an integer", mt_name);
-        if (mt->valuedouble <= 0) return fail(e, 400, mt_name, "'%s' must be at least 1, got %.0f", mt_name, mt->valuedouble);
-        max_tokens = mt->valuedouble > 1e9 ? 1000000000 : (long long)mt->valuedouble;
+    /* Chat takes max_completion_tokens over the deprecated max_tokens, as OpenAI
+     * does; a present max_tokens is still validated, so a malformed one is not
+     * silently ignored. Completions know only max_tokens. */
+    int mt_huge = 0;
+    if ((rc = get_max_tokens(e, o, "max_tokens", &max_tokens, &mt_huge))) return rc;
+    const char *mt_name = "max_tokens";
+    if (chat && field(o, "max_completion_tokens")) {
+        mt_name = "max_completion_tokens";
+        if ((rc = get_max_tokens(e, o, mt_name, &max_tokens, &mt_huge))) return rc;
     }
     if ((rc = parse_stop(e, o, r))) return rc;
     if ((rc = get_bool(e, o, "ignore_eos", &r->ignore_eos))) return rc;
@@ -182,17 +220,20 @@ static int parse_body(perr *e, const dsi_api_ctx *ctx, const cJSON *o, int chat,
 
     /* the prompt */
     if (chat) {
-        const cJSON *msgs = field(o, "messages");
+        cJSON *msgs = cJSON_GetObjectItemCaseSensitive(o, "messages");
+        if (cJSON_IsNull(msgs)) msgs = NULL;
         if (!msgs) return fail(e, 400, "messages", "'messages' is required");
         if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0)
             return fail(e, 400, "messages", "'messages' must be a non-empty array");
-        for (const cJSON *m = msgs->child; m; m = m->next) {
+        int i = 0;
+        for (cJSON *m = msgs->child; m; m = m->next, i++) {
             const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
             const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
             if (!cJSON_IsObject(m) || !cJSON_IsString(role))
                 return fail(e, 400, "messages", "each message must be an object with a string 'role'");
             if (content && !cJSON_IsString(content) && !cJSON_IsArray(content) && !cJSON_IsNull(content))
                 return fail(e, 400, "messages", "a message's 'content' must be a string or an array of parts");
+            if ((rc = check_role(e, m, role->valuestring, i))) return rc;
         }
         char *text;
         size_t tlen;
@@ -211,12 +252,20 @@ static int parse_body(perr *e, const dsi_api_ctx *ctx, const cJSON *o, int chat,
         if ((rc = parse_prompt(e, ctx, p, r))) return rc;
     }
     if (r->n_prompt == 0) return fail(e, 400, chat ? "messages" : "prompt", "the prompt is empty");
+    /* "maximum 128, your prompt has 128" would read as a contradiction: say why
+     * it does not fit */
     if ((long long)r->n_prompt >= ctx->max_model_len)
         return fail(e, 400, chat ? "messages" : "prompt",
-                    "This model's maximum context length is %d tokens. However, your prompt has %zu tokens.",
+                    "This model's maximum context length is %d tokens. However, your prompt has %zu tokens, which "
+                    "leaves no room for a completion: the prompt plus at least one completion token must fit.",
                     ctx->max_model_len, r->n_prompt);
     long long room = ctx->max_model_len - (long long)r->n_prompt;
     if (max_tokens < 0) max_tokens = DSI_MIN(room, (long long)ctx->default_max_tokens);
+    else if (mt_huge)
+        return fail(e, 400, mt_name,
+                    "'%s' is too large: this model's maximum context length is %d tokens and your prompt has %zu "
+                    "tokens, so at most %lld completion tokens fit.",
+                    mt_name, ctx->max_model_len, r->n_prompt, room);
     else if (max_tokens > room)
         return fail(e, 400, mt_name,
                     "This model's maximum context length is %d tokens. However, you requested %lld tokens (%zu in the "
@@ -226,18 +275,74 @@ static int parse_body(perr *e, const dsi_api_ctx *ctx, const cJSON *o, int chat,
     return 0;
 }
 
+static int is_hex(char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
+
+/* A pass over the raw body before cJSON, for what cJSON lets through: its
+ * strings are NUL-terminated, so a NUL byte, the escape \u0000, or a malformed
+ * \u escape (which it decodes as a NUL) would silently cut the text short
+ * ("a\u0000bc" tokenised as "a"). It also accepts raw control bytes inside
+ * strings, which RFC 8259 (and Python's json, hence vLLM) refuse. Escapes are
+ * followed properly: in "\\u0000" the backslash is escaped and u0000 is text.
+ * What is left (structure, surrogates) is cJSON's to judge. */
+static int prescan(perr *e, const char *body, size_t len) {
+    int in_str = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)body[i];
+        if (c == 0) return fail(e, 400, NULL, "the request body is not valid JSON (a NUL byte at byte %zu)", i);
+        if (!in_str) {
+            in_str = c == '"';
+            continue;
+        }
+        if (c == '"') {
+            in_str = 0;
+        } else if (c < 0x20) {
+            return fail(e, 400, NULL,
+                        "the request body is not valid JSON (control character 0x%02x inside a string at byte %zu; "
+                        "escape it, e.g. as \\u%04x)",
+                        c, i, c);
+        } else if (c == '\\') {
+            if (i + 1 >= len) return 0; /* cut short: cJSON says where */
+            char x = body[i + 1];
+            if (x == 'u') {
+                if (i + 5 >= len || !is_hex(body[i + 2]) || !is_hex(body[i + 3]) || !is_hex(body[i + 4]) ||
+                    !is_hex(body[i + 5]))
+                    return fail(e, 400, NULL,
+                                "the request body is not valid JSON (\\u not followed by 4 hex digits at byte %zu)", i);
+                if (!memcmp(body + i + 2, "0000", 4))
+                    return fail(e, 400, NULL, "NUL characters (\\u0000) are not supported in text (at byte %zu)", i);
+                i += 5;
+            } else if (x && strchr("\"\\/bfnrt", x)) {
+                i++;
+            } else {
+                return fail(e, 400, NULL, "the request body is not valid JSON (invalid escape at byte %zu)", i);
+            }
+        }
+    }
+    return 0;
+}
+
 int dsi__api_parse(const dsi_api_ctx *ctx, const char *body, size_t len, int chat, dsi_api_req *out, char *msg,
                    size_t msg_cap, const char **param) {
     memset(out, 0, sizeof *out);
     perr e = {msg, msg_cap, param};
     *param = NULL;
+    int rc = prescan(&e, body, len);
+    if (rc) return rc;
     const char *end = NULL;
+    /* require_null_terminated is no use with an explicit length (it wants a NUL
+     * inside it): what follows the value is checked below */
     cJSON *o = cJSON_ParseWithLengthOpts(body, len, &end, 0);
     if (!o) {
         size_t at = end && end >= body ? (size_t)(end - body) : 0;
         return fail(&e, 400, NULL, "the request body is not valid JSON (near byte %zu)", at);
     }
-    int rc = parse_body(&e, ctx, o, chat, out);
+    while (end < body + len && (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r')) end++;
+    if (end < body + len) {
+        cJSON_Delete(o);
+        return fail(&e, 400, NULL, "the request body is not valid JSON (unexpected data after the value at byte %zu)",
+                    (size_t)(end - body));
+    }
+    rc = parse_body(&e, ctx, o, chat, out);
     cJSON_Delete(o);
     if (rc) dsi__api_req_free(out);
     return rc;
