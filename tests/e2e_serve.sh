@@ -161,6 +161,11 @@ printf 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nC
 status=$(timeout 10 head -1 <&3 | tr -d '\r')
 exec 3>&-
 [ "$status" = "HTTP/1.1 501 Not Implemented" ] && pass "Transfer-Encoding gzip: 501" || fail "Transfer-Encoding gzip: '$status'"
+exec 3<>"/dev/tcp/127.0.0.1/$PORT"
+printf 'GET /health HTTP/1.1\r\nConnection: close\r\n\r\n' >&3
+status=$(timeout 10 head -1 <&3 | tr -d '\r')
+exec 3>&-
+[ "$status" = "HTTP/1.1 400 Bad Request" ] && pass "HTTP/1.1 without Host: 400" || fail "no Host: '$status'"
 
 # ---------------------------------------------------------------- disconnects free blocks
 before=$(metric 'dsinfer_requests_total{outcome="cancelled"}')

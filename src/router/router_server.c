@@ -234,6 +234,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
             c->started = 2; /* answered: no worker, and the body is never read */
             return send_json_error(mc, 501, "unsupported Transfer-Encoding (only chunked is)");
         }
+        if (!strcmp(version, MHD_HTTP_VERSION_1_1) && !MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Host")) {
+            c->started = 2; /* RFC 9112 3.2: a server MUST answer 400 */
+            return send_json_error(mc, 400, "an HTTP/1.1 request needs a Host header");
+        }
         return MHD_YES;
     }
     if (*upload_size) {

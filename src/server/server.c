@@ -290,6 +290,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
             c->state = DSI_CONN_DONE;
             return send_error(s, mc, 501, "unsupported Transfer-Encoding (only chunked is)", NULL);
         }
+        if (!strcmp(version, MHD_HTTP_VERSION_1_1) && !MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Host")) {
+            c->state = DSI_CONN_DONE; /* RFC 9112 3.2: a server MUST answer 400 */
+            return send_error(s, mc, 400, "an HTTP/1.1 request needs a Host header", NULL);
+        }
         const char *cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > s->o.max_body_bytes) {
             c->too_large = 1;
