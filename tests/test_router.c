@@ -13,6 +13,7 @@
 
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -253,8 +254,18 @@ typedef struct srv_arg { int lfd; const char *reply; char req[4096]; } srv_arg;
 static void *one_shot_server(void *arg) {
     srv_arg *a = arg;
     int fd = accept(a->lfd, NULL, NULL);
-    ssize_t n = recv(fd, a->req, sizeof a->req - 1, 0); /* the request (small: one read) */
-    a->req[n > 0 ? n : 0] = 0;
+    /* the whole request: the client sends the head and the body apart */
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = recv(fd, a->req + len, sizeof a->req - 1 - len, 0);
+        if (n <= 0) break;
+        len += n;
+        a->req[len] = 0;
+        const char *end = strstr(a->req, "\r\n\r\n"), *cl = strstr(a->req, "Content-Length: ");
+        if (end && (!cl || (size_t)(end + 4 - a->req) + strtoul(cl + 16, NULL, 10) <= len)) break;
+        if (len == sizeof a->req - 1) break;
+    }
+    a->req[len] = 0;
     dsi_pd_send_all(fd, a->reply, strlen(a->reply));
     close(fd);
     return NULL;
