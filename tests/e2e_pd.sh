@@ -232,6 +232,33 @@ curl -s "$R/v1/completions" -d "${REQ[0]}" >"$WORK/after"
 curl -s "$R/admin/instances" | grep -q "\"url\":\"$(U d1)\",\"role\":\"decode\",\"member\":true,\"state\":\"dead\"" \
     && pass "killed instance marked dead" || fail "dead state: $(curl -s "$R/admin/instances")"
 
+# ---------------------------------------------------------------- clients that leave, a router that stops
+# a non-streaming client hangs up while its request decodes: the router drops
+# the decode call, and the decode instance cancels it (it generated to its end)
+curl -s -m 1 "$R/v1/completions" -d "{\"prompt\":[$(ids_of 30 40)],\"max_tokens\":100000,\"ignore_eos\":true}" >/dev/null
+for _ in $(seq 1 50); do
+    run=$(curl -s "$(U d2)/internal/load" | grep -o '"running":[0-9]*' | cut -d: -f2)
+    [ "${run:-1}" = 0 ] && break
+    sleep 0.1
+done
+[ "${run:-1}" = 0 ] && pass "non-streaming client left: its decode request was cancelled" || fail "decode still running $run after the client left"
+# SIGTERM with requests in flight: they end with a 503 / an error event, and the router exits 0
+"$BIN" router --port 0 --prefill "$(U p1)" --decode "$(U d2)" 2>"$WORK/router_t.log" &
+PID_RT=$!
+TPORT=$(wait_port "$WORK/router_t.log" "instances (deepseek LB)")
+curl -s -m 30 -o "$WORK/t_ns" -w '%{http_code}' "http://127.0.0.1:$TPORT/v1/completions" \
+    -d "{\"prompt\":[$(ids_of 30 41)],\"max_tokens\":20000,\"ignore_eos\":true}" >"$WORK/t_ns_code" &
+curl -s -N -m 30 "http://127.0.0.1:$TPORT/v1/completions" \
+    -d "{\"prompt\":[$(ids_of 30 42)],\"max_tokens\":20000,\"ignore_eos\":true,\"stream\":true}" >"$WORK/t_s" &
+for _ in $(seq 1 100); do [ "$(grep -c '^data:' "$WORK/t_s")" -ge 3 ] && break; sleep 0.05; done
+kill -TERM "$PID_RT"
+wait "$PID_RT"; rc=$?
+wait_jobs
+[ "$rc" = 0 ] && [ "$(cat "$WORK/t_ns_code")" = 503 ] && grep -q "router is shutting down" "$WORK/t_ns" \
+    && tail -2 "$WORK/t_s" | grep -q '\[DONE\]' && grep -q "router is shutting down" "$WORK/t_s" \
+    && pass "router stopped with requests in flight: exit 0, 503 and an error event + [DONE]" \
+    || fail "router stop: exit $rc, non-stream $(cat "$WORK/t_ns_code") $(head -c 200 "$WORK/t_ns"), stream $(tail -c 200 "$WORK/t_s")"
+
 # ---------------------------------------------------------------- an API key on router and instances
 serve kp prefill --api-key k9
 serve kd decode --api-key k9

@@ -76,6 +76,15 @@ int dsi__hc_start(dsi_hc *c, const char *host, int port, const char *method, con
     return rc;
 }
 
+/* The calling thread's abort check (see dsi__hc_set_abort). */
+static _Thread_local dsi_hc_abort_fn tl_abort;
+static _Thread_local void *tl_abort_ctx;
+
+void dsi__hc_set_abort(dsi_hc_abort_fn fn, void *ctx) {
+    tl_abort = fn;
+    tl_abort_ctx = ctx;
+}
+
 void dsi__hc_close(dsi_hc *c) {
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
@@ -89,6 +98,9 @@ static int fill(dsi_hc *c, double timeout_s) {
         c->bpos = 0;
     }
     if (c->blen == sizeof c->buf) return dsi_error(DSI_EFORMAT, "http: line too long");
+    if (tl_abort && tl_abort(tl_abort_ctx)) return dsi_error(DSI_ECANCELED, "http: abandoned");
+    /* with an abort check, waits are cut into slices it runs between */
+    if (tl_abort && timeout_s > 0.2) timeout_s = 0.2;
     struct pollfd pf = {.fd = c->fd, .events = POLLIN};
     int pr = poll(&pf, 1, (int)(timeout_s * 1000));
     if (pr == 0) return DSI_ETIMEOUT;

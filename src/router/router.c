@@ -92,6 +92,7 @@ static void note_failure(dsi_router *r, int i) {
 
 void dsi__rconn_unref(rconn *c) {
     if (atomic_fetch_sub(&c->refs, 1) != 1) return;
+    atomic_fetch_sub(&c->r->n_conns, 1);
     free(c->body);
     dsi__rbuf_free(&c->out);
     pthread_mutex_destroy(&c->mu);
@@ -211,6 +212,38 @@ static int decode_gone(dsi_hc *dc) {
     return recv(dc->fd, &ch, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
+/* The worker's abort check (dsi__hc_set_abort): the router stops, or the
+ * client left. While a request waits for an instance's answer its connection
+ * is suspended and libmicrohttpd does not see the client go, so the socket is
+ * polled here (as the server's watchdog does); a client gone sooner was seen
+ * by `completed`. Without this a non-streaming client that hung up left its
+ * request generating on the decode instance to its end (10+ minutes for a
+ * long one), and a stopping router waited on every such call. */
+static int worker_abort(void *ctx) {
+    rconn *c = ctx;
+    if (atomic_load(&c->r->stop)) return 1;
+    pthread_mutex_lock(&c->mu);
+    if (!c->client_gone && c->suspended && c->fd >= 0) {
+        struct pollfd pf = {.fd = c->fd, .events = POLLRDHUP};
+        if (poll(&pf, 1, 0) > 0 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR))) c->client_gone = 1;
+    }
+    int gone = c->client_gone;
+    pthread_mutex_unlock(&c->mu);
+    return gone;
+}
+
+/* Ends a request whose calls were abandoned (rc DSI_ECANCELED: see
+ * worker_abort). Closing the instance connections (the caller's) cancels
+ * the work there; no instance is marked as failing. A stopping router still
+ * answers a client that is there. */
+static void abandon(rconn *c, int head_sent) {
+    if (!atomic_load(&c->r->stop)) { push(c, NULL, 0, 1); return; }
+    if (!head_sent) { dsi__router_fail_request(c, 503, "the router is shutting down"); return; }
+    static const char ev[] = "data: {\"error\":{\"message\":\"the router is shutting down\",\"type\":"
+                             "\"server_error\",\"param\":null,\"code\":null}}\n\ndata: [DONE]\n\n";
+    push(c, ev, sizeof ev - 1, 1);
+}
+
 static void run_request(rconn *c) {
     dsi_router *r = c->r;
     const char *api = c->chat ? "chat" : "completions";
@@ -240,6 +273,11 @@ static void run_request(rconn *c) {
         int i = cand[k], status = 0;
         dsi_rbuf b = {0};
         int rc = dsi__hc_call(hosts[i], ports[i], "POST", path, c->body, c->body_len, r->o.api_key, 5.0, &status, &b);
+        if (rc == DSI_ECANCELED) {
+            dsi__rbuf_free(&b);
+            abandon(c, 0);
+            return;
+        }
         if (rc || status >= 500) {
             note_failure(r, i);
         } else if (status != 200) { /* the request itself is bad: every instance would say so */
@@ -335,6 +373,13 @@ static void run_request(rconn *c) {
             r->in[p].pend_attn -= w;
             r->in[p].pend_tokens -= t;
             pthread_mutex_unlock(&r->mu);
+            if (rc == DSI_ECANCELED) {
+                dsi__hc_close(&dc);
+                release_decode(r, d, dtokens);
+                dsi__rbuf_free(&pb);
+                abandon(c, 0);
+                return;
+            }
             if (!rc && status == 200) {
                 done = 1;
                 count_transfer(r, &pb);
@@ -345,7 +390,15 @@ static void run_request(rconn *c) {
             else DSI_LOG_WARN("router: prefill on %s:%d answered %d: %.200s", phost, pport, status, pb.p ? pb.p : "");
             if (!done && decode_gone(&dc)) { lost = 1; break; } /* nobody would take the KV */
         }
-        if (done && dsi__hc_read_head(&dc, 600.0) == DSI_OK) { headed = 1; break; }
+        int hrc = done ? dsi__hc_read_head(&dc, 600.0) : DSI_OK;
+        if (done && hrc == DSI_OK) { headed = 1; break; }
+        if (hrc == DSI_ECANCELED) {
+            dsi__hc_close(&dc);
+            release_decode(r, d, dtokens);
+            dsi__rbuf_free(&pb);
+            abandon(c, 0);
+            return;
+        }
         if (done) lost = 1; /* the decode instance died between the KV and its answer */
         dsi__hc_close(&dc); /* a live decode instance sees the hang-up and drops the parked request */
         release_decode(r, d, dtokens);
@@ -369,10 +422,14 @@ static void run_request(rconn *c) {
     dsi__rbuf_free(&pb);
 
     /* 4. relay the decode instance's answer */
-    int outcome = 0; /* 0 ok, 1 decode lost, 2 error answer */
+    int outcome = 0; /* 0 ok, 1 decode lost, 2 error answer, 3 abandoned */
     if (dc.status != 200 || !stream) {
         dsi_rbuf b = {0};
-        if (dsi__hc_read_all(&dc, &b, 64u << 20, 600.0)) {
+        int arc = dsi__hc_read_all(&dc, &b, 64u << 20, 600.0);
+        if (arc == DSI_ECANCELED) {
+            outcome = 3;
+            abandon(c, 0);
+        } else if (arc) {
             note_failure(r, d);
             outcome = 1;
             dsi__router_fail_request(c, 502, "the decode instance failed mid-response");
@@ -391,6 +448,11 @@ static void run_request(rconn *c) {
             pthread_mutex_unlock(&c->mu);
             if (gone) break; /* closing the connection cancels the request on the decode instance */
             if (n == DSI_ETIMEOUT) continue;
+            if (n == DSI_ECANCELED) { /* the router stops */
+                outcome = 3;
+                abandon(c, 1);
+                break;
+            }
             if (n > 0) {
                 push(c, buf, n, 0);
                 /* remember the last bytes: a complete stream ends in "data: [DONE]\n\n" */
@@ -414,13 +476,16 @@ static void run_request(rconn *c) {
     }
     dsi__hc_close(&dc);
     release_decode(r, d, dtokens);
-    atomic_fetch_add(outcome == 0 ? &r->n_ok : outcome == 1 ? &r->n_decode_lost : &r->n_client_err, 1);
+    if (outcome != 3) /* not abandoned */
+        atomic_fetch_add(outcome == 0 ? &r->n_ok : outcome == 1 ? &r->n_decode_lost : &r->n_client_err, 1);
 }
 
 void *dsi__router_worker(void *arg) {
     rconn *c = arg;
     atomic_fetch_add(&c->r->n_inflight, 1);
+    dsi__hc_set_abort(worker_abort, c);
     run_request(c);
+    dsi__hc_set_abort(NULL, NULL);
     atomic_fetch_sub(&c->r->n_inflight, 1);
     atomic_fetch_sub(&c->r->n_workers, 1);
     dsi__rconn_unref(c);

@@ -36,6 +36,12 @@ typedef struct dsi_hc {
     size_t blen, bpos;
 } dsi_hc;
 
+/* A check the calling thread's reads run at least every 0.2 s while they
+ * wait; nonzero ends the read with DSI_ECANCELED. NULL: none. Thread-local:
+ * each request's worker sets its own (its client left, the router stops). */
+typedef int (*dsi_hc_abort_fn)(void *ctx);
+void dsi__hc_set_abort(dsi_hc_abort_fn fn, void *ctx);
+
 /* Connects and sends the request (body may be NULL), with
  * "Authorization: Bearer <bearer>" unless bearer is NULL or empty. */
 int dsi__hc_start(dsi_hc *c, const char *host, int port, const char *method, const char *path, const char *body,
@@ -97,6 +103,7 @@ struct dsi_router {
     atomic_ulong n_ok, n_client_err, n_err, n_decode_lost, n_retries, n_inflight, xfer_seq;
     atomic_ulong kv_bytes, kv_blocks, kv_skipped; /* from prefill answers */
     atomic_int n_workers;
+    atomic_int n_conns;        /* rconns not yet freed: stop waits for MHD to flush them */
 };
 
 
@@ -109,6 +116,7 @@ typedef struct rconn {
     int too_large, chat, started;
     pthread_mutex_t mu;
     int head_ready, status, stream, finished, suspended, client_gone;
+    int fd;                    /* the client's socket (valid while the request is suspended) */
     dsi_rbuf out;
     size_t out_pos;
 } rconn;

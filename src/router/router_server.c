@@ -225,6 +225,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
         if (!c) return MHD_NO;
         c->r = r;
         c->mc = mc;
+        c->fd = -1;
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (ci) c->fd = ci->connect_fd;
+        atomic_fetch_add(&r->n_conns, 1);
         atomic_init(&c->refs, 1);
         pthread_mutex_init(&c->mu, NULL);
         *con_cls = c;
@@ -527,7 +531,8 @@ int dsi_router_start(const dsi_router_opts *opts, dsi_router **out) {
     r->mhd = MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ITC | MHD_USE_ERROR_LOG,
                               0, NULL, NULL, handler, r, MHD_OPTION_LISTEN_SOCKET, lfd, MHD_OPTION_THREAD_POOL_SIZE,
                               (unsigned)(r->o.http_threads > 0 ? r->o.http_threads : 2), MHD_OPTION_NOTIFY_COMPLETED,
-                              completed, r, MHD_OPTION_CONNECTION_TIMEOUT, 600u, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
+                              completed, r, MHD_OPTION_CONNECTION_TIMEOUT, 300u,
+                              MHD_OPTION_CONNECTION_LIMIT, 4096u, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
                               NULL, MHD_OPTION_END);
     if (!r->mhd) {
         close(lfd);
@@ -547,9 +552,17 @@ void dsi_router_stop(dsi_router *r) {
     if (r->hb_started) pthread_join(r->hb, NULL);
     MHD_socket lfd = MHD_quiesce_daemon(r->mhd);
     if (lfd != MHD_INVALID_SOCKET) close(lfd);
-    /* workers end when their instance calls do (bounded by their timeouts) */
+    /* workers see `stop` within 0.2 s in any wait on an instance (see
+     * worker_abort) and answer their clients 503; then libmicrohttpd sends
+     * what they queued. Stopping it with a connection still suspended
+     * aborted the process (a request in flight at SIGTERM: exit 134). */
     double end = dsi_now() + 10.0;
     while (atomic_load(&r->n_workers) > 0 && dsi_now() < end) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    end = dsi_now() + 5.0;
+    while (atomic_load(&r->n_conns) > 0 && dsi_now() < end) {
         struct timespec ts = {0, 10 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
