@@ -160,6 +160,28 @@ curl -s "$R/admin/instances" -d "{\"action\":\"join\",\"role\":\"prefill\",\"url
     && pass "admin join" || fail "admin join"
 code=$(curl -s -o /dev/null -w '%{http_code}' "$R/admin/instances" -d '{"action":"join"}')
 [ "$code" = 400 ] && pass "admin: bad body -> 400" || fail "admin bad body: $code"
+# one instance under another spelling is the same member; bad URLs get a 400 in valid JSON
+n0=$(curl -s "$R/admin/instances" | grep -o '"url"' | wc -l)
+curl -s "$R/admin/instances" -d "{\"action\":\"join\",\"role\":\"prefill\",\"url\":\"$(U p2 | sed 's|http://||')/\"}" >/dev/null
+n1=$(curl -s "$R/admin/instances" | grep -o '"url"' | wc -l)
+body=$(curl -s "$R/admin/instances" -d '{"action":"join","role":"decode","url":"http://a\"b:1"}')
+[ "$n0" = "$n1" ] && [ "$(curl -s -o /dev/null -w '%{http_code}' "$R/admin/instances" -d '{"action":"join","role":"decode","url":"ftp://h:1"}')" = 400 ] \
+    && grep -q '^{"error":{"message":"bad instance URL (http://host:port expected)","type":"invalid_request_error"' <<<"$body" \
+    && pass "admin: one spelling per instance, bad URLs refused" || fail "admin URLs: $n0 -> $n1 members, $body"
+# wrong methods: 405, as on the instances
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "$R/admin/instances")" = 405 ] \
+    && [ "$(curl -s -o /dev/null -w '%{http_code}' -X POST "$R/health")" = 405 ] && pass "router: 405 for wrong methods" \
+    || fail "router methods"
+# a decode instance joined as prefill stays out of the prefill pool (its refusals reached clients as 400s)
+curl -s "$R/admin/instances" -d "{\"action\":\"join\",\"role\":\"prefill\",\"url\":\"$(U d2)\"}" >/dev/null
+sleep 0.5
+ok=1
+for k in 1 2 3 4 5 6; do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$R/v1/completions" -d "{\"prompt\":[3,4,$k],\"max_tokens\":2}")" = 200 ] || ok=0
+done
+curl -s "$R/admin/instances" | grep -q "\"url\":\"$(U d2)\",\"role\":\"prefill\",\"member\":true,\"state\":\"[a-z]*\",\"draining\":false,\"routable\":false" || ok=0
+curl -s "$R/admin/instances" -d "{\"action\":\"leave\",\"role\":\"prefill\",\"url\":\"$(U d2)\"}" >/dev/null
+[ "$ok" = 1 ] && pass "decode instance joined as prefill: not routed to" || fail "role mismatch: $(curl -s "$R/admin/instances")"
 
 # ---------------------------------------------------------------- a failing prefill instance is retried elsewhere
 # A prefill instance with other weights (same name and tokenizer): the decode

@@ -337,6 +337,60 @@ static void test_http_client_bearer(void **st) {
     dsi__rbuf_free(&b);
 }
 
+/* Instance URLs in one spelling: the same instance written two ways was two
+ * members of the pool; other schemes, paths and quotes are refused. */
+static void test_instance_urls(void **st) {
+    (void)st;
+    char u[192];
+    const char *same[] = {"http://127.0.0.1:8001", "127.0.0.1:8001", "http://127.0.0.1:8001/", "127.0.0.1:8001/"};
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(dsi__router_canon_url(same[i], u, sizeof u), DSI_OK);
+        assert_string_equal(u, "http://127.0.0.1:8001");
+    }
+    assert_int_equal(dsi__router_canon_url("http://[::1]:9/", u, sizeof u), DSI_OK);
+    assert_string_equal(u, "http://[::1]:9");
+    const char *bad[] = {"ftp://h:1", "https://h:1", "http://h:1/v1", "http://h", "http://a\"b:1", "h:1 ", "h:0",
+                         "h:99999", "", "http://", "http://h:1//"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        assert_int_not_equal(dsi__router_canon_url(bad[i], u, sizeof u), DSI_OK);
+    char longurl[400];
+    memset(longurl, 'a', sizeof longurl);
+    memcpy(longurl + sizeof longurl - 6, ":8001", 6);
+    assert_int_not_equal(dsi__router_canon_url(longurl, u, sizeof u), DSI_OK);
+}
+
+/* Slots: a URL that left and joins again gets its slot back; past MAX_INST
+ * an idle slot that left is reused (after 64 leaves nothing could join). */
+static void test_instance_slots(void **st) {
+    (void)st;
+    dsi_router *r = calloc(1, sizeof *r);
+    char u[64];
+    for (int i = 0; i < MAX_INST; i++) {
+        snprintf(u, sizeof u, "127.0.0.1:%d", 9000 + i);
+        assert_int_equal(dsi__router_add_inst(r, u, ROLE_D, 1), i);
+    }
+    assert_int_equal(dsi__router_add_inst(r, "127.0.0.1:9999", ROLE_D, 1), -1); /* full */
+    assert_int_equal(dsi__router_find_inst(r, "http://127.0.0.1:9005/", ROLE_D), 5);
+    assert_int_equal(dsi__router_find_inst(r, "127.0.0.1:9005", ROLE_P), -1);
+    for (int cycle = 0; cycle < 100; cycle++) { /* leave and join again, as the admin endpoint does */
+        int i = dsi__router_find_inst(r, "127.0.0.1:9005", ROLE_D);
+        assert_int_equal(i, 5);
+        r->in[i].left = 1, r->in[i].member = 0;
+        assert_int_equal(dsi__router_find_inst(r, "127.0.0.1:9005", ROLE_D), -1);
+        assert_int_equal(dsi__router_add_inst(r, "http://127.0.0.1:9005", ROLE_D, 1), 5);
+    }
+    /* a new URL takes a slot that left, but not one the router still has a request in */
+    r->in[7].left = 1, r->in[7].member = 0, r->in[7].inflight = 1;
+    assert_int_equal(dsi__router_add_inst(r, "127.0.0.1:9999", ROLE_D, 1), -1);
+    r->in[7].inflight = 0;
+    assert_int_equal(dsi__router_add_inst(r, "127.0.0.1:9999", ROLE_P, 1), 7);
+    assert_string_equal(r->in[7].url, "http://127.0.0.1:9999");
+    assert_int_equal(r->in[7].role, ROLE_P);
+    assert_false(r->in[7].left);
+    assert_int_equal(r->n_in, MAX_INST);
+    free(r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_attn_work),
@@ -349,6 +403,8 @@ int main(void) {
         cmocka_unit_test(test_hashset),
         cmocka_unit_test(test_http_client),
         cmocka_unit_test(test_http_client_bearer),
+        cmocka_unit_test(test_instance_urls),
+        cmocka_unit_test(test_instance_slots),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

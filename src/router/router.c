@@ -23,6 +23,7 @@
 #include "dsinfer/pd.h"
 
 #include <cjson/cJSON.h>
+#include <ctype.h>
 #include <microhttpd.h>
 #include <poll.h>
 #include <pthread.h>
@@ -42,28 +43,82 @@ double dsi__router_wall_now(void) {
 
 /* ---------------------------------------------------------------- instances */
 
-/* Adds an instance slot (mu held). Returns the index or -1. */
+/* An instance URL in one spelling, "http://host:port" ("http://[v6]:port"),
+ * from that, "host:port", or either with one trailing "/". Any other scheme,
+ * a path, or a byte outside host names is refused: the same instance under
+ * two spellings was two members of the pool, and the URL is written
+ * unescaped into JSON and metric labels. */
+int dsi__router_canon_url(const char *in, char *out, size_t cap) {
+    const char *s = in;
+    if (strstr(in, "://")) {
+        if (strncmp(in, "http://", 7)) return dsi_error(DSI_EINVAL, "instance URLs are http://host:port");
+        s += 7;
+    }
+    size_t n = strlen(s);
+    if (n && s[n - 1] == '/') n--;
+    char hp[160];
+    if (n == 0 || n >= sizeof hp) return dsi_error(DSI_EINVAL, "bad instance URL (http://host:port expected)");
+    for (size_t k = 0; k < n; k++) {
+        unsigned char ch = (unsigned char)s[k];
+        if (!isalnum(ch) && !strchr(".-_:[]", ch))
+            return dsi_error(DSI_EINVAL, "bad instance URL (http://host:port expected)");
+    }
+    memcpy(hp, s, n);
+    hp[n] = 0;
+    char host[128];
+    int port;
+    if (dsi_pd_split_hostport(hp, host, sizeof host, &port))
+        return dsi_error(DSI_EINVAL, "bad instance URL (http://host:port expected)");
+    if ((size_t)snprintf(out, cap, strchr(host, ':') ? "http://[%s]:%d" : "http://%s:%d", host, port) >= cap)
+        return dsi_error(DSI_EINVAL, "instance URL too long");
+    return DSI_OK;
+}
+
+/* Adds an instance slot (mu held). Returns the index or -1. A URL that left
+ * takes its old slot back (keeping the router's account of what it still has
+ * there); past MAX_INST a slot that left with nothing of the router's in it is
+ * reused: slots were never freed, so after 64 leaves no instance could join. */
 int dsi__router_add_inst(dsi_router *r, const char *url, int role, int member) {
-    if (r->n_in >= MAX_INST) return dsi_error(DSI_ERANGE, "at most %d instances", MAX_INST), -1;
-    inst *x = &r->in[r->n_in];
+    char cu[sizeof r->in[0].url];
+    if (dsi__router_canon_url(url, cu, sizeof cu)) return -1;
+    for (int i = 0; i < r->n_in; i++) {
+        inst *x = &r->in[i];
+        if (x->used && x->left && x->role == role && !strcmp(x->url, cu)) {
+            x->left = 0;
+            x->member = member;
+            x->admin_drain = x->scale_drain = x->wrong_role = 0;
+            memset(&x->h, 0, sizeof x->h); /* joining again: the heartbeats say when it is up */
+            return i;
+        }
+    }
+    int i = r->n_in < MAX_INST ? r->n_in : -1;
+    for (int k = 0; i < 0 && k < r->n_in; k++) {
+        const inst *x = &r->in[k];
+        if (x->left && x->inflight == 0 && x->pend_attn <= 0 && x->pend_tokens <= 0) i = k;
+    }
+    if (i < 0) return dsi_error(DSI_ERANGE, "at most %d instances", MAX_INST), -1;
+    inst *x = &r->in[i];
     memset(x, 0, sizeof *x);
-    if (dsi_pd_split_hostport(url, x->host, sizeof x->host, &x->port)) return -1;
-    snprintf(x->url, sizeof x->url, "%s", url);
+    if (dsi_pd_split_hostport(cu, x->host, sizeof x->host, &x->port)) return -1;
+    snprintf(x->url, sizeof x->url, "%s", cu);
     x->used = 1;
     x->role = role;
     x->member = member;
     x->max_num_seqs = 64;
-    return r->n_in++;
+    if (i == r->n_in) r->n_in++;
+    return i;
 }
 
 int dsi__router_find_inst(dsi_router *r, const char *url, int role) {
+    char cu[sizeof r->in[0].url];
+    if (dsi__router_canon_url(url, cu, sizeof cu)) return -1;
     for (int i = 0; i < r->n_in; i++)
-        if (r->in[i].used && !r->in[i].left && r->in[i].role == role && !strcmp(r->in[i].url, url)) return i;
+        if (r->in[i].used && !r->in[i].left && r->in[i].role == role && !strcmp(r->in[i].url, cu)) return i;
     return -1;
 }
 
 int dsi__router_routable(const inst *x) {
-    return x->used && x->member && !x->left && !x->admin_drain && !x->scale_drain && !x->reported_draining &&
+    return x->used && x->member && !x->left && !x->wrong_role && !x->admin_drain && !x->scale_drain && !x->reported_draining &&
            dsi_health_routable(&x->h);
 }
 
@@ -422,7 +477,7 @@ static void run_request(rconn *c) {
     dsi__rbuf_free(&pb);
 
     /* 4. relay the decode instance's answer */
-    int outcome = 0; /* 0 ok, 1 decode lost, 2 error answer, 3 abandoned */
+    int outcome = 0; /* 0 ok, 1 decode lost, 2 error answer, 3 abandoned, 4 server error answer */
     if (dc.status != 200 || !stream) {
         dsi_rbuf b = {0};
         int arc = dsi__hc_read_all(&dc, &b, 64u << 20, 600.0);
@@ -434,7 +489,7 @@ static void run_request(rconn *c) {
             outcome = 1;
             dsi__router_fail_request(c, 502, "the decode instance failed mid-response");
         } else {
-            if (dc.status != 200) outcome = 2;
+            if (dc.status != 200) outcome = dc.status >= 500 ? 4 : 2; /* a draining instance's 503 is no client error */
             relay_whole(c, dc.status, &b);
         }
         dsi__rbuf_free(&b);
@@ -477,7 +532,11 @@ static void run_request(rconn *c) {
     dsi__hc_close(&dc);
     release_decode(r, d, dtokens);
     if (outcome != 3) /* not abandoned */
-        atomic_fetch_add(outcome == 0 ? &r->n_ok : outcome == 1 ? &r->n_decode_lost : &r->n_client_err, 1);
+        atomic_fetch_add(outcome == 0   ? &r->n_ok
+                         : outcome == 1 ? &r->n_decode_lost
+                         : outcome == 2 ? &r->n_client_err
+                                        : &r->n_err,
+                         1);
 }
 
 void *dsi__router_worker(void *arg) {

@@ -63,12 +63,14 @@ int dsi__hc_call(const char *host, int port, const char *method, const char *pat
 #define MAX_INST 64
 enum { ROLE_P = 0, ROLE_D = 1 };
 
-/* One instance slot; slots are never reused while the router runs, so a
- * request may keep an index across the lock. */
+/* One instance slot. A request may keep an index across the lock: a slot is
+ * reused for another URL only once it has left and nothing of the router's
+ * is in it (see dsi__router_add_inst). */
 typedef struct inst {
     int used, role;
     int member;                /* in the pool (else standby, or left) */
     int left;                  /* removed by the admin endpoint */
+    int wrong_role;            /* its heartbeat reports a role that cannot serve this one */
     int admin_drain;           /* no new requests (admin) */
     int scale_drain;           /* no new requests; back to standby when idle (autoscaler) */
     char url[192], host[128];
@@ -124,6 +126,8 @@ typedef struct rconn {
 double dsi__router_wall_now(void);
 /* Instance slots (call with r->mu held). */
 int dsi__router_add_inst(dsi_router *r, const char *url, int role, int member);
+/* url in its one spelling "http://host:port" (see router.c), or an error. */
+int dsi__router_canon_url(const char *in, char *out, size_t cap);
 int dsi__router_find_inst(dsi_router *r, const char *url, int role);
 int dsi__router_routable(const inst *x);
 void dsi__router_record_gpus(dsi_router *r);

@@ -38,11 +38,20 @@ static enum MHD_Result send_text(struct MHD_Connection *mc, int status, const ch
     return ok;
 }
 
+/* msg is escaped: admin errors quote what the request sent. */
 static enum MHD_Result send_json_error(struct MHD_Connection *mc, int status, const char *msg) {
-    char b[512];
-    int n = snprintf(b, sizeof b, "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,\"code\":null}}", msg,
+    dsi_rbuf b = {0};
+    dsi__rbuf_put(&b, "{\"error\":{\"message\":\"", 21);
+    for (const char *p = msg; *p && b.len < 600; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch == '"' || ch == '\\') dsi__rbuf_put(&b, "\\", 1);
+        dsi__rbuf_put(&b, ch < 0x20 ? " " : p, 1);
+    }
+    dsi__rbuf_printf(&b, "\",\"type\":\"%s\",\"param\":null,\"code\":null}}",
                      status >= 500 ? "server_error" : "invalid_request_error");
-    return send_text(mc, status, "application/json", b, (size_t)n < sizeof b ? (size_t)n : sizeof b - 1);
+    enum MHD_Result ok = send_text(mc, status, "application/json", b.p ? b.p : "", b.len);
+    dsi__rbuf_free(&b);
+    return ok;
 }
 
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
@@ -123,7 +132,7 @@ static enum MHD_Result handle_admin(dsi_router *r, rconn *c) {
     if (!cJSON_IsString(a) || !cJSON_IsString(ro) || !cJSON_IsString(u) ||
         (strcmp(ro->valuestring, "prefill") && strcmp(ro->valuestring, "decode"))) {
         cJSON_Delete(j);
-        return send_json_error(c->mc, 400, "expected {\\\"action\\\",\\\"role\\\":\\\"prefill|decode\\\",\\\"url\\\"}");
+        return send_json_error(c->mc, 400, "expected {\"action\",\"role\":\"prefill|decode\",\"url\"}");
     }
     int role = !strcmp(ro->valuestring, "prefill") ? ROLE_P : ROLE_D, status = 200;
     const char *act = a->valuestring;
@@ -290,6 +299,12 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
     dsi_rbuf b = {0};
     enum MHD_Result ok;
     if (!strcmp(url, "/admin/instances") && is_post) return handle_admin(r, c);
+    int is_get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+    int known = !strcmp(url, "/admin/instances") || !strcmp(url, "/metrics") || !strcmp(url, "/v1/pricing") ||
+                !strcmp(url, "/health") || !strcmp(url, "/v1/models");
+    if (known && !is_get) /* as the server answers (these said 200 to DELETE) */
+        return send_json_error(mc, 405, strcmp(url, "/admin/instances") ? "use GET for this endpoint"
+                                                                         : "use GET or POST for this endpoint");
     if (!strcmp(url, "/admin/instances")) {
         instances_json(r, &b);
         ok = send_text(mc, 200, "application/json", b.p ? b.p : "", b.len);
@@ -392,6 +407,16 @@ static void poll_one(dsi_router *r, int i) {
         GETI("kv_blocks_used", kv_blocks_used);
 #undef GETI
         if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(j, "kv_tokens"))) x->kv_tokens = (long long)v->valuedouble;
+        /* a decode instance joined as prefill (or the reverse) refuses every
+         * request with "this instance has role ...", which clients got as a
+         * 400: it stays out of the pool until it reports a role that serves */
+        const cJSON *ro = cJSON_GetObjectItemCaseSensitive(j, "role");
+        int wrong = cJSON_IsString(ro) && strcmp(ro->valuestring, "both") &&
+                    strcmp(ro->valuestring, x->role == ROLE_P ? "prefill" : "decode");
+        if (wrong && !x->wrong_role)
+            DSI_LOG_WARN("router: %s reports role %s; not routing %s requests there", x->url, ro->valuestring,
+                         role_str(x->role));
+        x->wrong_role = wrong;
     }
     if ((int)x->h.state != was)
         DSI_LOG_INFO("router: %s instance %s is %s", role_str(x->role), x->url, dsi_inst_state_name(x->h.state));
