@@ -8,7 +8,8 @@
 # /metrics follows; a decode instance killed under load: requests on the
 # other complete, the killed ones end with an error event and [DONE]; with
 # --api-key on router and instances, keyless calls get 401 and keyed ones the
-# same answers.
+# same answers; a client that leaves, a router stopped mid-request, and a
+# decode instance that hangs (SIGSTOP) end their requests.
 # Usage: bash e2e_pd.sh path/to/dsinfer [data-dir]
 set -u
 BIN=${1:?usage: e2e_pd.sh path/to/dsinfer [tests/data]}
@@ -302,6 +303,24 @@ code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 curl -s -H 'Authorization: Bearer k9' "$RK/v1/completions" -d "${REQ[0]}" >"$WORK/rk0"
 [ "$(body_ids "$WORK/rk0")" = "$(body_ids "$WORK/b0")" ] && pass "with the key: router (which sends it on) = single server" \
     || fail "keyed router: $(head -c 300 "$WORK/rk0")"
+
+# ---------------------------------------------------------------- a decode instance that hangs
+# SIGSTOP keeps its connections open: once the heartbeats mark it dead, its
+# stream ends with an error event (it went quiet until the client gave up)
+serve d4 decode; PID_D4=$LAST_PID
+PORT_d4=$(wait_port "$WORK/d4.log" "model dsinfer-demo")
+"$BIN" router --port 0 --prefill "$(U p1)" --decode "$(U d4)" 2>"$WORK/router_h.log" &
+PIDS+=("$!")
+HPORT=$(wait_port "$WORK/router_h.log" "instances (deepseek LB)")
+curl -s -N -m 30 "http://127.0.0.1:$HPORT/v1/completions" \
+    -d "{\"prompt\":[$(ids_of 30 43)],\"max_tokens\":20000,\"ignore_eos\":true,\"stream\":true}" >"$WORK/h_s" &
+CURL_H=$!
+for _ in $(seq 1 100); do [ "$(grep -c '^data:' "$WORK/h_s")" -ge 3 ] && break; sleep 0.05; done
+kill -STOP "$PID_D4"
+wait "$CURL_H"; rc=$?
+kill -CONT "$PID_D4"
+[ "$rc" = 0 ] && grep -q '"code":"decode_instance_lost"' "$WORK/h_s" && tail -2 "$WORK/h_s" | grep -q '\[DONE\]' \
+    && pass "hung decode instance: its stream ends with an error event + [DONE]" || fail "hung decode: curl $rc, $(tail -c 200 "$WORK/h_s")"
 
 if [ "$FAILS" -ne 0 ]; then echo "e2e_pd: $FAILS failure(s)"; exit 1; fi
 echo "e2e_pd: all passed"

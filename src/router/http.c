@@ -98,7 +98,9 @@ static int fill(dsi_hc *c, double timeout_s) {
         c->bpos = 0;
     }
     if (c->blen == sizeof c->buf) return dsi_error(DSI_EFORMAT, "http: line too long");
-    if (tl_abort && tl_abort(tl_abort_ctx)) return dsi_error(DSI_ECANCELED, "http: abandoned");
+    int why = tl_abort ? tl_abort(tl_abort_ctx) : 0;
+    if (why == 1) return dsi_error(DSI_ECANCELED, "http: abandoned");
+    if (why) return dsi_error(DSI_EPEER, "http: the instance was marked dead");
     /* with an abort check, waits are cut into slices it runs between */
     if (tl_abort && timeout_s > 0.2) timeout_s = 0.2;
     struct pollfd pf = {.fd = c->fd, .events = POLLIN};

@@ -277,6 +277,17 @@ static int decode_gone(dsi_hc *dc) {
 static int worker_abort(void *ctx) {
     rconn *c = ctx;
     if (atomic_load(&c->r->stop)) return 1;
+    /* a decode instance that stopped answering (SIGSTOP, a hung host) but
+     * keeps the connection open: once its heartbeats mark it dead, the wait
+     * ends as if it had died (the stream's clients went quiet until they
+     * gave up, a non-streaming one waited up to 600 s) */
+    int w = atomic_load(&c->watch);
+    if (w >= 0) {
+        pthread_mutex_lock(&c->r->mu);
+        int dead = c->r->in[w].h.state == DSI_INST_DEAD;
+        pthread_mutex_unlock(&c->r->mu);
+        if (dead) return 2;
+    }
     pthread_mutex_lock(&c->mu);
     if (!c->client_gone && c->suspended && c->fd >= 0) {
         struct pollfd pf = {.fd = c->fd, .events = POLLRDHUP};
@@ -445,7 +456,9 @@ static void run_request(rconn *c) {
             else DSI_LOG_WARN("router: prefill on %s:%d answered %d: %.200s", phost, pport, status, pb.p ? pb.p : "");
             if (!done && decode_gone(&dc)) { lost = 1; break; } /* nobody would take the KV */
         }
+        atomic_store(&c->watch, d);
         int hrc = done ? dsi__hc_read_head(&dc, 600.0) : DSI_OK;
+        atomic_store(&c->watch, -1);
         if (done && hrc == DSI_OK) { headed = 1; break; }
         if (hrc == DSI_ECANCELED) {
             dsi__hc_close(&dc);
@@ -477,6 +490,7 @@ static void run_request(rconn *c) {
     dsi__rbuf_free(&pb);
 
     /* 4. relay the decode instance's answer */
+    atomic_store(&c->watch, d);
     int outcome = 0; /* 0 ok, 1 decode lost, 2 error answer, 3 abandoned, 4 server error answer */
     if (dc.status != 200 || !stream) {
         dsi_rbuf b = {0};
@@ -529,6 +543,7 @@ static void run_request(rconn *c) {
         }
         push(c, NULL, 0, 1);
     }
+    atomic_store(&c->watch, -1);
     dsi__hc_close(&dc);
     release_decode(r, d, dtokens);
     if (outcome != 3) /* not abandoned */

@@ -37,8 +37,10 @@ typedef struct dsi_hc {
 } dsi_hc;
 
 /* A check the calling thread's reads run at least every 0.2 s while they
- * wait; nonzero ends the read with DSI_ECANCELED. NULL: none. Thread-local:
- * each request's worker sets its own (its client left, the router stops). */
+ * wait: 1 ends the read with DSI_ECANCELED (abandon it), 2 with DSI_EPEER
+ * (the peer is known dead). NULL: none. Thread-local: each request's worker
+ * sets its own (its client left, the router stops, its decode instance was
+ * marked dead). */
 typedef int (*dsi_hc_abort_fn)(void *ctx);
 void dsi__hc_set_abort(dsi_hc_abort_fn fn, void *ctx);
 
@@ -119,6 +121,7 @@ typedef struct rconn {
     pthread_mutex_t mu;
     int head_ready, status, stream, finished, suspended, client_gone;
     int fd;                    /* the client's socket (valid while the request is suspended) */
+    atomic_int watch;          /* the decode instance the worker waits on (-1: none): see worker_abort */
     dsi_rbuf out;
     size_t out_pos;
 } rconn;

@@ -235,6 +235,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
         c->r = r;
         c->mc = mc;
         c->fd = -1;
+        atomic_init(&c->watch, -1);
         const union MHD_ConnectionInfo *ci = MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
         if (ci) c->fd = ci->connect_fd;
         atomic_fetch_add(&r->n_conns, 1);
