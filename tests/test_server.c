@@ -101,6 +101,47 @@ static void test_in_process_server(void **state) {
     dsi_server_stop(NULL, 0);
 }
 
+/* The "id" of a response (copied into out), or "" when there is none. */
+static void response_id(const char *r, char *out, size_t cap) {
+    const char *p = r ? strstr(r, "\"id\":\"") : NULL;
+    out[0] = 0;
+    if (!p) return;
+    p += 6;
+    size_t n = strcspn(p, "\"");
+    if (n >= cap) n = cap - 1;
+    memcpy(out, p, n);
+    out[n] = 0;
+}
+
+/* Ids were the start second plus a per-instance counter: two instances
+ * started in the same second (decode instances behind one router) repeated
+ * each other's ids. */
+static void test_ids_unique_across_instances(void **state) {
+    (void)state;
+    dsi_server_opts o = dsi_server_default_opts();
+    o.port = 0;
+    o.threads = 1;
+    o.kv_blocks = 16;
+    dsi_server *s[2];
+    char id[2][2][64];
+    for (int i = 0; i < 2; i++) assert_int_equal(dsi_server_start(&o, &s[i]), DSI_OK);
+    for (int i = 0; i < 2; i++)
+        for (int chat = 0; chat < 2; chat++) {
+            char *r = http(dsi_server_port(s[i]), "POST", chat ? "/v1/chat/completions" : "/v1/completions",
+                           chat ? "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1}"
+                                : "{\"prompt\":[1,2],\"max_tokens\":1}");
+            assert_non_null(r);
+            assert_non_null(strstr(r, "HTTP/1.1 200"));
+            response_id(r, id[i][chat], sizeof id[i][chat]);
+            free(r);
+            assert_true(!strncmp(id[i][chat], chat ? "chatcmpl-" : "cmpl-", chat ? 9 : 5));
+        }
+    assert_string_not_equal(id[0][0], id[1][0]);
+    assert_string_not_equal(id[0][1], id[1][1]);
+    assert_string_not_equal(id[0][0] + 5, id[0][1] + 9); /* the counter still moves within one instance */
+    for (int i = 0; i < 2; i++) dsi_server_stop(s[i], 5.0);
+}
+
 static void test_json_escaping(void **state) {
     dsi_sbuf b = {0};
     const char in[] = "a\"b\\c\n\x01\xff\xe2\x82\xac\xed\xa0\x80z";
@@ -309,6 +350,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_json_escaping),
         cmocka_unit_test(test_in_process_server),
+        cmocka_unit_test(test_ids_unique_across_instances),
     };
     const struct CMUnitTest api_tests[] = {
         cmocka_unit_test(test_api_parse_nul_and_escapes),

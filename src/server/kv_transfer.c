@@ -15,8 +15,9 @@
  * tier holds), collects the blocks into one buffer, and on FIRST submits the
  * request with kv_import, so the scheduler copies the blocks into its pool
  * (and prefix cache) and continues from the first token. A connection that
- * breaks leaves the request parked: a retry from another prefill instance may
- * still come; past the deadline it finishes with an error. */
+ * breaks (or brings a bad FIRST) leaves the request parked: a retry from
+ * another prefill instance may still come; past the deadline it finishes with
+ * 504. Receiver threads are capped (RECEIVERS_PER_SEQ). */
 #include "dsinfer/pd.h"
 #include "server/server_impl.h"
 
@@ -28,10 +29,24 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define PARK_TIMEOUT_S 60.0      /* a parked decode request waits this long for its KV */
+/* A parked decode request waits this long for its KV. A variable so that a
+ * test can lower it before dsi_server_start (each server copies it then). */
+double dsi__pd_park_timeout_s = 60.0;
 _Static_assert(DSI_PD_MAX_TOP == DSI_SCHED_MAX_TOP_LOGPROBS, "FIRST carries every top alternative");
 #define HELLO_WAIT_S 5.0         /* the HELLO may beat /internal/decode by this much */
 #define IO_TIMEOUT_S 30.0
+/* The prefill side sends its HELLO right after connecting: a connection
+ * silent this long is no transfer, and would hold a receiver slot. */
+#define HELLO_RECV_S 10.0
+/* Receiver threads at most: 4 x max_num_seqs, at least 16. Each holds a
+ * thread and a receive buffer the size of the prompt's KV; transfers beyond a
+ * few batches' worth could only queue for a sequence slot anyway. Past the
+ * cap a connection is refused at once (SKIP EBUSY, then closed): the prefill
+ * side fails its handshake before computing anything and answers 502, and
+ * the router tries another decode instance. Without it 2,000 idle
+ * connections made 2,000 threads. */
+#define RECEIVERS_PER_SEQ 4
+#define MIN_RECEIVERS 16
 
 typedef struct parked {
     uint64_t xfer;
@@ -52,6 +67,8 @@ struct dsi_pd_state {
     int listener_started;
     atomic_int stop;
     atomic_int n_receivers;
+    int max_receivers;           /* see RECEIVERS_PER_SEQ */
+    double park_timeout_s;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     parked *parked;
@@ -404,10 +421,14 @@ int dsi__pd_prefill(dsi_conn *c, const char *decode, uint64_t xfer) {
 
 /* ---------------------------------------------------------------- decode side */
 
-/* Ends a parked request that will never reach the scheduler. */
-static void park_fail(parked *pk, dsi_finish_reason why, int status, const char *message) {
+/* Ends a parked request that will never reach the scheduler; http_status 0
+ * answers as any failed request does (500, or 503 when cancelled). */
+static void park_fail(parked *pk, dsi_finish_reason why, int status, int http_status, const char *message) {
     dsi_sched_event ev = {.type = DSI_SCHED_FINISH, .finish = why, .status = status, .message = message,
                           .prompt_tokens = pk->p.n_prompt};
+    pthread_mutex_lock(&pk->c->mu);
+    pk->c->fail_status = http_status;
+    pthread_mutex_unlock(&pk->c->mu);
     dsi__conn_on_event(pk->c, &ev);
     free(pk);
 }
@@ -421,7 +442,7 @@ int dsi__pd_await(dsi_conn *c, const dsi_request_params *p) {
     pk->xfer = c->pd_xfer;
     pk->c = c;
     pk->p = *p;
-    pk->deadline = dsi_now() + PARK_TIMEOUT_S;
+    pk->deadline = dsi_now() + pd->park_timeout_s;
     pthread_mutex_lock(&pd->mu);
     for (parked *q = pd->parked; q; q = q->next)
         if (q->xfer == pk->xfer) {
@@ -491,7 +512,7 @@ static void *receiver(void *arg) {
     char *data = NULL;
     uint8_t *have = NULL;
     parked *pk = NULL;
-    if (dsi_pd_recv_hdr(fd, &type, &len, IO_TIMEOUT_S) || type != DSI_PD_HELLO || len < sizeof h ||
+    if (dsi_pd_recv_hdr(fd, &type, &len, HELLO_RECV_S) || type != DSI_PD_HELLO || len < sizeof h ||
         dsi_pd_recv_all(fd, &h, sizeof h, IO_TIMEOUT_S) || len != sizeof h + sizeof(uint64_t) * (uint64_t)h.n_hashes ||
         h.n_hashes > h.n_blocks || h.n_blocks > (1u << 22))
         goto out;
@@ -531,6 +552,15 @@ static void *receiver(void *arg) {
         if (type != DSI_PD_FIRST || len != sizeof(dsi_pd_first)) goto out;
         dsi_pd_first f;
         if (dsi_pd_recv_all(fd, &f, sizeof f, IO_TIMEOUT_S) || got != n_data) goto out;
+        if (f.cached_tokens > h.n_prompt) {
+            /* a peer's bad count made usage report a negative miss; refused
+             * like any bad transfer, the request stays parked for a retry */
+            DSI_LOG_WARN("kv transfer %llx: FIRST reports %u cached tokens of a %u-token prompt; refused",
+                         (unsigned long long)h.xfer_id, f.cached_tokens, h.n_prompt);
+            dsi_pd_ack nak = {DSI_EINVAL, 0};
+            dsi_pd_send_msg(fd, DSI_PD_ACK, &nak, sizeof nak, NULL, 0);
+            goto out;
+        }
         /* all here: hand the request to the scheduler */
         dsi_kv_import imp = {data, import_release, pd, (int)skip, (int)n_data, f.token, f.logprob, f.sampler_rng,
                              (int)f.cached_tokens, (int)DSI_MIN(f.n_top, DSI_PD_MAX_TOP), {0}, {0}};
@@ -551,8 +581,7 @@ static void *receiver(void *arg) {
             for (uint32_t i = 0; i < h.n_hashes; i++) dsi_pd_hashset_add(pd->held, hashes[i]);
             free(pk);
         } else {
-            park_fail(pk, cancelled ? DSI_FINISH_CANCELLED : DSI_FINISH_ERROR, rc,
-                      cancelled ? "cancelled" : why);
+            park_fail(pk, cancelled ? DSI_FINISH_CANCELLED : DSI_FINISH_ERROR, rc, 0, cancelled ? "cancelled" : why);
         }
         pk = NULL;
         dsi_pd_ack ack = {rc, 0};
@@ -592,9 +621,12 @@ static void reap(dsi_server *s, int all) {
         pthread_mutex_lock(&victim->c->mu);
         int gone = victim->c->cancel_sent;
         pthread_mutex_unlock(&victim->c->mu);
-        if (gone) park_fail(victim, DSI_FINISH_CANCELLED, DSI_ECANCELED, "cancelled");
-        else park_fail(victim, DSI_FINISH_ERROR, DSI_ETIMEOUT,
-                       all ? "the server is shutting down" : "the KV cache from the prefill instance never arrived");
+        /* 504: the upstream (prefill) instance never delivered; 503 at
+         * shutdown, as a request arriving while draining gets */
+        if (gone) park_fail(victim, DSI_FINISH_CANCELLED, DSI_ECANCELED, 0, "cancelled");
+        else if (all) park_fail(victim, DSI_FINISH_ERROR, DSI_ECANCELED, 503, "the server is shutting down");
+        else park_fail(victim, DSI_FINISH_ERROR, DSI_ETIMEOUT, 504,
+                       "the KV cache from the prefill instance never arrived");
     }
 }
 
@@ -606,7 +638,10 @@ static void *listener(void *arg) {
         int pr = poll(&pf, 1, 200);
         if (pr > 0) {
             int fd = accept(pd->listen_fd, NULL, NULL);
-            if (fd >= 0) {
+            if (fd >= 0 && atomic_load(&pd->n_receivers) >= pd->max_receivers) {
+                send_skip(fd, DSI_EBUSY, 0); /* a fresh socket's buffer takes it without blocking */
+                close(fd);
+            } else if (fd >= 0) {
                 rx_arg *a = malloc(sizeof *a);
                 pthread_t t;
                 if (a) {
@@ -644,6 +679,7 @@ int dsi__pd_start(dsi_server *s) {
     if (!pd) return dsi_error(DSI_ENOMEM, "out of memory");
     s->pd = pd;
     pd->listen_fd = -1;
+    pd->park_timeout_s = dsi__pd_park_timeout_s;
     pthread_mutex_init(&pd->mu, NULL);
     pthread_mutex_init(&pd->buf_mu, NULL);
     pthread_cond_init(&pd->cv, NULL);
@@ -655,6 +691,7 @@ int dsi__pd_start(dsi_server *s) {
     int rc = dsi_pd_hashset_create(dsi_kv_n_blocks(s->kv), &pd->held);
     if (rc) return rc;
     if (s->o.role == DSI_ROLE_PREFILL) return DSI_OK;
+    pd->max_receivers = DSI_MAX(MIN_RECEIVERS, RECEIVERS_PER_SEQ * (s->o.max_num_seqs > 0 ? s->o.max_num_seqs : 64));
     if ((rc = dsi_pd_listen(s->o.host, s->o.kv_port, &pd->listen_fd, &pd->kv_port))) return rc;
     if (pthread_create(&pd->listener, NULL, listener, s) != 0)
         return dsi_error(DSI_ENOMEM, "cannot start the KV listener thread");

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -183,7 +184,7 @@ static enum MHD_Result handle_generate(dsi_server *s, dsi_conn *c, int chat) {
     int st = dsi__api_parse(&s->api, c->body ? c->body : "", c->body_len, chat, &c->rq, msg, sizeof msg, &param);
     if (st) return send_error(s, mc, st, msg, param);
     dsi_api_req *r = &c->rq;
-    snprintf(c->id, sizeof c->id, "%s-%lx%06lx", chat ? "chatcmpl" : "cmpl", (unsigned long)s->created,
+    snprintf(c->id, sizeof c->id, "%s-%016llx%06lx", chat ? "chatcmpl" : "cmpl", (unsigned long long)s->id_nonce,
              (unsigned long)atomic_fetch_add(&s->req_counter, 1));
     c->created = (long)time(NULL);
     if (dsi__conn_pipeline_init(c)) return send_error(s, mc, 500, "out of memory", NULL);
@@ -339,7 +340,8 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
         if (!is_get) return send_error(s, mc, 405, "use GET for this endpoint", NULL);
         return handle_get(s, c, url);
     }
-    if (!strcmp(url, "/internal/decode") && is_post) { /* prefill/decode disaggregation (kv_transfer.c) */
+    if (!strcmp(url, "/internal/decode")) { /* prefill/decode disaggregation (kv_transfer.c) */
+        if (!is_post) return send_error(s, mc, 405, "use POST for this endpoint", NULL);
         const char *api = MHD_lookup_connection_value(mc, MHD_GET_ARGUMENT_KIND, "api");
         const char *xfer = MHD_lookup_connection_value(mc, MHD_GET_ARGUMENT_KIND, "xfer");
         c->pd_xfer = xfer ? strtoull(xfer, NULL, 16) : 0;
@@ -527,6 +529,25 @@ int dsi_server_follow(const dsi_server_opts *opts) {
     return rc;
 }
 
+/* A random 64-bit value per server instance. Response ids were the start
+ * second plus a counter, so decode instances started in the same second
+ * (behind one router) handed out the same ids. Without getrandom(2) (old
+ * kernel, or entropy not ready at boot) time, pid and a per-process count
+ * still separate instances, mixed so ids do not reveal them. */
+static uint64_t id_nonce(void) {
+    uint64_t v = 0;
+    if (getrandom(&v, sizeof v, GRND_NONBLOCK) == (ssize_t)sizeof v) return v;
+    static atomic_ulong n_started;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    v = ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) ^ ((uint64_t)getpid() << 32) ^
+        ((uint64_t)atomic_fetch_add(&n_started, 1) << 48);
+    v += 0x9e3779b97f4a7c15ull; /* splitmix64's finaliser */
+    v = (v ^ (v >> 30)) * 0xbf58476d1ce4e5b9ull;
+    v = (v ^ (v >> 27)) * 0x94d049bb133111ebull;
+    return v ^ (v >> 31);
+}
+
 int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
     *out = NULL;
     dsi_server *s = calloc(1, sizeof *s);
@@ -540,6 +561,7 @@ int dsi_server_start(const dsi_server_opts *opts, dsi_server **out) {
         return dsi_error(DSI_EINVAL, "bad port %d", port);
     }
     s->created = (long)time(NULL);
+    s->id_nonce = id_nonce();
     pthread_mutex_init(&s->reg_mu, NULL);
     dsi__metrics_init(&s->metrics);
     int rc = open_model(s);

@@ -153,6 +153,7 @@ typedef struct dsi_conn {
     char id[48];
     long created;
     uint64_t pd_xfer;          /* /internal/decode: the KV transfer this request waits for */
+    int fail_status;           /* HTTP status of a failed FINISH when not 500 (set under mu before it) */
     struct dsi_conn *next, *prev; /* registry of submitted requests */
 } dsi_conn;
 
@@ -177,6 +178,7 @@ struct dsi_server {
     atomic_int draining;
     atomic_int n_conns;        /* dsi_conn objects alive */
     atomic_ulong req_counter;
+    uint64_t id_nonce;         /* random per instance: response ids stay unique across instances */
     dsi_server_metrics metrics;
     long created;
     pthread_mutex_t reg_mu;
@@ -215,6 +217,9 @@ int dsi__pd_start(dsi_server *s);
 void dsi__pd_stop(dsi_server *s);
 /* Frees what dsi__pd_start made (after the scheduler is gone: it may hold imported buffers). */
 void dsi__pd_free(dsi_server *s);
+/* How long a parked /internal/decode request waits for its KV before a 504
+ * (60 s); tests lower it before dsi_server_start. */
+extern double dsi__pd_park_timeout_s;
 /* Drain: waits (up to timeout_s) until no decode request waits for its KV. */
 void dsi__pd_wait_parked(dsi_server *s, double timeout_s);
 int dsi__pd_kv_port(const dsi_server *s);

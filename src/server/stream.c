@@ -352,7 +352,8 @@ static void on_finish(dsi_conn *c, const dsi_sched_event *ev) {
             }
         } else {
             dsi__sbuf_puts(&c->out, "data: ");
-            dsi__api_error_json(&c->out, 500, ev->message ? ev->message : "request failed", NULL);
+            dsi__api_error_json(&c->out, c->fail_status ? c->fail_status : 500,
+                                ev->message ? ev->message : "request failed", NULL);
             dsi__sbuf_puts(&c->out, "\n\n");
         }
         dsi__sbuf_puts(&c->out, "data: [DONE]\n\n");
@@ -360,7 +361,7 @@ static void on_finish(dsi_conn *c, const dsi_sched_event *ev) {
         c->final_status = 200;
         final_body(c, &c->out, reason, ev);
     } else {
-        c->final_status = ev->finish == DSI_FINISH_CANCELLED ? 503 : 500;
+        c->final_status = ev->finish == DSI_FINISH_CANCELLED ? 503 : c->fail_status ? c->fail_status : 500;
         dsi__api_error_json(&c->out, c->final_status, ev->message ? ev->message : "request failed", NULL);
     }
     if (c->out.oom) c->final_status = 500;
