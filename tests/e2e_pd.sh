@@ -265,6 +265,18 @@ for _ in $(seq 1 50); do
     sleep 0.1
 done
 [ "${run:-1}" = 0 ] && pass "non-streaming client left: its decode request was cancelled" || fail "decode still running $run after the client left"
+# ... and one that hangs up during a long prefill: the prefill instance stops it
+# (it ran to its end, holding its blocks and the decode side's parked request)
+curl -s -N -m 1 "$R/v1/completions" -d "{\"prompt\":[$(ids_of 16000 44)],\"max_tokens\":4,\"stream\":true}" >/dev/null
+for _ in $(seq 1 40); do
+    busy=0
+    for n in p1 p2; do
+        v=$(curl -s "$(U $n)/internal/load" | grep -o '"running":[0-9]*' | cut -d: -f2); busy=$((busy + ${v:-1}))
+    done
+    [ "$busy" = 0 ] && break
+    sleep 0.1
+done
+[ "$busy" = 0 ] && pass "client left during the prefill: the prefill stopped" || fail "prefill still running after the client left"
 # SIGTERM with requests in flight: they end with a 503 / an error event, and the router exits 0
 "$BIN" router --port 0 --prefill "$(U p1)" --decode "$(U d2)" 2>"$WORK/router_t.log" &
 PID_RT=$!

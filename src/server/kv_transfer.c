@@ -253,6 +253,7 @@ static int pf_on_event(void *user, const dsi_sched_event *ev) {
 
 static void pf_answer(pf_job *j, int status, uint64_t bytes, double secs) {
     dsi_conn *c = j->c;
+    dsi__conn_unregister(c);
     pthread_mutex_lock(&c->mu);
     dsi__sbuf_reset(&c->out);
     if (status == 200) {
@@ -406,8 +407,14 @@ int dsi__pd_prefill(dsi_conn *c, const char *decode, uint64_t xfer) {
     pthread_mutex_lock(&c->mu);
     c->state = DSI_CONN_WAIT; /* answered by pf_answer, however the transfer ends */
     pthread_mutex_unlock(&c->mu);
+    /* watched for a hang-up like any request: a router whose client left
+     * closes this connection, and the prefill must stop (it ran to its end,
+     * holding its KV blocks and, through the transfer, the decode side's
+     * parked request) */
+    dsi__conn_register(c);
     pthread_t t;
     if (pthread_create(&t, NULL, pf_thread, j) != 0) {
+        dsi__conn_unregister(c);
         pthread_mutex_lock(&c->mu);
         c->state = DSI_CONN_NEW;
         pthread_mutex_unlock(&c->mu);

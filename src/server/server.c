@@ -65,7 +65,7 @@ void dsi__conn_unref(dsi_conn *c) {
     atomic_fetch_sub(&s->n_conns, 1);
 }
 
-static void conn_register(dsi_conn *c) {
+void dsi__conn_register(dsi_conn *c) {
     dsi_server *s = c->srv;
     pthread_mutex_lock(&s->reg_mu);
     c->prev = NULL;
@@ -196,7 +196,7 @@ static enum MHD_Result handle_generate(dsi_server *s, dsi_conn *c, int chat) {
     c->t_start = dsi_now();
     dsi__billing_quote(s, c);
     atomic_fetch_add(&c->refs, 1); /* the scheduler's */
-    conn_register(c);
+    dsi__conn_register(c);
     atomic_fetch_add(&s->metrics.in_flight, 1);
     /* /internal/decode: submitted once the prefill instance's KV has arrived */
     int rc = c->pd_xfer ? dsi__pd_await(c, &p) : dsi_sched_submit(s->sched, &p, dsi__conn_on_event, c, &c->sched_id);

@@ -207,6 +207,9 @@ int dsi__conn_pipeline_init(dsi_conn *c);
 void dsi__conn_pipeline_free(dsi_conn *c);
 /* server.c */
 void dsi__conn_unref(dsi_conn *c);
+/* The registry of requests in flight, whose suspended connections the
+ * watchdog polls for a client that hung up (then cancels c->sched_id). */
+void dsi__conn_register(dsi_conn *c);
 void dsi__conn_unregister(dsi_conn *c);
 /* Wakes the connection after new output (call with c->mu held). */
 void dsi__conn_wake(dsi_conn *c);
