@@ -471,21 +471,47 @@ static void autoscale(dsi_router *r) {
     dsi__router_record_gpus(r);
 }
 
+/* One heartbeat round: every live instance polled, HB_THREADS at a time.
+ * One after another, each instance that accepts and never answers cost the
+ * round its whole timeout (0.5 s): with 20 of them a killed instance was
+ * marked dead after 22.9 s instead of 0.7. */
+#define HB_THREADS 32
+typedef struct hb_round {
+    dsi_router *r;
+    int n;
+    atomic_int next;
+} hb_round;
+
+static void *hb_poller(void *arg) {
+    hb_round *h = arg;
+    for (int i; (i = atomic_fetch_add(&h->next, 1)) < h->n && !atomic_load(&h->r->stop);) {
+        pthread_mutex_lock(&h->r->mu);
+        int live = h->r->in[i].used && !h->r->in[i].left;
+        pthread_mutex_unlock(&h->r->mu);
+        if (live) poll_one(h->r, i);
+    }
+    return NULL;
+}
+
+static void poll_all(dsi_router *r) {
+    hb_round h = {r, 0, 0};
+    pthread_mutex_lock(&r->mu);
+    h.n = r->n_in;
+    pthread_mutex_unlock(&r->mu);
+    pthread_t t[HB_THREADS - 1];
+    int nt = 0;
+    while (nt < HB_THREADS - 1 && nt + 1 < h.n && pthread_create(&t[nt], NULL, hb_poller, &h) == 0) nt++;
+    hb_poller(&h);
+    for (int k = 0; k < nt; k++) pthread_join(t[k], NULL);
+}
+
 static void *heartbeat(void *arg) {
     dsi_router *r = arg;
     double hb = r->o.heartbeat_s > 0 ? r->o.heartbeat_s : 0.2;
     double last_checkpoint = dsi_now();
     while (!atomic_load(&r->stop)) {
         double t0 = dsi_now();
-        pthread_mutex_lock(&r->mu);
-        int n = r->n_in;
-        pthread_mutex_unlock(&r->mu);
-        for (int i = 0; i < n && !atomic_load(&r->stop); i++) {
-            pthread_mutex_lock(&r->mu);
-            int live = r->in[i].used && !r->in[i].left;
-            pthread_mutex_unlock(&r->mu);
-            if (live) poll_one(r, i);
-        }
+        poll_all(r);
         pthread_mutex_lock(&r->mu);
         autoscale(r);
         pthread_mutex_unlock(&r->mu);
@@ -545,7 +571,7 @@ int dsi_router_start(const dsi_router_opts *opts, dsi_router **out) {
     dsi__router_record_gpus(r);
     pthread_mutex_unlock(&r->mu);
     /* a first round of heartbeats so the pool is known before the first request */
-    for (int i = 0; i < r->n_in; i++) poll_one(r, i);
+    poll_all(r);
 
     struct sockaddr_storage ss;
     char host[160];
