@@ -24,46 +24,34 @@
 #include <unistd.h>
 
 #include "dsinfer/pd.h"
+#include "test_http.h"
 #include "dsinfer/server.h"
 #include "server/server_impl.h" /* dsi__pd_park_timeout_s */
 
-/* One request with Connection: close (and an Authorization header when
- * `key` is set); the whole response, malloc'ed, or NULL. */
-static char *http(int port, const char *method, const char *path, const char *key, const char *body) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) { close(fd); return NULL; }
-    char req[1024], auth[256] = "";
-    if (key) snprintf(auth, sizeof auth, "Authorization: Bearer %s\r\n", key);
-    size_t blen = body ? strlen(body) : 0;
-    int n = snprintf(req, sizeof req, "%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%sContent-Length: %zu\r\n\r\n",
-                     method, path, auth, blen);
-    if (send(fd, req, n, 0) != n || (blen && send(fd, body, blen, 0) != (ssize_t)blen)) { close(fd); return NULL; }
-    size_t cap = 1 << 16, len = 0;
-    char *out = malloc(cap);
-    ssize_t k;
-    while ((k = recv(fd, out + len, cap - 1 - len, 0)) > 0) {
-        len += k;
-        if (len + 1 == cap) out = realloc(out, cap *= 2);
-    }
-    out[len] = 0;
-    close(fd);
-    return out;
-}
-
-typedef struct prefill_call {
+typedef struct bg_call {
     int port;
     char path[256];
+    const char *body;
     char *reply;
     atomic_int done;
-} prefill_call;
+    pthread_t t;
+} bg_call;
 
-static void *prefill_thread(void *arg) {
-    prefill_call *p = arg;
-    p->reply = http(p->port, "POST", p->path, NULL, "{\"prompt\":[1,2,3],\"max_tokens\":2}");
-    atomic_store(&p->done, 1);
+static void *bg_thread(void *arg) {
+    bg_call *b = arg;
+    b->reply = test_http(b->port, "POST", b->path, NULL, b->body);
+    atomic_store(&b->done, 1);
     return NULL;
+}
+
+/* POSTs `body` to `path` on a thread of its own (join b->t, read b->reply). */
+static void bg_post(bg_call *b, int port, const char *path, const char *body) {
+    b->port = port;
+    snprintf(b->path, sizeof b->path, "%s", path);
+    b->body = body;
+    b->reply = NULL;
+    atomic_init(&b->done, 0);
+    assert_int_equal(pthread_create(&b->t, NULL, bg_thread, b), 0);
 }
 
 static void test_prefill_handshake_off_http_threads(void **state) {
@@ -81,14 +69,12 @@ static void test_prefill_handshake_off_http_threads(void **state) {
     int hole, hole_port;
     assert_int_equal(dsi_pd_listen("127.0.0.1", 0, &hole, &hole_port), DSI_OK);
     enum { N = 2 };
-    prefill_call calls[N];
-    pthread_t t[N];
+    bg_call calls[N];
     for (int i = 0; i < N; i++) {
-        calls[i] = (prefill_call){.port = port};
-        snprintf(calls[i].path, sizeof calls[i].path,
-                 "/internal/prefill?api=completions&xfer=%x&decode=127.0.0.1:%d", 0x100 + i, hole_port);
-        atomic_init(&calls[i].done, 0);
-        assert_int_equal(pthread_create(&t[i], NULL, prefill_thread, &calls[i]), 0);
+        char path[256];
+        snprintf(path, sizeof path, "/internal/prefill?api=completions&xfer=%x&decode=127.0.0.1:%d", 0x100 + i,
+                 hole_port);
+        bg_post(&calls[i], port, path, "{\"prompt\":[1,2,3],\"max_tokens\":2}");
     }
     /* both handshakes under way (each waits up to 10 s for the SKIP): with
      * them on the HTTP threads, both of those were blocked from here on */
@@ -99,11 +85,11 @@ static void test_prefill_handshake_off_http_threads(void **state) {
         held[i] = accept(hole, NULL, NULL);
         assert_true(held[i] >= 0);
     }
-    char *r = http(port, "GET", "/health", NULL, NULL);
+    char *r = test_http(port, "GET", "/health", NULL, NULL);
     assert_non_null(r);
     assert_non_null(strstr(r, "HTTP/1.1 200"));
     free(r);
-    r = http(port, "POST", "/v1/completions", NULL, "{\"prompt\":[1,2],\"max_tokens\":2,\"temperature\":0}");
+    r = test_http(port, "POST", "/v1/completions", NULL, "{\"prompt\":[1,2],\"max_tokens\":2,\"temperature\":0}");
     assert_non_null(r);
     assert_non_null(strstr(r, "HTTP/1.1 200"));
     free(r);
@@ -115,7 +101,7 @@ static void test_prefill_handshake_off_http_threads(void **state) {
     char where[64];
     snprintf(where, sizeof where, "decode instance 127.0.0.1:%d", hole_port);
     for (int i = 0; i < N; i++) {
-        pthread_join(t[i], NULL);
+        pthread_join(calls[i].t, NULL);
         assert_non_null(calls[i].reply);
         assert_non_null(strstr(calls[i].reply, "HTTP/1.1 502"));
         assert_non_null(strstr(calls[i].reply, where));
@@ -125,16 +111,16 @@ static void test_prefill_handshake_off_http_threads(void **state) {
     close(hole);
     char path[256];
     snprintf(path, sizeof path, "/internal/prefill?api=completions&xfer=7&decode=127.0.0.1:%d", hole_port);
-    r = http(port, "POST", path, NULL, "{\"prompt\":[1,2,3],\"max_tokens\":2}");
+    r = test_http(port, "POST", path, NULL, "{\"prompt\":[1,2,3],\"max_tokens\":2}");
     assert_non_null(r);
     assert_non_null(strstr(r, "HTTP/1.1 502"));
     free(r);
     /* a malformed address is the request's fault */
-    r = http(port, "POST", "/internal/prefill?api=completions&xfer=8&decode=nowhere", NULL, "{\"prompt\":[1]}");
+    r = test_http(port, "POST", "/internal/prefill?api=completions&xfer=8&decode=nowhere", NULL, "{\"prompt\":[1]}");
     assert_non_null(r);
     assert_non_null(strstr(r, "HTTP/1.1 400"));
     free(r);
-    r = http(port, "GET", "/health", NULL, NULL);
+    r = test_http(port, "GET", "/health", NULL, NULL);
     assert_non_null(strstr(r, "HTTP/1.1 200"));
     free(r);
     dsi_server_stop(s, 5.0);
@@ -156,23 +142,23 @@ static void test_internal_endpoints_want_the_key(void **state) {
                            "/internal/prefill?api=completions&xfer=1&decode=127.0.0.1:9"};
     for (int i = 0; i < 3; i++) {
         const char *method = i ? "POST" : "GET", *body = i ? "{\"prompt\":[1,2]}" : NULL;
-        char *r = http(port, method, paths[i], NULL, body);
+        char *r = test_http(port, method, paths[i], NULL, body);
         assert_non_null(r);
         assert_non_null(strstr(r, "HTTP/1.1 401"));
         free(r);
-        r = http(port, method, paths[i], "wrong", body);
+        r = test_http(port, method, paths[i], "wrong", body);
         assert_non_null(strstr(r, "HTTP/1.1 401"));
         free(r);
     }
-    char *r = http(port, "GET", "/internal/load", "sekret", NULL);
+    char *r = test_http(port, "GET", "/internal/load", "sekret", NULL);
     assert_non_null(strstr(r, "HTTP/1.1 200"));
     assert_non_null(strstr(r, "\"role\":\"both\""));
     free(r);
-    r = http(port, "POST", "/internal/match?api=completions", "sekret", "{\"prompt\":[1,2]}");
+    r = test_http(port, "POST", "/internal/match?api=completions", "sekret", "{\"prompt\":[1,2]}");
     assert_non_null(strstr(r, "HTTP/1.1 200"));
     assert_non_null(strstr(r, "\"n_prompt\":2"));
     free(r);
-    r = http(port, "GET", "/health", NULL, NULL); /* probes stay open */
+    r = test_http(port, "GET", "/health", NULL, NULL); /* probes stay open */
     assert_non_null(strstr(r, "HTTP/1.1 200"));
     free(r);
     dsi_server_stop(s, 5.0);
@@ -194,42 +180,16 @@ static void test_internal_endpoints_want_post(void **state) {
     const char *methods[] = {"GET", "PUT", "DELETE"};
     for (int i = 0; i < 3; i++)
         for (int m = 0; m < 3; m++) {
-            char *r = http(port, methods[m], paths[i], NULL, NULL);
+            char *r = test_http(port, methods[m], paths[i], NULL, NULL);
             assert_non_null(r);
             assert_non_null(strstr(r, "HTTP/1.1 405"));
             assert_non_null(strstr(r, "use POST for this endpoint"));
             free(r);
         }
-    char *r = http(port, "POST", "/internal/nothing", NULL, "{}");
+    char *r = test_http(port, "POST", "/internal/nothing", NULL, "{}");
     assert_non_null(strstr(r, "HTTP/1.1 404"));
     free(r);
     dsi_server_stop(s, 5.0);
-}
-
-typedef struct bg_call {
-    int port;
-    char path[256];
-    const char *body;
-    char *reply;
-    atomic_int done;
-    pthread_t t;
-} bg_call;
-
-static void *bg_thread(void *arg) {
-    bg_call *b = arg;
-    b->reply = http(b->port, "POST", b->path, NULL, b->body);
-    atomic_store(&b->done, 1);
-    return NULL;
-}
-
-/* POSTs `body` to `path` on a thread of its own (join b->t, read b->reply). */
-static void bg_post(bg_call *b, int port, const char *path, const char *body) {
-    b->port = port;
-    snprintf(b->path, sizeof b->path, "%s", path);
-    b->body = body;
-    b->reply = NULL;
-    atomic_init(&b->done, 0);
-    assert_int_equal(pthread_create(&b->t, NULL, bg_thread, b), 0);
 }
 
 /* Copies one KV wire message from `from` to `to`; a FIRST gets its
@@ -380,7 +340,7 @@ static void test_parked_decode_times_out_504(void **state) {
     int rc = dsi_server_start(&o, &s);
     dsi__pd_park_timeout_s = 60.0;
     assert_int_equal(rc, DSI_OK);
-    char *r = http(dsi_server_port(s), "POST", "/internal/decode?api=completions&xfer=77", NULL,
+    char *r = test_http(dsi_server_port(s), "POST", "/internal/decode?api=completions&xfer=77", NULL,
                    "{\"prompt\":[1,2,3],\"max_tokens\":2}");
     assert_non_null(r);
     assert_non_null(strstr(r, "HTTP/1.1 504"));

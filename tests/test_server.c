@@ -17,30 +17,7 @@
 #include "dsinfer/server.h"
 #include "dsinfer/tokenizer.h"
 #include "server/server_impl.h"
-
-/* Sends one request with Connection: close and returns the whole response
- * (malloc'ed), or NULL. */
-static char *http(int port, const char *method, const char *path, const char *body) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) { close(fd); return NULL; }
-    char req[512];
-    size_t blen = body ? strlen(body) : 0;
-    int n = snprintf(req, sizeof req, "%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n",
-                     method, path, blen);
-    if (send(fd, req, n, 0) != n || (blen && send(fd, body, blen, 0) != (ssize_t)blen)) { close(fd); return NULL; }
-    size_t cap = 1 << 16, len = 0;
-    char *out = malloc(cap);
-    ssize_t k;
-    while ((k = recv(fd, out + len, cap - 1 - len, 0)) > 0) {
-        len += k;
-        if (len + 1 == cap) out = realloc(out, cap *= 2);
-    }
-    out[len] = 0;
-    close(fd);
-    return out;
-}
+#include "test_http.h"
 
 static void metrics_hook(void *ctx, void (*write)(void *w, const char *text, size_t len), void *w) {
     const char *t = "# HELP test_hook_value A hook line.\n# TYPE test_hook_value gauge\ntest_hook_value 42\n";
@@ -67,8 +44,8 @@ static void test_in_process_server(void **state) {
     assert_int_equal(dsi_server_add_metrics_hook(s, metrics_hook, NULL), DSI_OK);
     assert_int_equal(dsi_server_add_request_hook(s, request_hook, NULL), DSI_OK);
 
-    char *r = http(port, "POST", "/v1/completions",
-                   "{\"prompt\":[1,2,3,4],\"max_tokens\":5,\"temperature\":0,\"ignore_eos\":true}");
+    char *r = test_http(port, "POST", "/v1/completions", NULL,
+                        "{\"prompt\":[1,2,3,4],\"max_tokens\":5,\"temperature\":0,\"ignore_eos\":true}");
     assert_non_null(r);
     assert_non_null(strstr(r, "HTTP/1.1 200"));
     assert_non_null(strstr(r, "\"completion_tokens\":5"));
@@ -79,7 +56,7 @@ static void test_in_process_server(void **state) {
     assert_string_equal(g_rec.outcome, "length");
     assert_true(g_rec.ttft_s >= 0 && g_rec.duration_s >= g_rec.ttft_s);
 
-    r = http(port, "GET", "/metrics", NULL);
+    r = test_http(port, "GET", "/metrics", NULL, NULL);
     assert_non_null(r);
     assert_non_null(strstr(r, "\ntest_hook_value 42\n"));
     assert_non_null(strstr(r, "dsinfer_requests_total{outcome=\"length\"} 1\n"));
@@ -92,7 +69,7 @@ static void test_in_process_server(void **state) {
     int n = sprintf(body, "{\"prompt\":\"");
     for (int i = 0; i < 65536; i++) body[n++] = (char)("\x01\xff\xc3\x28 a\\n"[i % 8]);
     n += sprintf(body + n, "\",\"max_tokens\":2}");
-    r = http(port, "POST", "/v1/completions", body);
+    r = test_http(port, "POST", "/v1/completions", NULL, body);
     assert_non_null(r);
     assert_true(strstr(r, "HTTP/1.1 400") || strstr(r, "HTTP/1.1 200"));
     free(r);
@@ -127,9 +104,10 @@ static void test_ids_unique_across_instances(void **state) {
     for (int i = 0; i < 2; i++) assert_int_equal(dsi_server_start(&o, &s[i]), DSI_OK);
     for (int i = 0; i < 2; i++)
         for (int chat = 0; chat < 2; chat++) {
-            char *r = http(dsi_server_port(s[i]), "POST", chat ? "/v1/chat/completions" : "/v1/completions",
-                           chat ? "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1}"
-                                : "{\"prompt\":[1,2],\"max_tokens\":1}");
+            char *r = test_http(dsi_server_port(s[i]), "POST", chat ? "/v1/chat/completions" : "/v1/completions",
+                                NULL,
+                                chat ? "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1}"
+                                     : "{\"prompt\":[1,2],\"max_tokens\":1}");
             assert_non_null(r);
             assert_non_null(strstr(r, "HTTP/1.1 200"));
             response_id(r, id[i][chat], sizeof id[i][chat]);
