@@ -118,8 +118,8 @@ int dsi__router_find_inst(dsi_router *r, const char *url, int role) {
 }
 
 int dsi__router_routable(const inst *x) {
-    return x->used && x->member && !x->left && !x->wrong_role && !x->admin_drain && !x->scale_drain && !x->reported_draining &&
-           dsi_health_routable(&x->h);
+    return x->used && x->member && !x->left && !x->wrong_role && !x->admin_drain && !x->scale_drain &&
+           !x->reported_draining && dsi_health_routable(&x->h);
 }
 
 /* GPU count for the cost account: every member instance (draining ones still run). mu held. */
