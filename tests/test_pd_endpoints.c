@@ -189,6 +189,13 @@ static void test_internal_endpoints_want_post(void **state) {
     char *r = test_http(port, "POST", "/internal/nothing", NULL, "{}");
     assert_non_null(strstr(r, "HTTP/1.1 404"));
     free(r);
+    r = test_http(port, "DELETE", "/internal/load", NULL, NULL); /* the heartbeat's: GET */
+    assert_non_null(strstr(r, "HTTP/1.1 405"));
+    assert_non_null(strstr(r, "use GET for this endpoint"));
+    free(r);
+    r = test_http(port, "GET", "/internal/load", NULL, NULL);
+    assert_non_null(strstr(r, "HTTP/1.1 200"));
+    free(r);
     dsi_server_stop(s, 5.0);
 }
 

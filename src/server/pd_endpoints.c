@@ -118,7 +118,10 @@ static int handle_prefill(dsi_server *s, dsi_conn *c) {
 
 int dsi__pd_route(dsi_server *s, dsi_conn *c, const char *url, const char *method) {
     int is_post = !strcmp(method, "POST");
-    if (!strcmp(url, "/internal/load")) return handle_load(s, c);
+    if (!strcmp(url, "/internal/load")) {
+        int is_get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+        return is_get ? handle_load(s, c) : reply_error(c->mc, 405, "use GET for this endpoint");
+    }
     int match = !strcmp(url, "/internal/match"), prefill = !strcmp(url, "/internal/prefill");
     if ((match || prefill) && !is_post) return reply_error(c->mc, 405, "use POST for this endpoint");
     if (match) return handle_match(s, c);
