@@ -310,6 +310,15 @@ static void abandon(rconn *c, int head_sent) {
     push(c, ev, sizeof ev - 1, 1);
 }
 
+/* The same, for a request that holds a decode instance (its parked request
+ * is dropped when the connection closes) and a prefill answer buffer. */
+static void abandon_with_decode(rconn *c, dsi_hc *dc, int d, double dtokens, dsi_rbuf *pb) {
+    dsi__hc_close(dc);
+    release_decode(c->r, d, dtokens);
+    dsi__rbuf_free(pb);
+    abandon(c, 0);
+}
+
 static void run_request(rconn *c) {
     dsi_router *r = c->r;
     const char *api = c->chat ? "chat" : "completions";
@@ -440,10 +449,7 @@ static void run_request(rconn *c) {
             r->in[p].pend_tokens -= t;
             pthread_mutex_unlock(&r->mu);
             if (rc == DSI_ECANCELED) {
-                dsi__hc_close(&dc);
-                release_decode(r, d, dtokens);
-                dsi__rbuf_free(&pb);
-                abandon(c, 0);
+                abandon_with_decode(c, &dc, d, dtokens, &pb);
                 return;
             }
             if (!rc && status == 200) {
@@ -461,10 +467,7 @@ static void run_request(rconn *c) {
         atomic_store(&c->watch, -1);
         if (done && hrc == DSI_OK) { headed = 1; break; }
         if (hrc == DSI_ECANCELED) {
-            dsi__hc_close(&dc);
-            release_decode(r, d, dtokens);
-            dsi__rbuf_free(&pb);
-            abandon(c, 0);
+            abandon_with_decode(c, &dc, d, dtokens, &pb);
             return;
         }
         if (done) lost = 1; /* the decode instance died between the KV and its answer */
