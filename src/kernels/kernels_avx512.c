@@ -257,7 +257,20 @@ static inline __attribute__((always_inline)) void gemv_e4m3(const uint8_t *w, si
  * decode, exact; 31-32 from L2), with or without prefetch: no better than
  * this loop's ~28 here. So on this core the exact loop's issue rate (31-34
  * GB/s from L2) and the miss queue both hold a decode GEMV to ~85% of a
- * plain read. */
+ * plain read.
+ * It is the activation lines, not the loads, that starve the hardware
+ * prefetcher without this loop's software prefetch: four loads per weight
+ * line from the same four activation lines streamed as fast as a plain read
+ * (1.00), from one new activation line per weight line 0.99, from two 0.77,
+ * from four (this loop) 0.36-0.54; scattering the activation chunks over the
+ * buffer did not help (0.46). A layout that needs one activation line per
+ * weight line, four rows interleaved in 16-column lines (byte q of lane l:
+ * row q, column l; as llama.cpp repacks its CPU weights), read 0.95 without
+ * and 0.97 with the 8 KB prefetch against 0.91 for this loop (synthetic,
+ * rows of 2048). In the engine it gained 1.3% (one thread) and 0.8% (two)
+ * in a same-process A/B over 16 alternating windows (bench-style decode of
+ * `small`, two resident copies): within this host's noise, and not worth a
+ * second weight layout for every FP8 kernel. Not kept. */
 #define ROW_PF_BYTES 8192
 static inline __attribute__((always_inline)) __m512 gemv1_e4m3_body(const uint8_t *w, size_t K, const float *xs,
                                                                     const uint8_t *pfw, const uint8_t *pf_last) {
