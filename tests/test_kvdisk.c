@@ -356,6 +356,25 @@ static void test_two_stores_one_dir(void **state) {
     dsi_kvdisk_close(b);
 }
 
+/* DIR removed while the store runs (a cache cleared by hand): writes make the
+ * folders again instead of failing until a restart. */
+static void test_dir_removed(void **state) {
+    const char *dir = subdir("removed");
+    dsi_kvdisk *d = open_store(dir, DSI_KVDISK_IO_THREADS, 0, 0);
+    blk a, b;
+    make_blk(&a, 400, 0);
+    make_blk(&b, 401, a.hash);
+    save_sync(d, &a);
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+    assert_int_equal(load_sync(d, &a), DSI_ENOTFOUND);
+    save_sync(d, &b);
+    assert_true(exists(d, b.hash));
+    assert_int_equal(load_sync(d, &b), DSI_OK);
+    dsi_kvdisk_close(d);
+}
+
 static void test_bad_options(void **state) {
     dsi_kvdisk *d;
     dsi_kvdisk_opts o = dsi_kvdisk_default_opts();
@@ -525,6 +544,7 @@ int main(void) {
         cmocka_unit_test(test_index_rebuild),
         cmocka_unit_test(test_lru_and_ttl),
         cmocka_unit_test(test_two_stores_one_dir),
+        cmocka_unit_test(test_dir_removed),
         cmocka_unit_test(test_bad_options),
         cmocka_unit_test(test_sched_from_disk),
     };

@@ -245,10 +245,10 @@ static void run_save(dsi_kvdisk *d, kd_job *j) {
              (unsigned long long)j->hash, (unsigned long long)d->nonce, k);
     int st = DSI_OK;
     j->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (j->fd < 0 && errno == ENOENT) { /* the fan-out folder was removed under us: make it again */
+    if (j->fd < 0 && errno == ENOENT) { /* the fan-out folder, or all of DIR, was removed under us: make it again */
         char sub[4200];
         snprintf(sub, sizeof sub, "%.*s", (int)(slash - path), path);
-        mkdir(sub, 0755);
+        dsi__kd_mkdir_p(sub);
         j->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     }
     if (j->fd < 0) st = DSI_EIO;

@@ -109,6 +109,8 @@ void dsi__kd_enforce(dsi_kvdisk *d);
 /* Deletes a damaged block file if the path still names the file open as fd. */
 void dsi__kd_drop_corrupt(dsi_kvdisk *d, uint64_t hash, int fd);
 double dsi__kd_wall(void);
+/* mkdir -p, any thread (no lock); 0 on success, else -1 with errno set. */
+int dsi__kd_mkdir_p(const char *path);
 
 /* io.c */
 int dsi__kd_io_start(dsi_kvdisk *d);

@@ -155,7 +155,7 @@ static int parse_name(const char *name, uint64_t *hash) {
     return 1;
 }
 
-static int mkdir_p(const char *path) {
+int dsi__kd_mkdir_p(const char *path) {
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s", path);
     for (char *p = tmp + 1; *p; p++)
@@ -345,7 +345,7 @@ int dsi_kvdisk_open(const dsi_kvdisk_opts *o, uint64_t fp, int n_layers, int kv_
         d->free_jobs = &d->jobs[i];
     }
     int rc = DSI_OK;
-    if (mkdir_p(d->dir)) rc = dsi_error(DSI_EIO, "kv-disk: cannot create %s: %s", d->dir, strerror(errno));
+    if (dsi__kd_mkdir_p(d->dir)) rc = dsi_error(DSI_EIO, "kv-disk: cannot create %s: %s", d->dir, strerror(errno));
     for (int sub = 0; sub < 256 && rc == DSI_OK; sub++) {
         char path[4200];
         snprintf(path, sizeof path, "%s/%02x", d->dir, sub);
