@@ -3,7 +3,8 @@
 # built-in demo model: a prompt served again after a restart comes from disk
 # (>= 90% cache hits, identical output); a corrupted and a truncated block
 # file are misses, are deleted and rewritten, and the output stays the same;
-# two servers sharing one directory read each other's blocks.
+# two servers sharing one directory read each other's blocks; writes that
+# fail leave the answers right, are logged once and counted.
 # Usage: bash e2e_kvdisk.sh path/to/dsinfer [data-dir]
 set -u
 BIN=${1:?usage: e2e_kvdisk.sh path/to/dsinfer [tests/data]}
@@ -46,13 +47,14 @@ complete() { # url prompt out-file
 }
 body_ids() { grep -o '"token_ids":\[[0-9,]*\]' "$1" | head -1; }
 json_int() { grep -o "\"$2\":[0-9]*" "$1" | head -1 | cut -d: -f2; }
-wait_written() { # url n: until the server has written n blocks (writes are asynchronous)
+wait_metric() { # url metric n: until the metric reaches n (writes are asynchronous)
     for _ in $(seq 1 100); do
-        [ "$(metric "$1" dsinfer_kv_disk_written_blocks_total)" -ge "$2" ] 2>/dev/null && return 0
+        [ "$(metric "$1" "$2")" -ge "$3" ] 2>/dev/null && return 0
         sleep 0.05
     done
     return 1
 }
+wait_written() { wait_metric "$1" dsinfer_kv_disk_written_blocks_total "$2"; } # url n
 
 # 400 tokens: 6 full blocks (384 tokens = 96%) can come from the cache
 P=$(ids_of 400 7)
@@ -145,6 +147,23 @@ grep -q "loads via io_uring\|io_uring unavailable" "$WORK/a.log" && grep -q "loa
     && pass "backends: a $(grep -o 'loads via [a-z_]*' "$WORK/a.log"), b threads" || fail "backend log lines"
 stop_server a
 stop_server b
+
+# ---------------------------------------------------------------- writes that fail
+# every fan-out folder a file: each write fails (ENOTDIR, as on a full or
+# read-only disk); answers stay right, one log line, a counter for the rest
+D3=$WORK/d3
+start_server a "$D3"
+for sub in "$D3"/v1/*; do rmdir "$sub" && : >"$sub"; done
+complete "$URL_a" "$P" "$WORK/w1"
+[ "$(body_ids "$WORK/r1")" = "$(body_ids "$WORK/w1")" ] && pass "same output when writes fail" || fail "output with failing writes: $(cat "$WORK/w1")"
+wait_metric "$URL_a" dsinfer_kv_disk_write_errors_total 6 && pass "6 write errors counted" \
+    || fail "write errors $(metric "$URL_a" dsinfer_kv_disk_write_errors_total)"
+[ "$(grep -c "cannot write" "$WORK/a.log")" = 1 ] && pass "failing writes logged once" || fail "$(grep -c "cannot write" "$WORK/a.log") 'cannot write' lines"
+rm -f "$D3"/v1/* # the folders come back with the next writes
+complete "$URL_a" "$Q1" "$WORK/w2"
+wait_written "$URL_a" 4 && pass "writes work again" || fail "written $(metric "$URL_a" dsinfer_kv_disk_written_blocks_total) after the folders went"
+grep -q "writes succeed again" "$WORK/a.log" && pass "recovery logged" || fail "recovery not logged"
+stop_server a
 
 [ "$FAILS" = 0 ] && echo "e2e_kvdisk: all passed" || echo "e2e_kvdisk: $FAILS failed"
 exit $((FAILS > 0))

@@ -375,6 +375,37 @@ static void test_dir_removed(void **state) {
     dsi_kvdisk_close(d);
 }
 
+/* Writes that fail (here a fan-out folder that is a file: ENOTDIR, as a full
+ * or read-only disk fails them) complete as DSI_EIO and are counted; a write
+ * that works again lands. */
+static void test_write_errors(void **state) {
+    dsi_kvdisk *d = open_store(subdir("werr"), DSI_KVDISK_IO_THREADS, 0, 0);
+    blk a;
+    make_blk(&a, 500, 0);
+    char path[4300];
+    dsi_kvdisk_path(d, a.hash, path, sizeof path);
+    *strrchr(path, '/') = 0;
+    assert_int_equal(rmdir(path), 0);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fclose(f);
+    for (int i = 1; i <= 2; i++) {
+        assert_int_equal(dsi_kvdisk_save(d, a.hash, a.parent, a.tokens, a.kv, NULL, 0), 1);
+        assert_int_equal(wait_one(d).status, DSI_EIO);
+        dsi_kvdisk_stats st;
+        dsi_kvdisk_get_stats(d, &st);
+        assert_int_equal(st.write_errors, i);
+        assert_int_equal(st.written_blocks, 0);
+    }
+    assert_int_equal(unlink(path), 0);
+    save_sync(d, &a);
+    assert_int_equal(load_sync(d, &a), DSI_OK);
+    dsi_kvdisk_stats st;
+    dsi_kvdisk_get_stats(d, &st);
+    assert_int_equal(st.write_errors, 2);
+    dsi_kvdisk_close(d);
+}
+
 static void test_bad_options(void **state) {
     dsi_kvdisk *d;
     dsi_kvdisk_opts o = dsi_kvdisk_default_opts();
@@ -545,6 +576,7 @@ int main(void) {
         cmocka_unit_test(test_lru_and_ttl),
         cmocka_unit_test(test_two_stores_one_dir),
         cmocka_unit_test(test_dir_removed),
+        cmocka_unit_test(test_write_errors),
         cmocka_unit_test(test_bad_options),
         cmocka_unit_test(test_sched_from_disk),
     };

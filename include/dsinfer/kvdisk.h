@@ -131,6 +131,7 @@ typedef struct dsi_kvdisk_stats {
     uint64_t corrupt;                  /* bad files dropped (deleted) */
     uint64_t evictions;                /* by capacity or TTL, this process */
     uint64_t skipped_saves;            /* queue full */
+    uint64_t write_errors;             /* saves that failed (disk full, read-only, ...) */
     uint64_t scans;
     double last_scan_s;                /* duration of the last scan */
 } dsi_kvdisk_stats;

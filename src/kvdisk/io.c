@@ -251,6 +251,7 @@ static void run_save(dsi_kvdisk *d, kd_job *j) {
         dsi__kd_mkdir_p(sub);
         j->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     }
+    int err = errno;
     if (j->fd < 0) st = DSI_EIO;
     else {
         set_iov(d, j);
@@ -259,9 +260,21 @@ static void run_save(dsi_kvdisk *d, kd_job *j) {
         if (close(j->fd)) st = DSI_EIO;
         j->fd = -1;
         if (st == DSI_OK && rename(tmp, path)) st = DSI_EIO;
+        err = errno;
         if (st != DSI_OK) unlink(tmp);
     }
-    if (st != DSI_OK) DSI_LOG_WARN("kv-disk: cannot write %s: %s", path, strerror(errno));
+    /* a full or read-only disk fails every write: log when writes start and stop failing, count the rest */
+    pthread_mutex_lock(&d->mu);
+    int was_failing = d->write_failing;
+    uint64_t n_errors = d->st.write_errors;
+    if (st != DSI_OK) d->st.write_errors++;
+    d->write_failing = st != DSI_OK;
+    pthread_mutex_unlock(&d->mu);
+    if (st != DSI_OK && !was_failing)
+        DSI_LOG_WARN("kv-disk: cannot write %s: %s (blocks are not saved until writes succeed again; "
+                     "dsinfer_kv_disk_write_errors_total counts them)", path, strerror(err));
+    if (st == DSI_OK && was_failing)
+        DSI_LOG_INFO("kv-disk: writes succeed again (%llu write errors so far)", (unsigned long long)n_errors);
     if (st == DSI_OK && d->o.fsync >= DSI_KVDISK_FSYNC_DIR) {
         char sub[4200];
         snprintf(sub, sizeof sub, "%.*s", (int)(slash - path), path);

@@ -76,6 +76,7 @@ struct dsi_kvdisk {
     kd_job *loads_head, *loads_tail, *saves_head, *saves_tail, *done_head, *done_tail;
     int n_in_flight;          /* taken from the free list and not yet polled */
     int n_done;
+    int write_failing;        /* the last write failed: the next failure is not logged */
     int stopping;             /* the rescan thread ends */
     int io_stopping;          /* the I/O threads end once the queues are empty */
     dsi_kvdisk_stats st;

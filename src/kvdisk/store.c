@@ -450,12 +450,13 @@ void dsi_kvdisk_write_metrics(void *ctx, void (*write)(void *w, const char *text
         {"dsinfer_kv_disk_corrupt_blocks_total", "counter", "Damaged block files dropped (deleted, never served)."},
         {"dsinfer_kv_disk_evictions_total", "counter", "Block files evicted by capacity or TTL by this process."},
         {"dsinfer_kv_disk_skipped_writes_total", "counter", "Full blocks not written because the write queue was full."},
+        {"dsinfer_kv_disk_write_errors_total", "counter", "Full blocks that could not be written (disk full, read-only, ...)."},
         {"dsinfer_kv_disk_blocks", "gauge", "Block files in the disk tier (this process's view)."},
         {"dsinfer_kv_disk_bytes", "gauge", "Bytes of block files in the disk tier (this process's view)."},
         {"dsinfer_kv_disk_capacity_bytes", "gauge", "Size cap of the disk tier."},
     };
     uint64_t v[] = {s.hits, s.misses, s.read_bytes, s.written_bytes, s.written_blocks, s.corrupt,
-                    s.evictions, s.skipped_saves, s.n_blocks, s.bytes, s.capacity_bytes};
+                    s.evictions, s.skipped_saves, s.write_errors, s.n_blocks, s.bytes, s.capacity_bytes};
     char buf[512];
     for (size_t i = 0; i < sizeof M / sizeof M[0]; i++) {
         int n = snprintf(buf, sizeof buf, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", M[i].name, M[i].help, M[i].name,
