@@ -4,7 +4,8 @@
 # (>= 90% cache hits, identical output); a corrupted and a truncated block
 # file are misses, are deleted and rewritten, and the output stays the same;
 # two servers sharing one directory read each other's blocks; writes that
-# fail leave the answers right, are logged once and counted.
+# fail leave the answers right, are logged once and counted; bad --kv-disk-*
+# values are refused at start-up.
 # Usage: bash e2e_kvdisk.sh path/to/dsinfer [data-dir]
 set -u
 BIN=${1:?usage: e2e_kvdisk.sh path/to/dsinfer [tests/data]}
@@ -55,6 +56,22 @@ wait_metric() { # url metric n: until the metric reaches n (writes are asynchron
     return 1
 }
 wait_written() { wait_metric "$1" dsinfer_kv_disk_written_blocks_total "$2"; } # url n
+
+# ---------------------------------------------------------------- bad flag values
+# each is refused at start-up with exit 2 and a message naming the flag (the
+# timeout only stops a server that wrongly started)
+bad_flag() { # pattern flag...
+    local pat=$1
+    shift
+    timeout 10 "$BIN" serve --port 0 --threads 1 --kv-disk "$WORK/flags" "$@" >"$WORK/flag.out" 2>&1
+    local rc=$?
+    [ "$rc" = 2 ] && grep -q -- "$pat" "$WORK/flag.out" && pass "refused: $*" || fail "$*: exit $rc: $(head -c 200 "$WORK/flag.out")"
+}
+for v in abc 5x nan inf -1 0; do bad_flag "kv-disk-gb" --kv-disk-gb "$v"; done
+for v in abc 1s nan -1; do bad_flag "kv-disk-ttl" --kv-disk-ttl "$v"; done
+for v in abc nan inf 1e300 -1; do bad_flag "kv-disk-rescan" --kv-disk-rescan "$v"; done
+bad_flag "kv-disk-fsync" --kv-disk-fsync sometimes
+bad_flag "kv-disk-io" --kv-disk-io aio
 
 # 400 tokens: 6 full blocks (384 tokens = 96%) can come from the cache
 P=$(ids_of 400 7)
@@ -126,6 +143,13 @@ if [ "${#CHAIN[@]}" = 6 ]; then
 else
     fail "could not order the chain (${#CHAIN[@]} blocks)"
 fi
+
+# ---------------------------------------------------------------- a cap below one byte
+# is one byte (0 would be the 16 GiB default)
+start_server a "$WORK/tiny" --kv-disk-gb 1e-12
+[ "$(metric "$URL_a" dsinfer_kv_disk_capacity_bytes)" = 1 ] && pass "--kv-disk-gb 1e-12: a 1-byte cap" \
+    || fail "--kv-disk-gb 1e-12: capacity $(metric "$URL_a" dsinfer_kv_disk_capacity_bytes)"
+stop_server a
 
 # ---------------------------------------------------------------- two servers, one directory
 D2=$WORK/d2

@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -416,6 +417,17 @@ static void test_bad_options(void **state) {
     o.dir = subdir("bad");
     assert_int_equal(dsi_kvdisk_open(&o, FP, 0, DIM, BT, &d), DSI_EINVAL);
     o.fsync = 7;
+    assert_int_equal(dsi_kvdisk_open(&o, FP, L, DIM, BT, &d), DSI_EINVAL);
+    o.fsync = 0;
+    /* the rescan thread's deadline must fit a time_t: an infinite or huge period used to spin it */
+    const double bad_rescan[] = {INFINITY, 1e300, NAN};
+    for (int i = 0; i < 3; i++) {
+        o.rescan_s = bad_rescan[i];
+        assert_int_equal(dsi_kvdisk_open(&o, FP, L, DIM, BT, &d), DSI_EINVAL);
+        assert_null(d);
+    }
+    o.rescan_s = 0;
+    o.ttl_s = NAN;
     assert_int_equal(dsi_kvdisk_open(&o, FP, L, DIM, BT, &d), DSI_EINVAL);
     dsi_kvdisk_close(NULL);
 }

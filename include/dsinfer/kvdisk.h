@@ -55,7 +55,7 @@ typedef struct dsi_kvdisk_opts {
     int io;                     /* DSI_KVDISK_IO_*: AUTO tries io_uring, falls back to threads */
     int io_threads;             /* thread-pool size, and writer threads; 0 = 4 */
     int max_pending;            /* loads + saves in flight; 0 = 1024 (save() beyond it is skipped) */
-    double rescan_s;            /* directory rescan period; 0 = 30 s, < 0 = never */
+    double rescan_s;            /* directory rescan period, at most 1e9; 0 = 30 s, < 0 = never */
 } dsi_kvdisk_opts;
 
 dsi_kvdisk_opts dsi_kvdisk_default_opts(void);

@@ -2,6 +2,7 @@
 #include "cli/cli.h"
 #include "dsinfer/server.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -58,6 +59,18 @@ static void usage(FILE *f) {
             "  --kv-port P                  decode/both: KV transfer listen port (default 0 = any free)\n");
 }
 
+/* A --kv-disk-* number: the whole of v, finite; else a message and -1. */
+static int disk_num(const char *flag, const char *v, double *out) {
+    char *end;
+    double x = strtod(v, &end);
+    if (end == v || *end || !isfinite(x)) {
+        fprintf(stderr, "dsinfer serve: %s: '%s' is not a number\n", flag, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
 int dsi_cmd_serve(int argc, char **argv) {
     dsi_server_opts o = dsi_server_default_opts();
     dsi_ep_opts ep = {0};
@@ -85,9 +98,13 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing))) drain = atof(v);
         else if (!strcmp(argv[i], "--no-prefix-cache")) o.no_prefix_cache = 1;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk", &missing))) o.kv_disk.dir = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-gb", &missing))) disk_gb = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-ttl", &missing))) o.kv_disk.ttl_s = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-rescan", &missing))) o.kv_disk.rescan_s = atof(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-gb", &missing))) {
+            if (disk_num("--kv-disk-gb", v, &disk_gb)) return 2;
+        } else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-ttl", &missing))) {
+            if (disk_num("--kv-disk-ttl", v, &o.kv_disk.ttl_s)) return 2;
+        } else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-rescan", &missing))) {
+            if (disk_num("--kv-disk-rescan", v, &o.kv_disk.rescan_s)) return 2;
+        }
         else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-fsync", &missing))) {
             o.kv_disk.fsync = !strcmp(v, "none") ? 0 : !strcmp(v, "file") ? 1 : !strcmp(v, "dir") ? 2 : -1;
             if (o.kv_disk.fsync < 0) { fprintf(stderr, "dsinfer serve: --kv-disk-fsync takes none, file or dir\n"); return 2; }
@@ -125,11 +142,13 @@ int dsi_cmd_serve(int argc, char **argv) {
         fprintf(stderr, "dsinfer serve: numeric options must be non-negative (and the port below 65536)\n");
         return 2;
     }
-    if (!(disk_gb > 0 && disk_gb < 1e9) || o.kv_disk.ttl_s < 0 || o.kv_disk.rescan_s < 0) {
-        fprintf(stderr, "dsinfer serve: --kv-disk-gb must be positive, --kv-disk-ttl and --kv-disk-rescan non-negative\n");
+    if (!(disk_gb > 0 && disk_gb < 1e9) || o.kv_disk.ttl_s < 0 || o.kv_disk.rescan_s < 0 || o.kv_disk.rescan_s > 1e9) {
+        fprintf(stderr, "dsinfer serve: --kv-disk-gb must be positive, --kv-disk-ttl and --kv-disk-rescan non-negative "
+                        "(--kv-disk-rescan at most 1e9 s)\n");
         return 2;
     }
     o.kv_disk.capacity_bytes = (uint64_t)(disk_gb * (1u << 30));
+    if (!o.kv_disk.capacity_bytes) o.kv_disk.capacity_bytes = 1; /* 0 would be the 16 GiB default */
     /* Block the stop signals in every thread; this one waits for them. */
     sigset_t set;
     sigemptyset(&set);
