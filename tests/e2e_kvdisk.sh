@@ -72,6 +72,7 @@ for v in abc 1s nan -1; do bad_flag "kv-disk-ttl" --kv-disk-ttl "$v"; done
 for v in abc nan inf 1e300 -1; do bad_flag "kv-disk-rescan" --kv-disk-rescan "$v"; done
 bad_flag "kv-disk-fsync" --kv-disk-fsync sometimes
 bad_flag "kv-disk-io" --kv-disk-io aio
+for f in --kv-disk-gb --kv-disk-ttl --kv-disk-rescan --kv-disk-fsync --kv-disk-io --kv-disk; do bad_flag "$f needs a value" "$f"; done
 
 # 400 tokens: 6 full blocks (384 tokens = 96%) can come from the cache
 P=$(ids_of 400 7)

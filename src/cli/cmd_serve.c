@@ -134,7 +134,7 @@ int dsi_cmd_serve(int argc, char **argv) {
                 return 2;
             }
         }
-        else { fprintf(stderr, "dsinfer serve: unknown option '%s' (see --help)\n", argv[i]); return 2; }
+        else if (!missing) { fprintf(stderr, "dsinfer serve: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer serve: %s needs a value\n", argv[i]); return 2; }
     }
     if (o.port < 0 || o.port > 65535 || o.max_model_len < 0 || o.kv_blocks < 0 || o.kv_cache_gb < 0 ||
