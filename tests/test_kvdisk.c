@@ -407,6 +407,24 @@ static void test_write_errors(void **state) {
     dsi_kvdisk_close(d);
 }
 
+/* A FIFO where a block file should be (swapped in after the probe): the
+ * load is a miss, not an I/O thread blocked in open(2) for good; a save
+ * replaces it. */
+static void fifo_block(int io, const char *name) {
+    dsi_kvdisk *d = open_store(subdir(name), io, 0, 0);
+    blk a;
+    make_blk(&a, 600, 0);
+    char path[4300];
+    dsi_kvdisk_path(d, a.hash, path, sizeof path);
+    assert_int_equal(mkfifo(path, 0644), 0);
+    assert_int_not_equal(load_sync(d, &a), DSI_OK);
+    save_sync(d, &a);
+    assert_int_equal(load_sync(d, &a), DSI_OK);
+    dsi_kvdisk_close(d);
+}
+static void test_fifo_block_uring(void **state) { fifo_block(DSI_KVDISK_IO_URING, "fifo_uring"); }
+static void test_fifo_block_threads(void **state) { fifo_block(DSI_KVDISK_IO_THREADS, "fifo_threads"); }
+
 static void test_bad_options(void **state) {
     dsi_kvdisk *d;
     dsi_kvdisk_opts o = dsi_kvdisk_default_opts();
@@ -589,6 +607,8 @@ int main(void) {
         cmocka_unit_test(test_two_stores_one_dir),
         cmocka_unit_test(test_dir_removed),
         cmocka_unit_test(test_write_errors),
+        cmocka_unit_test(test_fifo_block_uring),
+        cmocka_unit_test(test_fifo_block_threads),
         cmocka_unit_test(test_bad_options),
         cmocka_unit_test(test_sched_from_disk),
     };

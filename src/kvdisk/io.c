@@ -211,7 +211,8 @@ static void finish_load(dsi_kvdisk *d, kd_job *j, ssize_t got) {
 static int open_load(dsi_kvdisk *d, kd_job *j) {
     char path[4200];
     dsi_kvdisk_path(d, j->hash, path, sizeof path);
-    j->fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO put where a block file should be must not block this thread (it reads as empty) */
+    j->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (j->fd >= 0) { set_iov(d, j); return 1; }
     pthread_mutex_lock(&d->mu);
     dsi__kd_index_remove(&d->idx, j->hash);
