@@ -301,8 +301,8 @@ int dsi_kvdisk_open(const dsi_kvdisk_opts *o, uint64_t fp, int n_layers, int kv_
     if (n_layers <= 0 || kv_dim <= 0 || bt <= 0 || bt > 4096)
         return dsi_error(DSI_EINVAL, "kv-disk: bad geometry (%d layers, dim %d, %d tokens/block)", n_layers, kv_dim, bt);
     /* a rescan period past 1e9 s (or NaN) overflows the wait's deadline: the rescan thread would spin */
-    if (!(o->ttl_s >= 0) || !(o->rescan_s <= 1e9) || o->io_threads < 0 || o->max_pending < 0 || o->fsync < 0 || o->fsync > DSI_KVDISK_FSYNC_DIR ||
-        o->io < 0 || o->io > DSI_KVDISK_IO_THREADS)
+    if (!(o->ttl_s >= 0) || !(o->rescan_s <= 1e9) || o->io_threads < 0 || o->max_pending < 0 || o->fsync < 0 ||
+        o->fsync > DSI_KVDISK_FSYNC_DIR || o->io < 0 || o->io > DSI_KVDISK_IO_THREADS)
         return dsi_error(DSI_EINVAL, "kv-disk: bad options");
     if (strlen(o->dir) > 3000) return dsi_error(DSI_EINVAL, "kv-disk: directory path too long");
     dsi_kvdisk *d = calloc(1, sizeof *d);
