@@ -3,6 +3,8 @@
 # errors (exit 2 with a message), greedy generation against the oracle's
 # greedy0 continuation for both golden models, make-model -> inspect, the
 # built-in demo, and a truncated checkpoint (exit 1 naming the file).
+# Numeric flags take the whole value as a number: garbage, trailing
+# characters, nan/inf and overflow exit 2 naming the flag.
 #
 #   bash tests/e2e_cli.sh <dsinfer binary> <tests/data dir>
 #
@@ -73,6 +75,52 @@ expect_rc 1 "logits on a missing folder" "config.json" -- "$BIN" logits --model 
 expect_rc 1 "logits with an out-of-vocabulary id" "out of range" -- "$BIN" logits --model "$G8" --ids 1,4096 --out "$TMP/x"
 expect_rc 2 "generate -n past INT_MAX tokens" "too large" -- "$BIN" generate --model "$G8" --ids 1,2 -n 2147483647
 expect_rc 1 "logits --kv-tokens 2147483647" "too large" -- "$BIN" logits --model "$G8" --ids 1 --out "$TMP/x" --kv-tokens 2147483647
+
+# --- numeric flags: the whole value or exit 2 --------------------------------
+# Each is refused while the flags are parsed, before a model loads or a port
+# opens, so each returns at once; the timeout only stops a command that wrongly
+# started (atoi/atof read 'abc' as 0 and '4x' as 4 and ran).
+# Lines: FLAG|VALUE|command and its other arguments (the flag goes last; @TMP
+# is the scratch folder; without --model, the built-in model).
+while IFS='|' read -r flag val cmd; do
+    read -r -a args <<<"$cmd"
+    args=("${args[@]//@TMP/$TMP}")
+    timeout 20 "$BIN" "${args[@]}" "$flag" "$val" </dev/null >"$TMP/out" 2>"$TMP/err"
+    rc=$?
+    if [ "$rc" -eq 2 ] && grep -qE -- "^dsinfer [a-z -]+: $flag: '.*' is (not a (whole )?number|out of range)\$" "$TMP/err"; then
+        pass "$cmd $flag '$val': exit 2 naming the flag"
+    else
+        fail "$cmd $flag '$val': exit $rc, expected 2 naming $flag ($(head -c 200 "$TMP/err" | tr '\n' ' '))"
+    fi
+done <<'NUMBERS'
+--port|abc|serve --threads 1
+--threads|4x|serve --port 0
+--kv-cache-gb|nan|serve --port 0 --threads 1
+--max-num-seqs|99999999999|serve --port 0 --threads 1
+--drain-timeout|1e999|serve --port 0 --threads 1
+--heartbeat|nan|router --port 0 --prefill http://127.0.0.1:9 --decode http://127.0.0.1:9
+--port| 80|router --prefill http://127.0.0.1:9 --decode http://127.0.0.1:9
+-n|1e3|generate --ids 1,2
+--temperature|inf|generate --ids 1,2
+--top-k||generate --ids 1,2
+--threads|2x|generate --ids 1,2
+--chunk||logits --ids 1,2 --out @TMP/num.f32
+--decode-from|1.5|logits --ids 1,2 --out @TMP/num.f32
+--kv-tokens|-|logits --ids 1,2 --out @TMP/num.f32
+-n|1e3|generate --device cuda --ids 1,2
+--chunk|x|logits --device cuda --ids 1,2 --out @TMP/num.f32
+--shard-mb|2MB|make-model --preset tiny --out @TMP/num-model
+--eff-decode|inf|sim plan
+--iters|2x|sim fit
+--bundle|64k|sim whatif
+--batch-share|nan|sim pricing
+--v3-share|0.5x|sim calc
+NUMBERS
+[ ! -e "$TMP/num.f32" ] && [ ! -e "$TMP/num-model" ] && pass "no output after a refused number" \
+    || fail "a command with a refused number wrote its output"
+expect_rc 2 "make-model --preset v3-layers:1x" "unknown preset" -- \
+    timeout 20 "$BIN" make-model --preset v3-layers:1x --out "$TMP/num-model"
+expect_rc 0 "sim calc --v3-share=0.25 --redundancy +2.5e0" "margin" -- "$BIN" sim calc --v3-share=0.25 --redundancy +2.5e0 --json
 
 # --- greedy generation equals the oracle's greedy0 continuation --------------
 for g in "$G8" "$G16"; do

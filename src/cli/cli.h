@@ -15,6 +15,16 @@ typedef struct dsi_command {
  * or NULL when argv[*i] is not that flag. Sets *missing when the value is absent. */
 const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *missing);
 
+/* A flag's numeric value. dsi_cli_int: the whole of v is a base-10 integer in
+ * int range; dsi_cli_num: the whole of v is a finite number (strtod). On
+ * anything else (empty, leading blanks, trailing characters, overflow, nan,
+ * inf) they print "dsinfer <cmd>: <flag>: '<v>' is not a whole number" (or
+ * "... is not a number", "... is out of range") to stderr, set *bad and
+ * return 0, so a subcommand parses every flag, then exits 2 if *bad:
+ *     o.port = dsi_cli_int("serve", "--port", v, &bad);  ...  if (bad) return 2; */
+int dsi_cli_int(const char *cmd, const char *flag, const char *v, int *bad);
+double dsi_cli_num(const char *cmd, const char *flag, const char *v, int *bad);
+
 /* "1,2,3" (commas or spaces) -> token ids in *out (malloc'ed, caller frees).
  * Returns the count, or -1 on a malformed list or out of memory. */
 int dsi_cli_parse_ids(const char *s, int32_t **out);

@@ -49,15 +49,18 @@ typedef struct cuda_flags {
     "  --kv-tokens N          device KV capacity in tokens (default: enough for the request)\n"     \
     "  (--threads, --kernels, --attn, --fp8-act are CPU options and are ignored here)\n"
 
-/* Returns 1 if consumed, 0 if not a shared flag, -1 on error. */
-static int parse_flag(int argc, char **argv, int *i, cuda_flags *f, const char *cmd) {
+/* Returns 1 if consumed, 0 if not a shared flag, -1 on error. A value that
+ * is not a number sets *bad (message printed) and is consumed. */
+static int parse_flag(int argc, char **argv, int *i, cuda_flags *f, const char *cmd, int *bad) {
     int missing = 0;
     const char *v;
     if ((v = dsi_cli_flag(argc, argv, i, "--model", &missing))) f->model = v;
     else if ((v = dsi_cli_flag(argc, argv, i, "--ids", &missing))) f->ids = v;
     else if ((v = dsi_cli_flag(argc, argv, i, "--device", &missing))) (void)v;
-    else if ((v = dsi_cli_flag(argc, argv, i, "--max-batch-tokens", &missing))) f->o.max_tokens = atoi(v);
-    else if ((v = dsi_cli_flag(argc, argv, i, "--kv-tokens", &missing))) f->kv_tokens = atoi(v);
+    else if ((v = dsi_cli_flag(argc, argv, i, "--max-batch-tokens", &missing)))
+        f->o.max_tokens = dsi_cli_int(cmd, "--max-batch-tokens", v, bad);
+    else if ((v = dsi_cli_flag(argc, argv, i, "--kv-tokens", &missing)))
+        f->kv_tokens = dsi_cli_int(cmd, "--kv-tokens", v, bad);
     else if ((v = dsi_cli_flag(argc, argv, i, "--threads", &missing))) (void)v;
     else if ((v = dsi_cli_flag(argc, argv, i, "--kernels", &missing))) (void)v;
     else if ((v = dsi_cli_flag(argc, argv, i, "--attn", &missing))) (void)v;
@@ -108,6 +111,7 @@ static int open_cuda(cuda_flags *f, int need_tokens, dsi_model **m, dsi_cuda_eng
 
 int dsi_cmd_logits_cuda(int argc, char **argv) {
     cuda_flags f = {.decode_from = -1, .o = {.graphs = 1}};
+    int bad = 0; /* a value is not a number (message printed) */
     for (int i = 1; i < argc; i++) {
         int missing = 0, r;
         const char *v;
@@ -120,13 +124,16 @@ int dsi_cmd_logits_cuda(int argc, char **argv) {
                    "  --decode-from P        prefill P tokens, then one token per step\n" CUDA_FLAGS_HELP);
             return 0;
         }
-        if ((r = parse_flag(argc, argv, &i, &f, "logits"))) { if (r < 0) return 2; continue; }
+        if ((r = parse_flag(argc, argv, &i, &f, "logits", &bad))) { if (r < 0) return 2; continue; }
         if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) f.out = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--chunk", &missing))) f.chunk = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--decode-from", &missing))) f.decode_from = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--chunk", &missing)))
+            f.chunk = dsi_cli_int("logits", "--chunk", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--decode-from", &missing)))
+            f.decode_from = dsi_cli_int("logits", "--decode-from", v, &bad);
         else if (!missing) { fprintf(stderr, "dsinfer logits: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer logits: %s needs a value\n", argv[i]); return 2; }
     }
+    if (bad) return 2;
     if (!f.ids || !f.out) { fprintf(stderr, "dsinfer logits: --ids and --out are required (see --help)\n"); return 2; }
     if (f.chunk < 0 || f.decode_from < -1) { fprintf(stderr, "dsinfer logits: bad --chunk or --decode-from\n"); return 2; }
     int32_t *ids;
@@ -153,6 +160,7 @@ int dsi_cmd_logits_cuda(int argc, char **argv) {
 
 int dsi_cmd_generate_cuda(int argc, char **argv) {
     cuda_flags f = {.n_new = 16, .o = {.graphs = 1}};
+    int bad = 0; /* a value is not a number (message printed) */
     for (int i = 1; i < argc; i++) {
         int missing = 0, r;
         const char *v;
@@ -163,15 +171,19 @@ int dsi_cmd_generate_cuda(int argc, char **argv) {
                    "  --temperature T, --top-p P, --top-k K, --seed S   sampling\n" CUDA_FLAGS_HELP);
             return 0;
         }
-        if ((r = parse_flag(argc, argv, &i, &f, "generate"))) { if (r < 0) return 2; continue; }
-        if ((v = dsi_cli_flag(argc, argv, &i, "-n", &missing))) f.n_new = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--temperature", &missing))) f.sp.temperature = (float)atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--top-p", &missing))) f.sp.top_p = (float)atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing))) f.sp.top_k = atoi(v);
+        if ((r = parse_flag(argc, argv, &i, &f, "generate", &bad))) { if (r < 0) return 2; continue; }
+        if ((v = dsi_cli_flag(argc, argv, &i, "-n", &missing))) f.n_new = dsi_cli_int("generate", "-n", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--temperature", &missing)))
+            f.sp.temperature = (float)dsi_cli_num("generate", "--temperature", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--top-p", &missing)))
+            f.sp.top_p = (float)dsi_cli_num("generate", "--top-p", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing)))
+            f.sp.top_k = dsi_cli_int("generate", "--top-k", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) f.sp.seed = strtoull(v, NULL, 10);
         else if (!missing) { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer generate: %s needs a value\n", argv[i]); return 2; }
     }
+    if (bad) return 2;
     if (!f.ids) { fprintf(stderr, "dsinfer generate: --ids is required (see --help)\n"); return 2; }
     if (f.n_new <= 0) { fprintf(stderr, "dsinfer generate: -n must be positive\n"); return 2; }
     int32_t *ids;

@@ -6,6 +6,7 @@
 #include "dsinfer/sampler.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,15 +28,25 @@ typedef struct engine_flags {
     int dispatch_given;     /* --dispatch named: one process rounds expert I/O the same way */
 } engine_flags;
 
-/* Parses one engine flag at argv[*i]; returns 1 if consumed, -1 on error. */
-static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
+/* Parses one engine flag at argv[*i]; returns 1 if consumed, -1 on error.
+ * A value that is not a number sets *bad (message printed) and is consumed. */
+static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f, const char *cmd, int *bad) {
     int missing = 0;
     const char *v;
     if ((v = dsi_cli_flag(argc, argv, i, "--model", &missing))) { f->model = v; return 1; }
-    if ((v = dsi_cli_flag(argc, argv, i, "--threads", &missing))) { f->threads = atoi(v); return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--threads", &missing))) {
+        f->threads = dsi_cli_int(cmd, "--threads", v, bad);
+        return 1;
+    }
     if ((v = dsi_cli_flag(argc, argv, i, "--kernels", &missing))) { f->kernels = v; return 1; }
-    if ((v = dsi_cli_flag(argc, argv, i, "--max-batch-tokens", &missing))) { f->max_tokens = atoi(v); return 1; }
-    if ((v = dsi_cli_flag(argc, argv, i, "--kv-tokens", &missing))) { f->kv_tokens = atoi(v); return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--max-batch-tokens", &missing))) {
+        f->max_tokens = dsi_cli_int(cmd, "--max-batch-tokens", v, bad);
+        return 1;
+    }
+    if ((v = dsi_cli_flag(argc, argv, i, "--kv-tokens", &missing))) {
+        f->kv_tokens = dsi_cli_int(cmd, "--kv-tokens", v, bad);
+        return 1;
+    }
     if ((v = dsi_cli_flag(argc, argv, i, "--device", &missing))) return 1; /* cpu here; cuda never gets here */
     if ((v = dsi_cli_flag(argc, argv, i, "--attn", &missing))) {
         if (!strcmp(v, "auto")) f->attn = DSI_ATTN_AUTO;
@@ -56,10 +67,22 @@ static int parse_engine_flag(int argc, char **argv, int *i, engine_flags *f) {
         return 1;
     }
     if ((v = dsi_cli_flag(argc, argv, i, "--placement", &missing))) { f->ep.placement = v; return 1; }
-    if ((v = dsi_cli_flag(argc, argv, i, "--ep-timeout-ms", &missing))) { f->ep.timeout_ms = atoi(v); return 1; }
-    if ((v = dsi_cli_flag(argc, argv, i, "--link-gbps", &missing))) { f->ep.link_gbps = atof(v); return 1; }
-    if ((v = dsi_cli_flag(argc, argv, i, "--link-latency-us", &missing))) { f->ep.link_latency_us = atof(v); return 1; }
-    if ((v = dsi_cli_flag(argc, argv, i, "--eplb-every", &missing))) { f->ep.eplb_every = atoi(v); return 1; }
+    if ((v = dsi_cli_flag(argc, argv, i, "--ep-timeout-ms", &missing))) {
+        f->ep.timeout_ms = dsi_cli_int(cmd, "--ep-timeout-ms", v, bad);
+        return 1;
+    }
+    if ((v = dsi_cli_flag(argc, argv, i, "--link-gbps", &missing))) {
+        f->ep.link_gbps = dsi_cli_num(cmd, "--link-gbps", v, bad);
+        return 1;
+    }
+    if ((v = dsi_cli_flag(argc, argv, i, "--link-latency-us", &missing))) {
+        f->ep.link_latency_us = dsi_cli_num(cmd, "--link-latency-us", v, bad);
+        return 1;
+    }
+    if ((v = dsi_cli_flag(argc, argv, i, "--eplb-every", &missing))) {
+        f->ep.eplb_every = dsi_cli_int(cmd, "--eplb-every", v, bad);
+        return 1;
+    }
     if (!strcmp(argv[*i], "--no-overlap")) { f->ep.no_overlap = 1; return 1; }
     if (missing) { fprintf(stderr, "dsinfer: %s needs a value\n", argv[*i]); return -1; }
     return 0;
@@ -211,7 +234,7 @@ int dsi_cmd_logits(int argc, char **argv) {
     if (dev) return dev < 0 ? 2 : dsi_cmd_logits_cuda(argc, argv);
     engine_flags f = {0};
     const char *ids_s = NULL, *out_path = NULL;
-    int chunk = 0, decode_from = -1;
+    int chunk = 0, decode_from = -1, bad = 0;
     for (int i = 1; i < argc; i++) {
         int missing = 0, r;
         const char *v;
@@ -227,14 +250,17 @@ int dsi_cmd_logits(int argc, char **argv) {
                    "  --decode-from P        prefill P tokens, then one token per step (absorbed path)\n" ENGINE_FLAGS_HELP);
             return 0;
         }
-        if ((r = parse_engine_flag(argc, argv, &i, &f))) { if (r < 0) return 2; continue; }
+        if ((r = parse_engine_flag(argc, argv, &i, &f, "logits", &bad))) { if (r < 0) return 2; continue; }
         if ((v = dsi_cli_flag(argc, argv, &i, "--ids", &missing))) ids_s = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out_path = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--chunk", &missing))) chunk = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--decode-from", &missing))) decode_from = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--chunk", &missing)))
+            chunk = dsi_cli_int("logits", "--chunk", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--decode-from", &missing)))
+            decode_from = dsi_cli_int("logits", "--decode-from", v, &bad);
         else if (!missing) { fprintf(stderr, "dsinfer logits: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer logits: %s needs a value\n", argv[i]); return 2; }
     }
+    if (bad) return 2;
     if (!ids_s || !out_path) { fprintf(stderr, "dsinfer logits: --ids and --out are required (see --help)\n"); return 2; }
     if (chunk < 0 || decode_from < -1) { fprintf(stderr, "dsinfer logits: bad --chunk or --decode-from\n"); return 2; }
     /* split the sequences */
@@ -244,7 +270,7 @@ int dsi_cmd_logits(int argc, char **argv) {
     int *lens = calloc(n_seq, sizeof(int));
     float **outs = calloc(n_seq, sizeof(float *));
     char *copy = strdup(ids_s);
-    int bad = !ids || !lens || !outs || !copy;
+    bad = !ids || !lens || !outs || !copy; /* 0 here: the flags parsed */
     char *save = NULL, *tok = bad ? NULL : strtok_r(copy, ";", &save);
     for (int s = 0; !bad && s < n_seq; s++, tok = strtok_r(NULL, ";", &save)) {
         if (!tok || (lens[s] = dsi_cli_parse_ids(tok, &ids[s])) <= 0) bad = 1;
@@ -335,7 +361,7 @@ int dsi_cmd_generate(int argc, char **argv) {
     if (dev) return dev < 0 ? 2 : dsi_cmd_generate_cuda(argc, argv);
     engine_flags f = {0};
     const char *ids_s = NULL;
-    int n_new = 16;
+    int n_new = 16, bad = 0;
     dsi_sampling sp = {0};
     for (int i = 1; i < argc; i++) {
         int missing = 0, r;
@@ -350,16 +376,20 @@ int dsi_cmd_generate(int argc, char **argv) {
                    "  --seed S               sampling seed\n" ENGINE_FLAGS_HELP);
             return 0;
         }
-        if ((r = parse_engine_flag(argc, argv, &i, &f))) { if (r < 0) return 2; continue; }
+        if ((r = parse_engine_flag(argc, argv, &i, &f, "generate", &bad))) { if (r < 0) return 2; continue; }
         if ((v = dsi_cli_flag(argc, argv, &i, "--ids", &missing))) ids_s = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "-n", &missing))) n_new = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--temperature", &missing))) sp.temperature = (float)atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--top-p", &missing))) sp.top_p = (float)atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing))) sp.top_k = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "-n", &missing))) n_new = dsi_cli_int("generate", "-n", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--temperature", &missing)))
+            sp.temperature = (float)dsi_cli_num("generate", "--temperature", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--top-p", &missing)))
+            sp.top_p = (float)dsi_cli_num("generate", "--top-p", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing)))
+            sp.top_k = dsi_cli_int("generate", "--top-k", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) sp.seed = strtoull(v, NULL, 10);
         else if (!missing) { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer generate: %s needs a value\n", argv[i]); return 2; }
     }
+    if (bad) return 2;
     if (!ids_s) { fprintf(stderr, "dsinfer generate: --ids is required (see --help)\n"); return 2; }
     if (n_new <= 0) { fprintf(stderr, "dsinfer generate: -n must be positive\n"); return 2; }
     int32_t *ids;
@@ -393,10 +423,21 @@ int dsi_cmd_generate(int argc, char **argv) {
     return rc ? 1 : 0;
 }
 
+/* N of the preset "v3-layers:N" (all of it a positive integer), else 0. */
+static int v3_layers(const char *preset) {
+    if (strncmp(preset, "v3-layers:", 10)) return 0;
+    const char *n = preset + 10;
+    char *end;
+    if (!(*n >= '0' && *n <= '9')) return 0;
+    errno = 0;
+    long x = strtol(n, &end, 10);
+    return !*end && !errno && x > 0 && x <= INT_MAX ? (int)x : 0;
+}
+
 int dsi_cmd_make_model(int argc, char **argv) {
     const char *preset = "tiny", *dtype = "fp8", *out = NULL;
     uint64_t seed = 1;
-    long shard_mb = 0;
+    int shard_mb = 0, bad = 0;
     for (int i = 1; i < argc; i++) {
         int missing = 0;
         const char *v;
@@ -413,10 +454,12 @@ int dsi_cmd_make_model(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--dtype", &missing))) dtype = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) seed = strtoull(v, NULL, 10);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--shard-mb", &missing))) shard_mb = atol(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--shard-mb", &missing)))
+            shard_mb = dsi_cli_int("make-model", "--shard-mb", v, &bad);
         else if (!missing) { fprintf(stderr, "dsinfer make-model: unknown option '%s'\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer make-model: %s needs a value\n", argv[i]); return 2; }
     }
+    if (bad) return 2;
     if (!out) { fprintf(stderr, "dsinfer make-model: --out DIR is required\n"); return 2; }
     int fp8;
     if (!strcmp(dtype, "fp8")) fp8 = 1;
@@ -425,7 +468,7 @@ int dsi_cmd_make_model(int argc, char **argv) {
     dsi_config c;
     if (!strcmp(preset, "tiny")) dsi_config_preset(DSI_PRESET_TINY, 0, fp8, &c);
     else if (!strcmp(preset, "small")) dsi_config_preset(DSI_PRESET_SMALL, 0, fp8, &c);
-    else if (!strncmp(preset, "v3-layers:", 10) && atoi(preset + 10) > 0) dsi_config_preset(DSI_PRESET_V3, atoi(preset + 10), fp8, &c);
+    else if (v3_layers(preset) > 0) dsi_config_preset(DSI_PRESET_V3, v3_layers(preset), fp8, &c);
     else { fprintf(stderr, "dsinfer make-model: unknown preset '%s' (tiny, small, v3-layers:N)\n", preset); return 2; }
     size_t shard = shard_mb > 0 ? (size_t)shard_mb << 20 : (size_t)2 << 30;
     if (!strcmp(preset, "tiny") && shard_mb <= 0) shard = 4 << 20; /* several shards even for tiny */

@@ -54,37 +54,50 @@ int dsi_cmd_router(int argc, char **argv) {
     const char *pf[MAX_URLS], *dc[MAX_URLS], *spf[MAX_URLS], *sdc[MAX_URLS];
     int npf = 0, ndc = 0, nspf = 0, nsdc = 0;
     char *keep[8] = {0};
-    int nk = 0, bad = 0;
-    for (int i = 1; i < argc && !bad; i++) {
+    int nk = 0, too_many = 0, bad = 0; /* bad: a value is not a number (message printed) */
+    for (int i = 1; i < argc && !too_many; i++) {
         int missing = 0;
         const char *v;
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(stdout); return 0; }
-        if ((v = dsi_cli_flag(argc, argv, &i, "--prefill", &missing))) bad = nk >= 8 || split(v, pf, &npf, &keep[nk++]);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--decode", &missing))) bad = nk >= 8 || split(v, dc, &ndc, &keep[nk++]);
+        if ((v = dsi_cli_flag(argc, argv, &i, "--prefill", &missing)))
+            too_many = nk >= 8 || split(v, pf, &npf, &keep[nk++]);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--decode", &missing)))
+            too_many = nk >= 8 || split(v, dc, &ndc, &keep[nk++]);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--standby-prefill", &missing)))
-            bad = nk >= 8 || split(v, spf, &nspf, &keep[nk++]);
+            too_many = nk >= 8 || split(v, spf, &nspf, &keep[nk++]);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--standby-decode", &missing)))
-            bad = nk >= 8 || split(v, sdc, &nsdc, &keep[nk++]);
+            too_many = nk >= 8 || split(v, sdc, &nsdc, &keep[nk++]);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--host", &missing))) o.host = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--port", &missing))) o.port = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--port", &missing)))
+            o.port = dsi_cli_int("router", "--port", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--lb", &missing))) {
             if (!strcmp(v, "deepseek")) o.lb = DSI_LB_DEEPSEEK;
             else if (!strcmp(v, "round-robin")) o.lb = DSI_LB_ROUND_ROBIN;
             else { fprintf(stderr, "dsinfer router: --lb must be deepseek or round-robin\n"); return 2; }
-        } else if ((v = dsi_cli_flag(argc, argv, &i, "--heartbeat", &missing))) o.heartbeat_s = atof(v);
+        } else if ((v = dsi_cli_flag(argc, argv, &i, "--heartbeat", &missing)))
+            o.heartbeat_s = dsi_cli_num("router", "--heartbeat", v, &bad);
         else if (!strcmp(argv[i], "--autoscale")) o.autoscale = 1;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--scale-up", &missing))) o.policy.up_util = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--scale-down", &missing))) o.policy.down_util = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--scale-hold", &missing))) o.policy.hold_s = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--scale-cooldown", &missing))) o.policy.cooldown_s = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--gpus-per-instance", &missing))) o.gpus_per_instance = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--scale-up", &missing)))
+            o.policy.up_util = dsi_cli_num("router", "--scale-up", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--scale-down", &missing)))
+            o.policy.down_util = dsi_cli_num("router", "--scale-down", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--scale-hold", &missing)))
+            o.policy.hold_s = dsi_cli_num("router", "--scale-hold", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--scale-cooldown", &missing)))
+            o.policy.cooldown_s = dsi_cli_num("router", "--scale-cooldown", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--gpus-per-instance", &missing)))
+            o.gpus_per_instance = dsi_cli_int("router", "--gpus-per-instance", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing", &missing))) o.pricing_path = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--econ-journal", &missing))) o.journal_path = v;
         else { fprintf(stderr, "dsinfer router: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer router: %s needs a value\n", argv[i]); return 2; }
     }
-    if (bad) { fprintf(stderr, "dsinfer router: too many instance URLs (at most %d per list)\n", MAX_URLS); return 2; }
+    if (bad) return 2;
+    if (too_many) {
+        fprintf(stderr, "dsinfer router: too many instance URLs (at most %d per list)\n", MAX_URLS);
+        return 2;
+    }
     if (npf == 0 || ndc == 0) {
         fprintf(stderr, "dsinfer router: --prefill and --decode need at least one instance each (see --help)\n");
         return 2;

@@ -2,7 +2,6 @@
 #include "cli/cli.h"
 #include "dsinfer/server.h"
 
-#include <math.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -59,23 +58,12 @@ static void usage(FILE *f) {
             "  --kv-port P                  decode/both: KV transfer listen port (default 0 = any free)\n");
 }
 
-/* A --kv-disk-* number: the whole of v, finite; else a message and -1. */
-static int disk_num(const char *flag, const char *v, double *out) {
-    char *end;
-    double x = strtod(v, &end);
-    if (end == v || *end || !isfinite(x)) {
-        fprintf(stderr, "dsinfer serve: %s: '%s' is not a number\n", flag, v);
-        return -1;
-    }
-    *out = x;
-    return 0;
-}
-
 int dsi_cmd_serve(int argc, char **argv) {
     dsi_server_opts o = dsi_server_default_opts();
     dsi_ep_opts ep = {0};
     o.ep = &ep;
     double drain = 30, disk_gb = 16;
+    int bad = 0; /* a flag's value is not a number (message printed) */
     for (int i = 1; i < argc; i++) {
         int missing = 0;
         const char *v;
@@ -83,28 +71,38 @@ int dsi_cmd_serve(int argc, char **argv) {
         if ((v = dsi_cli_flag(argc, argv, &i, "--model", &missing))) o.model_dir = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--served-model-name", &missing))) o.served_model_name = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--host", &missing))) o.host = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--port", &missing))) o.port = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-model-len", &missing))) o.max_model_len = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-blocks", &missing))) o.kv_blocks = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-cache-gb", &missing))) o.kv_cache_gb = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-num-seqs", &missing))) o.max_num_seqs = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-num-batched-tokens", &missing))) o.max_num_batched_tokens = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-queue", &missing))) o.max_queue = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-tokens-default", &missing))) o.default_max_tokens = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--threads", &missing))) o.threads = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--port", &missing)))
+            o.port = dsi_cli_int("serve", "--port", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-model-len", &missing)))
+            o.max_model_len = dsi_cli_int("serve", "--max-model-len", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-blocks", &missing)))
+            o.kv_blocks = dsi_cli_int("serve", "--kv-blocks", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-cache-gb", &missing)))
+            o.kv_cache_gb = dsi_cli_num("serve", "--kv-cache-gb", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-num-seqs", &missing)))
+            o.max_num_seqs = dsi_cli_int("serve", "--max-num-seqs", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-num-batched-tokens", &missing)))
+            o.max_num_batched_tokens = dsi_cli_int("serve", "--max-num-batched-tokens", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-queue", &missing)))
+            o.max_queue = dsi_cli_int("serve", "--max-queue", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--max-tokens-default", &missing)))
+            o.default_max_tokens = dsi_cli_int("serve", "--max-tokens-default", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--threads", &missing)))
+            o.threads = dsi_cli_int("serve", "--threads", v, &bad);
         else if (!strcmp(argv[i], "--batch-invariant")) o.batch_invariant = 1;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--http-threads", &missing))) o.http_threads = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--http-threads", &missing)))
+            o.http_threads = dsi_cli_int("serve", "--http-threads", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--api-key", &missing))) o.api_key = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing))) drain = atof(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--drain-timeout", &missing)))
+            drain = dsi_cli_num("serve", "--drain-timeout", v, &bad);
         else if (!strcmp(argv[i], "--no-prefix-cache")) o.no_prefix_cache = 1;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk", &missing))) o.kv_disk.dir = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-gb", &missing))) {
-            if (disk_num("--kv-disk-gb", v, &disk_gb)) return 2;
-        } else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-ttl", &missing))) {
-            if (disk_num("--kv-disk-ttl", v, &o.kv_disk.ttl_s)) return 2;
-        } else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-rescan", &missing))) {
-            if (disk_num("--kv-disk-rescan", v, &o.kv_disk.rescan_s)) return 2;
-        }
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-gb", &missing)))
+            disk_gb = dsi_cli_num("serve", "--kv-disk-gb", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-ttl", &missing)))
+            o.kv_disk.ttl_s = dsi_cli_num("serve", "--kv-disk-ttl", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-rescan", &missing)))
+            o.kv_disk.rescan_s = dsi_cli_num("serve", "--kv-disk-rescan", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-disk-fsync", &missing))) {
             o.kv_disk.fsync = !strcmp(v, "none") ? 0 : !strcmp(v, "file") ? 1 : !strcmp(v, "dir") ? 2 : -1;
             if (o.kv_disk.fsync < 0) { fprintf(stderr, "dsinfer serve: --kv-disk-fsync takes none, file or dir\n"); return 2; }
@@ -115,7 +113,8 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing", &missing))) o.pricing_path = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing-model", &missing))) o.pricing_model = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--account-journal", &missing))) o.account_journal = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--account-gpus", &missing))) o.account_gpus = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--account-gpus", &missing)))
+            o.account_gpus = dsi_cli_int("serve", "--account-gpus", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--dispatch", &missing))) {
             if (!strcmp(v, "fp8")) ep.dispatch = DSI_EP_FP8;
             else if (!strcmp(v, "bf16")) ep.dispatch = DSI_EP_BF16;
@@ -124,10 +123,13 @@ int dsi_cmd_serve(int argc, char **argv) {
             o.moe_io = dsi_ep_moe_io(ep.dispatch); /* one process rounds expert I/O the same way */
         }
         else if ((v = dsi_cli_flag(argc, argv, &i, "--placement", &missing))) ep.placement = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--ep-timeout-ms", &missing))) ep.timeout_ms = atoi(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--eplb-every", &missing))) ep.eplb_every = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--ep-timeout-ms", &missing)))
+            ep.timeout_ms = dsi_cli_int("serve", "--ep-timeout-ms", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--eplb-every", &missing)))
+            ep.eplb_every = dsi_cli_int("serve", "--eplb-every", v, &bad);
         else if (!strcmp(argv[i], "--no-overlap")) ep.no_overlap = 1;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-port", &missing))) o.kv_port = atoi(v);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--kv-port", &missing)))
+            o.kv_port = dsi_cli_int("serve", "--kv-port", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--role", &missing))) {
             if ((o.role = dsi_server_role_parse(v)) < 0) {
                 fprintf(stderr, "dsinfer serve: --role must be both, prefill or decode\n");
@@ -137,6 +139,7 @@ int dsi_cmd_serve(int argc, char **argv) {
         else if (!missing) { fprintf(stderr, "dsinfer serve: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer serve: %s needs a value\n", argv[i]); return 2; }
     }
+    if (bad) return 2;
     if (o.port < 0 || o.port > 65535 || o.max_model_len < 0 || o.kv_blocks < 0 || o.kv_cache_gb < 0 ||
         o.max_num_seqs < 0 || o.max_num_batched_tokens < 0 || o.max_queue < 0 || o.threads < 0 || o.http_threads < 0 || drain < 0 || o.kv_port < 0 || o.kv_port > 65535) {
         fprintf(stderr, "dsinfer serve: numeric options must be non-negative (and the port below 65536)\n");

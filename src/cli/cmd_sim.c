@@ -41,16 +41,6 @@ static const char *usd(double v, char *buf) {
     return buf;
 }
 
-static double parse_num(const char *s, const char *flag, int *bad) {
-    char *e;
-    double v = strtod(s, &e);
-    if (e == s || *e || !isfinite(v)) {
-        fprintf(stderr, "dsinfer sim: %s: '%s' is not a number\n", flag, s);
-        *bad = 1;
-    }
-    return v;
-}
-
 /* ---- calculator --------------------------------------------------------------------------- */
 
 typedef struct calc_row {
@@ -96,11 +86,11 @@ static int cmd_calc(int argc, char **argv) {
         } else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing", &missing))) {
             pricing_path = v;
         } else if ((v = dsi_cli_flag(argc, argv, &i, "--paying-share", &missing))) {
-            paying = parse_num(v, "--paying-share", &bad);
+            paying = dsi_cli_num("sim", "--paying-share", v, &bad);
         } else if ((v = dsi_cli_flag(argc, argv, &i, "--v3-share", &missing))) {
-            v3_share = parse_num(v, "--v3-share", &bad);
+            v3_share = dsi_cli_num("sim", "--v3-share", v, &bad);
         } else if ((v = dsi_cli_flag(argc, argv, &i, "--redundancy", &missing))) {
-            redundancy = parse_num(v, "--redundancy", &bad);
+            redundancy = dsi_cli_num("sim", "--redundancy", v, &bad);
         } else {
             if (!missing) fprintf(stderr, "dsinfer sim calc: unknown option '%s'\n", argv[i]);
             else fprintf(stderr, "dsinfer sim calc: %s needs a value\n", argv[i]);
@@ -214,8 +204,10 @@ void dsi__sim_print_params(const dsi_sim_config *c, FILE *f) {
 }
 
 /* Parses one planner option at argv[*i]; returns 1 if consumed, 0 if not
- * ours, -1 on a bad value. */
-int dsi__sim_parse_plan_opt(int argc, char **argv, int *i, dsi_sim_config *c, const char **svg_dir, int *json) {
+ * ours, -1 on a bad value. A value that is not a number sets *bad and is
+ * consumed (the range checks here skip then: the caller exits 2 anyway). */
+int dsi__sim_parse_plan_opt(int argc, char **argv, int *i, dsi_sim_config *c, const char **svg_dir, int *json,
+                            int *bad) {
     int missing = 0;
     const char *v;
     if (!strcmp(argv[*i], "--no-overlap")) c->perf.overlap = 0;
@@ -233,20 +225,22 @@ int dsi__sim_parse_plan_opt(int argc, char **argv, int *i, dsi_sim_config *c, co
         }
     } else if ((v = dsi_cli_flag(argc, argv, i, "--svg-dir", &missing))) *svg_dir = v;
     else if ((v = dsi_cli_flag(argc, argv, i, "--bundle", &missing))) {
-        c->bundle = atoi(v);
-        if (c->bundle < 1) {
+        c->bundle = dsi_cli_int("sim", "--bundle", v, bad);
+        if (!*bad && c->bundle < 1) {
             fprintf(stderr, "dsinfer sim: --bundle must be >= 1\n");
             return -1;
         }
     } else if ((v = dsi_cli_flag(argc, argv, i, "--seed", &missing))) c->seed = strtoull(v, NULL, 10);
     else if ((v = dsi_cli_flag(argc, argv, i, "--steps-per-event", &missing))) {
-        c->decode_steps_per_event = atoi(v);
-        if (c->decode_steps_per_event < 1) {
+        c->decode_steps_per_event = dsi_cli_int("sim", "--steps-per-event", v, bad);
+        if (!*bad && c->decode_steps_per_event < 1) {
             fprintf(stderr, "dsinfer sim: --steps-per-event must be >= 1\n");
             return -1;
         }
-    } else if ((v = dsi_cli_flag(argc, argv, i, "--eff-prefill", &missing))) c->perf.eff_prefill = atof(v);
-    else if ((v = dsi_cli_flag(argc, argv, i, "--eff-decode", &missing))) c->perf.eff_decode = atof(v);
+    } else if ((v = dsi_cli_flag(argc, argv, i, "--eff-prefill", &missing)))
+        c->perf.eff_prefill = dsi_cli_num("sim", "--eff-prefill", v, bad);
+    else if ((v = dsi_cli_flag(argc, argv, i, "--eff-decode", &missing)))
+        c->perf.eff_decode = dsi_cli_num("sim", "--eff-decode", v, bad);
     else if (missing) {
         fprintf(stderr, "dsinfer sim: %s needs a value\n", argv[*i]);
         return -1;
@@ -329,7 +323,7 @@ static int cmd_plan(int argc, char **argv) {
     dsi_sim_config c;
     dsi_sim_config_default(&c);
     const char *svg = NULL;
-    int json = 0;
+    int json = 0, bad = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: dsinfer sim plan [options] [--svg-dir DIR]\n\n"
@@ -340,13 +334,14 @@ static int cmd_plan(int argc, char **argv) {
                    PLAN_OPTS);
             return 0;
         }
-        int k = dsi__sim_parse_plan_opt(argc, argv, &i, &c, &svg, &json);
+        int k = dsi__sim_parse_plan_opt(argc, argv, &i, &c, &svg, &json, &bad);
         if (k < 0) return 2;
         if (k == 0) {
             fprintf(stderr, "dsinfer sim plan: unknown option '%s'\n", argv[i]);
             return 2;
         }
     }
+    if (bad) return 2;
     dsi_sim_result *r;
     if (dsi_sim_run(&c, &r)) {
         fprintf(stderr, "dsinfer sim plan: %s\n", dsi_last_error());
@@ -363,7 +358,7 @@ static int cmd_fit(int argc, char **argv) {
     dsi_sim_config c;
     dsi_sim_config_default(&c);
     const char *svg = NULL;
-    int json = 0, iters = 4;
+    int json = 0, iters = 4, bad = 0;
     for (int i = 1; i < argc; i++) {
         int missing = 0;
         const char *v;
@@ -375,19 +370,20 @@ static int cmd_fit(int argc, char **argv) {
             return 0;
         }
         if ((v = dsi_cli_flag(argc, argv, &i, "--iters", &missing))) {
-            iters = atoi(v);
-            if (iters < 1) {
+            iters = dsi_cli_int("sim fit", "--iters", v, &bad);
+            if (!bad && iters < 1) {
                 fprintf(stderr, "dsinfer sim fit: --iters must be >= 1\n");
                 return 2;
             }
             continue;
         }
-        int k = missing ? -1 : dsi__sim_parse_plan_opt(argc, argv, &i, &c, &svg, &json);
+        int k = missing ? -1 : dsi__sim_parse_plan_opt(argc, argv, &i, &c, &svg, &json, &bad);
         if (k <= 0) {
             fprintf(stderr, "dsinfer sim fit: bad option '%s'\n", argv[i]);
             return 2;
         }
     }
+    if (bad) return 2;
     dsi_sim_result *r;
     if (dsi_sim_fit(&c, iters, &r)) {
         fprintf(stderr, "dsinfer sim fit: %s\n", dsi_last_error());
@@ -415,7 +411,7 @@ static int cmd_whatif(int argc, char **argv) {
     dsi_sim_config base;
     dsi_sim_config_default(&base);
     const char *svg = NULL;
-    int json = 0;
+    int json = 0, bad = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: dsinfer sim whatif [--bundle N] [--steps-per-event K] [--json] [--svg-dir DIR]\n\n"
@@ -423,12 +419,13 @@ static int cmd_whatif(int argc, char **argv) {
                    "MTP on) and prints each as a ratio to the baseline.\n");
             return 0;
         }
-        int k = dsi__sim_parse_plan_opt(argc, argv, &i, &base, &svg, &json);
+        int k = dsi__sim_parse_plan_opt(argc, argv, &i, &base, &svg, &json, &bad);
         if (k <= 0) {
             fprintf(stderr, "dsinfer sim whatif: bad option '%s'\n", argv[i]);
             return 2;
         }
     }
+    if (bad) return 2;
     static const char *names[] = {"baseline (H800)", "no overlap", "no EPLB", "no disk cache", "H100", "H200", "MTP on"};
     dsi_sim_result *r[7] = {0};
     int rc = 0;

@@ -95,7 +95,7 @@ int dsi__sim_cmd_pricing(int argc, char **argv) {
     c.decode_steps_per_event = 2;
     double e_i = -0.2, e_b = -1.0;
     const char *load_path = NULL, *svg = NULL;
-    int json = 0;
+    int json = 0, bad = 0;
     for (int i = 1; i < argc; i++) {
         int missing = 0;
         const char *v;
@@ -112,12 +112,15 @@ int dsi__sim_cmd_pricing(int argc, char **argv) {
                    "--svg-dir DIR writes nodes_{flat,night,load}.svg and cost_revenue_{...}.svg.\n");
             return 0;
         }
-        if ((v = dsi_cli_flag(argc, argv, &i, "--elasticity-interactive", &missing))) e_i = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--elasticity-batch", &missing))) e_b = atof(v);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--batch-share", &missing))) c.batch_share = atof(v);
+        if ((v = dsi_cli_flag(argc, argv, &i, "--elasticity-interactive", &missing)))
+            e_i = dsi_cli_num("sim pricing", "--elasticity-interactive", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--elasticity-batch", &missing)))
+            e_b = dsi_cli_num("sim pricing", "--elasticity-batch", v, &bad);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--batch-share", &missing)))
+            c.batch_share = dsi_cli_num("sim pricing", "--batch-share", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--pricing", &missing))) load_path = v;
         else {
-            int k = missing ? -1 : dsi__sim_parse_plan_opt(argc, argv, &i, &c, &svg, &json);
+            int k = missing ? -1 : dsi__sim_parse_plan_opt(argc, argv, &i, &c, &svg, &json, &bad);
             if (k <= 0) {
                 fprintf(stderr, "dsinfer sim pricing: bad option '%s'\n", argv[i]);
                 return 2;
@@ -129,6 +132,7 @@ int dsi__sim_cmd_pricing(int argc, char **argv) {
             return 2;
         }
     }
+    if (bad) return 2;
     if (!(c.batch_share >= 0 && c.batch_share <= 1) || !(e_i <= 0 && e_i > -10) || !(e_b <= 0 && e_b > -10)) {
         fprintf(stderr, "dsinfer sim pricing: batch share in [0, 1], elasticities in (-10, 0]\n");
         return 2;

@@ -3,6 +3,8 @@
 #include "dsinfer/common.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -44,6 +46,39 @@ const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *m
         return NULL;
     }
     return argv[++*i];
+}
+
+/* strtol and strtod skip leading blanks; a flag's value may not start with one */
+static int starts_number(const char *v) { return (*v >= '0' && *v <= '9') || *v == '-' || *v == '+' || *v == '.'; }
+
+int dsi_cli_int(const char *cmd, const char *flag, const char *v, int *bad) {
+    char *end = (char *)v;
+    errno = 0;
+    long x = starts_number(v) ? strtol(v, &end, 10) : 0;
+    if (end == v || *end) {
+        fprintf(stderr, "dsinfer %s: %s: '%s' is not a whole number\n", cmd, flag, v);
+    } else if (errno == ERANGE || x < INT_MIN || x > INT_MAX) {
+        fprintf(stderr, "dsinfer %s: %s: '%s' is out of range\n", cmd, flag, v);
+    } else {
+        return (int)x;
+    }
+    *bad = 1;
+    return 0;
+}
+
+double dsi_cli_num(const char *cmd, const char *flag, const char *v, int *bad) {
+    char *end = (char *)v;
+    errno = 0;
+    double x = starts_number(v) ? strtod(v, &end) : 0;
+    if (end == v || *end || isnan(x) || (isinf(x) && errno != ERANGE)) {
+        fprintf(stderr, "dsinfer %s: %s: '%s' is not a number\n", cmd, flag, v);
+    } else if (isinf(x)) { /* past DBL_MAX; a value below DBL_MIN is kept as it rounds */
+        fprintf(stderr, "dsinfer %s: %s: '%s' is out of range\n", cmd, flag, v);
+    } else {
+        return x;
+    }
+    *bad = 1;
+    return 0;
 }
 
 int dsi_cli_parse_ids(const char *s, int32_t **out) {
