@@ -115,6 +115,10 @@ done <<'NUMBERS'
 --bundle|64k|sim whatif
 --batch-share|nan|sim pricing
 --v3-share|0.5x|sim calc
+--seed|abc|generate --ids 1,2
+--seed|-1|generate --device cuda --ids 1,2
+--seed|1e3|make-model --preset tiny --out @TMP/num-model
+--seed|99999999999999999999|sim plan
 NUMBERS
 [ ! -e "$TMP/num.f32" ] && [ ! -e "$TMP/num-model" ] && pass "no output after a refused number" \
     || fail "a command with a refused number wrote its output"

@@ -24,6 +24,8 @@ const char *dsi_cli_flag(int argc, char **argv, int *i, const char *name, int *m
  *     o.port = dsi_cli_int("serve", "--port", v, &bad);  ...  if (bad) return 2; */
 int dsi_cli_int(const char *cmd, const char *flag, const char *v, int *bad);
 double dsi_cli_num(const char *cmd, const char *flag, const char *v, int *bad);
+/* The same for an unsigned 64-bit value (seeds): digits only. */
+uint64_t dsi_cli_u64(const char *cmd, const char *flag, const char *v, int *bad);
 
 /* "1,2,3" (commas or spaces) -> token ids in *out (malloc'ed, caller frees).
  * Returns the count, or -1 on a malformed list or out of memory. */

@@ -179,7 +179,8 @@ int dsi_cmd_generate_cuda(int argc, char **argv) {
             f.sp.top_p = (float)dsi_cli_num("generate", "--top-p", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing)))
             f.sp.top_k = dsi_cli_int("generate", "--top-k", v, &bad);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) f.sp.seed = strtoull(v, NULL, 10);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing)))
+            f.sp.seed = dsi_cli_u64("generate", "--seed", v, &bad);
         else if (!missing) { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer generate: %s needs a value\n", argv[i]); return 2; }
     }

@@ -385,7 +385,8 @@ int dsi_cmd_generate(int argc, char **argv) {
             sp.top_p = (float)dsi_cli_num("generate", "--top-p", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--top-k", &missing)))
             sp.top_k = dsi_cli_int("generate", "--top-k", v, &bad);
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) sp.seed = strtoull(v, NULL, 10);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing)))
+            sp.seed = dsi_cli_u64("generate", "--seed", v, &bad);
         else if (!missing) { fprintf(stderr, "dsinfer generate: unknown option '%s' (see --help)\n", argv[i]); return 2; }
         if (missing) { fprintf(stderr, "dsinfer generate: %s needs a value\n", argv[i]); return 2; }
     }
@@ -453,7 +454,8 @@ int dsi_cmd_make_model(int argc, char **argv) {
         if ((v = dsi_cli_flag(argc, argv, &i, "--preset", &missing))) preset = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--dtype", &missing))) dtype = v;
         else if ((v = dsi_cli_flag(argc, argv, &i, "--out", &missing))) out = v;
-        else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing))) seed = strtoull(v, NULL, 10);
+        else if ((v = dsi_cli_flag(argc, argv, &i, "--seed", &missing)))
+            seed = dsi_cli_u64("make-model", "--seed", v, &bad);
         else if ((v = dsi_cli_flag(argc, argv, &i, "--shard-mb", &missing)))
             shard_mb = dsi_cli_int("make-model", "--shard-mb", v, &bad);
         else if (!missing) { fprintf(stderr, "dsinfer make-model: unknown option '%s'\n", argv[i]); return 2; }

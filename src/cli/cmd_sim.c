@@ -230,7 +230,8 @@ int dsi__sim_parse_plan_opt(int argc, char **argv, int *i, dsi_sim_config *c, co
             fprintf(stderr, "dsinfer sim: --bundle must be >= 1\n");
             return -1;
         }
-    } else if ((v = dsi_cli_flag(argc, argv, i, "--seed", &missing))) c->seed = strtoull(v, NULL, 10);
+    } else if ((v = dsi_cli_flag(argc, argv, i, "--seed", &missing)))
+        c->seed = dsi_cli_u64("sim", "--seed", v, bad);
     else if ((v = dsi_cli_flag(argc, argv, i, "--steps-per-event", &missing))) {
         c->decode_steps_per_event = dsi_cli_int("sim", "--steps-per-event", v, bad);
         if (!*bad && c->decode_steps_per_event < 1) {

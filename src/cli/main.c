@@ -81,6 +81,21 @@ double dsi_cli_num(const char *cmd, const char *flag, const char *v, int *bad) {
     return 0;
 }
 
+uint64_t dsi_cli_u64(const char *cmd, const char *flag, const char *v, int *bad) {
+    char *end = (char *)v;
+    errno = 0;
+    unsigned long long x = *v >= '0' && *v <= '9' ? strtoull(v, &end, 10) : 0; /* strtoull takes "-1" */
+    if (end == v || *end) {
+        fprintf(stderr, "dsinfer %s: %s: '%s' is not a whole number\n", cmd, flag, v);
+    } else if (errno == ERANGE) {
+        fprintf(stderr, "dsinfer %s: %s: '%s' is out of range\n", cmd, flag, v);
+    } else {
+        return (uint64_t)x;
+    }
+    *bad = 1;
+    return 0;
+}
+
 int dsi_cli_parse_ids(const char *s, int32_t **out) {
     int cap = 16, n = 0;
     int32_t *ids = malloc(sizeof(int32_t) * cap);
