@@ -301,6 +301,8 @@ static void test_inconsistent(void **state) {
         {"num_nextn_predict_layers", "-1", DSI_EFORMAT, "num_nextn_predict_layers"},
         {"eos_token_id", "2048", DSI_EFORMAT, "eos_token_id"},
         {"bos_token_id", "-2", DSI_EFORMAT, "bos_token_id"},
+        /* negative is not "dense": the layers would be read as dense MLPs */
+        {"n_routed_experts", "-1", DSI_EFORMAT, "n_routed_experts"},
     };
     run_bad(cases, sizeof cases / sizeof cases[0]);
 }

@@ -179,6 +179,7 @@ int dsi_config_validate(const dsi_config *c) {
     CHECK(c->rope_theta > 0, "rope_theta must be > 0");
     CHECK(c->n_nextn_layers >= 0, "num_nextn_predict_layers must be >= 0");
     CHECK(c->max_position_embeddings > 0, "max_position_embeddings must be > 0");
+    CHECK(c->n_experts >= 0, "n_routed_experts %d must be >= 0", c->n_experts);
     if (c->n_experts > 0) {
         CHECK(c->n_experts <= 4096, "n_routed_experts out of range");
         CHECK(c->moe_inter > 0 && c->moe_inter <= (1 << 20), "moe_intermediate_size out of range");
