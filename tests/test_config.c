@@ -303,6 +303,10 @@ static void test_inconsistent(void **state) {
         {"bos_token_id", "-2", DSI_EFORMAT, "bos_token_id"},
         /* negative is not "dense": the layers would be read as dense MLPs */
         {"n_routed_experts", "-1", DSI_EFORMAT, "n_routed_experts"},
+        /* stored as float: 1e39 would be +inf and every logit NaN */
+        {"routed_scaling_factor", "1e39", DSI_EFORMAT, "routed_scaling_factor"},
+        {"routed_scaling_factor", "0", DSI_EFORMAT, "routed_scaling_factor"},
+        {"routed_scaling_factor", "-2.5", DSI_EFORMAT, "routed_scaling_factor"},
     };
     run_bad(cases, sizeof cases / sizeof cases[0]);
 }

@@ -190,6 +190,9 @@ int dsi_config_validate(const dsi_config *c) {
         CHECK(c->n_experts_per_tok >= 1 && c->n_experts_per_tok <= c->topk_group * (c->n_experts / c->n_group),
               "num_experts_per_tok %d exceeds the experts in the kept groups", c->n_experts_per_tok);
         CHECK(c->n_shared_experts >= 0 && c->n_shared_experts <= 64, "n_shared_experts out of range");
+        /* a float: a double past FLT_MAX is +inf here */
+        CHECK(isfinite(c->routed_scaling_factor) && c->routed_scaling_factor > 0,
+              "routed_scaling_factor %g must be positive and finite as a float32", (double)c->routed_scaling_factor);
     }
     CHECK(c->bos_token_id >= -1 && c->bos_token_id < c->vocab_size, "bos_token_id out of range");
     CHECK(c->eos_token_id >= -1 && c->eos_token_id < c->vocab_size, "eos_token_id out of range");
