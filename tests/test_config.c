@@ -307,6 +307,21 @@ static void test_inconsistent(void **state) {
         {"routed_scaling_factor", "1e39", DSI_EFORMAT, "routed_scaling_factor"},
         {"routed_scaling_factor", "0", DSI_EFORMAT, "routed_scaling_factor"},
         {"routed_scaling_factor", "-2.5", DSI_EFORMAT, "routed_scaling_factor"},
+        /* rope: each of these gave non-finite logits (log(theta) = 0 divides,
+         * a YaRN factor of 1e-300 is 0 as a float, log of a negative length) */
+        {"rope_theta", "1", DSI_EFORMAT, "rope_theta"},
+        {"rope_theta", "0.5", DSI_EFORMAT, "rope_theta"},
+        {"rope_scaling.factor", "1e-300", DSI_EFORMAT, "factor"},
+        {"rope_scaling.factor", "0.5", DSI_EFORMAT, "factor"},
+        {"rope_scaling.original_max_position_embeddings", "-1", DSI_EFORMAT, "original_max_position_embeddings"},
+        {"rope_scaling.original_max_position_embeddings", "0", DSI_EFORMAT, "original_max_position_embeddings"},
+        {"rope_scaling.beta_fast", "0", DSI_EFORMAT, "beta_fast"},
+        {"rope_scaling.beta_slow", "-1", DSI_EFORMAT, "beta_slow"},
+        {"rope_scaling.mscale", "1e38", DSI_EFORMAT, "mscale"},
+        {"rope_scaling.mscale", "-1", DSI_EFORMAT, "mscale"},
+        {"rope_scaling.mscale_all_dim", "1e38", DSI_EFORMAT, "mscale_all_dim"},
+        /* in range one by one, but past float32 once combined: a zero frequency */
+        {"rope_scaling.factor", "1e300", DSI_EFORMAT, "rope_scaling"},
     };
     run_bad(cases, sizeof cases / sizeof cases[0]);
 }

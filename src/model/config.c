@@ -126,7 +126,6 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
         TRY(get_num(rs, "beta_slow", 1, &c->yarn_beta_slow));
         TRY(get_num(rs, "mscale", 1, &c->yarn_mscale));
         TRY(get_num(rs, "mscale_all_dim", 0, &c->yarn_mscale_all_dim));
-        if (c->yarn_factor <= 0) FAIL(DSI_EFORMAT, "config.json: rope_scaling.factor must be > 0");
     }
 
     const cJSON *q = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
@@ -176,7 +175,27 @@ int dsi_config_validate(const dsi_config *c) {
     CHECK(c->first_k_dense >= 0, "first_k_dense_replace must be >= 0");
     CHECK(c->moe_layer_freq >= 1, "moe_layer_freq must be >= 1");
     CHECK(c->rms_norm_eps > 0 && c->rms_norm_eps < 1, "rms_norm_eps out of range");
-    CHECK(c->rope_theta > 0, "rope_theta must be > 0");
+    /* log(rope_theta) divides in YaRN's ramp, and theta < 1 turns the frequencies around */
+    CHECK(c->rope_theta > 1, "rope_theta %g must be > 1", c->rope_theta);
+    if (c->yarn) {
+        CHECK(c->yarn_factor >= 1, "rope_scaling.factor %g must be >= 1", c->yarn_factor);
+        CHECK(c->yarn_orig_max_pos >= 1, "rope_scaling.original_max_position_embeddings %g must be >= 1",
+              c->yarn_orig_max_pos);
+        CHECK(c->yarn_beta_fast > 0, "rope_scaling.beta_fast %g must be > 0", c->yarn_beta_fast);
+        CHECK(c->yarn_beta_slow > 0, "rope_scaling.beta_slow %g must be > 0", c->yarn_beta_slow);
+        CHECK(c->yarn_mscale >= 0 && c->yarn_mscale <= 100, "rope_scaling.mscale %g out of range [0, 100]",
+              c->yarn_mscale);
+        CHECK(c->yarn_mscale_all_dim >= 0 && c->yarn_mscale_all_dim <= 100,
+              "rope_scaling.mscale_all_dim %g out of range [0, 100]", c->yarn_mscale_all_dim);
+    }
+    {
+        /* and the float32 constants every backend uses come out finite and positive */
+        float inv_freq[2048], rope_mscale, softmax_scale;
+        dsi_config_rope(c, inv_freq, &rope_mscale, &softmax_scale);
+        int ok = isfinite(rope_mscale) && rope_mscale > 0 && isfinite(softmax_scale) && softmax_scale > 0;
+        for (int i = 0; i < c->qk_rope_dim / 2; i++) ok = ok && isfinite(inv_freq[i]) && inv_freq[i] > 0;
+        CHECK(ok, "rope_theta / rope_scaling give non-finite or non-positive rope constants");
+    }
     CHECK(c->n_nextn_layers >= 0, "num_nextn_predict_layers must be >= 0");
     CHECK(c->max_position_embeddings > 0, "max_position_embeddings must be > 0");
     CHECK(c->n_experts >= 0, "n_routed_experts %d must be >= 0", c->n_experts);
