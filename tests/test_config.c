@@ -338,6 +338,74 @@ static void test_not_json(void **state) {
     dsi_config c;
     assert_int_equal(dsi_config_parse(text, strlen(text), &c), DSI_OK);
     assert_int_equal(dsi_config_parse(text, strlen(text) / 2, &c), DSI_EFORMAT);
+    /* nothing but whitespace may follow the object: Python's json.load (what
+     * transformers reads it with) refuses the rest, and two concatenated
+     * configs must not mean the first one */
+    const char *tails[] = {"garbage", "{\"n_shared_experts\": 0}", "\n}"};
+    for (size_t i = 0; i < sizeof tails / sizeof tails[0]; i++) {
+        size_t tl = strlen(tails[i]);
+        char *buf = malloc(strlen(text) + tl);
+        memcpy(buf, text, strlen(text));
+        memcpy(buf + strlen(text), tails[i], tl);
+        assert_int_equal(dsi_config_parse(buf, strlen(text) + tl, &c), DSI_EFORMAT);
+        assert_true(tu_msg_has("config.json", "after the JSON object", NULL));
+        free(buf);
+    }
+    char *padded = malloc(strlen(text) + 4);
+    sprintf(padded, "%s \r\n\t", text);
+    assert_int_equal(dsi_config_parse(padded, strlen(padded), &c), DSI_OK);
+    free(padded);
+    /* a NUL byte between tokens (cJSON skips it as whitespace) */
+    char *nul = strdup(text);
+    char *colon = strchr(nul, ':');
+    assert_true(colon && colon[1] == ' ');
+    colon[1] = 0;
+    assert_int_equal(dsi_config_parse(nul, strlen(text), &c), DSI_EFORMAT);
+    assert_true(tu_msg_has("config.json", "NUL", NULL));
+    free(nul);
+    free(text);
+}
+
+/* A key given twice: cJSON would read the first value, Python's json (and so
+ * transformers) the last: the two would run different models. */
+static void test_duplicate_keys(void **state) {
+    static const struct { const char *path, *dup; } cases[] = {
+        {"n_group", "\"n_group\": 8"},
+        {"n_shared_experts", "\"n_shared_experts\": 0"},
+        {"rope_scaling.factor", "\"factor\": 4"},
+        {"quantization_config.weight_block_size", "\"weight_block_size\": [64, 64]"},
+        {"rope_scaling", "\"rope_scaling\": null"},
+    };
+    char *text = golden_text("tiny-fp8");
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        /* insert the duplicate right after the object that holds the key opens */
+        const char *dot = strchr(cases[i].path, '.');
+        const char *at = text;
+        if (dot) {
+            char parent[64];
+            snprintf(parent, sizeof parent, "\"%.*s\"", (int)(dot - cases[i].path), cases[i].path);
+            at = strstr(text, parent);
+            assert_non_null(at);
+        }
+        at = strchr(at, '{') + 1;
+        char *buf = malloc(strlen(text) + strlen(cases[i].dup) + 2);
+        size_t head = (size_t)(at - text);
+        sprintf(buf, "%.*s%s,%s", (int)head, text, cases[i].dup, at);
+        dsi_config c;
+        int rc = dsi_config_parse(buf, strlen(buf), &c);
+        const char *leaf = dot ? dot + 1 : cases[i].path;
+        if (rc != DSI_EFORMAT || !tu_msg_has(leaf, "more than once", NULL)) {
+            fprintf(stderr, "  duplicate %s: got %s \"%s\"\n", cases[i].path, dsi_status_name(rc), dsi_last_error());
+            fail();
+        }
+        free(buf);
+    }
+    /* keys nobody reads may repeat (architectures, use_cache...): not ours to judge */
+    char *buf = malloc(strlen(text) + 32);
+    sprintf(buf, "{\"use_cache\": 1,%s", strchr(text, '{') + 1);
+    dsi_config c;
+    assert_int_equal(dsi_config_parse(buf, strlen(buf), &c), DSI_OK);
+    free(buf);
     free(text);
 }
 
@@ -447,6 +515,7 @@ int main(void) {
         cmocka_unit_test(test_missing_required),
         cmocka_unit_test(test_inconsistent),
         cmocka_unit_test(test_not_json),
+        cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_to_json_roundtrip),
         cmocka_unit_test(test_load_file),
     };

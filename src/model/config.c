@@ -9,9 +9,23 @@
 #include <string.h>
 #include <sys/stat.h>
 
+/* `key` of object `obj` (NULL when absent). A key given twice is an error:
+ * cJSON would read the first value and Python's json, which transformers
+ * reads config.json with, the last. */
+static int field(const cJSON *obj, const char *key, const cJSON **out) {
+    *out = NULL;
+    for (const cJSON *e = obj->child; e; e = e->next) {
+        if (!e->string || strcmp(e->string, key)) continue;
+        if (*out) return dsi_error(DSI_EFORMAT, "config.json: field '%s' appears more than once", key);
+        *out = e;
+    }
+    return DSI_OK;
+}
+
 /* Reads an integer field; `def` when absent or null. Errors on wrong type. */
 static int get_int(const cJSON *root, const char *key, int def, int *out, int required) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    const cJSON *v;
+    if (field(root, key, &v)) return DSI_EFORMAT;
     if (!v || cJSON_IsNull(v)) {
         if (required) return dsi_error(DSI_EFORMAT, "config.json: missing required field '%s'", key);
         *out = def;
@@ -24,7 +38,8 @@ static int get_int(const cJSON *root, const char *key, int def, int *out, int re
 }
 
 static int get_num(const cJSON *root, const char *key, double def, double *out) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    const cJSON *v;
+    if (field(root, key, &v)) return DSI_EFORMAT;
     if (!v || cJSON_IsNull(v)) { *out = def; return DSI_OK; }
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
         return dsi_error(DSI_EFORMAT, "config.json: field '%s' must be a number", key);
@@ -33,7 +48,8 @@ static int get_num(const cJSON *root, const char *key, double def, double *out) 
 }
 
 static int get_bool(const cJSON *root, const char *key, int def, int *out) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    const cJSON *v;
+    if (field(root, key, &v)) return DSI_EFORMAT;
     if (!v || cJSON_IsNull(v)) { *out = def; return DSI_OK; }
     if (!cJSON_IsBool(v)) return dsi_error(DSI_EFORMAT, "config.json: field '%s' must be true or false", key);
     *out = cJSON_IsTrue(v);
@@ -43,8 +59,9 @@ static int get_bool(const cJSON *root, const char *key, int def, int *out) {
 /* A string field: *out = NULL when absent or null. Any other type is an error:
  * a mistyped scoring_func must not silently mean "the default". */
 static int get_str(const cJSON *root, const char *key, const char **out) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    const cJSON *v;
     *out = NULL;
+    if (field(root, key, &v)) return DSI_EFORMAT;
     if (!v || cJSON_IsNull(v)) return DSI_OK;
     if (!cJSON_IsString(v)) return dsi_error(DSI_EFORMAT, "config.json: field '%s' must be a string", key);
     *out = v->valuestring;
@@ -57,8 +74,16 @@ static int get_str(const cJSON *root, const char *key, const char **out) {
 
 int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
     memset(c, 0, sizeof *c);
-    cJSON *root = cJSON_ParseWithLength(json, len);
+    /* cJSON skips a NUL as whitespace; Python's json refuses it */
+    const char *nul = memchr(json, 0, len);
+    if (nul) return dsi_error(DSI_EFORMAT, "config.json: NUL byte at offset %zu", (size_t)(nul - json));
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(json, len, &end, 0);
     if (!root || !cJSON_IsObject(root)) FAIL(DSI_EFORMAT, "config.json: not a JSON object");
+    /* only whitespace may follow the object (Python's json.load refuses the rest) */
+    for (const char *p = end; p < json + len; p++)
+        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r')
+            FAIL(DSI_EFORMAT, "config.json: junk after the JSON object (byte %zu)", (size_t)(p - json));
     const char *mt, *sf, *tm, *act;
     TRY(get_str(root, "model_type", &mt));
     if (!mt) FAIL(DSI_EFORMAT, "config.json: missing 'model_type'");
@@ -109,7 +134,8 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
     TRY(get_str(root, "hidden_act", &act));
     if (act && strcmp(act, "silu")) FAIL(DSI_EUNSUPPORTED, "config.json: hidden_act '%s' is not supported (silu only)", act);
 
-    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "rope_scaling");
+    const cJSON *rs;
+    TRY(field(root, "rope_scaling", &rs));
     if (rs && !cJSON_IsNull(rs)) {
         if (!cJSON_IsObject(rs)) FAIL(DSI_EFORMAT, "config.json: rope_scaling must be an object or null");
         const char *t;
@@ -128,7 +154,8 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
         TRY(get_num(rs, "mscale_all_dim", 0, &c->yarn_mscale_all_dim));
     }
 
-    const cJSON *q = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
+    const cJSON *q;
+    TRY(field(root, "quantization_config", &q));
     c->weight_block[0] = c->weight_block[1] = 128;
     if (q && !cJSON_IsNull(q)) {
         if (!cJSON_IsObject(q)) FAIL(DSI_EFORMAT, "config.json: quantization_config must be an object or null");
@@ -140,7 +167,8 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
                  qm ? qm : "(none)");
         if (fmt && strcmp(fmt, "e4m3"))
             FAIL(DSI_EUNSUPPORTED, "config.json: quantization_config.fmt '%s' is not supported (e4m3 only)", fmt);
-        const cJSON *bs = cJSON_GetObjectItemCaseSensitive(q, "weight_block_size");
+        const cJSON *bs;
+        TRY(field(q, "weight_block_size", &bs));
         if (bs) {
             if (!cJSON_IsArray(bs) || cJSON_GetArraySize(bs) != 2)
                 FAIL(DSI_EFORMAT, "config.json: quantization_config.weight_block_size must be [rows, cols]");
