@@ -216,6 +216,8 @@ static void test_unsupported(void **state) {
         {"quantization_config.quant_method", NULL, DSI_EUNSUPPORTED, "quant_method"},
         {"quantization_config.fmt", "\"e5m2\"", DSI_EUNSUPPORTED, "fmt"},
         {"attention_bias", "true", DSI_EUNSUPPORTED, "attention_bias"},
+        /* static FP8 activations need input scales this engine never reads */
+        {"quantization_config.activation_scheme", "\"static\"", DSI_EUNSUPPORTED, "activation_scheme"},
     };
     run_bad(cases, sizeof cases / sizeof cases[0]);
 }
@@ -248,6 +250,8 @@ static void test_wrong_types(void **state) {
         {"quantization_config.weight_block_size", "[0, 128]", DSI_EFORMAT, "weight_block_size"},
         {"quantization_config.weight_block_size", "[128, 1e300]", DSI_EFORMAT, "weight_block_size"},
         {"quantization_config.weight_block_size", "[\"128\", 128]", DSI_EFORMAT, "weight_block_size"},
+        {"quantization_config.activation_scheme", "1", DSI_EFORMAT, "activation_scheme"},
+        {"rope_scaling.rope_type", "1", DSI_EFORMAT, "rope_type"}, /* was unread once 'type' was there */
     };
     run_bad(cases, sizeof cases / sizeof cases[0]);
 }
@@ -322,6 +326,8 @@ static void test_inconsistent(void **state) {
         {"rope_scaling.mscale_all_dim", "1e38", DSI_EFORMAT, "mscale_all_dim"},
         /* in range one by one, but past float32 once combined: a zero frequency */
         {"rope_scaling.factor", "1e300", DSI_EFORMAT, "rope_scaling"},
+        /* transformers goes by rope_type: 'type' alone must not decide */
+        {"rope_scaling.rope_type", "\"linear\"", DSI_EFORMAT, "rope_type"},
     };
     run_bad(cases, sizeof cases / sizeof cases[0]);
 }

@@ -57,7 +57,7 @@ typedef struct dsi_config {
  * accepted with the same fields). Unsupported values (another model_type,
  * scoring_func other than sigmoid, topk_method other than noaux_tc,
  * hidden_act other than silu, rope_scaling other than yarn, attention_bias,
- * a quantization method other than fp8 e4m3 with 128x128 blocks) give
+ * a quantization method other than fp8 e4m3 with dynamic activations) give
  * DSI_EUNSUPPORTED naming the field; a field of the wrong type gives
  * DSI_EFORMAT naming it. */
 int dsi_config_parse(const char *json, size_t len, dsi_config *out);

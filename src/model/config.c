@@ -138,9 +138,13 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
     TRY(field(root, "rope_scaling", &rs));
     if (rs && !cJSON_IsNull(rs)) {
         if (!cJSON_IsObject(rs)) FAIL(DSI_EFORMAT, "config.json: rope_scaling must be an object or null");
-        const char *t;
+        const char *t, *rt;
         TRY(get_str(rs, "type", &t));
-        if (!t) TRY(get_str(rs, "rope_type", &t));
+        TRY(get_str(rs, "rope_type", &rt));
+        /* transformers reads rope_type first, DeepSeek's own code 'type': both must agree */
+        if (t && rt && strcmp(t, rt))
+            FAIL(DSI_EFORMAT, "config.json: rope_scaling.type '%s' and rope_scaling.rope_type '%s' disagree", t, rt);
+        if (!t) t = rt;
         if (!t || strcmp(t, "yarn"))
             FAIL(DSI_EUNSUPPORTED, "config.json: rope_scaling type '%s' is not supported (yarn only)", t ? t : "(none)");
         c->yarn = 1;
@@ -159,14 +163,19 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
     c->weight_block[0] = c->weight_block[1] = 128;
     if (q && !cJSON_IsNull(q)) {
         if (!cJSON_IsObject(q)) FAIL(DSI_EFORMAT, "config.json: quantization_config must be an object or null");
-        const char *qm, *fmt;
+        const char *qm, *fmt, *as;
         TRY(get_str(q, "quant_method", &qm));
         TRY(get_str(q, "fmt", &fmt));
+        TRY(get_str(q, "activation_scheme", &as));
         if (!qm || strcmp(qm, "fp8"))
             FAIL(DSI_EUNSUPPORTED, "config.json: quantization_config.quant_method '%s' is not supported (fp8 only)",
                  qm ? qm : "(none)");
         if (fmt && strcmp(fmt, "e4m3"))
             FAIL(DSI_EUNSUPPORTED, "config.json: quantization_config.fmt '%s' is not supported (e4m3 only)", fmt);
+        /* activations are quantised on the fly; a static scheme's input scales would go unused */
+        if (as && strcmp(as, "dynamic"))
+            FAIL(DSI_EUNSUPPORTED,
+                 "config.json: quantization_config.activation_scheme '%s' is not supported (dynamic only)", as);
         const cJSON *bs;
         TRY(field(q, "weight_block_size", &bs));
         if (bs) {
