@@ -501,6 +501,19 @@ static void test_load_file(void **state) {
     assert_true(tu_msg_has(path, "model_type", "llama"));
     assert_int_equal(dsi_config_load(dir, &c), DSI_EIO);
     assert_true(tu_msg_has(dir, "not a regular file", NULL));
+    /* past the 1 MiB read: it was cut there and reported as "not a JSON object" */
+    char *text = golden_text("tiny-fp8");
+    size_t tl = strlen(text), big = (1u << 20) + 16;
+    char *pad = malloc(big);
+    memset(pad, ' ', big);
+    memcpy(pad, text, tl - 1); /* drop the final '}'... */
+    pad[big - 1] = '}';        /* ...and close the object after 1 MiB of spaces */
+    assert_int_equal(dsi_config_parse(pad, big, &c), DSI_OK); /* valid JSON */
+    assert_int_equal(tu_write_file(path, pad, big), 0);
+    assert_int_equal(dsi_config_load(path, &c), DSI_EFORMAT);
+    assert_true(tu_msg_has(path, "1 MiB", NULL));
+    free(pad);
+    free(text);
     /* a FIFO must not block the load (alarm: a hang fails the test) */
     snprintf(path, sizeof path, "%s/fifo.json", dir);
     assert_int_equal(mkfifo(path, 0600), 0);

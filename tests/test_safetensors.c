@@ -345,6 +345,21 @@ static void test_dir_sharded(void **state) {
     expect_dir_error(dir, DSI_EFORMAT, "model.safetensors.index.json", NULL, NULL);
     write_text(dir, "model.safetensors.index.json", "");
     expect_dir_error(dir, DSI_EFORMAT, "model.safetensors.index.json", NULL, NULL);
+    /* an index that exists but cannot be read is an error, not "no index"
+     * (which fell back to every *.safetensors in the folder) */
+    char ipath[512];
+    snprintf(ipath, sizeof ipath, "%s/model.safetensors.index.json", dir);
+    write_text(dir, "model.safetensors.index.json", INDEX_OK);
+    if (geteuid() != 0) { /* root reads a mode-000 file */
+        assert_int_equal(chmod(ipath, 0), 0);
+        expect_dir_error(dir, DSI_EIO, "model.safetensors.index.json", "Permission denied", NULL);
+        assert_int_equal(chmod(ipath, 0644), 0);
+    } else {
+        printf("  (running as root: the unreadable-index case is skipped)\n");
+    }
+    /* one past the size read: it was cut there and then 'no weight_map object' (sparse: no bytes written) */
+    assert_int_equal(truncate(ipath, (64 << 20) + 1), 0);
+    expect_dir_error(dir, DSI_EFORMAT, "model.safetensors.index.json", "64 MiB", NULL);
 
     /* a truncated shard behind a valid index */
     write_text(dir, "model.safetensors.index.json", INDEX_OK);

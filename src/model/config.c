@@ -258,8 +258,13 @@ int dsi_config_validate(const dsi_config *c) {
 
 int dsi_config_load(const char *path, dsi_config *out) {
     struct stat st;
-    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) /* a FIFO would block fopen */
-        return dsi_error(DSI_EIO, "%s: not a regular file", path);
+    if (stat(path, &st) == 0) {
+        if (!S_ISREG(st.st_mode)) /* a FIFO would block fopen */
+            return dsi_error(DSI_EIO, "%s: not a regular file", path);
+        if (st.st_size >= (1 << 20)) /* it would be cut short, then "not a JSON object" */
+            return dsi_error(DSI_EFORMAT, "%s: %lld bytes, over the 1 MiB a config.json may have", path,
+                             (long long)st.st_size);
+    }
     FILE *f = fopen(path, "rb");
     if (!f) return dsi_error(errno == ENOENT ? DSI_ENOTFOUND : DSI_EIO, "%s: %s", path, strerror(errno));
     char *buf = malloc(1 << 20);

@@ -329,11 +329,21 @@ int dsi_st_open_dir(const char *dir, dsi_st_set **out) {
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     size_t ilen = 0;
     struct stat ist;
-    if (stat(path, &ist) == 0 && !S_ISREG(ist.st_mode)) { /* a FIFO would block fopen */
+    int has_index = stat(path, &ist) == 0;
+    if (has_index && !S_ISREG(ist.st_mode)) { /* a FIFO would block fopen */
         dsi_st_close(set);
         return dsi_error(DSI_EIO, "%s: not a regular file", path);
     }
+    if (has_index && ist.st_size > (off_t)(64u << 20)) { /* it would be cut short */
+        dsi_st_close(set);
+        return dsi_error(DSI_EFORMAT, "%s: %lld bytes, over the 64 MiB an index may have", path, (long long)ist.st_size);
+    }
     char *index = read_small_file(path, 64u << 20, &ilen);
+    if (has_index && !index) { /* not "no index": that would load every *.safetensors here instead */
+        int e = errno;
+        dsi_st_close(set);
+        return dsi_error(DSI_EIO, "%s: %s", path, strerror(e));
+    }
     cJSON *iroot = NULL;
     if (index) {
         iroot = cJSON_ParseWithLength(index, ilen);
