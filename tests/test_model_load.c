@@ -14,6 +14,7 @@
 #include <cmocka.h>
 #include <dirent.h>
 #include <math.h>
+#include <cjson/cJSON.h>
 
 #include "dsinfer/engine.h"
 #include "dsinfer/model.h"
@@ -543,6 +544,49 @@ static void test_truncated_shard(void **state) {
     tu_rmtree(dir);
 }
 
+/* Sets config.json's `key` in `dir` to the JSON `value`. */
+static void set_config(const char *dir, const char *key, const char *value) {
+    char p[1024];
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    size_t len = 0;
+    char *text = tu_read_file(p, &len);
+    assert_non_null(text);
+    cJSON *root = cJSON_ParseWithLength(text, len);
+    free(text);
+    assert_non_null(root);
+    cJSON_DeleteItemFromObjectCaseSensitive(root, key);
+    cJSON_AddItemToObject(root, key, cJSON_Parse(value));
+    char *out = cJSON_Print(root);
+    assert_int_equal(tu_write_file(p, out, strlen(out)), 0);
+    free(out);
+    cJSON_Delete(root);
+}
+
+/* A config that leaves checkpoint tensors unused ran another model than the
+ * checkpoint's: fewer layers, no shared experts, the embedding as lm_head. */
+static void test_unused_tensors(void **state) {
+    char dir[512];
+    copy_golden("tiny-fp8", "unused-tie", dir, sizeof dir);
+    set_config(dir, "tie_word_embeddings", "true");
+    expect_load_error(dir, DSI_EFORMAT, ".safetensors", "'lm_head.weight'", "not used");
+    tu_rmtree(dir);
+    copy_golden("tiny-fp8", "unused-shared", dir, sizeof dir);
+    set_config(dir, "n_shared_experts", "0");
+    expect_load_error(dir, DSI_EFORMAT, ".safetensors", "shared_experts", "not used");
+    tu_rmtree(dir);
+    copy_golden("tiny-bf16", "unused-layers", dir, sizeof dir);
+    set_config(dir, "num_hidden_layers", "3");
+    expect_load_error(dir, DSI_EFORMAT, "model.safetensors", "'model.layers.3.", "not used");
+    /* the layers after the last one are the MTP modules' when the config has them */
+    set_config(dir, "num_nextn_predict_layers", "1");
+    dsi_model *m;
+    assert_int_equal(dsi_model_load(dir, NULL, &m), DSI_OK);
+    dsi_model_destroy(m);
+    set_config(dir, "num_hidden_layers", "2");
+    expect_load_error(dir, DSI_EFORMAT, "model.safetensors", "'model.layers.3.", "not used");
+    tu_rmtree(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_make_load_run),
@@ -555,6 +599,7 @@ int main(void) {
         cmocka_unit_test(test_wrong_shape),
         cmocka_unit_test(test_wrong_dtype),
         cmocka_unit_test(test_truncated_shard),
+        cmocka_unit_test(test_unused_tensors),
     };
     return cmocka_run_group_tests_name("model-load", tests, group_setup, group_teardown);
 }

@@ -11,11 +11,13 @@
 typedef struct binder {
     const dsi_st_set *set;
     const dsi_config *cfg;
+    unsigned char *used;    /* [dsi_st_count(set)]: bound by the model */
 } binder;
 
 static int find_checked(const binder *b, const char *name, int rows, int cols, const dsi_tensor **out) {
     const dsi_tensor *t = dsi_st_find(b->set, name);
     if (!t) return dsi_error(DSI_ENOTFOUND, "missing tensor '%s'", name);
+    b->used[t - dsi_st_at(b->set, 0)] = 1;
     int ok = cols > 0 ? (t->n_dims == 2 && t->shape[0] == rows && t->shape[1] == cols)
                       : (t->n_dims == 1 && t->shape[0] == rows);
     if (!ok) {
@@ -196,6 +198,17 @@ static uint64_t fingerprint(const dsi_model *m) {
     return h;
 }
 
+/* Whether `name` belongs to one of the MTP modules stored after the last
+ * layer (model.layers.{n_layers + i}., i < num_nextn_predict_layers): not
+ * used, but part of a DeepSeek-V3 checkpoint. */
+static int is_mtp_tensor(const dsi_config *c, const char *name) {
+    const char *p = "model.layers.";
+    if (strncmp(name, p, strlen(p))) return 0;
+    char *end;
+    long l = strtol(name + strlen(p), &end, 10);
+    return end != name + strlen(p) && *end == '.' && l >= c->n_layers && l < (long)c->n_layers + c->n_nextn_layers;
+}
+
 int dsi_model_from_set(const dsi_config *cfg, dsi_st_set *set, const char *name, dsi_model **out) {
     *out = NULL;
     int rc = dsi_config_validate(cfg);
@@ -205,10 +218,10 @@ int dsi_model_from_set(const dsi_config *cfg, dsi_st_set *set, const char *name,
     m->cfg = *cfg;
     m->set = set;
     m->name = strdup(name ? name : "model");
-    binder b = {set, &m->cfg};
+    binder b = {set, &m->cfg, calloc(dsi_st_count(set) + 1, 1)};
     const dsi_config *c = &m->cfg;
     m->layers = calloc(c->n_layers, sizeof(dsi_layer));
-    if (!m->layers || !m->name) { rc = dsi_error(DSI_ENOMEM, "out of memory"); goto fail; }
+    if (!m->layers || !m->name || !b.used) { rc = dsi_error(DSI_ENOMEM, "out of memory"); goto fail; }
     B(bind_mat(&b, "model.embed_tokens.weight", c->vocab_size, c->hidden, &m->embed));
     if (m->embed.dtype == DSI_F8_E4M3) {
         rc = dsi_error(DSI_EFORMAT, "%s: tensor 'model.embed_tokens.weight': embeddings must not be FP8",
@@ -219,10 +232,25 @@ int dsi_model_from_set(const dsi_config *cfg, dsi_st_set *set, const char *name,
     B(bind_vec(&b, "model.norm.weight", c->hidden, &m->final_norm));
     if (c->tie_word_embeddings) m->lm_head = m->embed;
     else B(bind_mat(&b, "lm_head.weight", c->vocab_size, c->hidden, &m->lm_head));
+    /* A tensor nothing binds means the config describes another model than
+     * the weights: fewer layers, no shared experts, a tied lm_head... */
+    for (int i = 0; i < dsi_st_count(set); i++) {
+        const dsi_tensor *t = dsi_st_at(set, i);
+        if (b.used[i] || is_mtp_tensor(c, t->name)) continue;
+        rc = dsi_error(DSI_EFORMAT,
+                       "%s: tensor '%s' is not used by the model config.json describes (num_hidden_layers %d, "
+                       "num_nextn_predict_layers %d, n_shared_experts %d, tie_word_embeddings %s): config and "
+                       "weights do not match",
+                       t->file, t->name, c->n_layers, c->n_nextn_layers, c->n_shared_experts,
+                       c->tie_word_embeddings ? "true" : "false");
+        goto fail;
+    }
+    free(b.used);
     m->fingerprint = fingerprint(m);
     *out = m;
     return DSI_OK;
 fail:
+    free(b.used);
     dsi_model_destroy(m);
     return rc;
 }
