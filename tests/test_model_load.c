@@ -587,6 +587,52 @@ static void test_unused_tensors(void **state) {
     tu_rmtree(dir);
 }
 
+/* Rewrites the shard holding `tensor` with `n` bytes at `offset` of its data replaced by `bytes`. */
+static void patch(const char *dir, const char *tensor, size_t offset, const void *bytes, size_t n) {
+    char path[1024];
+    shard_of(dir, tensor, path, sizeof path);
+    dsi_st_set *s;
+    assert_int_equal(dsi_st_open_file(path, &s), DSI_OK);
+    dsi_st_writer *w = dsi_st_writer_create();
+    for (int i = 0; i < dsi_st_count(s); i++) {
+        const dsi_tensor *t = dsi_st_at(s, i);
+        uint8_t *buf = malloc(t->size_bytes + 1);
+        memcpy(buf, t->data, t->size_bytes);
+        if (!strcmp(t->name, tensor)) {
+            assert_true(offset + n <= t->size_bytes);
+            memcpy(buf + offset, bytes, n);
+        }
+        assert_int_equal(dsi_st_writer_add(w, t->name, t->dtype, t->n_dims, t->shape, buf), DSI_OK);
+        free(buf);
+    }
+    dsi_st_close(s);
+    assert_int_equal(dsi_st_writer_save(w, path), DSI_OK);
+    dsi_st_writer_destroy(w);
+}
+
+/* NaN or inf in a norm, a router bias or an FP8 block scale made every
+ * logit NaN (or silently skewed the routing): the load refuses them. */
+static void test_non_finite_values(void **state) {
+    static const struct { const char *tensor; size_t offset; uint32_t bits; int size; } cases[] = {
+        {"model.layers.0.input_layernorm.weight", 6, 0x7fc0, 2},                  /* BF16 NaN */
+        {"model.norm.weight", 0, 0xff80, 2},                                      /* BF16 -inf */
+        {"model.layers.2.mlp.gate.e_score_correction_bias", 12, 0x7f800000, 4},   /* F32 inf */
+        {"model.layers.0.self_attn.q_a_proj.weight_scale_inv", 4, 0x7fc00000, 4}, /* F32 NaN */
+        {"model.layers.3.mlp.experts.5.down_proj.weight_scale_inv", 0, 0xff800000, 4},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char dir[512];
+        copy_golden("tiny-fp8", "non-finite", dir, sizeof dir);
+        uint8_t b[4];
+        for (int k = 0; k < cases[i].size; k++) b[k] = (uint8_t)(cases[i].bits >> (8 * k));
+        patch(dir, cases[i].tensor, cases[i].offset, b, (size_t)cases[i].size);
+        char quoted[256];
+        snprintf(quoted, sizeof quoted, "'%s'", cases[i].tensor);
+        expect_load_error(dir, DSI_EFORMAT, ".safetensors", quoted, "non-finite");
+        tu_rmtree(dir);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_make_load_run),
@@ -600,6 +646,7 @@ int main(void) {
         cmocka_unit_test(test_wrong_dtype),
         cmocka_unit_test(test_truncated_shard),
         cmocka_unit_test(test_unused_tensors),
+        cmocka_unit_test(test_non_finite_values),
     };
     return cmocka_run_group_tests_name("model-load", tests, group_setup, group_teardown);
 }

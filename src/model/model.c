@@ -3,6 +3,7 @@
 #include "model/model_impl.h"
 #include "kernels/dtype.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,6 +60,11 @@ static int bind_mat(const binder *b, const char *name, int rows, int cols, dsi_m
             return dsi_error(DSI_EFORMAT, "%s: tensor '%s' is %s, expected F32", s->file, sname, dsi_dtype_name(s->dtype));
         if (((uintptr_t)s->data & 3) != 0)
             return dsi_error(DSI_EFORMAT, "%s: tensor '%s' is not 4-byte aligned", s->file, sname);
+        /* one NaN or inf scale makes every logit NaN; the scales are 1/16384 of the weights */
+        for (size_t i = 0; i < s->size_bytes / 4; i++)
+            if (!isfinite(((const float *)s->data)[i]))
+                return dsi_error(DSI_EFORMAT, "%s: tensor '%s' has a non-finite value at element %zu", s->file,
+                                 sname, i);
         m->scale_inv = s->data;
         m->block_rows = br;
         m->block_cols = bc;
@@ -91,6 +97,10 @@ static int bind_vec(const binder *b, const char *name, int n, float **out) {
             free(v);
             return dsi_error(DSI_EFORMAT, "%s: tensor '%s' has dtype %s (expected F32/BF16/F16)", t->file, name,
                              dsi_dtype_name(t->dtype));
+        }
+        if (!isfinite(v[i])) {
+            free(v);
+            return dsi_error(DSI_EFORMAT, "%s: tensor '%s' has a non-finite value at element %d", t->file, name, i);
         }
     }
     *out = v;
