@@ -585,6 +585,15 @@ static void test_unused_tensors(void **state) {
     set_config(dir, "num_hidden_layers", "2");
     expect_load_error(dir, DSI_EFORMAT, "model.safetensors", "'model.layers.3.", "not used");
     tu_rmtree(dir);
+    /* a rotary_emb.inv_freq buffer, saved by older transformers, is not weights: ignored as transformers does */
+    copy_golden("tiny-bf16", "unused-inv-freq", dir, sizeof dir);
+    const char *norm = "model.layers.0.input_layernorm.weight";
+    rewrite(dir, norm, DSI_BF16, 1, (int64_t[]){256}, "model.layers.0.self_attn.rotary_emb.inv_freq", (int64_t[]){1, 32});
+    assert_int_equal(dsi_model_load(dir, NULL, &m), DSI_OK);
+    dsi_model_destroy(m);
+    rewrite(dir, norm, DSI_BF16, 1, (int64_t[]){256}, "model.layers.0.self_attn.rotary.inv_freq", (int64_t[]){1, 32});
+    expect_load_error(dir, DSI_EFORMAT, "model.safetensors", "'model.layers.0.self_attn.rotary.inv_freq'", "not used");
+    tu_rmtree(dir);
 }
 
 /* Rewrites the shard holding `tensor` with `n` bytes at `offset` of its data replaced by `bytes`. */

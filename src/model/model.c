@@ -246,7 +246,10 @@ int dsi_model_from_set(const dsi_config *cfg, dsi_st_set *set, const char *name,
      * the weights: fewer layers, no shared experts, a tied lm_head... */
     for (int i = 0; i < dsi_st_count(set); i++) {
         const dsi_tensor *t = dsi_st_at(set, i);
-        if (b.used[i] || is_mtp_tensor(c, t->name)) continue;
+        size_t nl = strlen(t->name), nb = strlen(".rotary_emb.inv_freq");
+        /* rotary_emb.inv_freq: a buffer older transformers saved with the weights, and ignores on load */
+        int inv_freq = nl > nb && !strcmp(t->name + nl - nb, ".rotary_emb.inv_freq");
+        if (b.used[i] || is_mtp_tensor(c, t->name) || inv_freq) continue;
         rc = dsi_error(DSI_EFORMAT,
                        "%s: tensor '%s' is not used by the model config.json describes (num_hidden_layers %d, "
                        "num_nextn_predict_layers %d, n_shared_experts %d, tie_word_embeddings %s): config and "
