@@ -147,6 +147,12 @@ static void test_fields_read(void **state) {
     assert_int_equal(c.max_position_embeddings, 8192);
     OK("eos_token_id", "7");
     assert_int_equal(c.eos_token_id, 7);
+    assert_int_equal(c.n_eos_token_ids, 1);
+    /* a list, as transformers allows: any of them ends a generation */
+    OK("eos_token_id", "[7, 9]");
+    assert_int_equal(c.eos_token_id, 7);
+    assert_int_equal(c.n_eos_token_ids, 2);
+    assert_int_equal(c.eos_token_ids[1], 9);
     OK("topk_method", NULL); /* absent: DeepSeek-V3's default */
     assert_int_equal(c.use_correction_bias, 1);
     OK("model_type", "\"kimi_k2\"");
@@ -304,6 +310,11 @@ static void test_inconsistent(void **state) {
         {"max_position_embeddings", "0", DSI_EFORMAT, "max_position_embeddings"},
         {"num_nextn_predict_layers", "-1", DSI_EFORMAT, "num_nextn_predict_layers"},
         {"eos_token_id", "2048", DSI_EFORMAT, "eos_token_id"},
+        {"eos_token_id", "[1, 2048]", DSI_EFORMAT, "eos_token_id 2048"},
+        {"eos_token_id", "[]", DSI_EFORMAT, "'eos_token_id' must list"},
+        {"eos_token_id", "[1, 2, 3, 4, 5, 6, 7, 8]", DSI_EFORMAT, "'eos_token_id' must list"},
+        {"eos_token_id", "[1, 1.5]", DSI_EFORMAT, "'eos_token_id' element 1"},
+        {"eos_token_id", "[1, \"2\"]", DSI_EFORMAT, "'eos_token_id' element 1"},
         {"bos_token_id", "-2", DSI_EFORMAT, "bos_token_id"},
         /* negative is not "dense": the layers would be read as dense MLPs */
         {"n_routed_experts", "-1", DSI_EFORMAT, "n_routed_experts"},
@@ -424,7 +435,7 @@ static void assert_config_equal(const dsi_config *a, const dsi_config *b, const 
     F(n_group) F(topk_group) F(n_shared_experts) F(norm_topk_prob) F(routed_scaling_factor) F(use_correction_bias)
     F(rms_norm_eps) F(rope_theta) F(rope_interleave) F(yarn) F(yarn_factor) F(yarn_orig_max_pos) F(yarn_beta_fast)
     F(yarn_beta_slow) F(yarn_mscale) F(yarn_mscale_all_dim) F(max_position_embeddings) F(n_nextn_layers)
-    F(bos_token_id) F(eos_token_id) F(tie_word_embeddings) F(fp8) F(weight_block[0]) F(weight_block[1])
+    F(bos_token_id) F(eos_token_id) F(n_eos_token_ids) F(eos_token_ids[0]) F(eos_token_ids[1]) F(tie_word_embeddings) F(fp8) F(weight_block[0]) F(weight_block[1])
 #undef F
     /* and nothing was forgotten in the list above (both structs are memset before filling) */
     if (!bad && memcmp(a, b, sizeof *a)) { fprintf(stderr, "  %s: structs differ in a field not listed\n", what); bad = 1; }
@@ -475,6 +486,9 @@ static void test_to_json_roundtrip(void **state) {
     c.yarn_mscale_all_dim = 0;
     c.n_shared_experts = 0;
     c.bos_token_id = -1;
+    c.eos_token_id = c.eos_token_ids[0] = 5;
+    c.eos_token_ids[1] = 1;
+    c.n_eos_token_ids = 2;
     roundtrip(&c, "variant");
     c.yarn = 0;
     c.yarn_factor = c.yarn_orig_max_pos = c.yarn_beta_fast = c.yarn_beta_slow = c.yarn_mscale = 0;

@@ -93,6 +93,56 @@ static void response_id(const char *r, char *out, size_t cap) {
 /* Ids were the start second plus a per-instance counter: two instances
  * started in the same second (decode instances behind one router) repeated
  * each other's ids. */
+/* config.json's eos_token_id as a list: every id ends a generation (the
+ * server's stop ids hold each once, in order). */
+static void test_eos_list(void **state) {
+    char dir[] = "/tmp/dsi-eos-XXXXXX", path[512], src[512];
+    assert_non_null(mkdtemp(dir));
+    const char *files[] = {"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                           "model-00003-of-00003.safetensors", "model.safetensors.index.json",
+                           "tokenizer.json", "tokenizer_config.json"};
+    for (int i = 0; i < 6; i++) {
+        snprintf(src, sizeof src, "%s/golden/%s/%s", DSI_TEST_DATA, i < 4 ? "tiny-fp8" : "tokenizer", files[i]);
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        assert_int_equal(symlink(src, path), 0);
+    }
+    snprintf(src, sizeof src, "%s/golden/tiny-fp8/config.json", DSI_TEST_DATA);
+    FILE *f = fopen(src, "rb");
+    assert_non_null(f);
+    static char cfg[1 << 16];
+    size_t n = fread(cfg, 1, sizeof cfg - 1, f);
+    fclose(f);
+    cfg[n] = 0;
+    char *at = strstr(cfg, "\"eos_token_id\": 1,");
+    assert_non_null(at);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    f = fopen(path, "wb");
+    assert_non_null(f);
+    fprintf(f, "%.*s\"eos_token_id\": [1, 5, 1],%s", (int)(at - cfg), cfg, at + strlen("\"eos_token_id\": 1,"));
+    fclose(f);
+
+    dsi_server_opts o = dsi_server_default_opts();
+    o.port = 0;
+    o.threads = 1;
+    o.kv_blocks = 16;
+    o.model_dir = dir;
+    dsi_server *s;
+    int rc = dsi_server_start(&o, &s);
+    if (rc) fprintf(stderr, "  %s\n", dsi_last_error());
+    assert_int_equal(rc, DSI_OK);
+    assert_int_equal(s->api.n_eos, 2);
+    assert_int_equal(s->api.eos_ids[0], 1);
+    assert_int_equal(s->api.eos_ids[1], 5);
+    dsi_server_stop(s, 5.0);
+    for (int i = 0; i < 6; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        unlink(path);
+    }
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    unlink(path);
+    rmdir(dir);
+}
+
 static void test_ids_unique_across_instances(void **state) {
     (void)state;
     dsi_server_opts o = dsi_server_default_opts();
@@ -329,6 +379,7 @@ int main(void) {
         cmocka_unit_test(test_json_escaping),
         cmocka_unit_test(test_in_process_server),
         cmocka_unit_test(test_ids_unique_across_instances),
+        cmocka_unit_test(test_eos_list),
     };
     const struct CMUnitTest api_tests[] = {
         cmocka_unit_test(test_api_parse_nul_and_escapes),

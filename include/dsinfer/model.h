@@ -48,6 +48,10 @@ typedef struct dsi_config {
     int max_position_embeddings;
     int n_nextn_layers;         /* num_nextn_predict_layers (MTP weights present, not used) */
     int bos_token_id, eos_token_id;
+    /* eos_token_id as a list (transformers allows one; any of them ends a
+     * generation): eos_token_ids[0] == eos_token_id. 0 ids: eos_token_id alone. */
+#define DSI_MAX_EOS_IDS 7
+    int eos_token_ids[DSI_MAX_EOS_IDS], n_eos_token_ids;
     int tie_word_embeddings;
     int fp8;                    /* quantization_config fp8 e4m3 */
     int weight_block[2];        /* [rows, cols] of a scale block, 128x128 */

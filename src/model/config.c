@@ -37,6 +37,32 @@ static int get_int(const cJSON *root, const char *key, int def, int *out, int re
     return DSI_OK;
 }
 
+/* eos_token_id: an integer, or a list of 1..DSI_MAX_EOS_IDS integers (as
+ * transformers allows); 1 when absent. */
+static int get_eos(const cJSON *root, dsi_config *c) {
+    const cJSON *v;
+    if (field(root, "eos_token_id", &v)) return DSI_EFORMAT;
+    if (!cJSON_IsArray(v)) {
+        int rc = get_int(root, "eos_token_id", 1, &c->eos_token_id, 0);
+        c->eos_token_ids[0] = c->eos_token_id;
+        c->n_eos_token_ids = 1;
+        return rc;
+    }
+    int n = cJSON_GetArraySize(v);
+    if (n < 1 || n > DSI_MAX_EOS_IDS)
+        return dsi_error(DSI_EFORMAT, "config.json: field 'eos_token_id' must list 1 to %d ids (has %d)",
+                         DSI_MAX_EOS_IDS, n);
+    int i = 0;
+    for (const cJSON *e = v->child; e; e = e->next, i++) {
+        if (!cJSON_IsNumber(e) || e->valuedouble != floor(e->valuedouble) || fabs(e->valuedouble) > 1e9)
+            return dsi_error(DSI_EFORMAT, "config.json: field 'eos_token_id' element %d must be an integer", i);
+        c->eos_token_ids[i] = (int)e->valuedouble;
+    }
+    c->n_eos_token_ids = n;
+    c->eos_token_id = c->eos_token_ids[0];
+    return DSI_OK;
+}
+
 static int get_num(const cJSON *root, const char *key, double def, double *out) {
     const cJSON *v;
     if (field(root, key, &v)) return DSI_EFORMAT;
@@ -118,7 +144,7 @@ int dsi_config_parse(const char *json, size_t len, dsi_config *c) {
     TRY(get_int(root, "max_position_embeddings", 4096, &c->max_position_embeddings, 0));
     TRY(get_int(root, "num_nextn_predict_layers", 0, &c->n_nextn_layers, 0));
     TRY(get_int(root, "bos_token_id", 0, &c->bos_token_id, 0));
-    TRY(get_int(root, "eos_token_id", 1, &c->eos_token_id, 0));
+    TRY(get_eos(root, c));
     TRY(get_bool(root, "tie_word_embeddings", 0, &c->tie_word_embeddings));
     int attention_bias;
     TRY(get_bool(root, "attention_bias", 0, &attention_bias));
@@ -252,6 +278,10 @@ int dsi_config_validate(const dsi_config *c) {
     }
     CHECK(c->bos_token_id >= -1 && c->bos_token_id < c->vocab_size, "bos_token_id out of range");
     CHECK(c->eos_token_id >= -1 && c->eos_token_id < c->vocab_size, "eos_token_id out of range");
+    CHECK(c->n_eos_token_ids >= 0 && c->n_eos_token_ids <= DSI_MAX_EOS_IDS, "eos_token_id: bad list length");
+    for (int i = 0; i < c->n_eos_token_ids; i++)
+        CHECK(c->eos_token_ids[i] >= -1 && c->eos_token_ids[i] < c->vocab_size, "eos_token_id %d out of range",
+              c->eos_token_ids[i]);
     return DSI_OK;
 #undef CHECK
 }
@@ -327,7 +357,12 @@ char *dsi_config_to_json(const dsi_config *c) {
     cJSON_AddBoolToObject(r, "attention_bias", 0);
     cJSON_AddBoolToObject(r, "tie_word_embeddings", c->tie_word_embeddings);
     cJSON_AddNumberToObject(r, "bos_token_id", c->bos_token_id);
-    cJSON_AddNumberToObject(r, "eos_token_id", c->eos_token_id);
+    if (c->n_eos_token_ids > 1) {
+        cJSON *a = cJSON_AddArrayToObject(r, "eos_token_id");
+        for (int i = 0; i < c->n_eos_token_ids; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(c->eos_token_ids[i]));
+    } else {
+        cJSON_AddNumberToObject(r, "eos_token_id", c->eos_token_id);
+    }
     cJSON_AddNumberToObject(r, "num_nextn_predict_layers", c->n_nextn_layers);
     cJSON_AddStringToObject(r, "torch_dtype", "bfloat16");
     if (c->fp8) {

@@ -31,7 +31,8 @@ int dsi_config_preset(dsi_preset p, int n_layers, int fp8, dsi_config *c) {
     c->use_correction_bias = 1;
     c->moe_layer_freq = 1;
     c->bos_token_id = 0;
-    c->eos_token_id = 1;
+    c->eos_token_id = c->eos_token_ids[0] = 1;
+    c->n_eos_token_ids = 1;
     c->fp8 = fp8;
     c->weight_block[0] = c->weight_block[1] = 128;
     switch (p) {

@@ -453,10 +453,19 @@ static int open_model(dsi_server *s) {
     s->api.vocab = cfg->vocab_size;
     s->api.max_model_len = dsi_sched_max_model_len(s->sched);
     s->api.default_max_tokens = o->default_max_tokens;
-    int32_t eos[2] = {cfg->eos_token_id, dsi_tokenizer_eos_id(s->tok)};
-    for (int i = 0; i < 2; i++)
-        if (eos[i] >= 0 && eos[i] < cfg->vocab_size && (s->api.n_eos == 0 || s->api.eos_ids[0] != eos[i]))
-            s->api.eos_ids[s->api.n_eos++] = eos[i];
+    int32_t eos[DSI_MAX_EOS_IDS + 1];
+    int n = 0;
+    if (cfg->n_eos_token_ids > 0)
+        for (int i = 0; i < cfg->n_eos_token_ids; i++) eos[n++] = cfg->eos_token_ids[i];
+    else
+        eos[n++] = cfg->eos_token_id;
+    eos[n++] = dsi_tokenizer_eos_id(s->tok);
+    _Static_assert(DSI_MAX_EOS_IDS + 1 <= DSI_SCHED_MAX_STOP_IDS, "every eos id is a stop id");
+    for (int i = 0; i < n; i++) {
+        int seen = 0;
+        for (int j = 0; j < s->api.n_eos; j++) seen |= s->api.eos_ids[j] == eos[i];
+        if (eos[i] >= 0 && eos[i] < cfg->vocab_size && !seen) s->api.eos_ids[s->api.n_eos++] = eos[i];
+    }
     return DSI_OK;
 }
 

@@ -80,7 +80,7 @@ typedef struct dsi_api_ctx {
     int vocab;                 /* model vocabulary */
     int max_model_len;
     int default_max_tokens;
-    int32_t eos_ids[2];
+    int32_t eos_ids[DSI_MAX_EOS_IDS + 1]; /* config.json's, then the tokenizer's; no repeats */
     int n_eos;
 } dsi_api_ctx;
 
