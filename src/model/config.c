@@ -31,8 +31,10 @@ static int get_int(const cJSON *root, const char *key, int def, int *out, int re
         *out = def;
         return DSI_OK;
     }
-    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || fabs(v->valuedouble) > 1e9)
+    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble))
         return dsi_error(DSI_EFORMAT, "config.json: field '%s' must be an integer", key);
+    if (fabs(v->valuedouble) > 1e9)
+        return dsi_error(DSI_EFORMAT, "config.json: field '%s' is out of range (%g)", key, v->valuedouble);
     *out = (int)v->valuedouble;
     return DSI_OK;
 }
