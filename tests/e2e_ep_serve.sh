@@ -3,7 +3,9 @@
 # process (greedy, lossless f32 dispatch), stays up while idle for longer than
 # its EP timeout (the scheduler's heartbeat steps), serves concurrent requests,
 # and drains and exits 0 on SIGTERM to rank 0; with BF16 dispatch it answers
-# like one process given the same --dispatch (both --batch-invariant).
+# like one process given the same --dispatch (both --batch-invariant); a rank
+# that hangs mid-step gets the requests in flight answered with the reason
+# (error event, 503) before the group ends non-zero.
 # usage: bash e2e_ep_serve.sh <dsinfer> <tests/data>
 set -u
 BIN=$1
@@ -94,4 +96,27 @@ kill -TERM "$ONE"
 R0=$(rank0 "$EP")
 [ -n "$R0" ] && kill -TERM "$R0"
 wait "$EP" "$ONE"
+# a rank that hangs mid-step (DSI_EP_FAULT): once the EP deadline passes, the
+# requests in flight are answered with the reason (an error event and [DONE]
+# when streaming, 503 otherwise) before the group ends, non-zero
+DSI_EP_FAULT=1:1:hang timeout 60 mpirun --oversubscribe -np 2 "$BIN" serve $FLAGS --ep-timeout-ms 3000 \
+    2>"$TMP/ep_hang.err" &
+EP=$!
+PIDS="$PIDS $EP"
+P2=$(port_of "$TMP/ep_hang.err") || { echo "FAIL EP server (hang) did not start: $(cat "$TMP/ep_hang.err")"; exit 1; }
+curl -sN -m 40 "http://127.0.0.1:$P2/v1/completions" -d '{"prompt":[5,17,99],"max_tokens":8,"stream":true}' \
+    >"$TMP/hang_s" 2>&1 &
+CS=$!
+code=$(curl -s -m 40 -o "$TMP/hang_n" -w '%{http_code}' "http://127.0.0.1:$P2/v1/completions" \
+    -d '{"prompt":[6,17,99],"max_tokens":8}')
+wait "$CS"
+if grep -q '^data: {"error":{"message":"engine step failed: expert parallelism failed: .*rank(s) 1' "$TMP/hang_s" &&
+    tail -n 2 "$TMP/hang_s" | grep -q '^data: \[DONE\]$'; then echo "ok   hung rank: the stream ends with the reason and [DONE]"; else
+    echo "FAIL hung rank: stream '$(head -c 400 "$TMP/hang_s")'"; fail=1; fi
+if [ "$code" = 503 ] && grep -q 'expert parallelism failed' "$TMP/hang_n"; then echo "ok   hung rank: 503 naming expert parallelism"; else
+    echo "FAIL hung rank: HTTP $code '$(head -c 300 "$TMP/hang_n")'"; fail=1; fi
+wait "$EP"
+rc=$?
+if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then echo "ok   hung rank: the group ended (exit $rc)"; else
+    echo "FAIL hung rank: group exit $rc: $(tail -5 "$TMP/ep_hang.err")"; fail=1; fi
 exit $fail

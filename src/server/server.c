@@ -387,13 +387,38 @@ static void ep_metrics(void *ctx, void (*write)(void *w, const char *text, size_
     if (n > 0) write(w, buf, (size_t)n);
 }
 
-/* A scheduler step across the EP group. A failed collective leaves the
- * group out of step: report it and end every rank (mpirun exits non-zero). */
+/* A failed collective leaves the EP group out of step, so every rank must
+ * end (mpirun then exits non-zero). Not at once: the scheduler first
+ * finishes the requests of the failed step, and of any step after it, with
+ * the reason (an error event, or a 500), and their answers get
+ * EP_ABORT_GRACE_S to reach the clients before the group ends. Followers
+ * that see the failure wait as long, so that rank 0 gets its grace too.
+ * One EP group per process (MPI_COMM_WORLD): the state is global. */
+#define EP_ABORT_GRACE_S 2
+static atomic_int g_ep_failed;
+static char g_ep_failure[512];
+
+static void *ep_abort_later(void *arg) {
+    (void)arg;
+    sleep(EP_ABORT_GRACE_S);
+    dsi_ep_abort(1);
+    return NULL;
+}
+
+/* A scheduler step across the EP group; after a failure, no collective
+ * again (the thread that ends the group may be inside MPI_Abort). */
 static int ep_step(void *ctx, const dsi_seq_step *seqs, int n) {
+    if (atomic_load(&g_ep_failed)) return dsi_error(DSI_EPEER, "%s", g_ep_failure);
     int rc = dsi_ep_step(ctx, seqs, n);
     if (rc != DSI_OK) {
-        DSI_LOG_ERROR("expert parallelism: %s; ending the group", dsi_last_error());
-        dsi_ep_abort(1);
+        snprintf(g_ep_failure, sizeof g_ep_failure, "expert parallelism failed: %s", dsi_last_error());
+        atomic_store(&g_ep_failed, 1);
+        DSI_LOG_ERROR("%s; failing the requests in flight, then ending the group in %d s", g_ep_failure,
+                      EP_ABORT_GRACE_S);
+        pthread_t t;
+        if (pthread_create(&t, NULL, ep_abort_later, NULL)) dsi_ep_abort(1);
+        pthread_detach(t);
+        return dsi_error(rc, "%s", g_ep_failure);
     }
     return rc;
 }
@@ -491,7 +516,10 @@ static void server_free(dsi_server *s) {
     dsi_sched_destroy(s->sched); /* waits for its disk loads and writes */
     dsi__pd_free(s);
     dsi_kvdisk_close(s->disk);
-    if (s->ep) {
+    if (s->ep && atomic_load(&g_ep_failed)) {
+        /* the group is out of step: no collective, no MPI_Finalize; ep_abort_later ends it */
+        pause();
+    } else if (s->ep) {
         /* the scheduler thread has stopped: release the other ranks */
         if (!s->ep_released && dsi_ep_idle(s->ep) != DSI_OK) DSI_LOG_ERROR("expert parallelism: %s", dsi_last_error());
         dsi_ep_destroy(s->ep);
@@ -530,7 +558,8 @@ int dsi_server_follow(const dsi_server_opts *opts) {
         rc = dsi_ep_idle(s->ep);
         s->ep_released = rc == DSI_OK;
         if (rc) {
-            DSI_LOG_ERROR("expert parallelism: %s; ending the group", dsi_last_error());
+            DSI_LOG_ERROR("expert parallelism: %s; ending the group in %d s", dsi_last_error(), EP_ABORT_GRACE_S);
+            sleep(EP_ABORT_GRACE_S); /* rank 0's answers to its clients first (see ep_step) */
             dsi_ep_abort(1);
         }
     }

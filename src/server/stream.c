@@ -337,6 +337,10 @@ static void on_finish(dsi_conn *c, const dsi_sched_event *ev) {
         for (int i = 0; i < m->n_req_hooks; i++) m->req_hooks[i](m->req_hook_ctx[i], &rec);
     }
 
+    /* a peer process that failed (an EP rank): the service is unavailable, not broken */
+    int err_status = c->fail_status                                            ? c->fail_status
+                     : ev->status == DSI_EPEER || ev->status == DSI_ETIMEOUT ? 503
+                                                                               : 500;
     pthread_mutex_lock(&c->mu);
     if (c->rq.stream) {
         if (ok) {
@@ -352,8 +356,7 @@ static void on_finish(dsi_conn *c, const dsi_sched_event *ev) {
             }
         } else {
             dsi__sbuf_puts(&c->out, "data: ");
-            dsi__api_error_json(&c->out, c->fail_status ? c->fail_status : 500,
-                                ev->message ? ev->message : "request failed", NULL);
+            dsi__api_error_json(&c->out, err_status, ev->message ? ev->message : "request failed", NULL);
             dsi__sbuf_puts(&c->out, "\n\n");
         }
         dsi__sbuf_puts(&c->out, "data: [DONE]\n\n");
@@ -361,7 +364,7 @@ static void on_finish(dsi_conn *c, const dsi_sched_event *ev) {
         c->final_status = 200;
         final_body(c, &c->out, reason, ev);
     } else {
-        c->final_status = ev->finish == DSI_FINISH_CANCELLED ? 503 : c->fail_status ? c->fail_status : 500;
+        c->final_status = ev->finish == DSI_FINISH_CANCELLED ? 503 : err_status;
         dsi__api_error_json(&c->out, c->final_status, ev->message ? ev->message : "request failed", NULL);
     }
     if (c->out.oom) c->final_status = 500;
