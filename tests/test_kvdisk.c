@@ -407,6 +407,39 @@ static void test_write_errors(void **state) {
     dsi_kvdisk_close(d);
 }
 
+/* A disk that fills below the cap (dsi__kd_test_disk_bytes: a file system
+ * that holds four blocks): the least recently used blocks make room and the
+ * write is tried again, so the newest blocks are saved and the oldest go;
+ * nothing counts as a write error. */
+extern uint64_t dsi__kd_test_disk_bytes;
+static void disk_full(int io, const char *name) {
+    dsi_kvdisk *d = open_store(subdir(name), io, 0, 0);
+    blk b[8];
+    uint64_t parent = 0;
+    for (int i = 0; i < 8; i++) make_blk(&b[i], 700 + i, parent), parent = b[i].hash;
+    save_sync(d, &b[0]);
+    dsi_kvdisk_stats st;
+    dsi_kvdisk_get_stats(d, &st);
+    dsi__kd_test_disk_bytes = 4 * st.bytes;
+    int status[8];
+    for (int i = 1; i < 8; i++) {
+        assert_int_equal(dsi_kvdisk_save(d, b[i].hash, b[i].parent, b[i].tokens, b[i].kv, NULL, 0), 1);
+        status[i] = wait_one(d).status;
+    }
+    dsi__kd_test_disk_bytes = 0; /* before any assertion: the later tests have a disk of their own */
+    for (int i = 1; i < 8; i++) assert_int_equal(status[i], DSI_OK);
+    dsi_kvdisk_get_stats(d, &st);
+    assert_int_equal(st.write_errors, 0);
+    assert_int_equal(st.written_blocks, 8);
+    assert_true(st.evictions >= 4);
+    assert_true(st.n_blocks <= 4);
+    assert_int_equal(load_sync(d, &b[7]), DSI_OK); /* the newest is there */
+    assert_false(exists(d, b[0].hash));            /* the oldest made room */
+    dsi_kvdisk_close(d);
+}
+static void test_disk_full_uring(void **state) { disk_full(DSI_KVDISK_IO_URING, "full_uring"); }
+static void test_disk_full_threads(void **state) { disk_full(DSI_KVDISK_IO_THREADS, "full_threads"); }
+
 /* A FIFO where a block file should be (swapped in after the probe): the
  * load is a miss, not an I/O thread blocked in open(2) for good; a save
  * replaces it. */
@@ -608,6 +641,8 @@ int main(void) {
         cmocka_unit_test(test_dir_removed),
         cmocka_unit_test(test_write_errors),
         cmocka_unit_test(test_fifo_block_uring),
+        cmocka_unit_test(test_disk_full_uring),
+        cmocka_unit_test(test_disk_full_threads),
         cmocka_unit_test(test_fifo_block_threads),
         cmocka_unit_test(test_bad_options),
         cmocka_unit_test(test_sched_from_disk),

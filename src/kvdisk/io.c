@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -226,6 +227,47 @@ static void run_load(dsi_kvdisk *d, kd_job *j) {
     if (open_load(d, j)) finish_load(d, j, rw_rest(d, j, 0, 0));
 }
 
+uint64_t dsi__kd_test_disk_bytes;
+
+/* Writes the block to `tmp` and renames it to `path`; *err: errno of a failure. */
+static int write_block(dsi_kvdisk *d, kd_job *j, const char *path, const char *tmp, int *err) {
+    const char *slash = strrchr(path, '/');
+    if (dsi__kd_test_disk_bytes) { /* tests: a disk that holds this many bytes of blocks */
+        pthread_mutex_lock(&d->mu);
+        int full = d->idx.bytes + file_bytes(d) > dsi__kd_test_disk_bytes;
+        pthread_mutex_unlock(&d->mu);
+        if (full) { *err = ENOSPC; return DSI_EIO; }
+    }
+    int st = DSI_OK;
+    j->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (j->fd < 0 && errno == ENOENT) { /* the fan-out folder, or all of DIR, was removed under us: make it again */
+        char sub[4200];
+        snprintf(sub, sizeof sub, "%.*s", (int)(slash - path), path);
+        dsi__kd_mkdir_p(sub);
+        j->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    }
+    *err = errno;
+    if (j->fd < 0) return DSI_EIO;
+    set_iov(d, j);
+    if (rw_rest(d, j, 0, 1) != (ssize_t)file_bytes(d)) st = DSI_EIO;
+    else if (d->o.fsync >= DSI_KVDISK_FSYNC_FILE && fsync(j->fd)) st = DSI_EIO;
+    if (st != DSI_OK) *err = errno;
+    if (close(j->fd)) st = DSI_EIO;
+    j->fd = -1;
+    if (st == DSI_OK && rename(tmp, path)) st = DSI_EIO, *err = errno;
+    if (st != DSI_OK) unlink(tmp);
+    return st;
+}
+
+/* Whether a failed write means the file system is full: ENOSPC or EDQUOT,
+ * or (the io_uring path does not always leave errno) too little space left
+ * for one more block. */
+static int disk_full(dsi_kvdisk *d, int err) {
+    if (err == ENOSPC || err == EDQUOT) return 1;
+    struct statvfs v;
+    return statvfs(d->dir, &v) == 0 && (uint64_t)v.f_bavail * v.f_frsize < 2 * (uint64_t)file_bytes(d);
+}
+
 static void run_save(dsi_kvdisk *d, kd_job *j) {
     char path[4200], tmp[4300];
     dsi_kvdisk_path(d, j->hash, path, sizeof path);
@@ -244,25 +286,19 @@ static void run_save(dsi_kvdisk *d, kd_job *j) {
     const char *slash = strrchr(path, '/');
     snprintf(tmp, sizeof tmp, "%.*s/" KD_TMP_PREFIX "%016llx.%016llx.%lu", (int)(slash - path), path,
              (unsigned long long)j->hash, (unsigned long long)d->nonce, k);
-    int st = DSI_OK;
-    j->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (j->fd < 0 && errno == ENOENT) { /* the fan-out folder, or all of DIR, was removed under us: make it again */
-        char sub[4200];
-        snprintf(sub, sizeof sub, "%.*s", (int)(slash - path), path);
-        dsi__kd_mkdir_p(sub);
-        j->fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    }
-    int err = errno;
-    if (j->fd < 0) st = DSI_EIO;
-    else {
-        set_iov(d, j);
-        if (rw_rest(d, j, 0, 1) != (ssize_t)file_bytes(d)) st = DSI_EIO;
-        else if (d->o.fsync >= DSI_KVDISK_FSYNC_FILE && fsync(j->fd)) st = DSI_EIO;
-        if (close(j->fd)) st = DSI_EIO;
-        j->fd = -1;
-        if (st == DSI_OK && rename(tmp, path)) st = DSI_EIO;
-        err = errno;
-        if (st != DSI_OK) unlink(tmp);
+    int err, st = write_block(d, j, path, tmp, &err);
+    /* A full disk (below --kv-disk-gb, or shared with other data): the least
+     * recently used blocks make room, as the cap would, and the write is tried
+     * once more; an eighth of the tier at least, so that the next writes fit too. */
+    if (st != DSI_OK && disk_full(d, err)) {
+        pthread_mutex_lock(&d->mu);
+        uint64_t room = DSI_MAX(d->idx.bytes / 8, 4 * (uint64_t)file_bytes(d));
+        pthread_mutex_unlock(&d->mu);
+        int n = dsi__kd_make_room(d, room);
+        if (n > 0) {
+            DSI_LOG_INFO("kv-disk: disk full: evicted %d least recently used blocks to make room", n);
+            st = write_block(d, j, path, tmp, &err);
+        }
     }
     /* a full or read-only disk fails every write: log when writes start and stop failing, count the rest */
     pthread_mutex_lock(&d->mu);

@@ -107,6 +107,11 @@ void dsi__kd_index_touch(kd_index *x, uint64_t hash, uint64_t bytes, double when
 void dsi__kd_index_remove(kd_index *x, uint64_t hash);
 /* Evicts by TTL and capacity; call WITHOUT mu (unlinks files). */
 void dsi__kd_enforce(dsi_kvdisk *d);
+/* Evicts least recently used blocks until `bytes` are freed (a full disk); returns how many. */
+int dsi__kd_make_room(dsi_kvdisk *d, uint64_t bytes);
+/* Tests: when nonzero, block files beyond this many bytes in the index fail to
+ * write as on a full disk (ENOSPC). */
+extern uint64_t dsi__kd_test_disk_bytes;
 /* Deletes a damaged block file if the path still names the file open as fd. */
 void dsi__kd_drop_corrupt(dsi_kvdisk *d, uint64_t hash, int fd);
 double dsi__kd_wall(void);

@@ -169,7 +169,11 @@ int dsi__kd_mkdir_p(const char *path) {
 
 /* ---------------------------------------------------------------- eviction */
 
-void dsi__kd_enforce(dsi_kvdisk *d) {
+/* Evicts the least recently used blocks while over the cap or past the TTL,
+ * and until at least `room` bytes are freed; returns the blocks evicted. */
+static int evict(dsi_kvdisk *d, uint64_t room) {
+    uint64_t freed = 0;
+    int total = 0;
     for (;;) {
         uint64_t batch[64];
         int n = 0;
@@ -177,8 +181,9 @@ void dsi__kd_enforce(dsi_kvdisk *d) {
         double cutoff = d->o.ttl_s > 0 ? dsi__kd_wall() - d->o.ttl_s : -1;
         while (n < 64 && d->idx.head >= 0) {
             kd_entry *e = &d->idx.e[d->idx.head];
-            if (!(d->idx.bytes > d->o.capacity_bytes || e->last_use < cutoff)) break;
+            if (!(d->idx.bytes > d->o.capacity_bytes || e->last_use < cutoff || freed < room)) break;
             batch[n++] = e->hash;
+            freed += e->bytes;
             dsi__kd_index_remove(&d->idx, e->hash);
             d->st.evictions++;
         }
@@ -189,9 +194,14 @@ void dsi__kd_enforce(dsi_kvdisk *d) {
             dsi_kvdisk_path(d, batch[i], path, sizeof path);
             unlink(path);
         }
-        if (n < 64) return;
+        total += n;
+        if (n < 64) return total;
     }
 }
+
+void dsi__kd_enforce(dsi_kvdisk *d) { evict(d, 0); }
+
+int dsi__kd_make_room(dsi_kvdisk *d, uint64_t bytes) { return evict(d, bytes); }
 
 void dsi__kd_drop_corrupt(dsi_kvdisk *d, uint64_t hash, int fd) {
     char path[4200];
