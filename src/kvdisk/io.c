@@ -296,7 +296,9 @@ static void run_save(dsi_kvdisk *d, kd_job *j) {
         pthread_mutex_unlock(&d->mu);
         int n = dsi__kd_make_room(d, room);
         if (n > 0) {
-            DSI_LOG_INFO("kv-disk: disk full: evicted %d least recently used blocks to make room", n);
+            if (!atomic_exchange(&d->full_logged, 1))
+                DSI_LOG_INFO("kv-disk: the disk is full: least recently used blocks make room for new ones "
+                             "(dsinfer_kv_disk_evictions_total counts them)");
             st = write_block(d, j, path, tmp, &err);
         }
     }

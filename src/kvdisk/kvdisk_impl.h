@@ -7,6 +7,7 @@
 #include "dsinfer/kvdisk.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <sys/uio.h>
 
 #define KD_MAGIC "DSIKVB\0\1"
@@ -77,6 +78,7 @@ struct dsi_kvdisk {
     int n_in_flight;          /* taken from the free list and not yet polled */
     int n_done;
     int write_failing;        /* the last write failed: the next failure is not logged */
+    atomic_int full_logged;   /* a full disk made room once: said once */
     int stopping;             /* the rescan thread ends */
     int io_stopping;          /* the I/O threads end once the queues are empty */
     dsi_kvdisk_stats st;
