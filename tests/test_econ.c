@@ -100,6 +100,15 @@ static void test_pricing_file_errors(void **state) {
     expect_error("{" M1 ",\"load_bands\":[{\"multiplier\":0.7}]}", DSI_EFORMAT, "needs 'min' and/or 'max'");
     expect_error("{" M1 ",\"paying_share\":1.5}", DSI_EINVAL, "paying_share: 1.5 is out of range");
     expect_error("{" M1 ",\"gpu\":{\"cost_per_hour\":2,\"per_nodes\":8}}", DSI_EFORMAT, "gpu: unknown key 'per_nodes'");
+    /* a key written twice is refused, not billed at whichever copy a lookup finds first */
+    expect_error("{\"models\":{\"m\":{\"input_cache_hit\":1,\"input_cache_miss\":2,\"output\":3,\"output\":300}}}",
+                 DSI_EFORMAT, "models.m: duplicate key 'output'");
+    expect_error("{" M1 "," M1 "}", DSI_EFORMAT, "(top level): duplicate key 'models'");
+    expect_error("{" M1 ",\"gpu\":{\"cost_per_hour\":2,\"cost_per_hour\":20}}", DSI_EFORMAT,
+                 "gpu: duplicate key 'cost_per_hour'");
+    expect_error("{\"models\":{\"m\":{\"aliases\":[\"a\"],\"input_cache_hit\":1,\"input_cache_miss\":2,\"output\":3}},"
+                 "\"windows\":[{\"start\":\"01:00\",\"end\":\"02:00\",\"multiplier\":{\"m\":0.5,\"a\":0.9}}]}",
+                 DSI_EINVAL, "windows[0].multiplier: model 'm' given twice");
     dsi_pricing *p = NULL;
     assert_int_equal(dsi_pricing_load("/nonexistent/pricing.json", &p), DSI_EIO);
     assert_non_null(strstr(dsi_last_error(), "/nonexistent/pricing.json"));

@@ -33,6 +33,10 @@ static int check_keys(const cJSON *obj, const char *const *allowed, const char *
     if (!cJSON_IsObject(obj)) return PERR(DSI_EFORMAT, "%s: expected an object", where);
     const cJSON *it;
     cJSON_ArrayForEach(it, obj) {
+        /* JSON leaves duplicate keys undefined and lookups here take the first,
+         * so a price written twice would silently bill at the first one */
+        for (const cJSON *prev = obj->child; prev != it; prev = prev->next)
+            if (!strcmp(prev->string, it->string)) return PERR(DSI_EFORMAT, "%s: duplicate key '%s'", where, it->string);
         int ok = 0;
         for (int i = 0; allowed[i]; i++)
             if (!strcmp(it->string, allowed[i])) ok = 1;
@@ -112,6 +116,8 @@ static int parse_multiplier(const dsi_pricing *p, const cJSON *obj, double *mult
     cJSON_ArrayForEach(e, it) {
         int m = dsi_pricing_find_model(p, e->string);
         if (m < 0) return PERR(DSI_EINVAL, "%s.multiplier: unknown model '%s'", where, e->string);
+        if (applies[m])
+            return PERR(DSI_EINVAL, "%s.multiplier: model '%s' given twice (by name or alias)", where, p->models[m].name);
         if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble) || e->valuedouble <= 0 || e->valuedouble > 100)
             return PERR(DSI_EINVAL, "%s.multiplier.%s: must be a number in (0, 100]", where, e->string);
         mult[m] = e->valuedouble;
