@@ -11,6 +11,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "dsinfer/econ.h"
@@ -330,6 +333,62 @@ static void test_admission_time_billing_and_report(void **state) {
     dsi_pricing_destroy(p);
 }
 
+/* The journal survives what a server meets: a disk that fills and frees again
+ * (RLIMIT_FSIZE stands in: writes past it fail with EFBIG, the first one
+ * short), a model name that needs escaping, a file left ending mid-line, and
+ * paths that are not files. */
+static void test_journal_hostile(void **state) {
+    dsi_pricing *p;
+    assert_int_equal(dsi_pricing_parse("{\"models\":{\"a\\\"b\\\\c\\nd\":{\"input_cache_hit\":1,\"input_cache_miss\":2,"
+                                       "\"output\":3}},\"gpu\":{\"cost_per_hour\":2}}",
+                                       "t.json", &p),
+                     DSI_OK);
+    char journal[256];
+    snprintf(journal, sizeof journal, "%s", tmp_path("hostile.jsonl"));
+    /* a previous run left a torn last line: it stays one bad line, our first record is kept */
+    FILE *f = fopen(journal, "w");
+    fputs("{\"ev\":\"bill\",\"t\":1", f);
+    fclose(f);
+    dsi_account *a;
+    assert_int_equal(dsi_account_create(p, journal, &a), DSI_OK);
+    assert_int_equal(dsi_account_set_gpus(a, 1000, 8), DSI_OK);
+    dsi_price_quote q;
+    assert_int_equal(dsi_pricing_eval(p, 0, 1000, -1, &q), DSI_OK);
+    /* "disk full" a few bytes into the next record */
+    struct rlimit old, lim;
+    getrlimit(RLIMIT_FSIZE, &old);
+    lim = old;
+    struct stat st;
+    assert_int_equal(stat(journal, &st), 0);
+    lim.rlim_cur = (rlim_t)st.st_size + 10;
+    signal(SIGXFSZ, SIG_IGN);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    for (int i = 0; i < 10; i++) assert_int_equal(dsi_account_bill(a, &q, 1001 + i, 1, 2, 3, 1, NULL), DSI_OK);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, SIG_DFL);
+    assert_int_equal(dsi_account_bill(a, &q, 2000, 1, 2, 3, 1, NULL), DSI_OK); /* room again */
+    assert_int_equal(dsi_account_checkpoint(a, 4600), DSI_OK);
+    dsi_account_destroy(a);
+    dsi_econ_report r;
+    assert_int_equal(dsi_econ_report_journal(journal, -INFINITY, INFINITY, &r), DSI_OK);
+    if (r.requests != 11 || r.bad_lines != 1 || fabs(r.gpu_hours - 8) > 1e-9)
+        fail_msg("requests %llu (want 11), bad lines %llu (want 1), GPU hours %g (want 8)",
+                 (unsigned long long)r.requests, (unsigned long long)r.bad_lines, r.gpu_hours);
+    assert_true(fabs(r.revenue_usd - 11 * 14e-6) < 1e-12);
+    unlink(journal);
+    /* not regular files: refused at once (a FIFO with no reader used to block forever) */
+    assert_int_equal(dsi_account_create(p, "/dev/null", &a), DSI_EIO);
+    assert_non_null(strstr(dsi_last_error(), "/dev/null: cannot use as a journal: not a regular file"));
+    assert_null(a);
+    char fifo[256];
+    snprintf(fifo, sizeof fifo, "%s", tmp_path("fifo"));
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    assert_int_equal(dsi_account_create(p, fifo, &a), DSI_EIO);
+    assert_non_null(strstr(dsi_last_error(), "not a regular file"));
+    unlink(fifo);
+    dsi_pricing_destroy(p);
+}
+
 typedef struct {
     dsi_account *a;
     dsi_price_quote q;
@@ -426,6 +485,7 @@ int main(void) {
         cmocka_unit_test(test_night_window_across_zones),
         cmocka_unit_test(test_bands_and_hysteresis),
         cmocka_unit_test(test_admission_time_billing_and_report),
+        cmocka_unit_test(test_journal_hostile),
         cmocka_unit_test(test_account_threads),
         cmocka_unit_test(test_time_parsing),
         cmocka_unit_test(test_pricing_parser_mutations),

@@ -8,11 +8,17 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* Records a full disk keeps back, retried at every record, before new ones are dropped. */
+#define JOURNAL_PENDING_MAX (1u << 20)
 
 typedef struct acct_model {
     uint64_t tokens[DSI_TOK_N];
@@ -29,18 +35,104 @@ struct dsi_account {
     double gpu_since;           /* time of the last GPU count change, NAN before the first */
     double gpu_seconds;         /* accrued up to gpu_since */
     double gpu_cost;            /* accrued up to gpu_since */
-    FILE *journal;              /* owned, may be NULL */
+    int journal;                /* owned fd, -1 if none */
+    char *pending;              /* whole lines not yet written (the disk was full) */
+    size_t pending_len;
+    int journal_failing;        /* the last write failed; said once until it works again */
+    uint64_t journal_dropped;   /* lines lost since the last successful write */
 };
+
+/* Writes what is pending. Lines go out in one write() each time, so that
+ * accounts appending to one journal (O_APPEND) never interleave mid-line; a
+ * short write (a full disk) keeps the rest and finishes the line next time,
+ * so the journal stays whole once there is room again. Caller holds mu. */
+static void journal_flush(dsi_account *a) {
+    while (a->pending_len > 0) {
+        ssize_t w = write(a->journal, a->pending, a->pending_len);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            if (!a->journal_failing)
+                DSI_LOG_WARN("account journal: write failed: %s; keeping up to %u KiB of records in memory and "
+                             "retrying at every record",
+                             w < 0 ? strerror(errno) : "nothing written", JOURNAL_PENDING_MAX >> 10);
+            a->journal_failing = 1;
+            return;
+        }
+        memmove(a->pending, a->pending + w, a->pending_len - (size_t)w);
+        a->pending_len -= (size_t)w;
+    }
+    if (a->journal_failing) {
+        if (a->journal_dropped)
+            DSI_LOG_WARN("account journal: writing again; %llu records were lost while it could not be written",
+                         (unsigned long long)a->journal_dropped);
+        else DSI_LOG_INFO("account journal: writing again, no records lost");
+        a->journal_failing = 0;
+        a->journal_dropped = 0;
+    }
+}
 
 static void journal_line(dsi_account *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void journal_line(dsi_account *a, const char *fmt, ...) {
-    if (!a->journal) return;
+    if (a->journal < 0) return;
+    char line[1024];
     va_list ap;
     va_start(ap, fmt);
-    vfprintf(a->journal, fmt, ap);
+    int n = vsnprintf(line, sizeof line - 1, fmt, ap); /* our lines are a few hundred bytes */
     va_end(ap);
-    fputc('\n', a->journal);
-    fflush(a->journal);
+    if (n < 0 || n >= (int)sizeof line - 1 || a->pending_len + (size_t)n + 1 > JOURNAL_PENDING_MAX) {
+        if (!a->journal_dropped)
+            DSI_LOG_ERROR("account journal: dropping records (%s)",
+                          n < 0 || n >= (int)sizeof line - 1 ? "a record too long" : "the write backlog is full");
+        a->journal_dropped++;
+    } else {
+        memcpy(a->pending + a->pending_len, line, (size_t)n);
+        a->pending[a->pending_len + n] = '\n';
+        a->pending_len += (size_t)n + 1;
+    }
+    journal_flush(a);
+}
+
+/* A JSON string body for `s` (quotes, backslashes and control characters
+ * escaped) into buf; model names come from the pricing file's keys. */
+static const char *json_esc(const char *s, char *buf, size_t cap) {
+    size_t o = 0;
+    for (const unsigned char *c = (const unsigned char *)s; *c && o + 7 < cap; c++) {
+        if (*c == '"' || *c == '\\') o += (size_t)snprintf(buf + o, cap - o, "\\%c", *c);
+        else if (*c < 0x20) o += (size_t)snprintf(buf + o, cap - o, "\\u%04x", *c);
+        else buf[o++] = (char)*c;
+    }
+    buf[o] = '\0';
+    return buf;
+}
+
+/* Opens the journal for appending. Only a regular file will do: `dsinfer
+ * report` must read it back, and a FIFO with no reader would block the start
+ * forever (with the stop signals blocked). A file left ending mid-line (a
+ * crash while the disk was full) gets a newline first, so that the torn line
+ * stays one bad line instead of swallowing our first record. */
+static int journal_open(dsi_account *a, const char *path) {
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NONBLOCK, 0644);
+    struct stat st;
+    if (fd < 0 && errno == ENXIO) return dsi_error(DSI_EIO, "%s: cannot use as a journal: not a regular file", path);
+    if (fd < 0) return dsi_error(DSI_EIO, "%s: cannot open journal: %s", path, strerror(errno));
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return dsi_error(DSI_EIO, "%s: cannot use as a journal: not a regular file", path);
+    }
+    a->pending = malloc(JOURNAL_PENDING_MAX);
+    if (!a->pending) {
+        close(fd);
+        return dsi_error(DSI_ENOMEM, "out of memory");
+    }
+    a->journal = fd;
+    int rfd = st.st_size > 0 ? open(path, O_RDONLY | O_CLOEXEC) : -1;
+    char last = '\n';
+    if (rfd >= 0) {
+        if (pread(rfd, &last, 1, st.st_size - 1) != 1) last = '\n';
+        close(rfd);
+    }
+    if (last != '\n') a->pending[a->pending_len++] = '\n';
+    return DSI_OK;
 }
 
 int dsi_account_create(const dsi_pricing *pricing, const char *journal_path, dsi_account **out) {
@@ -55,13 +147,13 @@ int dsi_account_create(const dsi_pricing *pricing, const char *journal_path, dsi
     }
     a->pricing = pricing;
     a->gpu_since = NAN;
+    a->journal = -1;
     pthread_mutex_init(&a->mu, NULL);
     if (journal_path) {
-        a->journal = fopen(journal_path, "a");
-        if (!a->journal) {
-            int e = errno;
+        int rc = journal_open(a, journal_path);
+        if (rc) {
             dsi_account_destroy(a);
-            return dsi_error(DSI_EIO, "%s: cannot open journal: %s", journal_path, strerror(e));
+            return rc;
         }
     }
     *out = a;
@@ -70,7 +162,14 @@ int dsi_account_create(const dsi_pricing *pricing, const char *journal_path, dsi
 
 void dsi_account_destroy(dsi_account *a) {
     if (!a) return;
-    if (a->journal) fclose(a->journal);
+    if (a->journal >= 0) {
+        journal_flush(a);
+        if (a->pending_len > 0 || a->journal_dropped)
+            DSI_LOG_ERROR("account journal: %zu bytes of records could not be written (%llu more dropped)",
+                          a->pending_len, (unsigned long long)a->journal_dropped);
+        close(a->journal);
+    }
+    free(a->pending);
     pthread_mutex_destroy(&a->mu);
     free(a->models);
     free(a);
@@ -134,10 +233,11 @@ int dsi_account_bill(dsi_account *a, const dsi_price_quote *q, double now, uint6
         m->revenue[c] += usd[c];
     }
     m->requests++;
+    char name[DSI_PRICING_NAME_MAX * 6];
     journal_line(a,
                  "{\"ev\":\"bill\",\"t\":%.3f,\"admitted\":%.3f,\"model\":\"%s\",\"paying\":%d,"
                  "\"tokens\":[%llu,%llu,%llu],\"usd_per_mtok\":[%.10g,%.10g,%.10g],\"usd\":%.12g}",
-                 now, q->quoted_at, q->model_name, paying ? 1 : 0,
+                 now, q->quoted_at, json_esc(q->model_name, name, sizeof name), paying ? 1 : 0,
                  (unsigned long long)hit, (unsigned long long)miss, (unsigned long long)out, q->usd_per_mtok[0],
                  q->usd_per_mtok[1], q->usd_per_mtok[2], total);
     pthread_mutex_unlock(&a->mu);
