@@ -312,9 +312,15 @@ static void test_admission_time_billing_and_report(void **state) {
     FILE *f = fopen(journal, "a");
     fputs("{\"ev\":\"bill\",\"t\":1,\"tok\n", f);
     fputs("{\"ev\":\"bill\",\"t\":2,\"tokens\":[1e300,0,0],\"usd\":1}\n", f);
+    /* two records glued on one line are one bad line, not the first of them counted */
+    fputs("{\"ev\":\"bill\",\"t\":3,\"tokens\":[1,0,0],\"usd\":1}{\"ev\":\"bill\",\"t\":4,\"tokens\":[1,0,0],\"usd\":1}\n", f);
+    /* a corrupt time would stretch the GPU count to infinite cost */
+    fputs("{\"ev\":\"tick\",\"t\":1e308,\"gpus\":8,\"usd_per_gpu_hour\":2}\n", f);
     fclose(f);
     assert_int_equal(dsi_econ_report_journal(journal, -INFINITY, INFINITY, &r), DSI_OK);
-    assert_true(r.bad_lines == 2);
+    if (r.bad_lines != 4 || r.requests != 3 || fabs(r.cost_usd - 48) > 1e-6 || fabs(r.revenue_usd - 3.6) > 1e-9)
+        fail_msg("bad lines %llu (want 4), requests %llu (want 3), cost %g (want 48), revenue %g (want 3.6)",
+                 (unsigned long long)r.bad_lines, (unsigned long long)r.requests, r.cost_usd, r.revenue_usd);
     assert_int_equal(dsi_econ_report_journal("/nonexistent/j", -INFINITY, INFINITY, &r), DSI_EIO);
     assert_int_equal(dsi_econ_report_journal(journal, 10, 5, &r), DSI_EINVAL);
 
@@ -439,6 +445,8 @@ static void test_time_parsing(void **state) {
     char buf[40];
     dsi_econ_format_time(1740628800.0, buf, sizeof buf);
     assert_string_equal(buf, "2025-02-27T04:00:00Z");
+    dsi_econ_format_time(1e300, buf, sizeof buf); /* no calendar date: a number, not garbage */
+    assert_string_equal(buf, "1e+300");
 }
 
 /* Mutated pricing files never crash the parser: each parse returns a status. */

@@ -373,10 +373,20 @@ int dsi_econ_report_journal(const char *path, double from, double to, dsi_econ_r
     int rc = DSI_OK;
     while ((len = getline(&line, &lcap, f)) >= 0) {
         if (len <= 1) continue;
-        cJSON *o = cJSON_Parse(line);
+        /* one record a line: anything after it (two records glued by a torn
+         * write, a NUL and garbage) makes the line bad, not silently lost */
+        const char *end = NULL;
+        cJSON *o = cJSON_ParseWithOpts(line, &end, 0);
+        while (o && end < line + len && strchr(" \t\r\n", *end) && *end) end++;
+        if (o && end != line + len) {
+            cJSON_Delete(o);
+            o = NULL;
+        }
         const cJSON *evn = o ? cJSON_GetObjectItemCaseSensitive(o, "ev") : NULL;
         double t = o ? num(o, "t", NAN) : NAN;
-        if (!cJSON_IsString(evn) || isnan(t)) {
+        /* Unix seconds from 1970 to 9999: a corrupt time would stretch the
+         * GPU step function to infinite cost */
+        if (!cJSON_IsString(evn) || !(t >= 0 && t < 253402300800.0)) {
             r->bad_lines++;
             cJSON_Delete(o);
             continue;

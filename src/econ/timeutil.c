@@ -123,8 +123,15 @@ void dsi_econ_format_time(double unix_s, char *buf, size_t cap) {
         snprintf(buf, cap, "%s", unix_s > 0 ? "never" : "always");
         return;
     }
+    if (fabs(unix_s) > 1e15) { /* beyond any calendar gmtime_r handles */
+        snprintf(buf, cap, "%.6g", unix_s);
+        return;
+    }
     time_t t = (time_t)floor(unix_s);
     struct tm tm;
-    gmtime_r(&t, &tm);
+    if (!gmtime_r(&t, &tm)) {
+        snprintf(buf, cap, "%.0f", unix_s);
+        return;
+    }
     strftime(buf, cap, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
