@@ -68,5 +68,28 @@ else
     grep -q "bad.json" "$WORK/bad.log" && pass "bad pricing file: clear error" || fail "bad pricing: $(cat "$WORK/bad.log")"
 fi
 
+# a FIFO journal with no reader is refused at once (it used to block the start forever)
+mkfifo "$WORK/fifo"
+timeout 20 "$BIN" serve --port 0 --pricing "$ROOT/docs/pricing.example.json" --account-journal "$WORK/fifo" \
+    >/dev/null 2>"$WORK/fifo.log"; rc=$?
+[ $rc = 1 ] && grep -q "fifo: cannot use as a journal: not a regular file" "$WORK/fifo.log" &&
+    pass "FIFO journal refused" || fail "FIFO journal: exit $rc: $(tail -1 "$WORK/fifo.log")"
+
+# many models (30 x 60-character names): the economics still reach /metrics
+{ printf '{"models":{'; for i in $(seq 10 39); do
+    printf '%s"m%s-%058d":{"input_cache_hit":1,"input_cache_miss":2,"output":3}' "$([ $i = 10 ] || echo ,)" $i 0
+  done; printf '}}'; } >"$WORK/many.json"
+"$BIN" serve --port 0 --threads 1 --pricing "$WORK/many.json" 2>"$WORK/many.log" &
+SRV_PID=$!
+PORT=
+for _ in $(seq 1 100); do
+    PORT=$(sed -n 's/.*on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/many.log")
+    [ -n "$PORT" ] && break
+    sleep 0.1
+done
+n=$(curl -s "http://127.0.0.1:$PORT/metrics" | grep -c '^dsinfer_revenue_usd_total{')
+[ "$n" = 90 ] && pass "/metrics: revenue for all 30 models" || fail "/metrics with 30 models: $n revenue lines, want 90"
+kill -9 "$SRV_PID"; wait "$SRV_PID" 2>/dev/null; SRV_PID=
+
 echo "e2e_billing: $FAILS failure(s)"
 [ "$FAILS" = 0 ]
