@@ -24,6 +24,10 @@ echo "$err" | grep -q "bad time zone 'CET'" || fail "unclear zone error: $err"
 "$BIN" sim calc --bogus >/dev/null 2>&1; [ $? -eq 2 ] || fail "unknown option should exit 2"
 "$BIN" sim frobnicate >/dev/null 2>&1; [ $? -eq 2 ] || fail "unknown mode should exit 2"
 "$BIN" sim plan --gpu b200 >/dev/null 2>&1; [ $? -eq 2 ] || fail "unknown GPU should exit 2"
+# an efficiency above the roofline is refused (100 used to run for minutes)
+err=$(timeout 10 "$BIN" sim plan --eff-prefill 100 --eff-decode 100 2>&1 >/dev/null); rc=$?
+[ $rc -eq 2 ] || fail "sim plan --eff-prefill 100: exit $rc"
+echo "$err" | grep -q -- '--eff-prefill must be in (0, 1]' || fail "unclear efficiency error: $err"
 "$BIN" report >/dev/null 2>&1; [ $? -eq 2 ] || fail "report without --journal should exit 2"
 "$BIN" report --journal "$TMP/none.jsonl" >/dev/null 2>&1; [ $? -eq 1 ] || fail "missing journal should exit 1"
 "$BIN" report --journal "$TMP/none.jsonl" --from yesterday >/dev/null 2>&1; [ $? -eq 2 ] || fail "bad time should exit 2"

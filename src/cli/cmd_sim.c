@@ -203,6 +203,19 @@ void dsi__sim_print_params(const dsi_sim_config *c, FILE *f) {
             c->decode_fill_up, c->decode_fill_down, (unsigned long long)c->seed, c->bundle);
 }
 
+/* An efficiency is a fraction of the roofline: above 1 the simulated units
+ * outrun the hardware and the event count explodes (100 ran for minutes). */
+static int eff_opt(const char *name, const char *v, double *eff, int *bad) {
+    double x = dsi_cli_num("sim", name, v, bad);
+    if (*bad) return 1;
+    if (!(x > 0 && x <= 1)) {
+        fprintf(stderr, "dsinfer sim: %s must be in (0, 1] (a fraction of the roofline)\n", name);
+        return 0;
+    }
+    *eff = x;
+    return 1;
+}
+
 /* Parses one planner option at argv[*i]; returns 1 if consumed, 0 if not
  * ours, -1 on a bad value. A value that is not a number sets *bad and is
  * consumed (the range checks here skip then: the caller exits 2 anyway). */
@@ -238,11 +251,11 @@ int dsi__sim_parse_plan_opt(int argc, char **argv, int *i, dsi_sim_config *c, co
             fprintf(stderr, "dsinfer sim: --steps-per-event must be >= 1\n");
             return -1;
         }
-    } else if ((v = dsi_cli_flag(argc, argv, i, "--eff-prefill", &missing)))
-        c->perf.eff_prefill = dsi_cli_num("sim", "--eff-prefill", v, bad);
-    else if ((v = dsi_cli_flag(argc, argv, i, "--eff-decode", &missing)))
-        c->perf.eff_decode = dsi_cli_num("sim", "--eff-decode", v, bad);
-    else if (missing) {
+    } else if ((v = dsi_cli_flag(argc, argv, i, "--eff-prefill", &missing))) {
+        if (!eff_opt("--eff-prefill", v, &c->perf.eff_prefill, bad)) return -1;
+    } else if ((v = dsi_cli_flag(argc, argv, i, "--eff-decode", &missing))) {
+        if (!eff_opt("--eff-decode", v, &c->perf.eff_decode, bad)) return -1;
+    } else if (missing) {
         fprintf(stderr, "dsinfer sim: %s needs a value\n", argv[*i]);
         return -1;
     } else return 0;
