@@ -109,6 +109,10 @@ void dsi_pricing_reset_state(dsi_pricing *p);
  * dsi_pricing_current. Returns the length written (excluding NUL) or a negative
  * status (DSI_ERANGE when `cap` is too small). */
 int dsi_pricing_write_json(dsi_pricing *p, double now, double utilisation, char *buf, size_t cap);
+/* The same in a malloc'ed buffer grown to fit (16 KiB, then 16x larger, up
+ * to 4 MiB: the text grows with the models): the text, which the caller
+ * frees, its length in *len; NULL with the error set. */
+char *dsi_pricing_json_text(dsi_pricing *p, double now, double utilisation, int *len);
 
 /* The price applied to one request, for its response's usage when asked:
  * {"model":..,"unit":"per 1M tokens","prices":{class: usd},"multiplier":..,
@@ -168,6 +172,8 @@ int dsi_account_totals_get(dsi_account *a, double now, dsi_account_totals *t);
  * model and class, GPU count, GPU hours, cost, margin. Returns the length
  * written or a negative status (DSI_ERANGE when `cap` is too small). */
 int dsi_account_write_metrics(dsi_account *a, double now, char *buf, size_t cap);
+/* The same in a malloc'ed buffer grown to fit, as dsi_pricing_json_text. */
+char *dsi_account_metrics_text(dsi_account *a, double now, int *len);
 
 /* ---- reports from a journal ------------------------------------------------------ */
 

@@ -279,6 +279,17 @@ static void mb_label(dsi_ebuf *s, const char *v) {
     }
 }
 
+typedef struct { dsi_account *a; double now; } metrics_args;
+static int fill_metrics(void *ctx, char *buf, size_t cap) {
+    metrics_args *m = ctx;
+    return dsi_account_write_metrics(m->a, m->now, buf, cap);
+}
+
+char *dsi_account_metrics_text(dsi_account *a, double now, int *len) {
+    metrics_args m = {a, now};
+    return dsi__econ_text(fill_metrics, &m, len);
+}
+
 int dsi_account_write_metrics(dsi_account *a, double now, char *buf, size_t cap) {
     if (!a || !buf || cap == 0) return dsi_error(DSI_EINVAL, "account: NULL argument");
     dsi_ebuf s = {buf, cap, 0, 0};

@@ -608,6 +608,30 @@ static void sb_prices(dsi_ebuf *s, const double *usd) {
     dsi__ebuf_printf(s, "}");
 }
 
+char *dsi__econ_text(int (*fill)(void *ctx, char *buf, size_t cap), void *ctx, int *len) {
+    for (size_t cap = (size_t)16 << 10; cap <= (size_t)4 << 20; cap *= 16) {
+        char *buf = malloc(cap);
+        if (!buf) break;
+        int n = fill(ctx, buf, cap);
+        if (n >= 0) { *len = n; return buf; }
+        free(buf);
+        if (n != DSI_ERANGE) return NULL;
+    }
+    dsi_error(DSI_ENOMEM, "economics text: out of memory or over 4 MiB");
+    return NULL;
+}
+
+typedef struct { dsi_pricing *p; double now, util; } json_args;
+static int fill_json(void *ctx, char *buf, size_t cap) {
+    json_args *a = ctx;
+    return dsi_pricing_write_json(a->p, a->now, a->util, buf, cap);
+}
+
+char *dsi_pricing_json_text(dsi_pricing *p, double now, double utilisation, int *len) {
+    json_args a = {p, now, utilisation};
+    return dsi__econ_text(fill_json, &a, len);
+}
+
 int dsi_pricing_write_json(dsi_pricing *p, double now, double utilisation, char *buf, size_t cap) {
     if (!p || !buf || cap == 0) return dsi_error(DSI_EINVAL, "pricing: NULL argument");
     dsi_ebuf s = {buf, cap, 0, 0};

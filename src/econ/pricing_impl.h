@@ -65,4 +65,9 @@ typedef struct dsi_ebuf {
 } dsi_ebuf;
 void dsi__ebuf_printf(dsi_ebuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* fill(ctx, buf, cap) into buffers of 16 KiB, then 16x larger up to 4 MiB,
+ * while it answers DSI_ERANGE: the malloc'ed text and its length, or NULL
+ * with the error set. */
+char *dsi__econ_text(int (*fill)(void *ctx, char *buf, size_t cap), void *ctx, int *len);
+
 #endif

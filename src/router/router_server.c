@@ -204,14 +204,11 @@ static void metrics(dsi_router *r, dsi_rbuf *b) {
         }
     }
     pthread_mutex_unlock(&r->mu);
-    /* the economics text grows with the pricing file's models: retry larger */
-    int n = DSI_ERANGE;
-    for (size_t cap = 16384; r->acct && n == DSI_ERANGE && cap <= (16384u << 8); cap *= 16) {
-        char *buf = malloc(cap);
-        if (!buf) break;
-        n = dsi_account_write_metrics(r->acct, dsi__router_wall_now(), buf, cap);
-        if (n > 0) dsi__rbuf_put(b, buf, n);
-        free(buf);
+    if (r->acct) {
+        int n;
+        char *t = dsi_account_metrics_text(r->acct, dsi__router_wall_now(), &n);
+        if (t) dsi__rbuf_put(b, t, n);
+        free(t);
     }
 }
 
@@ -330,17 +327,12 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *mc, const char 
             n++;
         }
         pthread_mutex_unlock(&r->mu);
-        int len = DSI_ERANGE;
-        char *buf = NULL;
-        for (size_t cap = 16384; len == DSI_ERANGE && cap <= (16384u << 8); cap *= 16) {
-            free(buf);
-            if (!(buf = malloc(cap))) break;
-            pthread_mutex_lock(&r->pricing_mu);
-            len = dsi_pricing_write_json(r->pricing, dsi__router_wall_now(), n ? util / n : -1.0, buf, cap);
-            pthread_mutex_unlock(&r->pricing_mu);
-        }
-        ok = len > 0 && buf ? send_text(mc, 200, "application/json", buf, (size_t)len)
-                            : send_json_error(mc, 500, buf ? dsi_last_error() : "out of memory");
+        int len;
+        pthread_mutex_lock(&r->pricing_mu);
+        char *buf = dsi_pricing_json_text(r->pricing, dsi__router_wall_now(), n ? util / n : -1.0, &len);
+        pthread_mutex_unlock(&r->pricing_mu);
+        ok = buf ? send_text(mc, 200, "application/json", buf, (size_t)len)
+                 : send_json_error(mc, 500, dsi_last_error());
         free(buf);
     } else if (!strcmp(url, "/health")) {
         int np = 0, nd = 0;

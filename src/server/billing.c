@@ -26,22 +26,13 @@ static double utilisation(dsi_server *s) {
                                    st.kv_blocks_used, st.kv_blocks_total);
 }
 
-/* The economics text grows with the models in the pricing file (about 2 KiB
- * each at worst): a buffer that is too small is retried 16 times larger. */
-#define ECON_TEXT_MIN 16384
-#define ECON_TEXT_MAX (ECON_TEXT_MIN << 8)
-
 static void metrics_hook(void *ctx, void (*write)(void *w, const char *text, size_t len), void *w) {
     dsi_server *s = ctx;
-    int n = DSI_ERANGE;
-    for (size_t cap = ECON_TEXT_MIN; n == DSI_ERANGE && cap <= ECON_TEXT_MAX; cap *= 16) {
-        char *buf = malloc(cap);
-        if (!buf) break;
-        n = dsi_account_write_metrics(s->account, wall_now(), buf, cap);
-        if (n > 0) write(w, buf, (size_t)n);
-        free(buf);
-    }
-    if (n < 0) DSI_LOG_WARN("metrics: economics left out: %s", dsi_last_error());
+    int n;
+    char *t = dsi_account_metrics_text(s->account, wall_now(), &n);
+    if (!t) DSI_LOG_WARN("metrics: economics left out: %s", dsi_last_error());
+    else write(w, t, (size_t)n);
+    free(t);
 }
 
 int dsi__billing_start(dsi_server *s) {
@@ -109,19 +100,15 @@ int dsi__billing_pricing_json(dsi_server *s, dsi_sbuf *b) {
         return 404;
     }
     double u = utilisation(s);
-    int n = DSI_ERANGE;
-    for (size_t cap = ECON_TEXT_MIN; n == DSI_ERANGE && cap <= ECON_TEXT_MAX; cap *= 16) {
-        char *buf = malloc(cap);
-        if (!buf) break;
-        pthread_mutex_lock(&s->pricing_mu);
-        n = dsi_pricing_write_json(s->pricing, wall_now(), u, buf, cap);
-        pthread_mutex_unlock(&s->pricing_mu);
-        if (n > 0) dsi__sbuf_put(b, buf, (size_t)n);
-        free(buf);
-    }
-    if (n < 0) {
-        dsi__api_error_json(b, 500, n == DSI_ERANGE ? dsi_last_error() : "out of memory", NULL);
+    int n;
+    pthread_mutex_lock(&s->pricing_mu);
+    char *t = dsi_pricing_json_text(s->pricing, wall_now(), u, &n);
+    pthread_mutex_unlock(&s->pricing_mu);
+    if (!t) {
+        dsi__api_error_json(b, 500, dsi_last_error(), NULL);
         return 500;
     }
+    dsi__sbuf_put(b, t, (size_t)n);
+    free(t);
     return 200;
 }
