@@ -2,6 +2,7 @@
  * and presets. Weights are uniform with the variance of a scaled init, FP8
  * quantised per 128x128 block (scale = amax/448) exactly as DeepSeek ships
  * V3, so the loader and kernels see realistic data. */
+#include "core/threadpool.h"
 #include "dsinfer/model.h"
 #include "kernels/dtype.h"
 #include "model/model_impl.h"
@@ -71,7 +72,16 @@ static float unif(uint64_t *s) { return (float)((mix(s) >> 40) * (1.0 / 16777216
 
 typedef int (*emit_fn)(void *ctx, const char *name, dsi_dtype dt, int n_dims, const int64_t *shape, const void *data);
 
+/* The value the (i+1)-th unif(&s) call returns when s starts at st: splitmix
+ * is a counter, so threads can each generate their own stretch of a tensor
+ * and the result is the same as one sequential pass. */
+static float unif_at(uint64_t st, size_t i) {
+    uint64_t s = st + (uint64_t)i * 0x9e3779b97f4a7c15ull;
+    return unif(&s);
+}
+
 typedef struct gen {
+    dsi_pool *pool;        /* NULL: one thread */
     const dsi_config *c;
     uint64_t seed;
     emit_fn emit;
@@ -88,50 +98,80 @@ static uint64_t name_seed(uint64_t seed, const char *name) {
     return h;
 }
 
+typedef struct lin_job {
+    gen *g;
+    uint64_t st;
+    int rows, cols, br, bc, sc;
+    float a;
+} lin_job;
+
+/* Rows [b*br, (b+1)*br) of a linear weight: generated, then BF16 or FP8 with
+ * one scale per br x bc block (br = 1 for BF16: any row split will do). */
+static void lin_rows_task(void *ctx, int64_t b0, int64_t b1, int tid) {
+    const lin_job *j = ctx;
+    gen *g = j->g;
+    (void)tid;
+    for (int64_t bi = b0; bi < b1; bi++) {
+        int r0 = (int)bi * j->br, r1 = DSI_MIN(j->rows, r0 + j->br);
+        for (size_t i = (size_t)r0 * j->cols; i < (size_t)r1 * j->cols; i++) g->fbuf[i] = unif_at(j->st, i) * j->a;
+        if (!g->c->fp8) {
+            uint16_t *o = g->obuf;
+            for (size_t i = (size_t)r0 * j->cols; i < (size_t)r1 * j->cols; i++) o[i] = dsi_f32_to_bf16(g->fbuf[i]);
+            continue;
+        }
+        uint8_t *o = g->obuf;
+        for (int bj = 0; bj < j->sc; bj++) {
+            int c0 = bj * j->bc, c1 = DSI_MIN(j->cols, c0 + j->bc);
+            float amax = 0;
+            for (int r = r0; r < r1; r++)
+                for (int cc = c0; cc < c1; cc++) amax = fmaxf(amax, fabsf(g->fbuf[(size_t)r * j->cols + cc]));
+            float s = amax > 0 ? amax / 448.0f : 1.0f;
+            g->sbuf[bi * j->sc + bj] = s;
+            for (int r = r0; r < r1; r++)
+                for (int cc = c0; cc < c1; cc++)
+                    o[(size_t)r * j->cols + cc] = dsi_f32_to_e4m3(g->fbuf[(size_t)r * j->cols + cc] / s);
+        }
+    }
+}
+
 /* A linear weight [rows, cols]: FP8 + scale_inv or BF16. */
 static int gen_linear(gen *g, const char *name, int rows, int cols) {
-    uint64_t st = name_seed(g->seed, name);
-    size_t n = (size_t)rows * cols;
-    float a = sqrtf(3.0f / cols); /* std 1/sqrt(fan_in) */
-    for (size_t i = 0; i < n; i++) g->fbuf[i] = unif(&st) * a;
-    int64_t shape[2] = {rows, cols};
-    if (!g->c->fp8) {
-        uint16_t *o = g->obuf;
-        for (size_t i = 0; i < n; i++) o[i] = dsi_f32_to_bf16(g->fbuf[i]);
-        return g->emit(g->ctx, name, DSI_BF16, 2, shape, o);
+    lin_job j = {g, name_seed(g->seed, name), rows, cols, 1, cols, 1, sqrtf(3.0f / cols)}; /* std 1/sqrt(fan_in) */
+    if (g->c->fp8) {
+        j.br = g->c->weight_block[0];
+        j.bc = g->c->weight_block[1];
+        j.sc = DSI_CEIL_DIV(cols, j.bc);
     }
-    int br = g->c->weight_block[0], bc = g->c->weight_block[1];
-    int sr = DSI_CEIL_DIV(rows, br), sc = DSI_CEIL_DIV(cols, bc);
-    uint8_t *o = g->obuf;
-    for (int bi = 0; bi < sr; bi++)
-        for (int bj = 0; bj < sc; bj++) {
-            float amax = 0;
-            for (int r = bi * br; r < DSI_MIN(rows, (bi + 1) * br); r++)
-                for (int cc = bj * bc; cc < DSI_MIN(cols, (bj + 1) * bc); cc++)
-                    amax = fmaxf(amax, fabsf(g->fbuf[(size_t)r * cols + cc]));
-            float s = amax > 0 ? amax / 448.0f : 1.0f;
-            g->sbuf[bi * sc + bj] = s;
-            for (int r = bi * br; r < DSI_MIN(rows, (bi + 1) * br); r++)
-                for (int cc = bj * bc; cc < DSI_MIN(cols, (bj + 1) * bc); cc++)
-                    o[(size_t)r * cols + cc] = dsi_f32_to_e4m3(g->fbuf[(size_t)r * cols + cc] / s);
-        }
-    int rc = g->emit(g->ctx, name, DSI_F8_E4M3, 2, shape, o);
+    int sr = DSI_CEIL_DIV(rows, j.br);
+    dsi_pool_for(g->pool, sr, 1, lin_rows_task, &j);
+    int64_t shape[2] = {rows, cols};
+    if (!g->c->fp8) return g->emit(g->ctx, name, DSI_BF16, 2, shape, g->obuf);
+    int rc = g->emit(g->ctx, name, DSI_F8_E4M3, 2, shape, g->obuf);
     if (rc) return rc;
     char sn[512];
     snprintf(sn, sizeof sn, "%s_scale_inv", name);
-    int64_t sshape[2] = {sr, sc};
+    int64_t sshape[2] = {sr, j.sc};
     return g->emit(g->ctx, sn, DSI_F32, 2, sshape, g->sbuf);
+}
+
+typedef struct bf16_job {
+    uint16_t *o;
+    uint64_t st;
+    float a;
+} bf16_job;
+
+static void bf16_task(void *ctx, int64_t b, int64_t e, int tid) {
+    const bf16_job *j = ctx;
+    (void)tid;
+    for (int64_t i = b; i < e; i++) j->o[i] = dsi_f32_to_bf16(unif_at(j->st, (size_t)i) * j->a);
 }
 
 /* BF16 matrix (embedding, lm_head, router) with the given std. */
 static int gen_bf16(gen *g, const char *name, int rows, int cols, float std) {
-    uint64_t st = name_seed(g->seed, name);
-    size_t n = (size_t)rows * cols;
-    uint16_t *o = g->obuf;
-    float a = std * sqrtf(3.0f);
-    for (size_t i = 0; i < n; i++) o[i] = dsi_f32_to_bf16(unif(&st) * a);
+    bf16_job j = {g->obuf, name_seed(g->seed, name), std * sqrtf(3.0f)};
+    dsi_pool_for(g->pool, (int64_t)rows * cols, 4096, bf16_task, &j);
     int64_t shape[2] = {rows, cols};
-    return g->emit(g->ctx, name, DSI_BF16, 2, shape, o);
+    return g->emit(g->ctx, name, DSI_BF16, 2, shape, g->obuf);
 }
 
 /* Vector: norms near 1 (BF16), router bias small (F32). */
@@ -165,7 +205,8 @@ static int generate(const dsi_config *c, uint64_t seed, emit_fn emit, void *ctx,
         /* a fixed maxel/64 here overflowed for blocks smaller than 128x128 */
         max_scales = DSI_MAX(max_scales, DSI_CEIL_DIV(shapes[i][0], br) * DSI_CEIL_DIV(shapes[i][1], bc));
     }
-    gen g = {c, seed, emit, ctx, malloc(maxel * 4), malloc(maxel * 2), malloc(max_scales * 4), maxel};
+    /* all cores: a DeepSeek-V3-width layer is 11 GB of weights */
+    gen g = {dsi_pool_create(0), c, seed, emit, ctx, malloc(maxel * 4), malloc(maxel * 2), malloc(max_scales * 4), maxel};
     int rc = DSI_OK;
     if (!g.fbuf || !g.obuf || !g.sbuf) { rc = dsi_error(DSI_ENOMEM, "make-model: out of memory"); goto out; }
     char n[256];
@@ -211,6 +252,7 @@ static int generate(const dsi_config *c, uint64_t seed, emit_fn emit, void *ctx,
     G(gen_vec(&g, "model.norm.weight", c->hidden, 1.0f, 0.1f, DSI_BF16));
     if (!c->tie_word_embeddings) G(gen_bf16(&g, "lm_head.weight", c->vocab_size, c->hidden, 1.0f / sqrtf((float)c->hidden)));
 out:
+    dsi_pool_destroy(g.pool);
     free(g.fbuf);
     free(g.obuf);
     free(g.sbuf);
