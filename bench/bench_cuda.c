@@ -102,11 +102,31 @@ static int run_lt(void *p) {
     gemm_ctx *c = p;
     return dsi__lt_gemm(c->lt, c->W, c->x, c->M, c->W->cols, c->y, c->W->rows, 0, c->xq, c->xs, NULL);
 }
+/* cuBLASLt on activations already quantised (as DeepGEMM is measured) */
+static int run_lt_q(void *p) {
+    gemm_ctx *c = p;
+    return dsi__lt_gemm_q(c->lt, c->W, c->xq, c->xs, c->M, c->y, c->W->rows, 0, NULL);
+}
+/* one cuBLASLt call per expert (rows known on the host), pre-quantised */
+static int run_lt_experts(void *p) {
+    gemm_ctx *c = p;
+    int N = c->W->rows, K = c->W->cols, rc = DSI_OK;
+    for (int z = 0; z < c->a.Z && !rc; z++) {
+        dsi_dmat v = *c->W;
+        v.batch = 1;
+        v.data = (uint8_t *)c->W->data + (size_t)z * N * K;
+        v.scale = v.scale_lt = c->W->scale + (size_t)z * c->W->scale_rows * c->W->scale_cols;
+        size_t r0 = (size_t)z * c->M;
+        rc = dsi__lt_gemm_q(c->lt, &v, c->xq + r0 * K, c->xs + r0 * DSI_CEIL_DIV(K, 128), c->M, c->y + r0 * N, N, 0,
+                            NULL);
+    }
+    return rc;
+}
 static int run_simple(void *p) { return dsi__cuda_gemm(&((gemm_ctx *)p)->a, NULL); }
 /* grouped FP8 tensor-core kernel on pre-quantised activations (as DeepGEMM is measured) */
 static int run_fp8(void *p) {
     gemm_ctx *c = p;
-    return dsi__cuda_gemm_fp8(c->W, c->xq, c->xs, c->M, c->y, c->W->rows, 0, c->a.d_group_offset, c->a.Z, NULL);
+    return dsi__cuda_gemm_fp8(c->W, c->xq, c->xs, c->M, c->y, c->W->rows, 0, c->a.d_group_offset, c->a.Z, c->M, NULL);
 }
 
 static double dense(dsi_lt *lt, int M, int N, int K, double peer, const char *peer_name, int simple_too) {
@@ -116,9 +136,11 @@ static double dense(dsi_lt *lt, int M, int N, int K, double peer, const char *pe
                   .xq = dev_rand((size_t)M * K, 0), .xs = dev_rand((size_t)M * DSI_CEIL_DIV(K, 128) * 4, 1), .M = M};
     c.a = (dsi_gemm_args){.W = &W, .d_x = c.x, .ldx = K, .d_y = c.y, .ldy = N, .M = M, .N = N, .K = K, .Z = 1};
     double flop = 2.0 * M * N * K;
-    double s = time_it(run_lt, &c), tf = s > 0 ? flop / s * 1e-12 : 0;
+    double s = time_it(run_lt_q, &c), tf = s > 0 ? flop / s * 1e-12 : 0;
+    double sq = time_it(run_lt, &c), tq = sq > 0 ? flop / sq * 1e-12 : 0;
     printf("  dense  M=%5d N=%5d K=%5d  cuBLASLt %7.1f TFLOP/s", M, N, K, tf);
     if (peer > 0) printf("  = %.2fx %s %.0f", tf / peer, peer_name, peer);
+    printf(" | with activation quantisation %6.1f", tq);
     if (simple_too && !quick) {
         double s2 = time_it(run_simple, &c);
         if (s2 > 0) printf("  | simple kernel %6.1f TFLOP/s (%.2fx cuBLASLt)", flop / s2 * 1e-12, s / s2);
@@ -131,7 +153,8 @@ static double dense(dsi_lt *lt, int M, int N, int K, double peer, const char *pe
 
 /* ------------------------------------------------------------------ grouped GEMM */
 
-static void grouped(int E, int rows, int N, int K, double lo, double hi, const char *layout, double lt_peak) {
+static void grouped(dsi_lt *lt, int E, int rows, int N, int K, double lo, double hi, const char *layout,
+                    double lt_peak) {
     dsi_dmat W = fp8_weight(E, N, K);
     int *off = malloc(sizeof(int) * (E + 1)), *doff;
     for (int e = 0; e <= E; e++) off[e] = e * rows;
@@ -146,16 +169,61 @@ static void grouped(int E, int rows, int N, int K, double lo, double hi, const c
     c.xs = dev_rand((size_t)E * rows * DSI_CEIL_DIV(K, 128) * 4, 1);
     c.W = &W;
     c.M = rows;
-    double s = time_it(run_simple, &c), tf = s > 0 ? 2.0 * E * rows * N * K / s * 1e-12 : 0;
-    double s8 = time_it(run_fp8, &c), tf8 = s8 > 0 ? 2.0 * E * rows * N * K / s8 * 1e-12 : 0;
+    c.lt = lt;
+    double flop = 2.0 * E * rows * N * K;
+    double s = quick ? 0 : time_it(run_simple, &c), tf = s > 0 ? flop / s * 1e-12 : 0;
+    double s8 = time_it(run_fp8, &c), tf8 = s8 > 0 ? flop / s8 * 1e-12 : 0;
+    double sl = time_it(run_lt_experts, &c), tl = sl > 0 ? flop / sl * 1e-12 : 0;
     char peer[64];
     if (lo == hi) snprintf(peer, sizeof peer, "%.0f", hi);
     else snprintf(peer, sizeof peer, "%.0f-%.0f (vs the high end)", lo, hi);
-    printf("  grouped %-10s %d x %5d rows N=%5d K=%5d  fp8 mma.sync %6.1f TFLOP/s = %.3fx DeepGEMM H800 %s,"
-           " %.3fx dense cuBLASLt here | simple kernel %6.1f TFLOP/s\n",
-           layout, E, rows, N, K, tf8, tf8 / hi, peer, lt_peak > 0 ? tf8 / lt_peak : 0, tf);
+    printf("  grouped %-10s %d x %5d rows N=%5d K=%5d  cuBLASLt per expert (host row counts) %6.1f TFLOP/s = %.3fx DeepGEMM H800 %s,"
+           " %.2fx dense cuBLASLt here | fp8 mma.sync kernel %6.1f (%.3fx) | simple kernel %5.1f\n",
+           layout, E, rows, N, K, tl, tl / hi, peer, lt_peak > 0 ? tl / lt_peak : 0, tf8, tf8 / hi, tf);
     dsi__cuda_free(c.xq); dsi__cuda_free(c.xs);
     dsi__cuda_free(c.x); dsi__cuda_free(c.y); dsi__cuda_free(doff);
+    dsi__cuda_free_mat(&W);
+    free(off);
+}
+
+/* Device memory bandwidth, measured here: a 2 GiB device-to-device copy,
+ * bytes read plus bytes written. */
+typedef struct copy_ctx { void *a, *b; size_t n; } copy_ctx;
+static int run_copy(void *p) {
+    copy_ctx *c = p;
+    return dsi__cuda_d2d(c->b, c->a, c->n);
+}
+static double copy_bandwidth(void) {
+    copy_ctx c = {.n = (size_t)1 << 31};
+    if (dsi__cuda_malloc(&c.a, c.n) || dsi__cuda_malloc(&c.b, c.n)) return 0;
+    dsi__cuda_memset(c.a, 1, c.n);
+    double s = time_it(run_copy, &c), gbs = s > 0 ? 2.0 * c.n / s * 1e-9 : 0;
+    dsi__cuda_free(c.a);
+    dsi__cuda_free(c.b);
+    printf("  device memory: %.0f GB/s (2 GiB device-to-device copy, read + write)\n", gbs);
+    return gbs;
+}
+
+/* Decode's expert GEMM as the engine runs it in a CUDA graph: all E experts'
+ * weights read once for a few rows each (routing spread evenly), FP8 mma
+ * kernel with 16-row tiles; against reading the weights at copy bandwidth. */
+static void grouped_decode(int E, int rows, int N, int K, double bw) {
+    dsi_dmat W = fp8_weight(E, N, K);
+    int *off = malloc(sizeof(int) * (E + 1)), *doff;
+    for (int e = 0; e <= E; e++) off[e] = e * rows;
+    dsi__cuda_malloc((void **)&doff, sizeof(int) * (E + 1));
+    dsi__cuda_h2d(doff, off, sizeof(int) * (E + 1));
+    gemm_ctx c = {0};
+    c.y = dev_rand((size_t)E * rows * N * 4, 1);
+    c.xq = dev_rand((size_t)E * rows * K, 0);
+    c.xs = dev_rand((size_t)E * rows * DSI_CEIL_DIV(K, 128) * 4, 1);
+    c.W = &W;
+    c.M = rows;
+    c.a = (dsi_gemm_args){.W = &W, .N = N, .K = K, .Z = E, .d_group_offset = doff};
+    double s = time_it(run_fp8, &c), bytes = (double)E * N * K;
+    printf("  decode experts %d x %d rows N=%5d K=%5d  fp8 mma.sync (16-row tiles) %7.1f us, weights at %6.0f GB/s"
+           " = %.2fx copy bandwidth\n", E, rows, N, K, s * 1e6, bytes / s * 1e-9, bytes / s * 1e-9 / bw);
+    dsi__cuda_free(c.xq); dsi__cuda_free(c.xs); dsi__cuda_free(c.y); dsi__cuda_free(doff);
     dsi__cuda_free_mat(&W);
     free(off);
 }
@@ -238,40 +306,50 @@ static int model_bench(const char *dir, int simple) {
     }
     printf("  model %s: %d layers, %.1f GB of weights on the device (upload %.1f s), gemm %s\n", dsi_model_name(m),
            c->n_layers, dsi_cuda_engine_weight_bytes(e) / 1e9, dsi_now() - t0, simple ? "simple" : "cuBLASLt FP8");
-    double norm = (double)c->n_layers / 61.0;
     printf("  (one GPU holds and reads all %d routed experts of each layer; DeepSeek's per-GPU figures are with"
            " EP32 prefill / EP144 decode, 9 or 2 routed experts per GPU)\n", c->n_experts);
     int32_t *blocks = malloc(sizeof(int32_t) * B * nb), *tok = malloc(sizeof(int32_t) * 4096);
     float *logits = malloc(sizeof(float) * (size_t)B * c->vocab_size);
     for (int i = 0; i < B * nb; i++) blocks[i] = dsi_cuda_kv_alloc(e);
     for (int i = 0; i < 4096; i++) tok[i] = (int32_t)(next() % (uint64_t)c->vocab_size);
-    /* prefill: 4 sequences of 4096 tokens (16K tokens), last-token logits */
-    int rc = DSI_OK;
-    double tp = dsi_now();
-    for (int s = 0; s < 4 && !rc; s++) {
-        dsi_seq_step st = {tok, 4096, 0, blocks + s * nb, nb, DSI_LOGITS_LAST, logits};
-        rc = dsi_cuda_engine_step(e, &st, 1);
-    }
-    tp = dsi_now() - tp;
-    if (!rc) {
-        double tps = 16384 / tp;
-        printf("  prefill 16K tokens (4 x 4K): %.0f tok/s on %d layers -> %.0f tok/s at 61 layers = %.3fx DeepSeek 9.2k"
-               " per H800\n", tps, c->n_layers, tps * norm, tps * norm / 9200);
-    }
-    /* decode: 128 sequences at position 4095 (cache contents are zeros: the
-     * work per step is the same as with a real 4K history) */
     dsi_seq_step *st = calloc(B, sizeof *st);
     for (int b = 0; b < B; b++) st[b] = (dsi_seq_step){tok + b, 1, ctx - 1, blocks + b * nb, nb, DSI_LOGITS_LAST,
                                                        logits + (size_t)b * c->vocab_size};
-    for (int i = 0; i < 3 && !rc; i++) rc = dsi_cuda_engine_step(e, st, B); /* capture + warm-up */
-    int steps = quick ? 5 : 20;
-    double td = dsi_now();
-    for (int i = 0; i < steps && !rc; i++) rc = dsi_cuda_engine_step(e, st, B);
-    td = (dsi_now() - td) / steps;
+    /* Seconds for the 16K-token prefill and for one decode step, with all
+     * layers and then without the last one: the difference is one layer's
+     * cost, and 61 layers are this model plus (61 - n) more such layers. */
+    double tp[2] = {0, 0}, td[2] = {0, 0};
+    int rc = DSI_OK, runs = c->n_layers > c->first_k_dense && c->n_layers > 1 ? 2 : 1;
+    for (int run = 0; run < runs && !rc; run++) {
+        if (run) rc = dsi__cuda_engine_run_layers(e, c->n_layers - 1);
+        /* prefill: 4 sequences of 4096 tokens (16K tokens), last-token logits */
+        double t = dsi_now();
+        for (int s = 0; s < 4 && !rc; s++) {
+            dsi_seq_step ps = {tok, 4096, 0, blocks + s * nb, nb, DSI_LOGITS_LAST, logits};
+            rc = dsi_cuda_engine_step(e, &ps, 1);
+        }
+        tp[run] = dsi_now() - t;
+        /* decode: 128 sequences at position 4095 (the cache holds what the
+         * prefills wrote and zeros: the work per step is that of a real 4K history) */
+        for (int i = 0; i < 3 && !rc; i++) rc = dsi_cuda_engine_step(e, st, B); /* capture + warm-up */
+        int steps = quick ? 5 : 20;
+        t = dsi_now();
+        for (int i = 0; i < steps && !rc; i++) rc = dsi_cuda_engine_step(e, st, B);
+        td[run] = (dsi_now() - t) / steps;
+    }
     if (!rc) {
-        double tps = B / td;
-        printf("  decode batch %d ctx 4K: %.1f ms/step, %.0f tok/s on %d layers -> %.0f tok/s at 61 layers = %.3fx"
-               " DeepSeek 1.85k per H800\n", B, td * 1e3, tps, c->n_layers, tps * norm, tps * norm / 1850);
+        int n = c->n_layers;
+        printf("  prefill 16K tokens (4 x 4K): %.2f s on %d layers = %.0f tok/s\n", tp[0], n, 16384 / tp[0]);
+        printf("  decode batch %d ctx 4K: %.2f ms/step on %d layers = %.0f tok/s\n", B, td[0] * 1e3, n, B / td[0]);
+        if (runs == 2) {
+            double lp = tp[0] - tp[1], ld = td[0] - td[1];
+            double p61 = tp[0] + (61 - n) * lp, d61 = td[0] + (61 - n) * ld;
+            printf("  one MoE layer (%d layers minus %d): prefill %.1f ms per 16K tokens, decode %.3f ms per step\n", n,
+                   n - 1, lp * 1e3, ld * 1e3);
+            printf("  at 61 layers (this model + %d more MoE layers): prefill %.0f tok/s = %.3fx DeepSeek 9.2k per H800;"
+                   " decode %.0f tok/s = %.3fx DeepSeek 1.85k per H800\n", 61 - n, 16384 / p61, 16384 / p61 / 9200,
+                   B / d61, B / d61 / 1850);
+        }
     }
     if (rc) fprintf(stderr, "bench_cuda: %s\n", dsi_last_error());
     free(st); free(blocks); free(tok); free(logits);
@@ -282,13 +360,14 @@ static int model_bench(const char *dir, int simple) {
 
 int main(int argc, char **argv) {
     const char *model = NULL;
-    int simple = 0;
+    int simple = 0, lt_probe = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
         else if (!strcmp(argv[i], "--simple")) simple = 1;
         else if (!strcmp(argv[i], "--quick")) quick = 1;
+        else if (!strcmp(argv[i], "--lt-probe")) lt_probe = 1;
         else {
-            printf("usage: bench_cuda [--model DIR] [--simple] [--quick]\n");
+            printf("usage: bench_cuda [--model DIR] [--simple] [--quick] [--lt-probe]\n");
             return strcmp(argv[i], "--help") ? 2 : 0;
         }
     }
@@ -299,20 +378,28 @@ int main(int argc, char **argv) {
     char d[256];
     dsi_cuda_device_describe(0, d, sizeof d);
     printf("bench_cuda on %s\n", d);
+    if (lt_probe) {
+        dsi__lt_probe(4096, 7168, 16384);
+        dsi__lt_probe(64, 2112, 7168);
+        return 0;
+    }
     dsi_lt *lt;
     if (dsi__lt_create(&lt)) { fprintf(stderr, "bench_cuda: %s\n", dsi_last_error()); return 1; }
-    printf("FP8 GEMM (block-scaled 1x128 x 128x128; cuBLASLt time includes quantising the activations)\n");
+    printf("FP8 GEMM (block-scaled 1x128 x 128x128, activations quantised beforehand as DeepGEMM is measured)\n");
     double peak = dense(lt, 8192, 8192, 8192, 1525, "the 1525 measured on an H100 (DEPENDENCIES.md)", 0);
     dense(lt, 4096, 7168, 16384, 1358, "DeepGEMM H800", 1);
     dense(lt, 4096, 2112, 7168, 1058, "DeepGEMM H800", 1);
     dense(lt, 64, 7168, 16384, 206, "DeepGEMM H800 decode low end (206-336)", 1);
     dense(lt, 64, 2112, 7168, 206, "DeepGEMM H800 decode low end (206-336)", 1);
     if (!quick) {
-        grouped(4, 8192, 4096, 7168, 1297, 1297, "contiguous", peak);
-        grouped(8, 8192, 4096, 7168, 1297, 1297, "contiguous", peak);
+        grouped(lt, 4, 8192, 4096, 7168, 1297, 1297, "contiguous", peak);
+        grouped(lt, 8, 8192, 4096, 7168, 1297, 1297, "contiguous", peak);
     }
-    grouped(8, 256, 4096, 7168, 932, 1233, "masked", peak);
-    grouped(8, 256, 7168, 2048, 932, 1233, "masked", peak);
+    grouped(lt, 8, 256, 4096, 7168, 932, 1233, "masked", peak);
+    grouped(lt, 8, 256, 7168, 2048, 932, 1233, "masked", peak);
+    double bw = copy_bandwidth();
+    grouped_decode(256, 4, 2048, 7168, bw);
+    grouped_decode(256, 4, 7168, 2048, bw);
     dsi__lt_destroy(lt);
     printf("MLA decode, absorbed form\n");
     mla(64, 4096);

@@ -229,9 +229,10 @@ static void test_gemm_grouped(void **state) {
  * the same quantised activations. */
 static void test_gemm_fp8_mma(void **state) {
     NEED_GPU();
-    for (int it = 0; it < 4; it++) {
-        int grouped = it >= 2, E = grouped ? rint_(2, 6) : 1;
-        int N = rint_(1, 300), K = 16 * rint_(1, 40), KB = (K + 127) / 128, maxg = rint_(1, 150);
+    for (int it = 0; it < 6; it++) {
+        /* 0-1 dense, 2-5 grouped; 4-5 with a few rows per group: 16-row tiles */
+        int grouped = it >= 2, E = grouped ? rint_(2, 6) : 1, few = it >= 4;
+        int N = rint_(1, 300), K = 16 * rint_(1, 40), KB = (K + 127) / 128, maxg = few ? rint_(1, 40) : rint_(1, 150);
         void **wd = calloc(E, sizeof(void *));
         float **ws = calloc(E, sizeof(float *));
         dsi_mat *Ws = calloc(E, sizeof(dsi_mat));
@@ -271,10 +272,12 @@ static void test_gemm_fp8_mma(void **state) {
         uint8_t *dxq = dev_up(xq, (size_t)rows * K + 16);
         float *dxs = dev_up(xs, sizeof(float) * (rows * KB + 1)), *dy = dev_nan(sizeof(float) * (rows * N + 1));
         int *doff = grouped ? dev_up(off, sizeof(int) * (E + 1)) : NULL;
-        assert_int_equal(dsi__cuda_gemm_fp8(&dW, dxq, dxs, grouped ? maxg : rows, dy, N, 0, doff, E, NULL), DSI_OK);
+        assert_int_equal(dsi__cuda_gemm_fp8(&dW, dxq, dxs, grouped ? maxg : rows, dy, N, 0, doff, E, few ? 8 : 0, NULL),
+                         DSI_OK);
         float *got = dev_down(dy, (size_t)rows * N);
         double err = rel_err(got, ref, (size_t)rows * N);
-        printf("  fp8 mma %s E=%d rows=%d N=%d K=%d: %.2e\n", grouped ? "grouped" : "dense", E, rows, N, K, err);
+        printf("  fp8 mma %s E=%d rows=%d N=%d K=%d tiles of %d rows: %.2e\n", grouped ? "grouped" : "dense", E, rows, N,
+               K, few ? 16 : 64, err);
         assert_true(err <= 2e-3);
         for (int e = 0; e < E; e++) { free(wd[e]); free(ws[e]); }
         free(wd); free(ws); free(Ws); free(off); free(xq); free(xs); free(xf); free(ref); free(got);
@@ -557,10 +560,10 @@ static void test_mla(void **state) {
     }
 }
 
-/* cuBLASLt FP8 (block-scaled) against the simple kernel fed the same
- * quantised activations; reports which scale layout cuBLASLt wants. */
-static double lt_error(int M, int N, int K, const char *layout) {
-    setenv("DSI_LT_SCALES", layout, 1);
+/* cuBLASLt FP8 (block-scaled) against the CPU reference fed the same
+ * quantised activations; -1 when cuBLASLt has no algorithm (the engine then
+ * falls back to its own kernels). */
+static double lt_error(int M, int N, int K) {
     void *wd; float *ws;
     dsi_mat W = host_mat(DSI_F8_E4M3, N, K, &wd, &ws);
     dsi_dmat dW;
@@ -586,6 +589,8 @@ static double lt_error(int M, int N, int K, const char *layout) {
         float *got = dev_down(dy, (size_t)M * N);
         err = rel_err(got, ref, (size_t)M * N);
         free(got);
+    } else if (rc == DSI_EUNSUPPORTED) {
+        err = -1;
     } else {
         printf("  cublasLt M=%d N=%d K=%d: %s\n", M, N, K, dsi_last_error());
     }
@@ -595,17 +600,70 @@ static double lt_error(int M, int N, int K, const char *layout) {
     return err;
 }
 
+/* Shapes with K/128 = 1, 2, 3, 4, 5 and 14 (rows of weight scales that need
+ * padding and rows that do not) and N/128 = 1..3, M from 4 to 200; M = 1 and
+ * 7 must be refused (no algorithm), not computed wrong. */
 static void test_cublaslt_fp8(void **state) {
     NEED_GPU();
-    int shapes[][3] = {{64, 256, 512}, {7, 384, 256}, {200, 1024, 1024}};
-    for (int i = 0; i < 3; i++) {
-        double mn = lt_error(shapes[i][0], shapes[i][1], shapes[i][2], "mn");
-        double k = lt_error(shapes[i][0], shapes[i][1], shapes[i][2], "k");
-        printf("  cublasLt fp8 M=%d N=%d K=%d: scales mn-major %.2e, k-major %.2e (default mn%s)\n", shapes[i][0],
-               shapes[i][1], shapes[i][2], mn, k, k < mn ? ": SWITCH THE DEFAULT in gemm_lt.cu" : "");
-        assert_true(mn <= 1e-3);
+    int shapes[][3] = {{64, 256, 512}, {8, 384, 256}, {12, 128, 384}, {200, 1024, 1024}, {4, 256, 128},
+                       {100, 384, 640}, {16, 512, 1792}, {7, 384, 256}, {1, 256, 512}};
+    for (int i = 0; i < 9; i++) {
+        double e = lt_error(shapes[i][0], shapes[i][1], shapes[i][2]);
+        printf("  cublasLt fp8 M=%d N=%d K=%d: %.2e%s\n", shapes[i][0], shapes[i][1], shapes[i][2], e,
+               e < 0 ? " (no algorithm: falls back)" : "");
+        if (shapes[i][0] % 4) assert_true(e == -1);
+        else assert_true(e >= 0 && e <= 1e-3);
     }
-    unsetenv("DSI_LT_SCALES");
+}
+
+/* The per-expert cuBLASLt path (prefill) against the CPU reference on the
+ * same quantised activations: groups of 0, 1, 7, 70 and 130 rows, so that
+ * rows rounded up to whole tiles spill into later groups and the spare rows. */
+static void test_cublaslt_grouped(void **state) {
+    NEED_GPU();
+    int E = 5, N = 256, K = 512, rows[5] = {7, 0, 70, 1, 130}, off[6] = {0};
+    for (int z = 0; z < E; z++) off[z + 1] = off[z] + rows[z];
+    int M = off[E], Mp = M + 64;
+    void *wd; float *ws;
+    dsi_mat W1 = host_mat(DSI_F8_E4M3, N * E, K, &wd, &ws); /* E matrices of N rows back to back */
+    dsi_dmat dW;
+    assert_int_equal(dsi__cuda_upload_mat(&W1, &dW), DSI_OK);
+    dW.rows = N; dW.batch = E; dW.scale_rows = N / 128;
+    assert_int_equal(dsi__lt_prepare_weight(&dW), DSI_OK);
+    float *x = host_vec((size_t)Mp * K), *xq = malloc(sizeof(float) * M * K), *ref = malloc(sizeof(float) * M * N);
+    for (int m = 0; m < M; m++)
+        for (int kb = 0; kb < K; kb += 128) {
+            float amax = 0;
+            for (int k = kb; k < kb + 128; k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
+            float s = amax > 0 ? amax / 448.0f : 1.0f;
+            for (int k = kb; k < kb + 128; k++) xq[m * K + k] = dsi_e4m3_to_f32(dsi_f32_to_e4m3(x[m * K + k] / s)) * s;
+        }
+    for (int z = 0; z < E; z++) {
+        if (!rows[z]) continue;
+        dsi_mat Wz = W1;
+        Wz.rows = N;
+        Wz.data = (uint8_t *)wd + (size_t)z * N * K;
+        Wz.scale_inv = ws + (size_t)z * (N / 128) * (K / 128);
+        dsi_kernels_ref.matmul(&Wz, xq + (size_t)off[z] * K, rows[z], K, ref + (size_t)off[z] * N, N, 0, 0, N, 0);
+    }
+    dsi_lt *lt;
+    assert_int_equal(dsi__lt_create(&lt), DSI_OK);
+    float *dx = dev_up(x, sizeof(float) * Mp * K), *dy = dev_nan(sizeof(float) * Mp * N);
+    uint8_t *dq = dev_nan((size_t)Mp * K);
+    float *dsc = dev_nan(sizeof(float) * Mp * (K / 128));
+    int rc = dsi__lt_gemm_grouped(lt, &dW, off, E, dx, K, dy, N, dq, dsc, NULL);
+    if (rc) printf("  %s\n", dsi_last_error());
+    assert_int_equal(rc, DSI_OK);
+    float *got = dev_down(dy, (size_t)M * N);
+    double err = rel_err(got, ref, (size_t)M * N);
+    printf("  cublasLt per-expert groups 7,0,70,1,130 N=%d K=%d: %.2e\n", N, K, err);
+    assert_true(err <= 1e-3);
+    free(got);
+    dsi__lt_destroy(lt);
+    free(x); free(xq); free(ref); free(wd); free(ws);
+    dsi__cuda_free(dx); dsi__cuda_free(dy); dsi__cuda_free(dq); dsi__cuda_free(dsc);
+    dW.batch = 1; dW.rows = N * E; dW.scale_rows = N * E / 128;
+    dsi__cuda_free_mat(&dW);
 }
 
 /* ------------------------------------------------------------------ whole model */
@@ -615,7 +673,8 @@ typedef struct gold {
     dsi_st_set *g;
 } gold;
 
-static void run_golden(const char *dir, const dsi_cuda_opts *o, double tol, int rms) {
+/* tol_long applies to prompt3 (130 tokens, in chunks of 33); tol to the rest. */
+static void run_golden(const char *dir, const dsi_cuda_opts *o, double tol, double tol_long, int rms) {
     char path[1024];
     gold f = {0};
     snprintf(path, sizeof path, "%s/golden/%s", DSI_TEST_DATA, dir);
@@ -655,10 +714,11 @@ static void run_golden(const char *dir, const dsi_cuda_opts *o, double tol, int 
         } else {
             err = rel_err(out, ref->data, (size_t)n * V);
         }
+        double lim = ci == 3 ? tol_long : tol;
         printf("  %s gemm=%s kv=%s graphs=%d %s%s: %s %.2e (tol %.0e)\n", dir, o->gemm ? "cublaslt" : "simple",
                o->kv_bf16 ? "bf16" : "f32", o->graphs, cases[ci], ci == 4 ? " (decode from 9)" : ci == 3 ? " (chunks of 33)" : "",
-               rms ? "RMS" : "max", err, tol);
-        assert_true(err <= tol);
+               rms ? "RMS" : "max", err, lim);
+        assert_true(err <= lim);
         free(out);
     }
     assert_int_equal(dsi_cuda_kv_n_free(e), o->kv_blocks);
@@ -670,20 +730,25 @@ static void run_golden(const char *dir, const dsi_cuda_opts *o, double tol, int 
 static void test_golden_simple(void **state) {
     NEED_GPU();
     dsi_cuda_opts o = {.max_tokens = 256, .kv_blocks = 8, .graphs = 0};
-    run_golden("tiny-bf16", &o, 1e-3, 0);
-    run_golden("tiny-fp8", &o, 1e-3, 0);
+    run_golden("tiny-bf16", &o, 1e-3, 1e-3, 0);
+    run_golden("tiny-fp8", &o, 1e-3, 1e-3, 0);
 }
 
 static void test_golden_graphs(void **state) {
     NEED_GPU();
     dsi_cuda_opts o = {.max_tokens = 256, .kv_blocks = 8, .graphs = 1};
-    run_golden("tiny-fp8", &o, 1e-3, 0);
+    run_golden("tiny-fp8", &o, 1e-3, 1e-3, 0);
 }
 
+/* BF16 rounding of the cached latents alone moves the logits of the 130-token
+ * prompt by 7.84e-2 of their largest magnitude: measured on the CPU engine with
+ * its cache rows rounded to BF16 (the random tiny model's attention is sharp,
+ * so a rounded key can change which positions dominate), and the GPU lands on
+ * the same 7.84e-2. The shorter cases move by under 2e-3. */
 static void test_golden_bf16_kv(void **state) {
     NEED_GPU();
     dsi_cuda_opts o = {.max_tokens = 256, .kv_blocks = 8, .kv_bf16 = 1, .graphs = 1};
-    run_golden("tiny-fp8", &o, 3e-2, 0);
+    run_golden("tiny-fp8", &o, 1e-2, 1e-1, 0);
 }
 
 /* Tensor-core attention falls back to the float32 kernel on the tiny model
@@ -692,7 +757,7 @@ static void test_golden_bf16_kv(void **state) {
 static void test_golden_attn_tc_fallback(void **state) {
     NEED_GPU();
     dsi_cuda_opts o = {.max_tokens = 256, .kv_blocks = 8, .kv_bf16 = 1, .attn_tc = 1, .graphs = 1};
-    run_golden("tiny-fp8", &o, 3e-2, 0);
+    run_golden("tiny-fp8", &o, 1e-2, 1e-1, 0);
 }
 
 /* A random model with DeepSeek's attention geometry (latent 512, rope 64,
@@ -730,15 +795,17 @@ static void test_v3_attention_vs_cpu(void **state) {
     assert_int_equal(dsi_engine_logits(cpu, ids, n, 0, 40, ref), DSI_OK);
     dsi_engine_destroy(cpu);
     dsi_kv_pool_destroy(kv);
-    for (int tc = 0; tc < 2; tc++) {
-        dsi_cuda_opts o = {.max_tokens = 128, .kv_blocks = 4, .kv_bf16 = tc, .attn_tc = tc, .graphs = 1};
+    for (int tc = 0; tc < 3; tc++) {
+        /* 0: float32 cache and attention; 1: BF16 cache, float32 attention; 2: BF16 cache, tensor cores */
+        dsi_cuda_opts o = {.max_tokens = 128, .kv_blocks = 4, .kv_bf16 = tc > 0, .attn_tc = tc == 2, .graphs = 1};
         dsi_cuda_engine *e;
         assert_int_equal(dsi_cuda_engine_create(m, &o, &e), DSI_OK);
         for (size_t i = 0; i < (size_t)n * V; i++) out[i] = NAN;
         assert_int_equal(dsi_cuda_engine_logits(e, ids, n, 0, 40, out), DSI_OK);
         double mx = rel_err(out, ref, (size_t)n * V), rms = rms_rel(out, ref, (size_t)n * V);
         printf("  latent-512 model, GPU %s vs CPU engine: max %.2e, RMS %.2e\n",
-               tc ? "tensor-core attention (bf16 cache)" : "float32 attention", mx, rms);
+               tc == 2 ? "tensor-core attention (bf16 cache)" : tc ? "float32 attention, bf16 cache" : "float32 attention",
+               mx, rms);
         if (tc) assert_true(rms <= 5e-2);
         else assert_true(mx <= 1e-3);
         dsi_cuda_engine_destroy(e);
@@ -753,7 +820,41 @@ static void test_v3_attention_vs_cpu(void **state) {
 static void test_golden_cublaslt(void **state) {
     NEED_GPU();
     dsi_cuda_opts o = {.max_tokens = 256, .kv_blocks = 8, .gemm = DSI_CUDA_GEMM_CUBLASLT, .graphs = 1};
-    run_golden("tiny-fp8", &o, 0.3, 1);
+    run_golden("tiny-fp8", &o, 0.3, 0.3, 1);
+}
+
+/* Prefill of 130 tokens in one step takes the per-expert cuBLASLt path for
+ * the routed experts (130 x 4 rows >= 32 per expert); in chunks of 33 it
+ * takes the FP8 mma kernel. Same quantised numerics, different kernels. */
+static void test_cublaslt_experts_prefill(void **state) {
+    NEED_GPU();
+    char path[1024];
+    dsi_model *m;
+    snprintf(path, sizeof path, "%s/golden/tiny-fp8", DSI_TEST_DATA);
+    assert_int_equal(dsi_model_load(path, NULL, &m), DSI_OK);
+    snprintf(path, sizeof path, "%s/golden/tiny-fp8/golden.safetensors", DSI_TEST_DATA);
+    dsi_st_set *g;
+    assert_int_equal(dsi_st_open_file(path, &g), DSI_OK);
+    const dsi_tensor *ids = golden_tensor(g, "prompt3.ids"), *ref = golden_tensor(g, "prompt3.logits");
+    int n = (int)ids->shape[0], V = dsi_model_config(m)->vocab_size;
+    dsi_cuda_opts o = {.max_tokens = 256, .kv_blocks = 8, .gemm = DSI_CUDA_GEMM_CUBLASLT, .graphs = 0};
+    dsi_cuda_engine *e;
+    assert_int_equal(dsi_cuda_engine_create(m, &o, &e), DSI_OK);
+    float *one = malloc(sizeof(float) * n * V), *chunked = malloc(sizeof(float) * n * V);
+    for (size_t i = 0; i < (size_t)n * V; i++) one[i] = chunked[i] = NAN;
+    int rc = dsi_cuda_engine_logits(e, ids->data, n, 0, -1, one);
+    if (!rc) rc = dsi_cuda_engine_logits(e, ids->data, n, 33, -1, chunked);
+    if (rc) printf("  %s\n", dsi_last_error());
+    assert_int_equal(rc, DSI_OK);
+    double d = rms_rel(one, chunked, (size_t)n * V), g1 = rms_rel(one, ref->data, (size_t)n * V);
+    printf("  130-token prefill, per-expert cuBLASLt vs FP8 mma kernel (chunks of 33): RMS %.2e; vs oracle RMS %.2e\n",
+           d, g1);
+    assert_true(d <= 5e-2);
+    assert_true(g1 <= 0.3);
+    free(one); free(chunked);
+    dsi_cuda_engine_destroy(e);
+    dsi_st_close(g);
+    dsi_model_destroy(m);
 }
 
 /* Mixed batch: a prefill chunk, a decode and a fresh prompt in one step,
@@ -827,12 +928,14 @@ int main(void) {
         cmocka_unit_test(test_moe_gate_dispatch),
         cmocka_unit_test(test_mla),
         cmocka_unit_test(test_cublaslt_fp8),
+        cmocka_unit_test(test_cublaslt_grouped),
         cmocka_unit_test(test_golden_simple),
         cmocka_unit_test(test_golden_graphs),
         cmocka_unit_test(test_golden_bf16_kv),
         cmocka_unit_test(test_golden_attn_tc_fallback),
         cmocka_unit_test(test_v3_attention_vs_cpu),
         cmocka_unit_test(test_golden_cublaslt),
+        cmocka_unit_test(test_cublaslt_experts_prefill),
         cmocka_unit_test(test_mixed_batch),
 #endif
     };

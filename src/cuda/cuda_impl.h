@@ -7,6 +7,7 @@
 #define DSI_CUDA_IMPL_H
 
 #include "dsinfer/common.h"
+#include "dsinfer/cuda.h"
 #include "model/model_impl.h"
 
 #ifdef __cplusplus
@@ -62,6 +63,19 @@ int dsi__lt_create(dsi_lt **out);
 void dsi__lt_destroy(dsi_lt *lt);
 int dsi__lt_gemm(dsi_lt *lt, const dsi_dmat *W, const float *d_x, int M, long ldx, float *d_y, long ldy,
                  int accumulate, uint8_t *d_xq, float *d_xs, void *stream);
+/* The same on activations already quantised (e4m3 [M][K], scales in the
+ * layout dsi__lt_gemm writes them: [K/128][M]). */
+int dsi__lt_gemm_q(dsi_lt *lt, const dsi_dmat *W, const uint8_t *d_xq, const float *d_xs, int M, float *d_y,
+                   long ldy, int accumulate, void *stream);
+/* Prints which type/scale-mode combinations cuBLASLt accepts (bench_cuda --lt-probe). */
+int dsi__lt_probe(int M, int N, int K);
+/* Grouped form for routed experts when the group row offsets h_off[Z+1] are
+ * known on the host (prefill): one cuBLASLt call per non-empty group on
+ * matrix z of the batched weight W, rows [h_off[z], h_off[z+1]) of x and y,
+ * no accumulate. Rows are rounded up to whole tiles (16, or 64 past 64
+ * rows): x, y, d_xq and d_xs need 64 spare rows past h_off[Z]. */
+int dsi__lt_gemm_grouped(dsi_lt *lt, const dsi_dmat *W, const int *h_off, int Z, const float *d_x, long ldx,
+                         float *d_y, long ldy, uint8_t *d_xq, float *d_xs, void *stream);
 /* Builds W->scale_lt from W->scale (device to device). */
 int dsi__lt_prepare_weight(dsi_dmat *W);
 
@@ -70,9 +84,11 @@ int dsi__lt_prepare_weight(dsi_dmat *W);
  * with scales xs[m*ceil(K/128) + kb] (k-major, as dsi__cuda_quant_fp8 with
  * mn_major = 0). Grouped like dsi__cuda_gemm when d_group_offset != NULL
  * (Z groups, M = most rows of a group); else Z = 1 and rows [0, M). Needs
- * K % 16 == 0 and 128x128 weight blocks (else DSI_EUNSUPPORTED). */
+ * K % 16 == 0 and 128x128 weight blocks (else DSI_EUNSUPPORTED). avg_rows:
+ * the rows a group is expected to have (0 = unknown); <= 16 picks 16-row
+ * tiles (decode), else 64. */
 int dsi__cuda_gemm_fp8(const dsi_dmat *W, const uint8_t *d_xq, const float *d_xs, int M, float *d_y, long ldy,
-                       int accumulate, const int *d_group_offset, int Z, void *stream);
+                       int accumulate, const int *d_group_offset, int Z, int avg_rows, void *stream);
 
 /* e4m3 quantisation per 1x128 tile: q[m][k] = e4m3(x / s), s = amax/448
  * (1 when the tile is all zeros); scales written s[kb*M + m] (mn_major) or
@@ -146,11 +162,16 @@ size_t dsi__cuda_kv_block_bytes(const dsi_mla_geom *g);
 /* Gathers rows: out[i] = x[rows[i]] (D floats each). */
 int dsi__cuda_gather_rows(const float *d_x, const int *d_rows, int R, int D, float *d_out, void *stream);
 
+/* Runs only the first n layers from now on (0: all), dropping the cached
+ * graphs: bench_cuda measures one layer's cost as the difference. */
+int dsi__cuda_engine_run_layers(dsi_cuda_engine *e, int n);
+
 /* Thin wrappers so C tests need no CUDA headers. */
 int dsi__cuda_malloc(void **p, size_t bytes);
 void dsi__cuda_free(void *p);
 int dsi__cuda_h2d(void *dst, const void *src, size_t bytes);
 int dsi__cuda_d2h(void *dst, const void *src, size_t bytes);
+int dsi__cuda_d2d(void *dst, const void *src, size_t bytes); /* enqueued on the legacy stream */
 int dsi__cuda_memset(void *dst, int v, size_t bytes);
 int dsi__cuda_sync(void);
 /* Uploads a host weight view into a new device dmat (batch 1). */

@@ -75,6 +75,9 @@ struct dsi_cuda_engine {
     float *inv_freq;      /* [rope/2] */
     graph_entry graphs[N_GRAPHS];
     unsigned long long n_steps;
+    int run_layers;       /* 0: all; else only the first run_layers (bench_cuda's per-layer cost) */
+    int capturing;        /* inside a graph capture: no host synchronisation */
+    int *h_off;           /* pinned [E+1]: expert row offsets read back for the per-expert cuBLASLt path */
 };
 
 
@@ -125,6 +128,9 @@ static int upload_experts(dsi_cuda_engine *e, const dsi_mat *X, int E, dsi_dmat 
             else rc = dsi__cuda_h2d((uint8_t *)d->scale + sp * x, X[x].scale_inv, sp);
         }
     }
+    if (!rc && d->dtype == DSI_F8_E4M3 && e->o.gemm == DSI_CUDA_GEMM_CUBLASLT && d->block_rows == 128 &&
+        d->block_cols == 128)
+        rc = dsi__lt_prepare_weight(d); /* for the per-expert cuBLASLt path (prefill) */
     e->weight_bytes += (double)per * E;
     return rc;
 }
@@ -194,6 +200,7 @@ extern "C" void dsi_cuda_engine_destroy(dsi_cuda_engine *e) {
                     e->logits, e->xq, e->xs, e->inv_freq};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) dsi__cuda_free(bufs[i]);
     if (e->h_in) cudaFreeHost(e->h_in);
+    if (e->h_off) cudaFreeHost(e->h_off);
     dsi__lt_destroy(e->lt);
     if (e->stream) cudaStreamDestroy(e->stream);
     free(e->free_stack);
@@ -277,6 +284,7 @@ extern "C" int dsi_cuda_engine_create(const dsi_model *m, const dsi_cuda_opts *o
     e->off_btab = 3 * T + o->max_logits;
     e->n_in = e->off_btab + (long)o->max_seqs * o->max_blocks_per_seq;
     if (!rc) rc = DSI_CU(cudaMallocHost((void **)&e->h_in, sizeof(int32_t) * e->n_in));
+    if (!rc) rc = DSI_CU(cudaMallocHost((void **)&e->h_off, sizeof(int) * (DSI_MAX(1, c->n_experts) + 1)));
     if (!rc) rc = dalloc((void **)&e->d_in, sizeof(int32_t) * e->n_in);
 
     /* scratch */
@@ -293,10 +301,12 @@ extern "C" int dsi_cuda_engine_create(const dsi_model *m, const dsi_cuda_opts *o
         {(void **)&e->h1, 4 * T * inter}, {(void **)&e->h2, 4 * T * inter}, {(void **)&e->rlog, 4 * T * E},
         {(void **)&e->tids, 4 * T * K}, {(void **)&e->tw, 4 * T * K}, {(void **)&e->count, 4 * E},
         {(void **)&e->offset, 4 * (E + 1)}, {(void **)&e->slot_of, 4 * T * K}, {(void **)&e->slot_tok, 4 * T * K},
-        {(void **)&e->ex, 4 * T * K * D}, {(void **)&e->eh1, 4 * T * K * mi}, {(void **)&e->eh2, 4 * T * K * mi},
+        /* expert rows: 64 spare past T*K for dsi__lt_gemm_grouped's whole tiles */
+        {(void **)&e->ex, 4 * (T * K + 64) * D}, {(void **)&e->eh1, 4 * (T * K + 64) * mi},
+        {(void **)&e->eh2, 4 * (T * K + 64) * mi},
         {(void **)&e->lrows, 4 * R * D}, {(void **)&e->logits, 4 * R * V},
-        {(void **)&e->xq, DSI_MAX(DSI_MAX(T, R) * max_in, T * K * DSI_MAX(D, mi)) + 256},
-        {(void **)&e->xs, 4 * DSI_MAX(DSI_MAX(T, R) * DSI_CEIL_DIV(max_in, 128), T * K * DSI_CEIL_DIV(DSI_MAX(D, mi), 128)) + 256},
+        {(void **)&e->xq, DSI_MAX(DSI_MAX(T, R) * max_in, (T * K + 64) * DSI_MAX(D, mi)) + 256},
+        {(void **)&e->xs, 4 * DSI_MAX(DSI_MAX(T, R) * DSI_CEIL_DIV(max_in, 128), (T * K + 64) * DSI_CEIL_DIV(DSI_MAX(D, mi), 128)) + 256},
     };
     for (size_t i = 0; !rc && i < sizeof sc / sizeof sc[0]; i++) rc = dalloc(sc[i].p, (size_t)sc[i].bytes);
     /* uploads, scale transposes and the cache memset ran on the legacy stream,
@@ -368,13 +378,27 @@ static int moe(dsi_cuda_engine *e, const dlayer *L, int T) {
         return rc;
     int fp8 = e->lt && L->eg.dtype == DSI_F8_E4M3 && D % 16 == 0 && mi % 16 == 0 && L->eg.block_rows == 128 &&
               L->eg.block_cols == 128;
-    if (fp8) {
+    if (fp8 && !e->capturing && (long)T * K >= 32L * E && L->eg.scale_lt && L->eu.scale_lt && L->ed.scale_lt) {
+        /* prefill: enough rows per expert for cuBLASLt, one call per expert
+         * on offsets read back to the host (a synchronisation per layer) */
+        if ((rc = DSI_CU(cudaMemcpyAsync(e->h_off, e->offset, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost, e->stream))))
+            return rc;
+        if ((rc = DSI_CU(cudaStreamSynchronize(e->stream)))) return rc;
+        if ((rc = dsi__lt_gemm_grouped(e->lt, &L->eg, e->h_off, E, e->ex, D, e->eh1, mi, e->xq, e->xs, e->stream)))
+            return rc;
+        if ((rc = dsi__lt_gemm_grouped(e->lt, &L->eu, e->h_off, E, e->ex, D, e->eh2, mi, e->xq, e->xs, e->stream)))
+            return rc;
+        if ((rc = dsi__cuda_silu_mul(e->eh1, e->eh2, T * K, NULL, mi, e->stream))) return rc;
+        if ((rc = dsi__lt_gemm_grouped(e->lt, &L->ed, e->h_off, E, e->eh1, mi, e->ex, D, e->xq, e->xs, e->stream)))
+            return rc;
+    } else if (fp8) {
         /* FP8 activations (per 1x128 tile) on the tensor cores, as DeepSeek serves */
+        int avg = (int)DSI_CEIL_DIV((long)T * K, E); /* rows per expert if routing were even */
         if ((rc = dsi__cuda_quant_fp8(e->ex, D, T * K, D, e->xq, e->xs, 0, e->stream))) return rc;
-        if ((rc = dsi__cuda_gemm_fp8(&L->eg, e->xq, e->xs, T, e->eh1, mi, 0, e->offset, E, e->stream))) return rc;
-        if ((rc = dsi__cuda_gemm_fp8(&L->eu, e->xq, e->xs, T, e->eh2, mi, 0, e->offset, E, e->stream))) return rc;
+        if ((rc = dsi__cuda_gemm_fp8(&L->eg, e->xq, e->xs, T, e->eh1, mi, 0, e->offset, E, avg, e->stream))) return rc;
+        if ((rc = dsi__cuda_gemm_fp8(&L->eu, e->xq, e->xs, T, e->eh2, mi, 0, e->offset, E, avg, e->stream))) return rc;
         if ((rc = dsi__cuda_silu_mul_quant(e->eh1, e->eh2, T * K, mi, e->xq, e->xs, e->stream))) return rc;
-        if ((rc = dsi__cuda_gemm_fp8(&L->ed, e->xq, e->xs, T, e->ex, D, 0, e->offset, E, e->stream))) return rc;
+        if ((rc = dsi__cuda_gemm_fp8(&L->ed, e->xq, e->xs, T, e->ex, D, 0, e->offset, E, avg, e->stream))) return rc;
     } else {
         if ((rc = grouped(e, &L->eg, e->ex, D, T, e->eh1, mi))) return rc;
         if ((rc = grouped(e, &L->eu, e->ex, D, T, e->eh2, mi))) return rc;
@@ -436,7 +460,8 @@ static int forward(dsi_cuda_engine *e, int T, int R) {
     const dsi_config *c = &e->c;
     int D = c->hidden, rc;
     if ((rc = dsi__cuda_embed(&e->embed, e->d_in, T, e->x, e->stream))) return rc;
-    for (int l = 0; l < c->n_layers; l++)
+    int nl = e->run_layers > 0 && e->run_layers < c->n_layers ? e->run_layers : c->n_layers;
+    for (int l = 0; l < nl; l++)
         if ((rc = layer_forward(e, l, T))) return dsi_error_prefix(rc, "layer %d", l);
     if ((rc = dsi__cuda_rmsnorm(e->x, D, e->final_norm, T, D, (float)c->rms_norm_eps, e->xn, D, e->stream))) return rc;
     if (R == 0) return DSI_OK;
@@ -469,7 +494,9 @@ static int forward_graph(dsi_cuda_engine *e, int T, int R) {
         cudaGraph_t graph = NULL;
         int rc = DSI_CU(cudaStreamBeginCapture(e->stream, cudaStreamCaptureModeThreadLocal));
         if (rc) return rc;
+        e->capturing = 1;
         int frc = forward(e, T, R);
+        e->capturing = 0;
         rc = DSI_CU(cudaStreamEndCapture(e->stream, &graph));
         if (frc) { if (graph) cudaGraphDestroy(graph); return frc; }
         if (rc) return rc;
@@ -579,5 +606,15 @@ extern "C" int dsi_cuda_engine_logits(dsi_cuda_engine *e, const int32_t *ids, in
     }
     for (int i = 0; i < got; i++) dsi_cuda_kv_release(e, blocks[i]);
     free(blocks);
+    return rc;
+}
+
+extern "C" int dsi__cuda_engine_run_layers(dsi_cuda_engine *e, int n) {
+    int rc = DSI_CU(cudaStreamSynchronize(e->stream));
+    for (int i = 0; i < N_GRAPHS; i++) {
+        if (e->graphs[i].exec) cudaGraphExecDestroy(e->graphs[i].exec);
+        memset(&e->graphs[i], 0, sizeof e->graphs[i]);
+    }
+    e->run_layers = n;
     return rc;
 }

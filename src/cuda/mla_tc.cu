@@ -1,7 +1,9 @@
 /* Absorbed MLA decode on the tensor cores (mma.sync m16n8k16 BF16, float
  * accumulation), for DeepSeek's geometry only: BF16 latent cache, 512 latent
  * + 64 rope dims. One block per (token, 64 heads): the cache is read once per
- * 64 heads (twice for 128), chunks of 32 positions staged in shared memory.
+ * 64 heads (twice for 128), chunks of 32 positions staged in shared memory
+ * by cp.async, two buffers deep: the next chunk loads while this one's math
+ * runs (one block per SM, so nothing else would hide the load).
  * 8 warps: warp w owns heads 16*(w/2).. and value columns 256*(w%2)..; the
  * two warps of a head group compute the same scores (so they agree on the
  * softmax without talking), each accumulates half of the 512 output columns.
@@ -14,7 +16,7 @@
  *   C 16x8:      c0,c1 = C[g][2t,2t+1], c2,c3 = C[g+8][2t,2t+1]
  * The score tiles of two adjacent 8-position groups are exactly the A
  * fragment of P for one 16-position k step (no shuffles needed).
- * NEVER RUN YET: tests/test_cuda.c (test_mla) checks it against a float64 softmax. */
+ * tests/test_cuda.c (test_mla) checks it against a float64 softmax. */
 #include <cuda_bf16.h>
 
 #include "cuda/common.cuh"
@@ -33,6 +35,45 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* 16 bytes global -> shared without a register round trip; src_bytes 0 fills zeros */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src_bytes) {
+    unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+/* Issues the copies of positions [c0, c0 + 32) (zeros past n_ctx) into Ks. */
+__device__ __forceinline__ void tc_stage(uint16_t *Ks, const uint16_t *cache, const dsi_mla_geom &g, int layer,
+                                         const int *bt, int c0, int n_ctx, int tid) {
+    int valid = min(TC_CH, n_ctx - c0);
+    /* 32 consecutive positions from a multiple of 32 lie in one 64-row block */
+    long off = (((long)bt[c0 / g.block_tokens] * g.n_layers + layer) * g.block_tokens + c0 % g.block_tokens) *
+               (long)TC_KVD;
+    const uint4 *src = (const uint4 *)(cache + off);
+    for (int i = tid; i < TC_CH * (TC_KVD / 8); i += 256) {
+        int r = i / (TC_KVD / 8), u = i % (TC_KVD / 8);
+        cp_async16(Ks + r * TC_STR + u * 8, r < valid ? src + (long)r * (TC_KVD / 8) + u : src, r < valid ? 16 : 0);
+    }
+    cp_async_commit();
+}
+
+/* Four 8x8 bf16 matrices from shared memory, one row address per lane
+ * (lanes 8i..8i+7: rows of matrix i); r[i] = (row lane/4, cols 2(lane%4), +1)
+ * of matrix i, or with .trans (rows 2(lane%4), +1; col lane/4). */
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t *row) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t *row) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return (uint32_t)dsi_dev_to_bf16(lo) | ((uint32_t)dsi_dev_to_bf16(hi) << 16);
 }
@@ -41,7 +82,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
                                                                const uint16_t *cache, const int *tok_pos,
                                                                const int *tok_seq, const int *btab, float *olat) {
     extern __shared__ __align__(16) uint16_t smem[];
-    uint16_t *Qs = smem, *Ks = smem + TC_HEADS * TC_STR;
+    uint16_t *Qs = smem, *Kbuf = smem + TC_HEADS * TC_STR; /* two chunk buffers: load one, compute the other */
     int t = blockIdx.x, h0 = blockIdx.y * TC_HEADS, tid = threadIdx.x;
     int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
     int hg = warp >> 1, chalf = warp & 1;
@@ -58,21 +99,24 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
 #pragma unroll
         for (int c = 0; c < 4; c++) acc[n][c] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* rows gq and gq+8 of this warp's heads */
-    const uint16_t *qb = Qs + (hg * 16 + gq) * TC_STR + 2 * tq;
-    for (int c0 = 0; c0 < n_ctx; c0 += TC_CH) {
-        __syncthreads(); /* Q stored (first chunk); previous chunk's readers done */
+    /* ldmatrix row addresses of this lane (matrix mq = lane / 8, row lane % 8):
+     *   Q (A of the scores): heads 8*(mq%2)+row, dims +8*(mq/2)
+     *   K (B of the scores, two 8-position tiles per load): position 8*(mq/2)+row, dims +8*(mq%2)
+     *   V (B of P V, transposed, two 8-column tiles per load): position 8*(mq%2)+row, columns +8*(mq/2) */
+    int mq = lane >> 3, mr = lane & 7;
+    const uint16_t *qrow = Qs + (hg * 16 + (mq & 1) * 8 + mr) * TC_STR + (mq >> 1) * 8;
+    int krow = ((mq >> 1) * 8 + mr) * TC_STR + (mq & 1) * 8;
+    int vrow = ((mq & 1) * 8 + mr) * TC_STR + chalf * 256 + (mq >> 1) * 8;
+    tc_stage(Kbuf, cache, g, layer, bt, 0, n_ctx, tid);
+    for (int c0 = 0, ci = 0; c0 < n_ctx; c0 += TC_CH, ci++) {
+        /* the next chunk's copies go out before this one's math (its buffer
+         * was last read in the previous iteration, before its final barrier) */
+        if (c0 + TC_CH < n_ctx) tc_stage(Kbuf + ((ci + 1) & 1) * TC_CH * TC_STR, cache, g, layer, bt, c0 + TC_CH, n_ctx, tid);
+        else cp_async_commit(); /* an empty group keeps wait_group 1 meaning "this chunk has landed" */
+        cp_async_wait1();
+        __syncthreads(); /* every thread's copies of this chunk (and Q, first time) visible */
+        const uint16_t *Ks = Kbuf + (ci & 1) * TC_CH * TC_STR;
         int valid = min(TC_CH, n_ctx - c0);
-        /* 32 consecutive positions from a multiple of 32 lie in one 64-row block */
-        long off = (((long)bt[c0 / g.block_tokens] * g.n_layers + layer) * g.block_tokens + c0 % g.block_tokens) *
-                   (long)TC_KVD;
-        const uint4 *src = (const uint4 *)(cache + off);
-        for (int i = tid; i < TC_CH * (TC_KVD / 8); i += 256) {
-            int r = i / (TC_KVD / 8), u = i % (TC_KVD / 8);
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (r < valid) v = src[(long)r * (TC_KVD / 8) + u];
-            *(uint4 *)(Ks + r * TC_STR + u * 8) = v;
-        }
-        __syncthreads();
         /* scores: 16 heads x 32 positions = 4 tiles of 8 positions */
         float s[4][4];
 #pragma unroll
@@ -81,16 +125,14 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
             for (int c = 0; c < 4; c++) s[ni][c] = 0.0f;
 #pragma unroll 4
         for (int k0 = 0; k0 < TC_KVD; k0 += 16) {
-            uint32_t a[4];
-            a[0] = *(const uint32_t *)(qb + k0);
-            a[1] = *(const uint32_t *)(qb + 8 * TC_STR + k0);
-            a[2] = *(const uint32_t *)(qb + k0 + 8);
-            a[3] = *(const uint32_t *)(qb + 8 * TC_STR + k0 + 8);
-#pragma unroll
-            for (int ni = 0; ni < 4; ni++) {
-                const uint16_t *kb = Ks + (ni * 8 + gq) * TC_STR + k0 + 2 * tq;
-                mma_bf16(s[ni], a, *(const uint32_t *)kb, *(const uint32_t *)(kb + 8));
-            }
+            uint32_t a[4], b01[4], b23[4];
+            ldsm_x4(a, qrow + k0);
+            ldsm_x4(b01, Ks + krow + k0);              /* tiles 0, 1: {b0, b1} each */
+            ldsm_x4(b23, Ks + 16 * TC_STR + krow + k0); /* tiles 2, 3 */
+            mma_bf16(s[0], a, b01[0], b01[1]);
+            mma_bf16(s[1], a, b01[2], b01[3]);
+            mma_bf16(s[2], a, b23[0], b23[1]);
+            mma_bf16(s[3], a, b23[2], b23[3]);
         }
         /* online softmax over this chunk, rows gq (c0,c1) and gq+8 (c2,c3) */
         float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -136,15 +178,16 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
         for (int j = 0; j < 2; j++) {
             uint32_t a[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
                              pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]), pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
-            const uint16_t *vb = Ks + (j * 16 + 2 * tq) * TC_STR + chalf * 256 + gq;
+            const uint16_t *vb = Ks + j * 16 * TC_STR + vrow;
 #pragma unroll
-            for (int n = 0; n < 32; n++) {
-                const uint16_t *v = vb + n * 8;
-                uint32_t b0 = (uint32_t)v[0] | ((uint32_t)v[TC_STR] << 16);
-                uint32_t b1 = (uint32_t)v[8 * TC_STR] | ((uint32_t)v[9 * TC_STR] << 16);
-                mma_bf16(acc[n], a, b0, b1);
+            for (int n = 0; n < 32; n += 2) {
+                uint32_t b[4]; /* {b0, b1} of column tiles n and n + 1 */
+                ldsm_x4_trans(b, vb + n * 8);
+                mma_bf16(acc[n], a, b[0], b[1]);
+                mma_bf16(acc[n + 1], a, b[2], b[3]);
             }
         }
+        __syncthreads(); /* this buffer is refilled two chunks on */
     }
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -162,7 +205,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
         }
 }
 
-static const size_t tc_smem = sizeof(uint16_t) * (TC_HEADS + TC_CH) * TC_STR;
+static const size_t tc_smem = sizeof(uint16_t) * (TC_HEADS + 2 * TC_CH) * TC_STR;
 
 extern "C" int dsi__cuda_mla_tc_supported(const dsi_mla_geom *g) {
     return g->kv_bf16 && g->lora == TC_LORA && g->lora + g->rope == TC_KVD && g->block_tokens % TC_CH == 0;

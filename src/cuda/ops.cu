@@ -51,6 +51,9 @@ extern "C" int dsi__cuda_h2d(void *dst, const void *src, size_t bytes) {
 extern "C" int dsi__cuda_d2h(void *dst, const void *src, size_t bytes) {
     return DSI_CU(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
+extern "C" int dsi__cuda_d2d(void *dst, const void *src, size_t bytes) {
+    return DSI_CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
+}
 extern "C" int dsi__cuda_memset(void *dst, int v, size_t bytes) { return DSI_CU(cudaMemset(dst, v, bytes)); }
 extern "C" int dsi__cuda_sync(void) { return DSI_CU(cudaDeviceSynchronize()); }
 
