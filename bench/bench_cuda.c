@@ -289,6 +289,11 @@ static void mla(int B, int ctx) {
 
 /* ------------------------------------------------------------------ whole model */
 
+static double median3(const double *v) {
+    double a = v[0], b = v[1], c = v[2];
+    return a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
+}
+
 static int model_bench(const char *dir, int simple) {
     dsi_model *m;
     if (dsi_model_load(dir, NULL, &m)) { fprintf(stderr, "bench_cuda: %s\n", dsi_last_error()); return 1; }
@@ -316,36 +321,45 @@ static int model_bench(const char *dir, int simple) {
     for (int b = 0; b < B; b++) st[b] = (dsi_seq_step){tok + b, 1, ctx - 1, blocks + b * nb, nb, DSI_LOGITS_LAST,
                                                        logits + (size_t)b * c->vocab_size};
     /* Seconds for the 16K-token prefill and for one decode step, with all
-     * layers and then without the last one: the difference is one layer's
-     * cost, and 61 layers are this model plus (61 - n) more such layers. */
-    double tp[2] = {0, 0}, td[2] = {0, 0};
-    int rc = DSI_OK, runs = c->n_layers > c->first_k_dense && c->n_layers > 1 ? 2 : 1;
-    for (int run = 0; run < runs && !rc; run++) {
-        if (run) rc = dsi__cuda_engine_run_layers(e, c->n_layers - 1);
-        /* prefill: 4 sequences of 4096 tokens (16K tokens), last-token logits */
-        double t = dsi_now();
-        for (int s = 0; s < 4 && !rc; s++) {
-            dsi_seq_step ps = {tok, 4096, 0, blocks + s * nb, nb, DSI_LOGITS_LAST, logits};
-            rc = dsi_cuda_engine_step(e, &ps, 1);
+     * layers and without the last one, alternated three times (medians): the
+     * difference is one layer's cost, and 61 layers are this model plus
+     * (61 - n) more such layers. */
+    double tp[2][3] = {{0}}, td[2][3] = {{0}};
+    int rc = DSI_OK, cfgs = c->n_layers > c->first_k_dense && c->n_layers > 1 ? 2 : 1, hit = -1;
+    for (int rep = 0; rep < 3 && !rc; rep++)
+        for (int run = 0; run < cfgs && !rc; run++) {
+            if (cfgs == 2) rc = dsi__cuda_engine_run_layers(e, run ? c->n_layers - 1 : 0);
+            /* prefill: 4 sequences of 4096 tokens (16K tokens), last-token logits */
+            double t = dsi_now();
+            for (int s = 0; s < 4 && !rc; s++) {
+                dsi_seq_step ps = {tok, 4096, 0, blocks + s * nb, nb, DSI_LOGITS_LAST, logits};
+                rc = dsi_cuda_engine_step(e, &ps, 1);
+            }
+            tp[run][rep] = dsi_now() - t;
+            /* decode: 128 sequences at position 4095 (the cache holds what the
+             * prefills wrote and zeros: the work per step is that of a real 4K
+             * history); each step copies all 128 rows of logits to the host */
+            for (int i = 0; i < 3 && !rc; i++) rc = dsi_cuda_engine_step(e, st, B); /* capture + warm-up */
+            int steps = quick ? 5 : 20;
+            t = dsi_now();
+            for (int i = 0; i < steps && !rc; i++) rc = dsi_cuda_engine_step(e, st, B);
+            td[run][rep] = (dsi_now() - t) / steps;
+            if (!run && !rc) hit = dsi__cuda_engine_experts_hit(e);
         }
-        tp[run] = dsi_now() - t;
-        /* decode: 128 sequences at position 4095 (the cache holds what the
-         * prefills wrote and zeros: the work per step is that of a real 4K history) */
-        for (int i = 0; i < 3 && !rc; i++) rc = dsi_cuda_engine_step(e, st, B); /* capture + warm-up */
-        int steps = quick ? 5 : 20;
-        t = dsi_now();
-        for (int i = 0; i < steps && !rc; i++) rc = dsi_cuda_engine_step(e, st, B);
-        td[run] = (dsi_now() - t) / steps;
-    }
     if (!rc) {
         int n = c->n_layers;
-        printf("  prefill 16K tokens (4 x 4K): %.2f s on %d layers = %.0f tok/s\n", tp[0], n, 16384 / tp[0]);
-        printf("  decode batch %d ctx 4K: %.2f ms/step on %d layers = %.0f tok/s\n", B, td[0] * 1e3, n, B / td[0]);
-        if (runs == 2) {
-            double lp = tp[0] - tp[1], ld = td[0] - td[1];
-            double p61 = tp[0] + (61 - n) * lp, d61 = td[0] + (61 - n) * ld;
-            printf("  one MoE layer (%d layers minus %d): prefill %.1f ms per 16K tokens, decode %.3f ms per step\n", n,
-                   n - 1, lp * 1e3, ld * 1e3);
+        double p0 = median3(tp[0]), d0 = median3(td[0]);
+        printf("  prefill 16K tokens (4 x 4K): %.3f s on %d layers = %.0f tok/s\n", p0, n, 16384 / p0);
+        printf("  decode batch %d ctx 4K: %.2f ms/step on %d layers = %.0f tok/s (last MoE layer routed to %d of %d"
+               " experts)\n", B, d0 * 1e3, n, B / d0, hit, c->n_experts);
+        if (cfgs == 2) {
+            double lp = p0 - median3(tp[1]), ld = d0 - median3(td[1]);
+            double p61 = p0 + (61 - n) * lp, d61 = d0 + (61 - n) * ld;
+            printf("  one MoE layer (%d layers minus %d, medians of 3): prefill %.1f ms per 16K tokens, decode %.3f ms"
+                   " per step (runs: prefill %.3f/%.3f/%.3f s vs %.3f/%.3f/%.3f s, decode %.2f/%.2f/%.2f ms vs"
+                   " %.2f/%.2f/%.2f ms)\n", n, n - 1, lp * 1e3, ld * 1e3, tp[0][0], tp[0][1], tp[0][2], tp[1][0],
+                   tp[1][1], tp[1][2], td[0][0] * 1e3, td[0][1] * 1e3, td[0][2] * 1e3, td[1][0] * 1e3,
+                   td[1][1] * 1e3, td[1][2] * 1e3);
             printf("  at 61 layers (this model + %d more MoE layers): prefill %.0f tok/s = %.3fx DeepSeek 9.2k per H800;"
                    " decode %.0f tok/s = %.3fx DeepSeek 1.85k per H800\n", 61 - n, 16384 / p61, 16384 / p61 / 9200,
                    B / d61, B / d61 / 1850);

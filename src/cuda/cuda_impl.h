@@ -165,6 +165,9 @@ int dsi__cuda_gather_rows(const float *d_x, const int *d_rows, int R, int D, flo
 /* Runs only the first n layers from now on (0: all), dropping the cached
  * graphs: bench_cuda measures one layer's cost as the difference. */
 int dsi__cuda_engine_run_layers(dsi_cuda_engine *e, int n);
+/* Routed experts that got at least one row in the last MoE layer of the last
+ * step (bench_cuda: how evenly a random model routes), or -1. */
+int dsi__cuda_engine_experts_hit(dsi_cuda_engine *e);
 
 /* Thin wrappers so C tests need no CUDA headers. */
 int dsi__cuda_malloc(void **p, size_t bytes);

@@ -618,3 +618,11 @@ extern "C" int dsi__cuda_engine_run_layers(dsi_cuda_engine *e, int n) {
     e->run_layers = n;
     return rc;
 }
+
+extern "C" int dsi__cuda_engine_experts_hit(dsi_cuda_engine *e) {
+    int E = e->c.n_experts, hit = 0;
+    if (E <= 0 || cudaStreamSynchronize(e->stream) != cudaSuccess) return -1;
+    if (cudaMemcpy(e->h_off, e->offset, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost) != cudaSuccess) return -1;
+    for (int x = 0; x < E; x++) hit += e->h_off[x + 1] > e->h_off[x];
+    return hit;
+}

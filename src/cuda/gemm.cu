@@ -4,6 +4,8 @@
  * and accumulation stay float32, so its results match the CPU kernels to
  * float32 rounding. CUDA cores only (FFMA): correct first; the FP8 tensor
  * core path is gemm_lt.cu. */
+#include <cuda_fp8.h>
+
 #include "cuda/common.cuh"
 
 #define GM_BM 64
@@ -137,27 +139,46 @@ extern "C" int dsi__cuda_gemm(const dsi_gemm_args *a, void *stream) {
 
 /* ------------------------------------------------------------------ FP8 activation quantisation */
 
+/* The tile's scale from the 4 values each lane holds (columns lane*4..+3 of
+ * a 1x128 tile), and the lane's 4 codes written to row[0..3] (n of them
+ * valid; one 4-byte store when all are and row is 4-byte aligned). The
+ * hardware conversion (satfinite, round to nearest even) equals
+ * dsi_f32_to_e4m3 bit for bit (test_quant_fp8). */
+__device__ __forceinline__ float quant_lane4(const float (&v)[4], int n, uint8_t *row) {
+    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float sc = amax > 0.0f ? amax / 448.0f : 1.0f;
+    uint8_t c[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) c[i] = (uint8_t)__nv_cvt_float_to_fp8(v[i] / sc, __NV_SATFINITE, __NV_E4M3);
+    if (n >= 4 && ((uintptr_t)row & 3) == 0)
+        *(uint32_t *)row = (uint32_t)c[0] | (uint32_t)c[1] << 8 | (uint32_t)c[2] << 16 | (uint32_t)c[3] << 24;
+    else
+        for (int i = 0; i < n; i++) row[i] = c[i];
+    return sc;
+}
+
+/* The lane's 4 values of x's tile (zeros past K), one 16-byte load when aligned. */
+__device__ __forceinline__ void load_lane4(const float *p, int n, float (&v)[4]) {
+    if (n >= 4 && ((uintptr_t)p & 15) == 0) {
+        float4 f = *(const float4 *)p;
+        v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) v[i] = i < n ? p[i] : 0.0f;
+    }
+}
+
 /* One warp per 1x128 tile; lanes hold 4 consecutive values each. */
 __global__ void quant_fp8_kernel(const float *x, long ldx, int M, int K, uint8_t *q, float *s, int mn_major) {
     int KB = (K + 127) / 128;
     long tile = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x & 31;
     if (tile >= (long)M * KB) return;
-    int m = (int)(tile / KB), kb = (int)(tile % KB);
-    float v[4], amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int k = kb * 128 + lane * 4 + i;
-        v[i] = k < K ? x[(long)m * ldx + k] : 0.0f;
-        amax = fmaxf(amax, fabsf(v[i]));
-    }
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float sc = amax > 0.0f ? amax / 448.0f : 1.0f;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int k = kb * 128 + lane * 4 + i;
-        if (k < K) q[(long)m * K + k] = dsi_dev_to_e4m3(v[i] / sc);
-    }
+    int m = (int)(tile / KB), kb = (int)(tile % KB), k = kb * 128 + lane * 4, n = max(0, min(4, K - k));
+    float v[4];
+    load_lane4(x + (long)m * ldx + k, n, v);
+    float sc = quant_lane4(v, n, q + (long)m * K + k);
     if (lane == 0) s[mn_major ? (long)kb * M + m : (long)m * KB + kb] = sc;
 }
 
@@ -178,22 +199,13 @@ __global__ void silu_mul_quant_kernel(const float *h1, const float *h2, int M, i
     long tile = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x & 31;
     if (tile >= (long)M * KB) return;
-    int m = (int)(tile / KB), kb = (int)(tile % KB);
-    float v[4], amax = 0.0f;
+    int m = (int)(tile / KB), kb = (int)(tile % KB), k = kb * 128 + lane * 4, n = max(0, min(4, K - k));
+    float a[4], b[4], v[4];
+    load_lane4(h1 + (long)m * K + k, n, a);
+    load_lane4(h2 + (long)m * K + k, n, b);
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int k = kb * 128 + lane * 4 + i;
-        float a = k < K ? h1[(long)m * K + k] : 0.0f, b = k < K ? h2[(long)m * K + k] : 0.0f;
-        v[i] = a / (1.0f + expf(-a)) * b;
-        amax = fmaxf(amax, fabsf(v[i]));
-    }
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    float sc = amax > 0.0f ? amax / 448.0f : 1.0f;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int k = kb * 128 + lane * 4 + i;
-        if (k < K) q[(long)m * K + k] = dsi_dev_to_e4m3(v[i] / sc);
-    }
+    for (int i = 0; i < 4; i++) v[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+    float sc = quant_lane4(v, n, q + (long)m * K + k);
     if (lane == 0) s[(long)m * KB + kb] = sc;
 }
 
