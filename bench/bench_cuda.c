@@ -153,13 +153,20 @@ static double dense(dsi_lt *lt, int M, int N, int K, double peer, const char *pe
 
 /* ------------------------------------------------------------------ grouped GEMM */
 
-static void grouped(dsi_lt *lt, int E, int rows, int N, int K, double lo, double hi, const char *layout,
-                    double lt_peak) {
-    dsi_dmat W = fp8_weight(E, N, K);
+/* Device group offsets for E groups of `rows` rows each. */
+static int *even_offsets(int E, int rows) {
     int *off = malloc(sizeof(int) * (E + 1)), *doff;
     for (int e = 0; e <= E; e++) off[e] = e * rows;
     dsi__cuda_malloc((void **)&doff, sizeof(int) * (E + 1));
     dsi__cuda_h2d(doff, off, sizeof(int) * (E + 1));
+    free(off);
+    return doff;
+}
+
+static void grouped(dsi_lt *lt, int E, int rows, int N, int K, double lo, double hi, const char *layout,
+                    double lt_peak) {
+    dsi_dmat W = fp8_weight(E, N, K);
+    int *doff = even_offsets(E, rows);
     gemm_ctx c = {0};
     c.x = dev_rand((size_t)E * rows * K * 4, 1);
     c.y = dev_rand((size_t)E * rows * N * 4, 1);
@@ -183,7 +190,6 @@ static void grouped(dsi_lt *lt, int E, int rows, int N, int K, double lo, double
     dsi__cuda_free(c.xq); dsi__cuda_free(c.xs);
     dsi__cuda_free(c.x); dsi__cuda_free(c.y); dsi__cuda_free(doff);
     dsi__cuda_free_mat(&W);
-    free(off);
 }
 
 /* Device memory bandwidth, measured here: a 2 GiB device-to-device copy,
@@ -209,10 +215,7 @@ static double copy_bandwidth(void) {
  * kernel with 16-row tiles; against reading the weights at copy bandwidth. */
 static void grouped_decode(int E, int rows, int N, int K, double bw) {
     dsi_dmat W = fp8_weight(E, N, K);
-    int *off = malloc(sizeof(int) * (E + 1)), *doff;
-    for (int e = 0; e <= E; e++) off[e] = e * rows;
-    dsi__cuda_malloc((void **)&doff, sizeof(int) * (E + 1));
-    dsi__cuda_h2d(doff, off, sizeof(int) * (E + 1));
+    int *doff = even_offsets(E, rows);
     gemm_ctx c = {0};
     c.y = dev_rand((size_t)E * rows * N * 4, 1);
     c.xq = dev_rand((size_t)E * rows * K, 0);
@@ -225,7 +228,6 @@ static void grouped_decode(int E, int rows, int N, int K, double bw) {
            " = %.2fx copy bandwidth\n", E, rows, N, K, s * 1e6, bytes / s * 1e-9, bytes / s * 1e-9 / bw);
     dsi__cuda_free(c.xq); dsi__cuda_free(c.xs); dsi__cuda_free(c.y); dsi__cuda_free(doff);
     dsi__cuda_free_mat(&W);
-    free(off);
 }
 
 /* ------------------------------------------------------------------ MLA decode */

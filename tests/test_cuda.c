@@ -562,6 +562,18 @@ static void test_mla(void **state) {
     }
 }
 
+/* xq = x quantised to e4m3 per 1x128 tile and back (K % 128 == 0): what the
+ * FP8 GEMMs compute with. */
+static void fake_quant(const float *x, int M, int K, float *xq) {
+    for (int m = 0; m < M; m++)
+        for (int kb = 0; kb < K; kb += 128) {
+            float amax = 0;
+            for (int k = kb; k < kb + 128; k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
+            float s = amax > 0 ? amax / 448.0f : 1.0f;
+            for (int k = kb; k < kb + 128; k++) xq[m * K + k] = dsi_e4m3_to_f32(dsi_f32_to_e4m3(x[m * K + k] / s)) * s;
+        }
+}
+
 /* cuBLASLt FP8 (block-scaled) against the CPU reference fed the same
  * quantised activations; -1 when cuBLASLt has no algorithm (the engine then
  * falls back to its own kernels). */
@@ -572,13 +584,7 @@ static double lt_error(int M, int N, int K) {
     assert_int_equal(dsi__cuda_upload_mat(&W, &dW), DSI_OK);
     assert_int_equal(dsi__lt_prepare_weight(&dW), DSI_OK);
     float *x = host_vec((size_t)M * K), *xq = malloc(sizeof(float) * M * K), *ref = malloc(sizeof(float) * M * N);
-    for (int m = 0; m < M; m++)
-        for (int kb = 0; kb < K; kb += 128) {
-            float amax = 0;
-            for (int k = kb; k < kb + 128; k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
-            float s = amax > 0 ? amax / 448.0f : 1.0f;
-            for (int k = kb; k < kb + 128; k++) xq[m * K + k] = dsi_e4m3_to_f32(dsi_f32_to_e4m3(x[m * K + k] / s)) * s;
-        }
+    fake_quant(x, M, K, xq);
     dsi_kernels_ref.matmul(&W, xq, M, K, ref, N, 0, 0, N, 0);
     dsi_lt *lt;
     assert_int_equal(dsi__lt_create(&lt), DSI_OK);
@@ -633,13 +639,7 @@ static void test_cublaslt_grouped(void **state) {
     dW.rows = N; dW.batch = E; dW.scale_rows = N / 128;
     assert_int_equal(dsi__lt_prepare_weight(&dW), DSI_OK);
     float *x = host_vec((size_t)Mp * K), *xq = malloc(sizeof(float) * M * K), *ref = malloc(sizeof(float) * M * N);
-    for (int m = 0; m < M; m++)
-        for (int kb = 0; kb < K; kb += 128) {
-            float amax = 0;
-            for (int k = kb; k < kb + 128; k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
-            float s = amax > 0 ? amax / 448.0f : 1.0f;
-            for (int k = kb; k < kb + 128; k++) xq[m * K + k] = dsi_e4m3_to_f32(dsi_f32_to_e4m3(x[m * K + k] / s)) * s;
-        }
+    fake_quant(x, M, K, xq);
     for (int z = 0; z < E; z++) {
         if (!rows[z]) continue;
         dsi_mat Wz = W1;
