@@ -5,8 +5,11 @@
  * by cp.async, two buffers deep: the next chunk loads while this one's math
  * runs (one block per SM, so nothing else would hide the load).
  * 8 warps: warp w owns heads 16*(w/2).. and value columns 256*(w%2)..; the
- * two warps of a head group compute the same scores (so they agree on the
- * softmax without talking), each accumulates half of the 512 output columns.
+ * two warps of a head group each score 16 of a chunk's 32 positions and
+ * trade their row maxima and P fragments through shared memory (a 64-thread
+ * named barrier per pair); each accumulates half of the 512 output columns.
+ * (Both warps scoring all 32 positions, as first written, spent 144 of each
+ * warp's 208 mma per chunk on scores.)
  * Queries and probabilities are rounded to BF16 as FlashMLA does.
  *
  * Fragment layouts (PTX ISA, m16n8k16 BF16), lane = 4g + t; a 32-bit register
@@ -74,6 +77,9 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t *
                  : "r"(a));
 }
 
+/* Barrier for the two warps of head group hg (warps 2hg, 2hg + 1); ids 1..4 (0 is __syncthreads). */
+__device__ __forceinline__ void pair_sync(int hg) { asm volatile("bar.sync %0, 64;\n" ::"r"(hg + 1) : "memory"); }
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return (uint32_t)dsi_dev_to_bf16(lo) | ((uint32_t)dsi_dev_to_bf16(hi) << 16);
 }
@@ -82,6 +88,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
                                                                const uint16_t *cache, const int *tok_pos,
                                                                const int *tok_seq, const int *btab, float *olat) {
     extern __shared__ __align__(16) uint16_t smem[];
+    __shared__ float xrow[4][2][16];                   /* per head pair and warp: row maxima, then sums */
+    __shared__ __align__(16) uint32_t xp[4][2][32][4]; /* per head pair and warp: its P fragment */
     uint16_t *Qs = smem, *Kbuf = smem + TC_HEADS * TC_STR; /* two chunk buffers: load one, compute the other */
     int t = blockIdx.x, h0 = blockIdx.y * TC_HEADS, tid = threadIdx.x;
     int warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
@@ -117,30 +125,30 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
         __syncthreads(); /* every thread's copies of this chunk (and Q, first time) visible */
         const uint16_t *Ks = Kbuf + (ci & 1) * TC_CH * TC_STR;
         int valid = min(TC_CH, n_ctx - c0);
-        /* scores: 16 heads x 32 positions = 4 tiles of 8 positions */
-        float s[4][4];
+        /* scores: 16 heads x this warp's 16 of the 32 positions (2 tiles of 8);
+         * the partner warp (other chalf) scores the other 16 */
+        int pb = chalf * 16;
+        float s[2][4];
 #pragma unroll
-        for (int ni = 0; ni < 4; ni++)
+        for (int ni = 0; ni < 2; ni++)
 #pragma unroll
             for (int c = 0; c < 4; c++) s[ni][c] = 0.0f;
 #pragma unroll 4
         for (int k0 = 0; k0 < TC_KVD; k0 += 16) {
-            uint32_t a[4], b01[4], b23[4];
+            uint32_t a[4], b[4];
             ldsm_x4(a, qrow + k0);
-            ldsm_x4(b01, Ks + krow + k0);              /* tiles 0, 1: {b0, b1} each */
-            ldsm_x4(b23, Ks + 16 * TC_STR + krow + k0); /* tiles 2, 3 */
-            mma_bf16(s[0], a, b01[0], b01[1]);
-            mma_bf16(s[1], a, b01[2], b01[3]);
-            mma_bf16(s[2], a, b23[0], b23[1]);
-            mma_bf16(s[3], a, b23[2], b23[3]);
+            ldsm_x4(b, Ks + pb * TC_STR + krow + k0); /* tiles 0, 1: {b0, b1} each */
+            mma_bf16(s[0], a, b[0], b[1]);
+            mma_bf16(s[1], a, b[2], b[3]);
         }
-        /* online softmax over this chunk, rows gq (c0,c1) and gq+8 (c2,c3) */
+        /* online softmax over this chunk, rows gq (c0,c1) and gq+8 (c2,c3):
+         * maxima over both warps' positions */
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-        for (int ni = 0; ni < 4; ni++)
+        for (int ni = 0; ni < 2; ni++)
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                int ok = ni * 8 + 2 * tq + c < valid;
+                int ok = pb + ni * 8 + 2 * tq + c < valid;
                 s[ni][c] = ok ? s[ni][c] * g.softmax_scale : -INFINITY;
                 s[ni][2 + c] = ok ? s[ni][2 + c] * g.softmax_scale : -INFINITY;
                 mx0 = fmaxf(mx0, s[ni][c]);
@@ -150,13 +158,20 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        if (tq == 0) {
+            xrow[hg][chalf][gq] = mx0;
+            xrow[hg][chalf][gq + 8] = mx1;
+        }
+        pair_sync(hg);
+        mx0 = fmaxf(mx0, xrow[hg][chalf ^ 1][gq]);
+        mx1 = fmaxf(mx1, xrow[hg][chalf ^ 1][gq + 8]);
         float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1); /* finite: every chunk has a valid position */
         float cr0 = m0 == -INFINITY ? 0.0f : expf(m0 - mn0), cr1 = m1 == -INFINITY ? 0.0f : expf(m1 - mn1);
-        m0 = mn0;
+        m0 = mn0; /* the same in both warps of the pair */
         m1 = mn1;
         float ps0 = 0.0f, ps1 = 0.0f;
 #pragma unroll
-        for (int ni = 0; ni < 4; ni++)
+        for (int ni = 0; ni < 2; ni++)
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 s[ni][c] = expf(s[ni][c] - mn0); /* exp(-inf) = 0 for masked positions */
@@ -164,7 +179,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
                 ps0 += s[ni][c];
                 ps1 += s[ni][2 + c];
             }
-        l0 = l0 * cr0 + ps0; /* this lane's share; the quad is summed at the end */
+        l0 = l0 * cr0 + ps0; /* this lane's share of its warp's positions; summed at the end */
         l1 = l1 * cr1 + ps1;
 #pragma unroll
         for (int n = 0; n < 32; n++) {
@@ -173,11 +188,20 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
             acc[n][2] *= cr1;
             acc[n][3] *= cr1;
         }
-        /* O += P V over two 16-position k steps; this warp's 256 columns = 32 tiles */
+        /* P of this warp's 16 positions is exactly the A fragment of one
+         * 16-position k step; the partner's comes through shared memory */
+        uint32_t pown[4] = {pack_bf16(s[0][0], s[0][1]), pack_bf16(s[0][2], s[0][3]), pack_bf16(s[1][0], s[1][1]),
+                            pack_bf16(s[1][2], s[1][3])};
+        *(uint4 *)xp[hg][chalf][lane] = make_uint4(pown[0], pown[1], pown[2], pown[3]);
+        pair_sync(hg);
+        uint4 po = *(const uint4 *)xp[hg][chalf ^ 1][lane];
+        uint32_t pother[4] = {po.x, po.y, po.z, po.w};
+        /* O += P V over the two 16-position k steps; this warp's 256 columns = 32 tiles */
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            uint32_t a[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
-                             pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]), pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
+            uint32_t a[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = j == chalf ? pown[i] : pother[i];
             const uint16_t *vb = Ks + j * 16 * TC_STR + vrow;
 #pragma unroll
             for (int n = 0; n < 32; n += 2) {
@@ -193,6 +217,14 @@ __global__ void __launch_bounds__(256, 1) mla_decode_tc_kernel(dsi_mla_geom g, i
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    /* plus the partner's sums (the loop's last barrier freed xrow) */
+    if (tq == 0) {
+        xrow[hg][chalf][gq] = l0;
+        xrow[hg][chalf][gq + 8] = l1;
+    }
+    pair_sync(hg);
+    l0 += xrow[hg][chalf ^ 1][gq];
+    l1 += xrow[hg][chalf ^ 1][gq + 8];
     float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
     int ha = h0 + hg * 16 + gq, hb = ha + 8;
 #pragma unroll
