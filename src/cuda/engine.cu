@@ -378,7 +378,8 @@ static int moe(dsi_cuda_engine *e, const dlayer *L, int T) {
         return rc;
     int fp8 = e->lt && L->eg.dtype == DSI_F8_E4M3 && D % 16 == 0 && mi % 16 == 0 && L->eg.block_rows == 128 &&
               L->eg.block_cols == 128;
-    if (fp8 && !e->capturing && (long)T * K >= 32L * E && L->eg.scale_lt && L->eu.scale_lt && L->ed.scale_lt) {
+    if (fp8 && !e->capturing && (long)T * K >= 32L * E && D % 128 == 0 && mi % 128 == 0 && L->eg.scale_lt &&
+        L->eu.scale_lt && L->ed.scale_lt) {
         /* prefill: enough rows per expert for cuBLASLt, one call per expert
          * on offsets read back to the host (a synchronisation per layer) */
         if ((rc = DSI_CU(cudaMemcpyAsync(e->h_off, e->offset, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost, e->stream))))
