@@ -35,26 +35,6 @@ __device__ __forceinline__ uint16_t dsi_dev_to_bf16(float f) { /* round to neare
 }
 __device__ __forceinline__ float dsi_dev_f16(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 
-/* Encodes f as e4m3fn, round to nearest even, saturating to +-448 (matches
- * dsi_f32_to_e4m3). */
-__device__ __forceinline__ uint8_t dsi_dev_to_e4m3(float f) {
-    uint8_t s = signbit(f) ? 0x80 : 0;
-    float a = fabsf(f);
-    if (isnan(f)) return 0x7f;
-    if (a >= 448.0f) return s | 0x7e;
-    if (a < ldexpf(1.0f, -10)) return s;
-    int e;
-    frexpf(a, &e);
-    int ue = e - 1;
-    if (ue < -6) ue = -6;
-    float q = ldexpf(a, 3 - ue);
-    int mant = (int)rintf(q);
-    if (mant >= 16) { mant = 8; ue++; }
-    if (ue > 8 || (ue == 8 && mant > 14)) return s | 0x7e;
-    if (mant < 8) return s | (uint8_t)mant;
-    return s | (uint8_t)(((ue + 7) << 3) | (mant - 8));
-}
-
 /* Element (r, c) of matrix `mat` of a device weight, float32 (scale applied). */
 struct dsi_dev_mat {
     const void *data;
