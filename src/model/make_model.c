@@ -124,7 +124,10 @@ static void lin_rows_task(void *ctx, int64_t b0, int64_t b1, int tid) {
             int c0 = bj * j->bc, c1 = DSI_MIN(j->cols, c0 + j->bc);
             float amax = 0;
             for (int r = r0; r < r1; r++)
-                for (int cc = c0; cc < c1; cc++) amax = fmaxf(amax, fabsf(g->fbuf[(size_t)r * j->cols + cc]));
+                for (int cc = c0; cc < c1; cc++) { /* values are finite: a compare, not a libm fmaxf call */
+                    float v = fabsf(g->fbuf[(size_t)r * j->cols + cc]);
+                    amax = v > amax ? v : amax;
+                }
             float s = amax > 0 ? amax / 448.0f : 1.0f;
             g->sbuf[bi * j->sc + bj] = s;
             for (int r = r0; r < r1; r++)
