@@ -115,6 +115,7 @@ static int run_lt_experts(void *p) {
         dsi_dmat v = *c->W;
         v.batch = 1;
         v.data = (uint8_t *)c->W->data + (size_t)z * N * K;
+        /* the stored scales serve cuBLASLt as they are here: K/128 is a multiple of 4 in every shape benched */
         v.scale = v.scale_lt = c->W->scale + (size_t)z * c->W->scale_rows * c->W->scale_cols;
         size_t r0 = (size_t)z * c->M;
         rc = dsi__lt_gemm_q(c->lt, &v, c->xq + r0 * K, c->xs + r0 * DSI_CEIL_DIV(K, 128), c->M, c->y + r0 * N, N, 0,

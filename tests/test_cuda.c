@@ -289,60 +289,60 @@ static void test_gemm_fp8_mma(void **state) {
 static void test_quant_fp8(void **state) {
     NEED_GPU();
     for (int it = 0; it < 2; it++) { /* K of any size (byte path), then K % 4 == 0 (16-byte loads, 4-byte stores) */
-    int M = rint_(3, 40), K = it ? 4 * rint_(33, 175) : rint_(130, 700) | 1, KB = (K + 127) / 128;
-    float *x = host_vec((size_t)M * K);
-    for (int i = 0; i < M * K; i += 7) x[i] *= 300.0f; /* wide range within tiles */
-    float *dx = dev_up(x, sizeof(float) * M * K);
-    uint8_t *dq = dev_nan((size_t)M * K);
-    float *ds = dev_nan(sizeof(float) * M * KB);
-    assert_int_equal(dsi__cuda_quant_fp8(dx, K, M, K, dq, ds, 0, NULL), DSI_OK);
-    uint8_t *q = malloc((size_t)M * K);
-    float *s = dev_down(ds, (size_t)M * KB);
-    assert_int_equal(dsi__cuda_d2h(q, dq, (size_t)M * K), DSI_OK);
-    int bad = 0;
-    for (int m = 0; m < M; m++)
-        for (int kb = 0; kb < KB; kb++) {
-            float amax = 0;
-            for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
-            float sc = amax > 0 ? amax / 448.0f : 1.0f;
-            bad += s[m * KB + kb] != sc;
-            for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) bad += q[m * K + k] != dsi_f32_to_e4m3(x[m * K + k] / sc);
-        }
-    printf("  quant fp8 M=%d K=%d: %d mismatches\n", M, K, bad);
-    assert_int_equal(bad, 0);
-    /* fused SiLU-mul + quantise: dequantised values within half an e4m3 step
-     * (1/16 relative) of the float product, scales within float rounding */
-    float *h2 = host_vec((size_t)M * K);
-    float *dh2 = dev_up(h2, sizeof(float) * M * K);
-    assert_int_equal(dsi__cuda_memset(dq, 0xff, (size_t)M * K), DSI_OK);
-    assert_int_equal(dsi__cuda_silu_mul_quant(dx, dh2, M, K, dq, ds, NULL), DSI_OK);
-    free(s);
-    s = dev_down(ds, (size_t)M * KB);
-    assert_int_equal(dsi__cuda_d2h(q, dq, (size_t)M * K), DSI_OK);
-    double worst = 0;
-    for (int m = 0; m < M; m++)
-        for (int kb = 0; kb < KB; kb++) {
-            float amax = 0;
-            for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) {
-                float a = x[m * K + k];
-                amax = fmaxf(amax, fabsf(a / (1.0f + expf(-a)) * h2[m * K + k]));
+        int M = rint_(3, 40), K = it ? 4 * rint_(33, 175) : rint_(130, 700) | 1, KB = (K + 127) / 128;
+        float *x = host_vec((size_t)M * K);
+        for (int i = 0; i < M * K; i += 7) x[i] *= 300.0f; /* wide range within tiles */
+        float *dx = dev_up(x, sizeof(float) * M * K);
+        uint8_t *dq = dev_nan((size_t)M * K);
+        float *ds = dev_nan(sizeof(float) * M * KB);
+        assert_int_equal(dsi__cuda_quant_fp8(dx, K, M, K, dq, ds, 0, NULL), DSI_OK);
+        uint8_t *q = malloc((size_t)M * K);
+        float *s = dev_down(ds, (size_t)M * KB);
+        assert_int_equal(dsi__cuda_d2h(q, dq, (size_t)M * K), DSI_OK);
+        int bad = 0;
+        for (int m = 0; m < M; m++)
+            for (int kb = 0; kb < KB; kb++) {
+                float amax = 0;
+                for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) amax = fmaxf(amax, fabsf(x[m * K + k]));
+                float sc = amax > 0 ? amax / 448.0f : 1.0f;
+                bad += s[m * KB + kb] != sc;
+                for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) bad += q[m * K + k] != dsi_f32_to_e4m3(x[m * K + k] / sc);
             }
-            worst = fmax(worst, fabs(s[m * KB + kb] - amax / 448.0f) / (amax / 448.0f) * 1e3); /* scaled: 1e-3 units */
-            for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) {
-                float a = x[m * K + k], h = a / (1.0f + expf(-a)) * h2[m * K + k];
-                float back = dsi_e4m3_to_f32(q[m * K + k]) * s[m * KB + kb];
-                /* e4m3 normals: relative half step 1/16; subnormals: absolute 2^-10 of the scale */
-                double tol = fmax(fabs(h) / 16, ldexp(1.0, -10) * s[m * KB + kb]) * 1.01;
-                if (fabs(back - h) > tol) bad++;
+        printf("  quant fp8 M=%d K=%d: %d mismatches\n", M, K, bad);
+        assert_int_equal(bad, 0);
+        /* fused SiLU-mul + quantise: dequantised values within half an e4m3 step
+         * (1/16 relative) of the float product, scales within float rounding */
+        float *h2 = host_vec((size_t)M * K);
+        float *dh2 = dev_up(h2, sizeof(float) * M * K);
+        assert_int_equal(dsi__cuda_memset(dq, 0xff, (size_t)M * K), DSI_OK);
+        assert_int_equal(dsi__cuda_silu_mul_quant(dx, dh2, M, K, dq, ds, NULL), DSI_OK);
+        free(s);
+        s = dev_down(ds, (size_t)M * KB);
+        assert_int_equal(dsi__cuda_d2h(q, dq, (size_t)M * K), DSI_OK);
+        double worst = 0;
+        for (int m = 0; m < M; m++)
+            for (int kb = 0; kb < KB; kb++) {
+                float amax = 0;
+                for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) {
+                    float a = x[m * K + k];
+                    amax = fmaxf(amax, fabsf(a / (1.0f + expf(-a)) * h2[m * K + k]));
+                }
+                worst = fmax(worst, fabs(s[m * KB + kb] - amax / 448.0f) / (amax / 448.0f) * 1e3); /* scaled: 1e-3 units */
+                for (int k = kb * 128; k < DSI_MIN(K, kb * 128 + 128); k++) {
+                    float a = x[m * K + k], h = a / (1.0f + expf(-a)) * h2[m * K + k];
+                    float back = dsi_e4m3_to_f32(q[m * K + k]) * s[m * KB + kb];
+                    /* e4m3 normals: relative half step 1/16; subnormals: absolute 2^-10 of the scale */
+                    double tol = fmax(fabs(h) / 16, ldexp(1.0, -10) * s[m * KB + kb]) * 1.01;
+                    if (fabs(back - h) > tol) bad++;
+                }
             }
-        }
-    printf("  silu-mul-quant: %d values off, scale error %.2e\n", bad, worst * 1e-3);
-    assert_int_equal(bad, 0);
-    assert_true(worst * 1e-3 <= 1e-5);
-    free(h2);
-    dsi__cuda_free(dh2);
-    free(x); free(q); free(s);
-    dsi__cuda_free(dx); dsi__cuda_free(dq); dsi__cuda_free(ds);
+        printf("  silu-mul-quant: %d values off, scale error %.2e\n", bad, worst * 1e-3);
+        assert_int_equal(bad, 0);
+        assert_true(worst * 1e-3 <= 1e-5);
+        free(h2);
+        dsi__cuda_free(dh2);
+        free(x); free(q); free(s);
+        dsi__cuda_free(dx); dsi__cuda_free(dq); dsi__cuda_free(ds);
     }
 }
 
