@@ -253,15 +253,6 @@ static void check_block_sizes(const dsi_kernels *k) {
 
 static void test_block_sizes(void **state) { for_each_simd(check_block_sizes); }
 
-/* The opt-in BF16 dot-product GEMVs (DSI_BF16_GEMV=1) against the reference. */
-static void test_avx512_bf16_gemv(void **state) {
-    const dsi_kernels *k = dsi_kernels_by_name("avx512");
-    if (!k || !k->matmul_q8) { printf("  AVX512_BF16 not supported on this CPU: skipped\n"); skip(); }
-    dsi_kernels_set_bf16_gemv(1);
-    check_impl(k);
-    dsi_kernels_set_bf16_gemv(0);
-}
-
 static void test_avx512(void **state) {
     const dsi_kernels *k = dsi_kernels_by_name("avx512");
     if (!k) { printf("  avx512 not supported on this CPU: skipped\n"); skip(); }
@@ -530,7 +521,6 @@ int main(void) {
         cmocka_unit_test(test_e4m3_round),
         cmocka_unit_test(test_avx512),
         cmocka_unit_test(test_block_sizes),
-        cmocka_unit_test(test_avx512_bf16_gemv),
         cmocka_unit_test(test_q8),
         cmocka_unit_test(test_avx2),
         cmocka_unit_test(test_rowwise),

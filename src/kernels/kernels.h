@@ -85,9 +85,6 @@ extern const dsi_kernels dsi_kernels_avx2;
 const dsi_kernels *dsi_kernels_select(void);
 /* Kernels by name ("ref", "avx2", "avx512"), or NULL if not usable here. */
 const dsi_kernels *dsi_kernels_by_name(const char *name);
-/* The opt-in BF16 dot-product decode GEMVs of the AVX-512 kernels: 1 on, 0
- * off. Until set, DSI_BF16_GEMV=1 in the environment (read once) turns them on. */
-void dsi_kernels_set_bf16_gemv(int on);
 
 /* The FP8 activation scale of n values: amax / 448, 1 when all are zero
  * (a NaN is skipped, as fmaxf skips it). */

@@ -741,7 +741,7 @@ static void panel_matmul(const dsi_mat *W, const float *x, int M, int ldx, float
 /* e4m3 -> bf16 by table: two 128-entry byte tables (vpermi2b over two
  * vectors each) give the low and high byte of the exact bf16 value of an
  * e4m3 code's 7 low bits; the sign bit is merged into the high byte. Used by
- * the FP8 x FP8 panels and the BF16 decode GEMVs. */
+ * the FP8 x FP8 panels. */
 static __m512i g_tab_lo0, g_tab_lo1, g_tab_hi0, g_tab_hi1;
 static pthread_once_t g_tab_once = PTHREAD_ONCE_INIT;
 
@@ -906,168 +906,11 @@ static void avx512_matmul_q8(const dsi_mat *W, const uint16_t *xq, int ldq, cons
     }
 }
 
-/* ---- decode GEMV with BF16 dot products (one activation row, FP8 weights) ----
- * Two 128-entry byte tables (vpermi2b) map the 7 low bits of an e4m3 code to
- * the low and high bytes of its exact bf16 value; the sign bit is merged into
- * the high byte; byte unpacks make 64 bf16 weights (two vectors, element order
- * permuted within 128-bit lanes). The activation row, scaled by the block
- * scale, is split into bf16 hi + lo (x - hi rounded again; together exact to
- * ~2^-17) in the same permuted order, and vdpbf16ps accumulates w*hi + w*lo in
- * float32: 10 instructions per 64 weight bytes instead of 15, which lets the
- * loads run further ahead of the arithmetic. Needs K % 64 == 0. */
-/* The BF16 dot-product GEMVs are opt-in (DSI_BF16_GEMV=1): they are faster
- * on cache-resident weights, but their activation split (exact to ~2^-17)
- * makes a row's result depend on whether it was computed alone (M = 1) or in
- * a batch at the 1e-6 level, 100x more than the float32 paths differ; with
- * random weights that flips near-tied greedy tokens, and prefill/decode
- * disaggregation must reproduce a single server token for token. */
-static _Atomic int g_bf16_gemv = -1; /* -1: not set, DSI_BF16_GEMV decides */
-
-void dsi_kernels_set_bf16_gemv(int on) { atomic_store_explicit(&g_bf16_gemv, on ? 1 : 0, memory_order_relaxed); }
-
-/* Called per M = 1 matmul: the environment is read once (getenv per call was
- * ~0.2% of a decode). */
-static int have_bf16(void) {
-    static int cpu = -1;
-    if (cpu < 0) {
-        __builtin_cpu_init();
-        cpu = __builtin_cpu_supports("avx512bf16") ? 1 : 0;
-    }
-    int on = atomic_load_explicit(&g_bf16_gemv, memory_order_relaxed);
-    if (on < 0) {
-        const char *env = getenv("DSI_BF16_GEMV");
-        on = env && !strcmp(env, "1");
-        int unset = -1; /* a concurrent dsi_kernels_set_bf16_gemv wins */
-        atomic_compare_exchange_strong_explicit(&g_bf16_gemv, &unset, on, memory_order_relaxed, memory_order_relaxed);
-        on = atomic_load_explicit(&g_bf16_gemv, memory_order_relaxed);
-    }
-    return cpu && on;
-}
-
-/* x as bf16 hi/lo in the unpack order: per 64 columns, 4 x 32 words
- * [hi w0][hi w1][lo w0][lo w1], where w0 holds columns 16L+0..7 and w1
- * 16L+8..15 of each 128-bit lane L. Unscaled: the block scales are applied to
- * the per-block sums, so one split serves every row of the matrix. */
-static void split_row_bf16(const float *x, int K, uint16_t *xp) {
-    for (int g = 0; g < K / 64; g++) {
-        __m512i h[2], l[2]; /* [hi w0, hi w1], [lo w0, lo w1] as two halves each */
-        __m256i ch[4], cl[4];
-        for (int q = 0; q < 4; q++) {
-            __m512 v = _mm512_loadu_ps(x + 64 * g + 16 * q);
-            __m256bh hb = _mm512_cvtneps_pbh(v); /* round to nearest even, as dsi_f32_to_bf16 */
-            __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hb), 16));
-            ch[q] = (__m256i)hb;
-            cl[q] = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hv));
-        }
-        /* w0 takes the low 8 words (columns 16q..16q+7) of each quarter, w1 the high 8 */
-        __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(ch[0]), ch[1], 1);
-        __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(ch[2]), ch[3], 1);
-        h[0] = _mm512_shuffle_i64x2(a, b, 0x88);
-        h[1] = _mm512_shuffle_i64x2(a, b, 0xdd);
-        a = _mm512_inserti64x4(_mm512_castsi256_si512(cl[0]), cl[1], 1);
-        b = _mm512_inserti64x4(_mm512_castsi256_si512(cl[2]), cl[3], 1);
-        l[0] = _mm512_shuffle_i64x2(a, b, 0x88);
-        l[1] = _mm512_shuffle_i64x2(a, b, 0xdd);
-        uint16_t *o = xp + (size_t)g * 128;
-        _mm512_store_si512((void *)o, h[0]);
-        _mm512_store_si512((void *)(o + 32), h[1]);
-        _mm512_store_si512((void *)(o + 64), l[0]);
-        _mm512_store_si512((void *)(o + 96), l[1]);
-    }
-}
-
-/* nr rows of one scale row-block: per scale block of bc columns the four
- * partial sums are reduced and multiplied by the block's scale. */
-static inline __attribute__((always_inline)) void gemv_e4m3_bf16(const uint8_t *w, size_t ldw, int nr,
-                                                                 const uint16_t *xp, int K, int bc,
-                                                                 const float *srow, float out[NR][MR]) {
-    __m512 tot[NR];
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) tot[j] = _mm512_setzero_ps();
-    const __m512i sign = _mm512_set1_epi32((int)0x80808080);
-    const __m512i tl0 = g_tab_lo0, tl1 = g_tab_lo1, th0 = g_tab_hi0, th1 = g_tab_hi1;
-    for (int kb = 0; kb < K; kb += bc) {
-        __m512 acc[NR][4];
-        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
-            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
-        for (int k = kb; k < kb + bc && k < K; k += 64) { /* the last block may be partial */
-            const uint16_t *xg = xp + (size_t)k * 2;
-            __m512bh h0 = (__m512bh)_mm512_load_si512((const void *)xg);
-            __m512bh h1 = (__m512bh)_mm512_load_si512((const void *)(xg + 32));
-            __m512bh l0 = (__m512bh)_mm512_load_si512((const void *)(xg + 64));
-            __m512bh l1 = (__m512bh)_mm512_load_si512((const void *)(xg + 96));
-            _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++) {
-                if (j >= nr) break;
-                _mm_prefetch((const char *)(w + j * ldw + pf_elems(ldw, 1) + k), _MM_HINT_T0);
-                __m512i d = load_line(w + j * ldw + k);
-                __m512i lo = _mm512_permutex2var_epi8(tl0, d, tl1);
-                __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(th0, d, th1), d, sign, 0xF8);
-                __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
-                acc[j][0] = _mm512_dpbf16_ps(acc[j][0], w0, h0);
-                acc[j][1] = _mm512_dpbf16_ps(acc[j][1], w1, h1);
-                acc[j][2] = _mm512_dpbf16_ps(acc[j][2], w0, l0);
-                acc[j][3] = _mm512_dpbf16_ps(acc[j][3], w1, l1);
-            }
-        }
-        __m512 sc = _mm512_set1_ps(srow[kb / bc]);
-        _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
-            if (j < nr)
-                tot[j] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3])),
-                                         sc, tot[j]);
-    }
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; j++)
-        if (j < nr) out[j][0] = _mm512_reduce_add_ps(tot[j]);
-}
-
-/* x as bf16 hi and lo rows in natural order (for BF16 weights). */
-static void split_row_natural(const float *x, int K, uint16_t *xh, uint16_t *xl) {
-    for (int k = 0; k < K; k += 16) {
-        __m512 v = _mm512_loadu_ps(x + k);
-        __m256bh hb = _mm512_cvtneps_pbh(v);
-        __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hb), 16));
-        _mm256_storeu_si256((__m256i *)(xh + k), (__m256i)hb);
-        _mm256_storeu_si256((__m256i *)(xl + k), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hv)));
-    }
-}
-
-/* BF16 weights, one activation row: the weights are dot-product operands as
- * stored (pairs along k), the row is bf16 hi + lo: two vdpbf16ps per 64 bytes. */
-static void gemv_bf16w_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
-    int K = W->cols;
-    uint16_t *xh = dsi__tls_buffer(DSI_TLS_XS, sizeof(uint16_t) * 2 * (size_t)K);
-    if (!xh) return;
-    uint16_t *xl = xh + K;
-    split_row_natural(x, K, xh, xl);
-    const uint16_t *base = W->data;
-    for (int n = n0; n < n1; n += NR) {
-        int nr = DSI_MIN(NR, n1 - n);
-        __m512 acc[NR][2];
-        _Pragma("GCC unroll 4") for (int j = 0; j < NR; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
-        const uint16_t *w = base + (size_t)n * K;
-        for (int k = 0; k < K; k += 32) {
-            __m512bh h = (__m512bh)_mm512_loadu_si512((const void *)(xh + k));
-            __m512bh l = (__m512bh)_mm512_loadu_si512((const void *)(xl + k));
-            _Pragma("GCC unroll 4") for (int j = 0; j < NR; j++) {
-                if (j >= nr) break;
-                _mm_prefetch((const char *)(w + (size_t)(j + NR) * K + k), _MM_HINT_T0);
-                __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + (size_t)j * K + k));
-                acc[j][0] = _mm512_dpbf16_ps(acc[j][0], wv, h);
-                acc[j][1] = _mm512_dpbf16_ps(acc[j][1], wv, l);
-            }
-        }
-        for (int j = 0; j < nr; j++) {
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
-            float *d = &y[n + j - y_col0];
-            *d = accumulate ? *d + v : v;
-        }
-    }
-}
-
-/* BF16 weights, one activation row, float32 products (the default; the
- * vdpbf16ps form above is opt-in). A 64-byte load holds 32 bf16: the even
- * ones become float32 by a 16-bit left shift, the odd ones by masking the
- * low half, against a copy of x split into even and odd columns per 32. One
- * row at a time like gemv1_e4m3_body, K a multiple of 64 (this is the LM head:
- * 18% of a small model's bytes per token).
+/* BF16 weights, one activation row, float32 products. A 64-byte load holds
+ * 32 bf16: the even ones become float32 by a 16-bit left shift, the odd ones
+ * by masking the low half, against a copy of x split into even and odd
+ * columns per 32. One row at a time like gemv1_e4m3_body, K a multiple of
+ * 64 (this is the LM head: 18% of a small model's bytes per token).
  * Each BF16_TOUCH bytes of the row are first touched by a one-load loop (the
  * loaded lines are dropped), then decoded by loads that find them in L1. No
  * software prefetch: the hardware's, fed by the touch loop's run of
@@ -1122,25 +965,6 @@ static void gemv_bf16f32_path(const dsi_mat *W, const float *x, float *y, int y_
     for (int n = n0; n < n1; n++) {
         float v = gemv1_bf16(base + (size_t)n * K, (size_t)K, xp), *d = &y[n - y_col0];
         *d = accumulate ? *d + v : v;
-    }
-}
-
-/* M = 1, FP8, K and the scale block width multiples of 64 */
-static void gemv_bf16_path(const dsi_mat *W, const float *x, float *y, int y_col0, int n0, int n1, int accumulate) {
-    int K = W->cols;
-    pthread_once(&g_tab_once, make_tables);
-    uint16_t *xp = dsi__tls_buffer(DSI_TLS_XS, sizeof(uint16_t) * 2 * (size_t)K);
-    if (!xp) return;
-    split_row_bf16(x, K, xp);
-    float out[NR][MR] = {{0}};
-    for (int n = n0; n < n1; n += NR) {
-        int nr = DSI_MIN(NR, n1 - n);
-        int rb = n / W->block_rows, rb_end = (n + nr - 1) / W->block_rows;
-        if (rb_end != rb) nr = (rb + 1) * W->block_rows - n;
-        gemv_e4m3_bf16((const uint8_t *)W->data + (size_t)n * K, K, nr, xp, K, W->block_cols,
-                       W->scale_inv + (size_t)rb * W->scale_cols, out);
-        store_tile(out, nr, 1, y, 0, n - y_col0, accumulate);
-        if (nr < NR && n + nr < n1) n -= NR - nr;
     }
 }
 
@@ -1262,14 +1086,6 @@ static void avx512_matmul(const dsi_mat *W, const float *x, int M, int ldx, floa
         return;
     }
     int K = W->cols;
-    if (W->dtype == DSI_F8_E4M3 && M == 1 && K % 64 == 0 && W->block_cols % 64 == 0 && have_bf16()) {
-        gemv_bf16_path(W, x, y, y_col0, n0, n1, accumulate);
-        return;
-    }
-    if (W->dtype == DSI_BF16 && M == 1 && K % 32 == 0 && have_bf16()) {
-        gemv_bf16w_path(W, x, y, y_col0, n0, n1, accumulate);
-        return;
-    }
     if (W->dtype == DSI_BF16 && M == 1 && K % 64 == 0) {
         gemv_bf16f32_path(W, x, y, y_col0, n0, n1, accumulate);
         return;
