@@ -22,6 +22,14 @@
  * reads); the figure is the median window and its ratio
  * the median of the per-window ratios (min-max shown).
  *
+ * "ceiling" is what decode would reach if every weight matrix streamed at
+ * the rate the GEMV kernels reach on rows that stay in L2 (measured in the
+ * same run on the model's own expert and LM-head matrices, all threads at
+ * once), with nothing else in a token: the arithmetic's limit, against the
+ * same bandwidth bound as "decode tg". The gap between it and "decode tg" is
+ * the weights' streaming from memory (below the L2 rate) and the rest of a
+ * token (attention, norms, routing).
+ *
  *   build/dsinfer make-model --preset small --dtype fp8 --out /tmp/small
  *   build/bench_engine --model /tmp/small [--threads 1,2] [--prompt 512] [--decode 128] [--reps 3] [--no-mmap]
  */
@@ -37,6 +45,8 @@
 #include "dsinfer/engine.h"
 #include "dsinfer/model.h"
 #include "dsinfer/sampler.h"
+#include "kernels/kernels.h"
+#include "model/model_impl.h"
 
 /* ---- memory bandwidth: streaming reads of a buffer much larger than the caches.
  * `pf`: with a software prefetch 8 KB ahead into L2 (T1), as the GEMVs issue:
@@ -76,7 +86,7 @@ static double measure_bandwidth_buf(dsi_pool *pool, const float *buf, size_t byt
  * prints the median rate, the median bound and the per-window ratios. */
 static int decode_windows(dsi_engine *e, dsi_pool *pool, const float *bwbuf, const dsi_config *c, double weight_bytes,
                           int32_t *ids, int pos, int n, const int32_t *blocks, int nb, float *logits, int nt,
-                          const char *label) {
+                          const char *label, double *median_bound) {
     int nw = n / WINDOW;
     double rate[64], bound[64], ratio[64];
     if (nw < 1 || nw > 64) { fprintf(stderr, "bench_engine: --decode must be 16..1024\n"); return 1; }
@@ -105,6 +115,7 @@ static int decode_windows(dsi_engine *e, dsi_pool *pool, const float *bwbuf, con
     double lo = 1e9, hi = 0;
     for (int w = 0; w < nw; w++) lo = ratio[w] < lo ? ratio[w] : lo, hi = ratio[w] > hi ? ratio[w] : hi;
     double r = bench_median(rate, nw), b = bench_median(bound, nw), q = bench_median(ratio, nw);
+    if (median_bound) *median_bound = b;
     printf("%-7d %-12s %8.1f %12.1f %8.0f%%   %3.0f-%3.0f%% of %d windows, bandwidth measured around each\n", nt, label, r, b,
            100 * q, 100 * lo, 100 * hi, nw);
     return 0;
@@ -148,6 +159,82 @@ static int prefill_reps(dsi_engine *e, dsi_pool *pool, const int32_t *ids, int n
            bf16 ? " (linear), FMA (attention)" : "");
     fflush(stdout);
     return 0;
+}
+
+
+/* ---- ceiling: the weight matrices at the GEMV kernels' L2 rates ---- */
+typedef struct {
+    const dsi_kernels *k;
+    dsi_mat W;
+    float *x, *y; /* per thread: [nt][cols], [nt][rows] */
+} l2_arg;
+
+static void l2_task(void *ctx, int64_t b, int64_t e, int t) {
+    const l2_arg *a = ctx;
+    const float *x = a->x + (size_t)t * a->W.cols;
+    float *y = a->y + (size_t)t * a->W.rows;
+    for (int64_t i = b; i < e; i++) a->k->matmul(&a->W, x, 1, a->W.cols, y, a->W.rows, 0, 0, a->W.rows, 0);
+}
+
+/* GB/s of M = 1 products over the first rows of W (~384 KB, which stay in
+ * each core's L2), every thread of the pool at once; best of 3 */
+static double l2_rate(dsi_pool *pool, const dsi_kernels *k, const dsi_mat *W) {
+    int nt = dsi_pool_size(pool);
+    size_t row_bytes = (size_t)W->cols * dsi_dtype_size(W->dtype);
+    int rows = (int)(((size_t)384 << 10) / row_bytes) & ~15;
+    if (rows < 16) rows = 16;
+    if (rows > W->rows) rows = W->rows;
+    l2_arg a = {k, *W, calloc((size_t)nt * W->cols, sizeof(float)), calloc((size_t)nt * rows, sizeof(float))};
+    if (!a.x || !a.y) { free(a.x), free(a.y); return 0; }
+    a.W.rows = rows;
+    for (size_t i = 0; i < (size_t)nt * W->cols; i++) a.x[i] = (float)((i * 37) % 17 - 8) / 8;
+    int64_t per = (int64_t)(((size_t)48 << 20) / ((size_t)rows * row_bytes)) + 1, items = per * nt;
+    dsi_pool_for(pool, nt, 1, l2_task, &a); /* warm: rows into every L2 */
+    double best = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = dsi_now();
+        dsi_pool_for(pool, items, 1, l2_task, &a);
+        double gbs = (double)items * rows * row_bytes / (dsi_now() - t0) / 1e9;
+        if (gbs > best) best = gbs;
+    }
+    free(a.x), free(a.y);
+    return best;
+}
+
+static double mbytes(const dsi_mat *W) { return W->data ? (double)W->rows * W->cols * dsi_dtype_size(W->dtype) : 0; }
+
+/* Seconds per token with every matrix a decoded token reads at an L2 rate:
+ * matrices of the experts' dtype at the routed gate's rate when their rows
+ * are `hidden` long, else at the routed down projection's; the rest (the
+ * LM head, the BF16 router) at the LM head's. Rates in rate[3]. */
+static double l2_token_seconds(const dsi_model *m, dsi_pool *pool, double rate[3]) {
+    const dsi_config *c = &m->cfg;
+    const dsi_layer *moe = NULL;
+    for (int l = 0; l < c->n_layers && !moe; l++)
+        if (m->layers[l].is_moe) moe = &m->layers[l];
+    const dsi_mat *gate = moe ? &moe->exp_gate[0] : &m->layers[0].gate, *down = moe ? &moe->exp_down[0] : &m->layers[0].down;
+    const dsi_kernels *k = dsi_kernels_select();
+    rate[0] = l2_rate(pool, k, gate);
+    rate[1] = l2_rate(pool, k, down);
+    rate[2] = l2_rate(pool, k, &m->lm_head);
+    if (rate[0] <= 0 || rate[1] <= 0 || rate[2] <= 0) return 0;
+    double t = 0;
+#define ADD(W)                                                                                                   \
+    t += (W)->dtype == gate->dtype ? mbytes(W) / 1e9 / ((W)->cols == c->hidden ? rate[0] : rate[1])             \
+                                   : mbytes(W) / 1e9 / rate[2]
+    ADD(&m->lm_head);
+    for (int l = 0; l < c->n_layers; l++) {
+        const dsi_layer *L = &m->layers[l];
+        ADD(&L->q_a); ADD(&L->q_b); ADD(&L->q_proj); ADD(&L->kv_a); ADD(&L->kv_b); ADD(&L->o_proj);
+        if (!L->is_moe) {
+            ADD(&L->gate); ADD(&L->up); ADD(&L->down);
+        } else {
+            ADD(&L->router); ADD(&L->sh_gate); ADD(&L->sh_up); ADD(&L->sh_down);
+            for (int i = 0; i < c->n_experts_per_tok; i++) { ADD(&L->exp_gate[0]); ADD(&L->exp_up[0]); ADD(&L->exp_down[0]); }
+        }
+    }
+#undef ADD
+    return t;
 }
 
 int main(int argc, char **argv) {
@@ -203,8 +290,15 @@ int main(int argc, char **argv) {
         dsi_engine_step(e, &w, 1);
         /* decode from an empty context (llama-bench tg) on its own sequence */
         ids2[0] = 1;
-        if (decode_windows(e, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt, "decode tg"))
+        double tg_bound = 0;
+        if (decode_windows(e, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt, "decode tg", &tg_bound))
             return 1;
+        /* the arithmetic's limit against the same bound */
+        double l2[3], ts = l2_token_seconds(m, pool, l2);
+        if (ts > 0)
+            printf("%-7d %-12s %8.1f %12.1f %8.0f%%   every matrix at the GEMVs' L2 rate (%.1f, %.1f GB/s by row length; "
+                   "LM head %.1f), nothing else\n",
+                   nt, "ceiling", 1 / ts, tg_bound, 100 / (ts * tg_bound), l2[0], l2[1], l2[2]);
         /* the same with FP8 activations (--fp8-act, DeepSeek's serving numerics) */
         dsi_engine *e8;
         dsi_engine_opts o8 = o;
@@ -212,7 +306,7 @@ int main(int argc, char **argv) {
         if (dsi_engine_create(m, kv, &o8, &e8)) { fprintf(stderr, "%s\n", dsi_last_error()); return 1; }
         dsi_engine_step(e8, &w, 1);
         ids2[0] = 1;
-        if (decode_windows(e8, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt, "decode fp8"))
+        if (decode_windows(e8, pool, bwbuf, c, bytes_tok, ids2, 0, n_decode, blocks2, nb, logits, nt, "decode fp8", NULL))
             return 1;
         /* FLOPs the prompt executes: the linear layers per position (their
          * count includes kv_b, which decompresses K/V in the prefill form),
@@ -228,7 +322,7 @@ int main(int argc, char **argv) {
         ids[n_prompt] = dsi_argmax(logits, c->vocab_size);
         char label[32];
         snprintf(label, sizeof label, "decode @%d", n_prompt);
-        if (decode_windows(e, pool, bwbuf, c, bytes_tok, ids, n_prompt, n_decode, blocks, nb, logits, nt, label)) return 1;
+        if (decode_windows(e, pool, bwbuf, c, bytes_tok, ids, n_prompt, n_decode, blocks, nb, logits, nt, label, NULL)) return 1;
         /* the prompt with FP8 activations, on the decode sequence's blocks:
          * its linear layers are FP8 x FP8 matmuls, bounded by the BF16
          * dot-product peak (where the CPU has it; with BF16 weights they
