@@ -161,7 +161,6 @@ static int prefill_reps(dsi_engine *e, dsi_pool *pool, const int32_t *ids, int n
     return 0;
 }
 
-
 /* ---- ceiling: the weight matrices at the GEMV kernels' L2 rates ---- */
 typedef struct {
     const dsi_kernels *k;

@@ -57,9 +57,11 @@ static void fill(uint8_t *d, size_t n, dsi_dtype dt, uint32_t seed) {
     if (dt == DSI_BF16) { /* values in [1, 2): no denormals, no NaN */
         uint16_t *h = (uint16_t *)d;
         for (size_t i = 0; i < n / 2; i++) h[i] = (uint16_t)(0x3f80 | (((i + seed) * 2654435761u) >> 25));
-    } else { /* codes as make-model's: uniform weights, a block's largest at 448. Not uniform
-              * bytes: a sixteenth of those are subnormal, which Intel cores multiply ~60x
-              * slower (a Xeon ran this GEMV at 0.4 GB/s); quantised weights have ~1e-4 */
+    } else {
+        /* codes of uniform weights in +-448, as make-model's quantised
+         * blocks: ~1e-4 subnormal, as real checkpoints. Uniform bytes are
+         * a sixteenth subnormal, which Intel cores multiply ~60x slower (a
+         * Xeon ran this GEMV at 0.4 GB/s on them) */
         for (size_t i = 0; i < n; i++) {
             uint32_t h = (uint32_t)((i + seed) * 2654435761u);
             d[i] = dsi_f32_to_e4m3(((float)(h >> 8) * (1.0f / 8388608.0f) - 1.0f) * 448.0f);
@@ -173,7 +175,6 @@ static int run_shape(const dsi_kernels *k, const shape *s, int pairs, uint8_t *m
     free(scales), free(x), free(y), free(t_gemv), free(t_read), free(ratio), free(t_cache);
     return 0;
 }
-
 
 /* ---- --ports: issue-port sharing with the FMA, and a 6-instruction decode ---- */
 #define PORT_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi,gfni,avx512bf16")))
