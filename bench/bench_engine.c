@@ -200,12 +200,25 @@ static double l2_rate(dsi_pool *pool, const dsi_kernels *k, const dsi_mat *W) {
     return best;
 }
 
-static double mbytes(const dsi_mat *W) { return W->data ? (double)W->rows * W->cols * dsi_dtype_size(W->dtype) : 0; }
+typedef struct {
+    const dsi_mat *gate;
+    int hidden;
+    const double *rate;
+    double seconds;
+} l2_sum;
 
-/* Seconds per token with every matrix a decoded token reads at an L2 rate:
- * matrices of the experts' dtype at the routed gate's rate when their rows
+/* a matrix of the experts' dtype at the routed gate's rate when its rows
  * are `hidden` long, else at the routed down projection's; the rest (the
- * LM head, the BF16 router) at the LM head's. Rates in rate[3]. */
+ * LM head, a BF16 router) at the LM head's */
+static void add_l2_seconds(const dsi_mat *W, int times, void *ctx) {
+    l2_sum *s = ctx;
+    if (!W->data) return;
+    double r = W->dtype != s->gate->dtype ? s->rate[2] : W->cols == s->hidden ? s->rate[0] : s->rate[1];
+    s->seconds += times * (double)W->rows * W->cols * dsi_dtype_size(W->dtype) / 1e9 / r;
+}
+
+/* Seconds per token with every matrix a decoded token reads at an L2 rate
+ * (rates measured here into rate[3]: routed gate, routed down, LM head). */
 static double l2_token_seconds(const dsi_model *m, dsi_pool *pool, double rate[3]) {
     const dsi_config *c = &m->cfg;
     const dsi_layer *moe = NULL;
@@ -217,23 +230,9 @@ static double l2_token_seconds(const dsi_model *m, dsi_pool *pool, double rate[3
     rate[1] = l2_rate(pool, k, down);
     rate[2] = l2_rate(pool, k, &m->lm_head);
     if (rate[0] <= 0 || rate[1] <= 0 || rate[2] <= 0) return 0;
-    double t = 0;
-#define ADD(W)                                                                                                   \
-    t += (W)->dtype == gate->dtype ? mbytes(W) / 1e9 / ((W)->cols == c->hidden ? rate[0] : rate[1])             \
-                                   : mbytes(W) / 1e9 / rate[2]
-    ADD(&m->lm_head);
-    for (int l = 0; l < c->n_layers; l++) {
-        const dsi_layer *L = &m->layers[l];
-        ADD(&L->q_a); ADD(&L->q_b); ADD(&L->q_proj); ADD(&L->kv_a); ADD(&L->kv_b); ADD(&L->o_proj);
-        if (!L->is_moe) {
-            ADD(&L->gate); ADD(&L->up); ADD(&L->down);
-        } else {
-            ADD(&L->router); ADD(&L->sh_gate); ADD(&L->sh_up); ADD(&L->sh_down);
-            for (int i = 0; i < c->n_experts_per_tok; i++) { ADD(&L->exp_gate[0]); ADD(&L->exp_up[0]); ADD(&L->exp_down[0]); }
-        }
-    }
-#undef ADD
-    return t;
+    l2_sum s = {gate, c->hidden, rate, 0};
+    dsi__model_token_mats(m, add_l2_seconds, &s);
+    return s.seconds;
 }
 
 int main(int argc, char **argv) {

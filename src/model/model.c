@@ -315,45 +315,45 @@ int dsi_model_load(const char *dir, const dsi_load_opts *opts, dsi_model **out) 
     return DSI_OK;
 }
 
-static double mat_bytes(const dsi_mat *m) {
-    if (!m->data) return 0;
-    double b = (double)m->rows * m->cols * dsi_dtype_size(m->dtype);
-    if (m->scale_inv) b += 4.0 * DSI_CEIL_DIV(m->rows, m->block_rows) * m->scale_cols;
-    return b;
+void dsi__model_token_mats(const dsi_model *m, void (*fn)(const dsi_mat *W, int times, void *ctx), void *ctx) {
+    const dsi_config *c = &m->cfg;
+    fn(&m->lm_head, 1, ctx);
+    for (int l = 0; l < c->n_layers; l++) {
+        const dsi_layer *L = &m->layers[l];
+        const dsi_mat *attn[] = {&L->q_a, &L->q_b, &L->q_proj, &L->kv_a, &L->kv_b, &L->o_proj};
+        for (size_t i = 0; i < sizeof attn / sizeof *attn; i++) fn(attn[i], 1, ctx);
+        if (!L->is_moe) {
+            fn(&L->gate, 1, ctx), fn(&L->up, 1, ctx), fn(&L->down, 1, ctx);
+        } else {
+            fn(&L->router, 1, ctx), fn(&L->sh_gate, 1, ctx), fn(&L->sh_up, 1, ctx), fn(&L->sh_down, 1, ctx);
+            fn(&L->exp_gate[0], c->n_experts_per_tok, ctx);
+            fn(&L->exp_up[0], c->n_experts_per_tok, ctx);
+            fn(&L->exp_down[0], c->n_experts_per_tok, ctx);
+        }
+    }
+}
+
+static void add_bytes(const dsi_mat *W, int times, void *ctx) {
+    if (!W->data) return;
+    double b = (double)W->rows * W->cols * dsi_dtype_size(W->dtype);
+    if (W->scale_inv) b += 4.0 * DSI_CEIL_DIV(W->rows, W->block_rows) * W->scale_cols;
+    *(double *)ctx += times * b;
 }
 
 double dsi_model_active_bytes_per_token(const dsi_model *m) {
-    const dsi_config *c = &m->cfg;
-    double b = (double)c->hidden * dsi_dtype_size(m->embed.dtype) + mat_bytes(&m->lm_head);
-    for (int l = 0; l < c->n_layers; l++) {
-        const dsi_layer *L = &m->layers[l];
-        b += mat_bytes(&L->q_a) + mat_bytes(&L->q_b) + mat_bytes(&L->q_proj) + mat_bytes(&L->kv_a) +
-             mat_bytes(&L->kv_b) + mat_bytes(&L->o_proj);
-        if (!L->is_moe) {
-            b += mat_bytes(&L->gate) + mat_bytes(&L->up) + mat_bytes(&L->down);
-        } else {
-            b += mat_bytes(&L->router) + mat_bytes(&L->sh_gate) + mat_bytes(&L->sh_up) + mat_bytes(&L->sh_down);
-            b += c->n_experts_per_tok * (mat_bytes(&L->exp_gate[0]) + mat_bytes(&L->exp_up[0]) + mat_bytes(&L->exp_down[0]));
-        }
-    }
+    double b = (double)m->cfg.hidden * dsi_dtype_size(m->embed.dtype); /* the embedding row */
+    dsi__model_token_mats(m, add_bytes, &b);
     return b;
 }
 
 double dsi_model_total_bytes(const dsi_model *m) { return (double)dsi_st_total_bytes(m->set); }
 
-static double mat_flops(const dsi_mat *m) { return m->data ? 2.0 * m->rows * m->cols : 0; }
+static void add_flops(const dsi_mat *W, int times, void *ctx) {
+    if (W->data) *(double *)ctx += times * 2.0 * W->rows * W->cols;
+}
 
 double dsi_model_flops_per_token(const dsi_model *m) {
-    const dsi_config *c = &m->cfg;
-    double f = mat_flops(&m->lm_head);
-    for (int l = 0; l < c->n_layers; l++) {
-        const dsi_layer *L = &m->layers[l];
-        f += mat_flops(&L->q_a) + mat_flops(&L->q_b) + mat_flops(&L->q_proj) + mat_flops(&L->kv_a) +
-             mat_flops(&L->kv_b) + mat_flops(&L->o_proj);
-        if (!L->is_moe) f += mat_flops(&L->gate) + mat_flops(&L->up) + mat_flops(&L->down);
-        else
-            f += mat_flops(&L->router) + mat_flops(&L->sh_gate) + mat_flops(&L->sh_up) + mat_flops(&L->sh_down) +
-                 c->n_experts_per_tok * (mat_flops(&L->exp_gate[0]) + mat_flops(&L->exp_up[0]) + mat_flops(&L->exp_down[0]));
-    }
+    double f = 0;
+    dsi__model_token_mats(m, add_flops, &f);
     return f;
 }

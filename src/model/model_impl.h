@@ -48,4 +48,11 @@ struct dsi_model {
     uint64_t fingerprint;
 };
 
+/* Calls fn for every weight matrix a decoded token reads: the LM head, then
+ * per layer MLA's, the dense MLP's or the router's and shared expert's, and
+ * routed expert 0's standing for each of the n_experts_per_tok chosen
+ * (`times`). Matrices a model lacks come with data NULL. The one list behind
+ * dsi_model_active_bytes_per_token and dsi_model_flops_per_token. */
+void dsi__model_token_mats(const dsi_model *m, void (*fn)(const dsi_mat *W, int times, void *ctx), void *ctx);
+
 #endif
